@@ -1,0 +1,82 @@
+"""Checkpoint manifests: complete checkpoints validate; interrupted/truncated ones fall back."""
+
+import json
+
+import torch
+
+from dsv3ray import checkpoint as ck
+
+
+def _write_rank(root, rank, world, step, payload=b"x" * 100):
+    d = root / ck.step_dir_name(step)
+    (d / "ds").mkdir(parents=True, exist_ok=True)
+    (d / "ds" / f"optim_rank{rank}.pt").write_bytes(payload)
+    ck.save_rank_state(d, rank)
+    ck.write_manifest(d, rank, world, step)
+    return d
+
+
+def test_valid_then_fallback_on_incomplete_and_truncated(tmp_path, capsys):
+    for step in (10, 20):
+        for r in range(2):
+            _write_rank(tmp_path, r, 2, step)
+    # step 30: rank 1 killed before its manifest
+    d30 = _write_rank(tmp_path, 0, 2, 30)
+    (d30 / "ds" / "optim_rank1.pt").write_bytes(b"partial")
+    assert ck.validate(tmp_path / "step_00000020").ok
+    v = ck.validate(d30)
+    assert not v.ok and "ranks [1]" in v.reason
+    assert ck.latest_valid(tmp_path).name == "step_00000020"
+    # truncate a file of step 20 -> falls back to 10 with a clear line
+    f = tmp_path / "step_00000020" / "ds" / "optim_rank1.pt"
+    f.write_bytes(b"x" * 50)
+    chosen = ck.choose_checkpoint(tmp_path / "step_00000020", tmp_path)
+    assert chosen.name == "step_00000010"
+    out = capsys.readouterr().out
+    assert "incomplete" in out and "optim_rank1.pt" in out and "50 bytes" in out
+    # a manifest claiming another step than the directory is rejected
+    m = json.loads((tmp_path / "step_00000010" / "manifest" / "rank0.json").read_text())
+    m["step"] = 11
+    (tmp_path / "step_00000010" / "manifest" / "rank0.json").write_text(json.dumps(m))
+    assert ck.latest_valid(tmp_path) is None
+    assert ck.choose_checkpoint(None, tmp_path / "nothing") is None
+
+
+def test_rng_roundtrip(tmp_path):
+    torch.manual_seed(3)
+    ck.save_rank_state(tmp_path, 0)
+    a = torch.rand(4)
+    torch.manual_seed(99)
+    assert ck.load_rank_state(tmp_path, 0)
+    assert torch.equal(torch.rand(4), a)
+    assert not ck.load_rank_state(tmp_path, 5)
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self, e):
+        super().__init__()
+        self.experts = torch.nn.Module()
+        self.experts.gate_up_proj = torch.nn.Parameter(torch.zeros(e, 6, 4))
+        self.experts.down_proj = torch.nn.Parameter(torch.zeros(e, 4, 3))
+
+
+def test_expert_shards_reshard_across_ep_sizes(tmp_path):
+    E = 4
+    full = _Toy(E)
+    with torch.no_grad():
+        full.experts.gate_up_proj.copy_(torch.arange(E).view(E, 1, 1).expand(E, 6, 4))
+        full.experts.down_proj.copy_(-torch.arange(E).view(E, 1, 1).expand(E, 4, 3))
+    # saved from EP=2: two shards of 2 experts
+    for r in range(2):
+        part = _Toy(2)
+        with torch.no_grad():
+            part.experts.gate_up_proj.copy_(full.experts.gate_up_proj[2 * r : 2 * r + 2])
+            part.experts.down_proj.copy_(full.experts.down_proj[2 * r : 2 * r + 2])
+        ck.save_expert_shard(tmp_path, part, r, 2, E)
+    # loaded at EP=4 (rank 3 owns expert 3) and EP=1 (all)
+    one = _Toy(1)
+    assert ck.load_expert_shards(tmp_path, one, 3, 4, E) == 1
+    assert torch.all(one.experts.gate_up_proj == 3) and torch.all(one.experts.down_proj == -3)
+    all_ = _Toy(E)
+    assert ck.load_expert_shards(tmp_path, all_, 0, 1, E) == E
+    assert torch.equal(all_.experts.gate_up_proj, full.experts.gate_up_proj)
