@@ -24,11 +24,18 @@ Shapes: B batch, S seq, D hidden, H heads, V vocab, T = B*S tokens, E routed exp
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
 from dsv3ray.errors import ConfigError, UserError
+from dsv3ray.moe import MoE, SwiGLU
 
 MOE_IMPLS = ("torch", "triton", "auto")
 ROPE_TYPES = ("default", "yarn")
@@ -388,3 +395,320 @@ def check_fits_in_memory(cfg: ModelConfig, bytes_per_param: int = 4) -> None:
             f"model with {total / 1e9:.1f}B parameters needs {need / 2**30:.0f} GiB in fp32 but this machine has "
             f"{have / 2**30:.0f} GiB: use a smaller preset (debug, 16b) or run it on a GPU cluster"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The network (module names and parameter semantics as transformers' DeepseekV3ForCausalLM)
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """(inv_freq (rope_dim/2,), cos/sin scale): plain RoPE, or YaRN when rope_scaling says so."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if cfg.rope_scaling is None:
+        return 1.0 / pos_freqs, 1.0
+    rs = cfg.rope_scaling
+    factor, orig = float(rs["factor"]), rs["original_max_position_embeddings"]
+    mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
+    if rs.get("attention_factor") is not None:
+        attention_factor = float(rs["attention_factor"])
+    elif mscale and mscale_all:
+        attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+    else:
+        attention_factor = _yarn_mscale(factor)
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(num_rotations):
+        return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # high-frequency dims keep their frequency, low ones are interpolated
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions_S: torch.Tensor, dtype: torch.dtype):
+        freqs_SR = positions_S.float()[:, None] * self.inv_freq[None, :].float()  # R = rope_dim / 2
+        emb = torch.cat((freqs_SR, freqs_SR), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def apply_rope(x_BHSR: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor, interleave: bool):
+    """HF semantics: interleave=True rotates pairs (x0, x1), (x2, x3)... and writes the rotated
+    halves de-interleaved ([evens', odds']); False is the rotate-half form."""
+    if interleave:
+        half = cos_SR.shape[-1] // 2
+        cos, sin = cos_SR[..., :half], sin_SR[..., :half]
+        x1, x2 = x_BHSR[..., 0::2], x_BHSR[..., 1::2]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    x1, x2 = x_BHSR.chunk(2, dim=-1)
+    return x_BHSR * cos_SR + torch.cat((-x2, x1), dim=-1) * sin_SR
+
+
+class Attention(nn.Module):
+    """Multi-head Latent Attention: low-rank q (optional) and kv, with a decoupled shared RoPE key."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        self.cfg = cfg
+        self.num_heads = H
+        bias = cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)  # eps 1e-6 as in the reference
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=bias)
+        self.scaling = cfg.qk_head_dim**-0.5
+        rs = cfg.rope_scaling
+        if rs is not None and rs.get("mscale_all_dim"):
+            # YaRN: attention temperature folds into the softmax scale (DeepSeek-V3 reference)
+            self.scaling *= _yarn_mscale(float(rs["factor"]), rs["mscale_all_dim"]) ** 2
+
+    def forward(self, x_BSD, cos_SR, sin_SR):
+        cfg, H = self.cfg, self.num_heads
+        B, S, _ = x_BSD.shape
+        if cfg.q_lora_rank is None:
+            q = self.q_proj(x_BSD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        q_BHSQ = q.view(B, S, H, cfg.qk_head_dim).transpose(1, 2)
+        q_nope, q_rope = q_BHSQ.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        kv_c, k_rope = self.kv_a_proj_with_mqa(x_BSD).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_c)).view(B, S, H, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, v_BHSV = kv.transpose(1, 2).split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos_SR, sin_SR, cfg.rope_interleave)
+        k_rope = apply_rope(k_rope.view(B, 1, S, cfg.qk_rope_head_dim), cos_SR, sin_SR, cfg.rope_interleave)
+        q_BHSQ = torch.cat([q_nope, q_rope], dim=-1)
+        k_BHSQ = torch.cat([k_nope, k_rope.expand(B, H, S, cfg.qk_rope_head_dim)], dim=-1)
+        o_BHSV = F.scaled_dot_product_attention(
+            q_BHSQ,
+            k_BHSQ,
+            v_BHSV,
+            is_causal=True,
+            dropout_p=cfg.attention_dropout if self.training else 0.0,
+            scale=self.scaling,
+        )
+        return self.o_proj(o_BHSV.transpose(1, 2).reshape(B, S, H * cfg.v_head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ep=None):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp = MoE(cfg, ep) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h_BSD, cos_SR, sin_SR):
+        """-> (h_BSD, counts_E or None, balance_loss or None)."""
+        h_BSD = h_BSD + self.self_attn(self.input_layernorm(h_BSD), cos_SR, sin_SR)
+        x = self.post_attention_layernorm(h_BSD)
+        if not self.is_moe:
+            return h_BSD + self.mlp(x), None, None
+        y, counts_E, bal = self.mlp(x)
+        return h_BSD + y, counts_E, bal
+
+
+class Backbone(nn.Module):
+    """`model.*` of the HF checkpoint: embed_tokens, layers, norm (rotary buffers are not saved)."""
+
+    def __init__(self, cfg: ModelConfig, ep=None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ep) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+
+class MTP(nn.Module):
+    """Multi-token prediction, depth 1 (DeepSeek-V3 §2.2): at position t, combine the main model's
+    final hidden state h_t with the embedding of token t+1 and predict token t+2, sharing the
+    embedding and the output head with the main model."""
+
+    def __init__(self, cfg: ModelConfig, ep=None):
+        super().__init__()
+        D = cfg.hidden_size
+        self.enorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * D, D, bias=False)  # [emb; h] -> D
+        self.block = DecoderLayer(cfg, cfg.num_hidden_layers, ep)
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, S, V)
+    loss: torch.Tensor | None = None  # CE + λ MTP + balance loss
+    ce_loss: torch.Tensor | None = None
+    loss_per_sample: torch.Tensor | None = None  # (B,) mean CE per sequence, detached
+    mtp_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+    expert_load_LE: torch.Tensor | None = None  # (num_moe_layers, E) fp32 token counts, detached
+
+
+def _ce_BS(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token CE (B, S) in fp32 (0 where ignored) and the valid mask (B, S)."""
+    B, S, V = logits_BSV.shape
+    ce = F.cross_entropy(
+        logits_BSV.reshape(B * S, V).float(), targets_BS.reshape(B * S), ignore_index=-100, reduction="none"
+    )
+    return ce.view(B, S), (targets_BS != -100)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    """Ours. `model(input_ids_BS, labels_BS=None) -> ModelOutput`; labels are aligned with the
+    inputs (the model shifts), -100 = ignore. Trainers feed a packed row of seq_len+1 tokens as
+    both input_ids and labels."""
+
+    def __init__(self, cfg: ModelConfig, ep=None):
+        super().__init__()
+        self.config = cfg
+        self.ep = ep
+        self.model = Backbone(cfg, ep)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = MTP(cfg, ep) if cfg.num_nextn_predict_layers else None
+        self.activation_checkpointing = False
+
+    # --- helpers ---
+    def moe_layers(self) -> list[MoE]:
+        """The main model's MoE layers, in order (rows of expert_load_LE)."""
+        return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        self.activation_checkpointing = bool(on)
+
+    def _run_layer(self, layer, h, cos, sin):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, h, cos, sin, use_reentrant=False)
+        return layer(h, cos, sin)
+
+    def forward(self, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor | None = None) -> ModelOutput:
+        cfg = self.config
+        B, S = input_ids_BS.shape
+        emb_BSD = self.model.embed_tokens(input_ids_BS)
+        cos, sin = self.model.rotary_emb(torch.arange(S, device=input_ids_BS.device), emb_BSD.dtype)
+        h = emb_BSD
+        loads, bal = [], emb_BSD.new_zeros((), dtype=torch.float32)
+        for layer in self.model.layers:
+            h, counts_E, b = self._run_layer(layer, h, cos, sin)
+            if counts_E is not None:
+                loads.append(counts_E)
+                bal = bal + b
+        h = self.model.norm(h)
+        logits_BSV = self.lm_head(h)
+        E = cfg.n_routed_experts
+        load_LE = torch.stack(loads).float() if loads else logits_BSV.new_zeros((0, E), dtype=torch.float32)
+        out = ModelOutput(logits=logits_BSV, expert_load_LE=load_LE.detach())
+        if labels_BS is None:
+            return out
+
+        ce_BS, valid_BS = _ce_BS(logits_BSV[:, :-1], labels_BS[:, 1:])
+        n_valid = valid_BS.sum()
+        ce = ce_BS.sum() / n_valid.clamp(min=1)
+        per_sample = (ce_BS.sum(1) / valid_BS.sum(1).clamp(min=1)).detach()
+        loss = ce
+        mtp_loss = None
+        if self.mtp is not None and S > 2:
+            m = self.mtp
+            # position t (0..S-2): [enorm(emb(x_{t+1})); hnorm(h_t)] -> block -> predicts x_{t+2}
+            e_in = m.enorm(emb_BSD[:, 1:])
+            x = m.eh_proj(torch.cat([e_in, m.hnorm(h[:, :-1])], dim=-1))
+            hm, _, b = self._run_layer(m.block, x, cos[: S - 1], sin[: S - 1])
+            if b is not None:
+                bal = bal + b
+            logits_mtp = self.lm_head(m.norm(hm))
+            ce_mtp_BS, valid_mtp_BS = _ce_BS(logits_mtp[:, :-1], labels_BS[:, 2:])
+            mtp_loss = ce_mtp_BS.sum() / valid_mtp_BS.sum().clamp(min=1)
+            loss = loss + cfg.mtp_loss_weight * mtp_loss
+        loss = loss + bal
+        out.loss, out.ce_loss, out.loss_per_sample = loss, ce, per_sample
+        out.mtp_loss, out.balance_loss = mtp_loss, bal
+        return out
+
+    @torch.no_grad()
+    def update_routing_bias(self, load_LE: torch.Tensor, group=None) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3 §2.1.2): bias_i += γ sign(mean load - load_i).
+
+        load_LE is the step's expert load (rows = main MoE layers); it is summed over `group`
+        first when torch.distributed is initialized, so every rank applies the same update.
+        """
+        layers = self.moe_layers()
+        if load_LE.shape != (len(layers), self.config.n_routed_experts):
+            raise ValueError(
+                f"load_LE has shape {tuple(load_LE.shape)}, expected ({len(layers)}, {self.config.n_routed_experts})"
+            )
+        load_LE = load_LE.detach().float().clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load_LE, group=group)
+        gamma = self.config.bias_update_speed
+        for moe, load_E in zip(layers, load_LE):
+            bias_E = moe.gate.e_score_correction_bias
+            bias_E += gamma * torch.sign(load_E.mean() - load_E).to(bias_E)
+
+
+def init_weights(model: DeepseekV3ForCausalLM, std: float) -> None:
+    """HF-style init: normal(0, std) for every matrix and embedding, zeros for biases, ones for norms."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.normal_(0.0, std)
+                if mod.bias is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, nn.Embedding):
+                mod.weight.normal_(0.0, std)
+            elif isinstance(mod, RMSNorm):
+                mod.weight.fill_(1.0)
+            elif isinstance(mod, MoE):
+                mod.gate.weight.normal_(0.0, std)
+                mod.gate.e_score_correction_bias.zero_()
+                ex = mod.experts
+                # draw the full expert tensors, keep this rank's slice: EP on/off see the same weights
+                E, local = mod.num_experts, slice(ex.first, ex.first + ex.gate_up_proj.shape[0])
+                ex.gate_up_proj.copy_(torch.empty((E, *ex.gate_up_proj.shape[1:])).normal_(0.0, std)[local])
+                ex.down_proj.copy_(torch.empty((E, *ex.down_proj.shape[1:])).normal_(0.0, std)[local])
+
+
+def build_model(cfg: ModelConfig, ep=None) -> DeepseekV3ForCausalLM:
+    """The model in fp32 on CPU with HF-style init from torch's current RNG (seed before calling).
+    `ep` None = this rank owns all routed experts."""
+    check_fits_in_memory(cfg)
+    model = DeepseekV3ForCausalLM(cfg, ep)
+    init_weights(model, cfg.initializer_range)
+    return model
