@@ -9,7 +9,8 @@ their expert (all-to-all) and back, and this layer holds only its local expert s
 
 Parameter layout = transformers 5's DeepseekV3MoE: `gate.weight` (E, D) fp32 router,
 `gate.e_score_correction_bias` (E,) fp32 buffer (selection only), `experts.gate_up_proj`
-(e, 2I, D), `experts.down_proj` (e, D, I), `shared_experts.{gate,up,down}_proj`.
+(e, 2I, D), `experts.down_proj` (e, D, I), `shared_experts.{gate,up,down}_proj`. The training
+layer marks the expert params for DeepSpeed (`dsv3ray.parallel.mark_expert_params`).
 
 Shapes: T tokens, D hidden, E routed experts (global), e local experts, K top-k, N = T*K routed
 rows, M rows received by this EP rank, I = moe_intermediate_size, B batch, S sequence.
@@ -247,12 +248,6 @@ class MoE(nn.Module):
         self.gate = TopkRouter(E, D)
         self.experts = Experts(len(local), D, I, first=local.start)
         self.shared_experts = SwiGLU(D, I * cfg.n_shared_experts) if cfg.n_shared_experts > 0 else None
-        if ep is not None:
-            # DeepSpeed's convention for expert params: reduce their grads over the
-            # expert-data-parallel group named after the EP size, not over all data-parallel ranks
-            for p in self.experts.parameters():
-                p.allreduce = False
-                p.group_name = f"ep_size_{ep.ep_size}"
 
     def balance_loss(self, logits_TE: torch.Tensor, experts_TK: torch.Tensor, B: int, S: int) -> torch.Tensor:
         """Sequence-wise balance loss α Σ_i f_i P_i averaged over sequences (DeepSeek-V3 eq. 17-20).
