@@ -46,7 +46,9 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or "." not in key or not key.split(".")[-1]:
-            raise UserError(f"--set {item!r} is malformed: use --set section.key=value, e.g. --set model.keep_ratio=0.25")
+            raise UserError(
+                f"--set {item!r} is malformed: use --set section.key=value, e.g. --set model.keep_ratio=0.25"
+            )
         *parents, leaf = key.split(".")
         node = out
         for part in parents:
@@ -122,7 +124,11 @@ def section_from_dict(cls: type, data: dict[str, Any] | None, section: str):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{section}.{unknown[0]}", data[unknown[0]], f"unknown key; known keys: {', '.join(sorted(fields))}")
+        raise ConfigError(
+            f"{section}.{unknown[0]}",
+            data[unknown[0]],
+            f"unknown key; known keys: {', '.join(sorted(fields))}",
+        )
     kwargs = {k: _coerce(section, k, hints[k], v) for k, v in data.items()}
     return cls(**kwargs)
 
