@@ -42,12 +42,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from dsv3ray.config import deep_merge
 from dsv3ray.errors import ConfigError, UserError
