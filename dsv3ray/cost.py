@@ -250,6 +250,33 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_device: floa
     return tokens_per_s * flops_per_token / (peak_flops_per_device * num_devices)
 
 
+def throughput_report(
+    cfg: ModelConfig,
+    seq_len: int,
+    tokens_per_s: float,
+    num_devices: int,
+    device: str,
+    dtype: str,
+    catalog: str = "",
+) -> dict[str, Any]:
+    """The keys a run's report.json carries for `dsv3ray cost --from-run` (the trainer merges them in).
+
+    device: a catalog name ("CPU" for CPU workers); dtype: the run's compute dtype (falls back to
+    the device's first listed one when the catalog has no peak for it).
+    """
+    spec = get_device(device, load_catalog(catalog))
+    dt = dtype if dtype in spec.peak_tflops else next(iter(spec.peak_tflops))
+    flops = train_flops_per_token(cfg, seq_len)
+    return {
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu(tokens_per_s, flops, spec.peak_flops(dt), num_devices),
+        "device": spec.name,
+        "num_devices": num_devices,
+        "flops_per_token": flops,
+        "mfu_dtype": dt,
+    }
+
+
 def is_671b_layout(cfg: ModelConfig) -> bool:
     ref = ModelConfig.from_preset("671b")
     shape = (
@@ -480,8 +507,12 @@ def _layout(run, cost: CostConfig, cfg: ModelConfig) -> tuple[Layout, list[str]]
         activation_checkpointing=bool(getattr(train, "activation_checkpointing", False)),
         dtype=cost.dtype,
     )
-    if layout.zero_stage == 3 and cfg.n_routed_experts > 1:
-        notes.append("DeepSpeed refuses ZeRO-3 with native MoE: a real run uses stage 1/2")
+    if layout.zero_stage == 3:
+        # as dsv3ray.engine does: DeepSpeed refuses ZeRO-3 with MoE layers, the trainer runs stage 2
+        layout.zero_stage = 2
+        notes.append(
+            "ZeRO-3 asked: DeepSpeed refuses it with MoE layers, costed at stage 2 as the trainer runs it"
+        )
     return layout, notes
 
 

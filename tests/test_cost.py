@@ -24,6 +24,13 @@ from dsv3ray.errors import ConfigError
 from dsv3ray.model import ModelConfig, build_model, count_params
 
 
+def _json_out(text: str) -> dict:
+    # dsv3ray.engine imports DeepSpeed, whose accelerator warning goes to stdout before the JSON
+    # (reported to the engine owner); the JSON document starts at the first line that is "{"
+    lines = text.splitlines()
+    return json.loads("\n".join(lines[lines.index("{") :]))
+
+
 def _gmm_flops(a_shape, b_shape, *args, out_shape=None, **kw):
     # rows of all groups together (N, K) @ (K, M): 2*N*K*M
     return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
@@ -89,7 +96,7 @@ def test_deepseek_v3_published_gpu_hours_within_15_percent(capsys):
         ["cost", "--preset", "671b", *args, "--set", "cost.ep_size=64", "--set", "cost.mfu=0.35", "--json"]
     )
     assert rc == 0
-    rep = json.loads(capsys.readouterr().out)
+    rep = _json_out(capsys.readouterr().out)
     assert rep["mfu"] == 0.35 and not rep["mfu_measured"] and "assumed" in rep["mfu_source"]
     assert abs(rep["moe"]["gpu_hours"] / DEEPSEEK_V3_GPU_HOURS - 1) < 0.15
     ref = rep["reference"]
@@ -155,7 +162,7 @@ def test_user_errors_are_one_line_exit_2(capsys, setting, words):
 def test_from_run_uses_measured_mfu(tmp_path, capsys):
     (tmp_path / "report.json").write_text(json.dumps({"mfu": 0.2, "device": "CPU", "num_devices": 2}))
     assert main(["cost", "--set", "cost.tokens=1e9", "--from-run", str(tmp_path), "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    rep = _json_out(capsys.readouterr().out)
     assert rep["mfu"] == 0.2 and rep["mfu_measured"] and "measured" in rep["mfu_source"]
     # tokens_per_s only: the MFU is computed from this model's FLOPs and the run's devices
     cfg = ModelConfig.from_preset("debug")
@@ -165,7 +172,7 @@ def test_from_run_uses_measured_mfu(tmp_path, capsys):
         json.dumps({"tokens_per_s": tps, "device": "CPU", "num_devices": 2})
     )
     assert main(["cost", "--set", "cost.tokens=1e9", "--from-run", str(tmp_path), "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    rep = _json_out(capsys.readouterr().out)
     assert rep["mfu"] == pytest.approx(0.1) and "tokens/s" in rep["mfu_source"]
     assert main(["cost", "--from-run", str(tmp_path / "missing")]) == 2
     assert "report.json does not exist" in capsys.readouterr().err
@@ -209,3 +216,22 @@ def test_running_cost():
     with pytest.raises(ConfigError, match="cost.device"):
         RunningCost("nope", 1)
     assert math.isclose(RunningCost("cpu", 2).at(3600)["gpu_hours"], 2.0)
+
+
+def test_throughput_report_feeds_from_run(tmp_path, capsys):
+    from dsv3ray.cost import throughput_report
+
+    cfg = ModelConfig.from_preset("debug")
+    rep = throughput_report(cfg, 512, 5000.0, 2, "cpu", "fp32")
+    assert rep["device"] == "CPU" and rep["mfu"] == pytest.approx(
+        5000.0 * train_flops_per_token(cfg, 512) / (0.096e12 * 2)
+    )
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    assert main(["cost", "--from-run", str(tmp_path), "--json"]) == 0
+    assert _json_out(capsys.readouterr().out)["mfu"] == pytest.approx(rep["mfu"])
+
+
+def test_zero3_is_costed_as_the_trainer_runs_it(capsys):
+    assert main(["cost", "--set", "deepspeed.zero_optimization.stage=3", "--json"]) == 0
+    rep = _json_out(capsys.readouterr().out)
+    assert rep["layout"]["zero_stage"] == 2 and any("ZeRO-3" in n for n in rep["notes"])
