@@ -1,0 +1,425 @@
+"""Progressive distillation, the core side: config, soft-label compression, the KD loss, the stage
+schedule and the worker-side `Distiller` (bounded prefetch queue over teacher actors, CE fallback).
+
+Notable:
+- Soft labels travel compressed (`SoftLabels`), K slots per predicted position:
+  * "topk": the teacher's K most likely tokens with their log-probs at temperature T. The target is
+    the teacher distribution renormalized on those K tokens, which is BIASED (all tail mass is
+    pushed onto the head; "Sparse Logit Sampling", arXiv 2503.16870). 6 bytes per slot.
+  * "sample": K tokens drawn with replacement from the teacher distribution at temperature T
+    (proposal q = p_T), duplicates merged into counts; importance weight of a token = count/K
+    (= p/q times the empirical frequency). Sum_i w_i (log p_i - log s_i) is an UNBIASED estimate of
+    KL(p_T || s_T) and its gradient of the full-vocabulary one. 7 bytes per slot.
+- KD loss = T^2 * forward KL on the sent support, per position, averaged over valid positions
+  (Hinton's T^2 keeps gradient scale independent of T). Mixed with CE: (1 - alpha) CE + alpha KD;
+  the model's other terms (MTP, balance loss) are kept as they are.
+- Two stages: stage 1 = KD (+ curriculum), stage 2 = CE on real data, switching after
+  `kd_steps` steps or `kd_tokens` tokens (whichever comes first; 0 = no limit). The stage is a pure
+  function of (step, tokens), so it survives resume from a checkpoint that restores both.
+- Faults: labels that do not arrive within `timeout_s` (teacher dead, restarting, slow) make that
+  batch train with CE alone; it is counted in `fallback_batches`, never dropped, never waited on
+  forever. Teacher actors restart through Ray (`max_restarts`, `max_task_retries`, see actors.teacher).
+
+This module is core-level: it imports no `actors`; the Distiller only calls `handle.label.remote(...)`
+on the actor handles the entry layer gives it.
+
+Shapes: B batch, S sequence (input positions), P = S - 1 predicted positions, V vocab, K slots.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsv3ray.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+COMPRESSIONS = ("topk", "sample")
+
+
+@dataclass
+class DistillConfig:
+    """Section [distill]. Distillation is on when `teacher` names a checkpoint."""
+
+    teacher: str = ""  # HF DeepseekV3 directory (config.json + model.safetensors) or one of our runs
+    compression: str = "topk"  # "topk" | "sample" (see module docstring)
+    k: int = 32  # slots per position: top-k size or number of samples (sample: at most 255)
+    temperature: float = 1.0
+    alpha: float = 0.5  # loss = (1 - alpha) * CE + alpha * KD during stage 1
+    kd_steps: int = 0  # stage 1 lasts this many steps (0 = no step limit)
+    kd_tokens: int = 0  # ... or this many tokens (0 = no token limit); first limit reached wins
+    num_teachers: int = 1  # teacher actors in the pool
+    teacher_num_cpus: float = 1.0  # Ray resources of one teacher actor
+    teacher_num_gpus: float = 0.0  # fractional GPUs allowed, e.g. 0.25
+    prefetch: int = 2  # steps of labels requested ahead of the step being trained (bounded queue)
+    timeout_s: float = 30.0  # wait at most this long for a batch's labels, then train it with CE
+    max_restarts: int = 3  # Ray restarts of a dead teacher actor
+    max_task_retries: int = 2  # Ray retries of a label request whose actor died
+    seed: int = 0  # sampling seed ("sample" compression), combined with the step
+
+    def __post_init__(self):
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError("distill.compression", self.compression, " | ".join(COMPRESSIONS))
+        if self.k < 1 or (self.compression == "sample" and self.k > 255):
+            raise ConfigError("distill.k", self.k, "an integer >= 1 (at most 255 with compression=sample)")
+        if self.temperature <= 0:
+            raise ConfigError("distill.temperature", self.temperature, "a number > 0")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError("distill.alpha", self.alpha, "a weight in [0, 1]")
+        for key in ("kd_steps", "kd_tokens", "max_restarts", "max_task_retries", "seed"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"distill.{key}", getattr(self, key), "an integer >= 0")
+        if self.num_teachers < 1:
+            raise ConfigError("distill.num_teachers", self.num_teachers, "an integer >= 1")
+        if self.prefetch < 1:
+            raise ConfigError("distill.prefetch", self.prefetch, "an integer >= 1 (steps ahead)")
+        if self.teacher_num_cpus < 0 or self.teacher_num_gpus < 0:
+            key = "teacher_num_cpus" if self.teacher_num_cpus < 0 else "teacher_num_gpus"
+            raise ConfigError(f"distill.{key}", getattr(self, key), "a number >= 0")
+        if self.timeout_s <= 0:
+            raise ConfigError("distill.timeout_s", self.timeout_s, "seconds > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft labels: compression on the teacher side, expansion on the student side
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SoftLabels:
+    """Compressed teacher targets for the P = S-1 predicted positions of a (B, S) batch.
+
+    ids_BPK int32 token ids; logp_BPK float16 teacher log-probs at temperature T (full softmax);
+    counts_BPK uint8 sample counts ("sample" only, 0 = merged duplicate slot); teacher_loss_B
+    float32 teacher CE per sequence (T = 1, real labels). numpy arrays so they travel through Ray's
+    object store without pickling torch.
+    """
+
+    kind: str
+    ids_BPK: np.ndarray
+    logp_BPK: np.ndarray
+    counts_BPK: np.ndarray | None
+    teacher_loss_B: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the soft labels proper (ids, log-probs, counts; not the per-sequence loss)."""
+        n = self.ids_BPK.nbytes + self.logp_BPK.nbytes
+        return n + (self.counts_BPK.nbytes if self.counts_BPK is not None else 0)
+
+    def bytes_per_token(self) -> float:
+        B, P, _ = self.ids_BPK.shape
+        return self.nbytes / max(1, B * P)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "ids_BPK": self.ids_BPK,
+            "logp_BPK": self.logp_BPK,
+            "counts_BPK": self.counts_BPK,
+            "teacher_loss_B": self.teacher_loss_B,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SoftLabels:
+        return cls(d["kind"], d["ids_BPK"], d["logp_BPK"], d["counts_BPK"], d["teacher_loss_B"])
+
+
+def compress(
+    logits_BSV: torch.Tensor,
+    kind: str,
+    k: int,
+    temperature: float,
+    teacher_loss_B: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> SoftLabels:
+    """Compress teacher logits (B, S, V) into K slots for each of the first P = S-1 positions."""
+    assert kind in COMPRESSIONS, kind
+    B, S, V = logits_BSV.shape
+    k = min(k, V)
+    logp_BPV = torch.log_softmax(logits_BSV[:, :-1].float() / temperature, dim=-1)
+    if kind == "topk":
+        logp_BPK, ids_BPK = logp_BPV.topk(k, dim=-1)
+        counts = None
+    else:
+        P = S - 1
+        probs_NV = logp_BPV.reshape(B * P, V).exp()
+        draws_NK = torch.multinomial(probs_NV, k, replacement=True, generator=generator)
+        # merge duplicates: sort, count each run, keep the id once with its count, zero the rest
+        draws_NK, _ = draws_NK.sort(dim=-1)
+        first_NK = torch.ones_like(draws_NK, dtype=torch.bool)
+        first_NK[:, 1:] = draws_NK[:, 1:] != draws_NK[:, :-1]
+        run_id_NK = first_NK.cumsum(-1) - 1  # index of the run each draw belongs to
+        counts_NK = torch.zeros_like(draws_NK).scatter_add_(1, run_id_NK, torch.ones_like(draws_NK))
+        # counts_NK[:, r] = size of run r; move it to the run's first slot
+        slot_count_NK = torch.where(first_NK, counts_NK.gather(1, run_id_NK), 0)
+        ids_BPK = draws_NK.reshape(B, P, k)
+        counts = slot_count_NK.reshape(B, P, k).to(torch.uint8).numpy()
+        logp_BPK = logp_BPV.gather(-1, ids_BPK)
+    if teacher_loss_B is None:
+        teacher_loss_B = torch.full((B,), float("nan"))
+    return SoftLabels(
+        kind=kind,
+        ids_BPK=ids_BPK.to(torch.int32).cpu().numpy(),
+        logp_BPK=logp_BPK.to(torch.float16).cpu().numpy(),
+        counts_BPK=counts,
+        teacher_loss_B=teacher_loss_B.detach().float().cpu().numpy(),
+    )
+
+
+def _targets(soft: SoftLabels, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids_BPK int64, w_BPK target weights, ref_logp_BPK the log p the KL subtracts from)."""
+    # torch.tensor copies: arrays from Ray's object store are read-only
+    ids = torch.tensor(soft.ids_BPK, device=device, dtype=torch.long)
+    logp = torch.tensor(soft.logp_BPK, device=device, dtype=torch.float32)
+    if soft.kind == "topk":
+        # renormalized on the support: KL(w || s) restricted to the K tokens (biased, see docstring)
+        ref = torch.log_softmax(logp, dim=-1)
+        w = ref.exp()
+    else:
+        counts = torch.tensor(soft.counts_BPK, device=device, dtype=torch.float32)
+        w = counts / counts.sum(-1, keepdim=True)
+        ref = logp
+    return ids, w, ref
+
+
+def kd_loss(
+    student_logits_BSV: torch.Tensor,
+    soft: SoftLabels,
+    temperature: float,
+    labels_BS: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T^2 * forward KL(teacher || student) on the sent support.
+
+    Returns (loss: mean over valid positions, kd_per_sample_B detached). A position p is valid when
+    labels[:, p+1] != -100 (same positions as the model's shifted CE), all P when labels is None.
+    """
+    ids_BPK, w_BPK, ref_BPK = _targets(soft, student_logits_BSV.device)
+    P = ids_BPK.shape[1]
+    logp_s_BPV = torch.log_softmax(student_logits_BSV[:, :P].float() / temperature, dim=-1)
+    logp_s_BPK = logp_s_BPV.gather(-1, ids_BPK)
+    # zero-weight slots (merged duplicates) contribute 0 * finite = 0
+    kl_BP = (w_BPK * (ref_BPK - logp_s_BPK)).sum(-1) * temperature**2
+    if labels_BS is None:
+        mask_BP = torch.ones_like(kl_BP)
+    else:
+        mask_BP = (labels_BS[:, 1 : P + 1] != -100).to(kl_BP.dtype)
+    per_sample_B = (kl_BP * mask_BP).sum(1) / mask_BP.sum(1).clamp_min(1)
+    loss = (kl_BP * mask_BP).sum() / mask_BP.sum().clamp_min(1)
+    return loss, per_sample_B.detach()
+
+
+def mix_loss(out, kd: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Replace the CE part of the model's total loss by (1 - alpha) CE + alpha KD (MTP/balance kept)."""
+    return out.loss - alpha * out.ce_loss + alpha * kd
+
+
+def stage_at(cfg: DistillConfig, step: int, tokens: int) -> int:
+    """1 = distill (KD), 2 = CE on real data. Pure in (step, tokens): a resumed run agrees."""
+    if not cfg.enabled:
+        return 2
+    if cfg.kd_steps and step >= cfg.kd_steps:
+        return 2
+    if cfg.kd_tokens and tokens >= cfg.kd_tokens:
+        return 2
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: bounded prefetch queue over the teacher actors, KD or CE fallback per batch
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    ref: Any  # ray.ObjectRef of the teacher's label dict
+    teacher: int
+    submitted: float
+
+
+class Distiller:
+    """One per training worker. Keys are (step, micro) pairs; the queue holds at most
+    `prefetch` steps of requests. `loss(...)` returns the loss to backprop and the step's metrics.
+
+    Typical use in the step loop:
+        distiller.prefetch(step, tokens, fetch)   # fetch(s) -> [input_ids_BS for each micro-batch]
+        out = model(x_BS, labels_BS=x_BS)
+        loss, metrics = distiller.loss(step, tokens, micro, out, x_BS)
+    """
+
+    def __init__(self, cfg: DistillConfig, teachers: list, rank: int = 0, tokens_per_step: int = 0):
+        assert teachers, "Distiller needs at least one teacher actor handle"
+        self.cfg = cfg
+        self.teachers = list(teachers)
+        self.rank = rank
+        self.tokens_per_step = tokens_per_step
+        self.pending: OrderedDict[tuple[int, int], _Pending] = OrderedDict()
+        self.last_stage: int | None = None
+        self._next_teacher = rank  # ranks start on different teachers
+        self.dead: set[int] = set()  # teachers that died past their restarts: never asked again
+        self.counters = {"kd_batches": 0, "fallback_batches": 0, "teacher_errors": 0, "timeouts": 0}
+        self._wait_s = 0.0
+        self._last_wait_s = 0.0
+        self._latency_s = 0.0
+        self._roundtrip_s = 0.0
+        self._label_bytes = 0
+        self._label_tokens = 0
+
+    # --- queue ---
+    def submit(self, key: tuple[int, int], input_ids_BS: torch.Tensor) -> None:
+        """Ask a teacher for this batch's labels (no-op if already asked)."""
+        if key in self.pending:
+            return
+        alive = [i for i in range(len(self.teachers)) if i not in self.dead]
+        if not alive:  # no teacher left: the batch will train with CE (counted in loss())
+            return
+        i = alive[self._next_teacher % len(alive)]
+        self._next_teacher += 1
+        x = input_ids_BS.detach().cpu().to(torch.int32).numpy()
+        seed = (self.cfg.seed * 1_000_003 + key[0] * 1009 + key[1] * 31 + self.rank) % (2**31)
+        ref = self.teachers[i].label.remote(x, seed)
+        self.pending[key] = _Pending(ref, i, time.perf_counter())
+
+    def prefetch(self, step: int, tokens: int, fetch) -> None:
+        """Submit steps [step, step + prefetch) that are still in stage 1; fetch(s) -> list of (B, S)."""
+        for s in range(step, step + self.cfg.prefetch):
+            est_tokens = tokens + (s - step) * self.tokens_per_step
+            if stage_at(self.cfg, s, est_tokens) != 1:
+                break
+            if any(k[0] == s for k in self.pending):
+                continue
+            for micro, x_BS in enumerate(fetch(s)):
+                self.submit((s, micro), x_BS)
+
+    def _drop_before(self, step: int) -> None:
+        """Forget requests for steps already trained (e.g. after a rollback or a skipped step)."""
+        for key in [k for k in self.pending if k[0] < step]:
+            del self.pending[key]
+
+    def wait(self, key: tuple[int, int]) -> SoftLabels | None:
+        """The labels for `key`, or None (counted) if they do not arrive within timeout_s."""
+        import ray
+        from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
+
+        p = self.pending.pop(key, None)
+        if p is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            d = ray.get(p.ref, timeout=self.cfg.timeout_s)
+        except GetTimeoutError:
+            self.counters["timeouts"] += 1
+            log.warning(
+                "distill: labels for step %s micro %s timed out after %.1fs; CE only",
+                *key,
+                self.cfg.timeout_s,
+            )
+            d = None
+        except RayError as e:  # actor died past its restarts / task failed past its retries
+            self.counters["teacher_errors"] += 1
+            if isinstance(e, ActorDiedError):
+                self.dead.add(p.teacher)
+            log.warning(
+                "distill: teacher %d failed on step %s micro %s (%s); CE only",
+                p.teacher,
+                *key,
+                type(e).__name__,
+            )
+            d = None
+        now = time.perf_counter()
+        self._last_wait_s = now - t0
+        self._wait_s += now - t0
+        if d is None:
+            return None
+        self._roundtrip_s = now - p.submitted
+        self._latency_s = float(d.pop("compute_s", 0.0))
+        return SoftLabels.from_dict(d)
+
+    # --- loss ---
+    def stage(self, step: int, tokens: int) -> int:
+        s = stage_at(self.cfg, step, tokens)
+        if s != self.last_stage and self.rank == 0:
+            if self.last_stage is None:
+                msg = f"distill: step {step} ({tokens} tokens) is in stage {s} ({'KD' if s == 1 else 'CE'})"
+            else:
+                msg = f"distill: switching to stage {s} (CE on real data) at step {step}, {tokens} tokens"
+            print(f"[dsv3ray] {msg}", flush=True)
+            log.info(msg)
+        self.last_stage = s
+        return s
+
+    def loss(
+        self, step: int, tokens: int, micro: int, out, input_ids_BS: torch.Tensor, labels_BS=None
+    ) -> tuple[torch.Tensor, dict[str, float], np.ndarray | None]:
+        """(loss to backprop, metrics, difficulty_B or None).
+
+        difficulty_B = student CE - teacher CE per sequence (the reducible loss), for the
+        curriculum; None in stage 2 or when the batch fell back (report out.loss_per_sample then).
+        """
+        labels_BS = input_ids_BS if labels_BS is None else labels_BS
+        stage = self.stage(step, tokens)
+        metrics = {"distill/stage": float(stage), "distill/ce_loss": float(out.ce_loss.detach())}
+        self._drop_before(step)
+        if stage == 2:
+            self.pending.clear()
+            metrics.update(self._counter_metrics())
+            return out.loss, metrics, None
+        key = (step, micro)
+        if key not in self.pending:  # not prefetched: ask now and wait
+            self.submit(key, input_ids_BS)
+        metrics["distill/queue_depth"] = float(len(self.pending))
+        self._last_wait_s = 0.0
+        soft = self.wait(key)
+        metrics["distill/wait_s"] = self._last_wait_s
+        metrics.update(self._counter_metrics())
+        if soft is None:
+            self.counters["fallback_batches"] += 1
+            metrics["distill/fallback_batches"] = float(self.counters["fallback_batches"])
+            return out.loss, metrics, None
+        assert soft.ids_BPK.shape[:2] == (input_ids_BS.shape[0], input_ids_BS.shape[1] - 1), (
+            soft.ids_BPK.shape
+        )
+        kd, _ = kd_loss(out.logits, soft, self.cfg.temperature, labels_BS)
+        self.counters["kd_batches"] += 1
+        self._label_bytes += soft.nbytes
+        self._label_tokens += soft.ids_BPK.shape[0] * soft.ids_BPK.shape[1]
+        teacher_loss_B = torch.tensor(soft.teacher_loss_B)
+        difficulty_B = (out.loss_per_sample.detach().float().cpu() - teacher_loss_B).numpy()
+        metrics.update(
+            {
+                "distill/kd_loss": float(kd.detach()),
+                "distill/teacher_ce_loss": float(teacher_loss_B.mean()),
+                "distill/teacher_latency_s": self._latency_s,
+                "distill/label_roundtrip_s": self._roundtrip_s,
+                "distill/label_bytes_per_token": self._label_bytes / max(1, self._label_tokens),
+                "distill/kd_batches": float(self.counters["kd_batches"]),
+            }
+        )
+        return mix_loss(out, kd, self.cfg.alpha), metrics, difficulty_B
+
+    def _counter_metrics(self) -> dict[str, float]:
+        return {
+            "distill/wait_s_total": self._wait_s,
+            "distill/fallback_batches": float(self.counters["fallback_batches"]),
+            "distill/teacher_errors": float(self.counters["teacher_errors"]),
+            "distill/timeouts": float(self.counters["timeouts"]),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters only; the stage itself is recomputed from the restored step/tokens."""
+        return {"counters": dict(self.counters), "wait_s": self._wait_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counters.update(state.get("counters", {}))
+        self._wait_s = float(state.get("wait_s", 0.0))
