@@ -1,0 +1,300 @@
+"""DeepSpeed engine: the [deepspeed] section, the seed JSON on this machine, EP equivalence (1 proc,
+2 procs x EP=1, 2 procs x EP=2), expert-param marking, checkpoint resume, non-finite skip.
+
+Distributed parts run in fresh gloo processes (torch.multiprocessing, no Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dsv3ray.engine import load_deepspeed_section, resolve_deepspeed_config
+from dsv3ray.errors import ConfigError, UserError
+
+SEED_JSON = Path(__file__).resolve().parents[1] / "configs" / "deepspeed_seed.json"
+STEPS, GLOBAL_BATCH, SEQ = 10, 4, 16
+
+
+def seed_config() -> dict:
+    return load_deepspeed_section({"path": str(SEED_JSON)})
+
+
+# --- the section and the resolver (in-process, no DeepSpeed engine) --------------------------------
+
+
+def test_seed_json_is_the_articles():
+    ds = seed_config()
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 16
+    assert ds["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.1},
+    }
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert z["offload_param"] == {"device": "nvme", "nvme_path": "/mnt/ssd/zero", "buffer_count": 4}
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "loss_scale_window": 1000}
+
+
+def test_load_section_inline_path_and_errors(tmp_path, monkeypatch):
+    assert load_deepspeed_section({"zero_optimization": {"stage": 1}}) == {"zero_optimization": {"stage": 1}}
+    assert load_deepspeed_section(None) == {}
+    monkeypatch.chdir(tmp_path)
+    Path("ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3, "x": 1}, "steps_per_print": 5}))
+    merged = load_deepspeed_section({"path": "ds.json", "zero_optimization": {"stage": 2}})
+    assert merged == {"zero_optimization": {"stage": 2, "x": 1}, "steps_per_print": 5}
+    with pytest.raises(UserError, match="does not exist") as e:
+        load_deepspeed_section({"path": "missing.json"})
+    assert "\n" not in str(e.value)
+    Path("bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON") as e:
+        load_deepspeed_section({"path": "bad.json"})
+    assert "\n" not in str(e.value)
+    Path("list.json").write_text("[1]")
+    with pytest.raises(UserError, match="not an object"):
+        load_deepspeed_section({"path": "list.json"})
+
+
+def test_seed_json_resolved_for_moe_on_cpu():
+    ds, notes = resolve_deepspeed_config(seed_config(), device="cpu", has_moe=True, world_size=2)
+    assert ds["train_batch_size"] == 8 * 16 * 2
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 16
+    assert "fp16" not in ds and ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"] == {"stage": 2}
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["lr"] == 1e-4
+    text = "\n".join(notes)
+    for expected in (
+        "using bf16",
+        "using stage 2",
+        "offload_param (device nvme) dropped",
+        "offload_optimizer (device cpu) dropped",
+    ):
+        assert expected in text
+    assert len(notes) == 4 and all("\n" not in n for n in notes)
+    assert seed_config()["zero_optimization"]["stage"] == 3  # the input is not modified
+
+
+def test_resolve_dense_keeps_stage3_and_checks_nvme(tmp_path):
+    ds, notes = resolve_deepspeed_config(seed_config(), device="cpu", has_moe=False, world_size=1)
+    assert ds["zero_optimization"]["stage"] == 3 and "offload_param" not in ds["zero_optimization"]
+    assert any("'/mnt/ssd/zero' is not an existing directory" in n for n in notes)
+    cfg = seed_config()
+    cfg["zero_optimization"]["offload_param"]["nvme_path"] = str(tmp_path)
+    ds, notes = resolve_deepspeed_config(cfg, device="cuda", has_moe=False, world_size=4)
+    z = ds["zero_optimization"]
+    assert z["offload_param"]["nvme_path"] == str(tmp_path) and z["offload_optimizer"]["pin_memory"] is True
+    assert ds["fp16"]["enabled"] and "torch_adam" not in ds["optimizer"]["params"] and notes == []
+
+
+def test_resolve_batch_keys():
+    ds, notes = resolve_deepspeed_config(
+        {"train_batch_size": 64, "gradient_accumulation_steps": 2}, device="cpu", has_moe=False, world_size=4
+    )
+    assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (8, 64)
+    assert any("deepspeed.optimizer not set" in n for n in notes)
+    ds, notes = resolve_deepspeed_config(
+        {
+            "train_batch_size": 10,
+            "train_micro_batch_size_per_gpu": 2,
+            "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+        },
+        device="cpu",
+        has_moe=False,
+        world_size=2,
+    )
+    assert ds["train_batch_size"] == 4 and notes == [
+        "deepspeed.train_batch_size=10 does not match micro 2 x grad_accum 1 x 2 workers; using 4"
+    ]
+    with pytest.raises(UserError, match="not divisible"):
+        resolve_deepspeed_config({"train_batch_size": 10}, device="cpu", has_moe=False, world_size=4)
+    with pytest.raises(ConfigError, match="deepspeed.gradient_accumulation_steps"):
+        resolve_deepspeed_config(
+            {"gradient_accumulation_steps": 0}, device="cpu", has_moe=False, world_size=1
+        )
+    ds, notes = resolve_deepspeed_config(
+        seed_config(),
+        device="cpu",
+        has_moe=True,
+        world_size=2,
+        micro_batch_size=2,
+        grad_accum=1,
+        dtype="fp32",
+    )
+    assert (
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+        ds["train_batch_size"],
+    ) == (2, 1, 4)
+    assert "fp16" not in ds and "bf16" not in ds and any("using fp32" in n for n in notes)
+
+
+def test_resolve_refuses_impossible_settings():
+    with pytest.raises(UserError, match="both true"):
+        resolve_deepspeed_config(
+            {"fp16": {"enabled": True}, "bf16": {"enabled": True}}, device="cuda", has_moe=False, world_size=1
+        )
+    with pytest.raises(ConfigError, match="zero_optimization.stage"):
+        resolve_deepspeed_config(
+            {"zero_optimization": {"stage": 4}}, device="cpu", has_moe=False, world_size=1
+        )
+    with pytest.raises(ConfigError, match="train.device"):
+        resolve_deepspeed_config({}, device="tpu", has_moe=False, world_size=1)
+
+
+# --- DeepSpeed engines in fresh processes -------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world_size: int, *args) -> None:
+    mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
+
+
+def _entry(rank, fn, world_size, port, args):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    fn(rank, world_size, *args)
+
+
+def _model_cfg():
+    from dsv3ray.model import ModelConfig
+
+    return ModelConfig.from_preset("debug", vocab_size=256, num_hidden_layers=2, moe_impl="torch")
+
+
+def _batches():
+    """Learnable rows (each token = previous + 1 mod V) from random starts: the loss must fall."""
+    g = torch.Generator().manual_seed(1234)
+    starts = [torch.randint(0, 256, (GLOBAL_BATCH, 1), generator=g) for _ in range(STEPS)]
+    return [(s + torch.arange(SEQ)) % 256 for s in starts]
+
+
+def _engine(world_size, ep_size, stage, seed=0):
+    from dsv3ray.engine import build_engine
+    from dsv3ray.model import build_model
+    from dsv3ray.parallel import create_expert_parallel
+
+    cfg = _model_cfg()
+    ep = create_expert_parallel(ep_size, cfg.n_routed_experts)
+    torch.manual_seed(seed)
+    model = build_model(cfg, ep if ep_size > 1 else None)
+    ds, _ = resolve_deepspeed_config(
+        {
+            "zero_optimization": {"stage": stage},
+            "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.1}},
+        },
+        device="cpu",
+        has_moe=True,
+        world_size=world_size,
+        micro_batch_size=GLOBAL_BATCH // world_size,
+        grad_accum=1,
+        dtype="fp32",
+    )
+    ds["steps_per_print"] = 10**9
+    engine, optimizer, _ = build_engine(model, ds, ep)
+    return engine, ep
+
+
+def _train_step(engine, batch, rank, world_size):
+    """One step on this rank's slice of the global batch; returns the global mean loss."""
+    import torch.distributed as dist
+
+    micro = GLOBAL_BATCH // world_size
+    ids = batch[rank * micro : (rank + 1) * micro]
+    loss = engine(ids, ids).loss
+    engine.backward(loss)
+    engine.step()
+    global_loss = loss.detach().clone()
+    dist.all_reduce(global_loss)
+    return global_loss.item() / world_size
+
+
+def _equivalence_worker(rank, world_size, ep_size, stage, out_dir):
+    engine, ep = _engine(world_size, ep_size, stage)
+    experts = {
+        n: p
+        for n, p in engine.module.named_parameters()
+        if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+    }
+    assert experts and all(
+        p.allreduce is False and p.group_name == f"ep_size_{ep_size}" for p in experts.values()
+    )
+    assert all(getattr(p, "allreduce", True) for n, p in engine.module.named_parameters() if n not in experts)
+    assert engine.has_moe_layers and engine.num_experts[0] == 16
+    batches = _batches()
+    losses = [_train_step(engine, b, rank, world_size) for b in batches]
+    if rank == 0:
+        torch.save(losses, Path(out_dir) / f"losses_w{world_size}_ep{ep_size}_z{stage}.pt")
+
+
+@pytest.mark.slow
+def test_losses_equal_across_1proc_2proc_ep1_2proc_ep2(tmp_path):
+    spawn(_equivalence_worker, 1, 1, 2, str(tmp_path))
+    spawn(_equivalence_worker, 2, 1, 1, str(tmp_path))
+    spawn(_equivalence_worker, 2, 2, 2, str(tmp_path))
+    ref = torch.load(tmp_path / "losses_w1_ep1_z2.pt")
+    assert ref[-1] < ref[0]  # it trains
+    for name in ("losses_w2_ep1_z1.pt", "losses_w2_ep2_z2.pt"):
+        other = torch.load(tmp_path / name)
+        torch.testing.assert_close(torch.tensor(other), torch.tensor(ref), rtol=1e-4, atol=0, msg=name)
+
+
+def _resume_and_nonfinite_worker(rank, world_size, ckpt_dir):
+    batches = _batches()
+    engine, ep = _engine(world_size, 2, 2)
+    for b in batches[:5]:
+        _train_step(engine, b, rank, world_size)
+    engine.save_checkpoint(ckpt_dir, tag="step5")
+    uninterrupted = [_train_step(engine, b, rank, world_size) for b in batches[5:7]]
+
+    # A fresh engine from other weights resumes from the checkpoint (experts from each rank's files).
+    resumed, _ = _engine(world_size, 2, 2, seed=99)
+    resumed.load_checkpoint(ckpt_dir, tag="step5")
+    after = [_train_step(resumed, b, rank, world_size) for b in batches[5:7]]
+    assert after == pytest.approx(uninterrupted, rel=1e-6), (after, uninterrupted)
+    files = sorted(p.name for p in (Path(ckpt_dir) / "step5").iterdir())
+    assert sum(f.startswith("layer_0_expert_") for f in files) == 16, files  # one file per global expert
+
+    # Non-finite: NaN loss on rank 1 only -> both ranks see non-finite grads and skip the step.
+    from dsv3ray.engine import grads_are_finite, skip_step
+
+    before = {n: p.detach().clone() for n, p in resumed.module.named_parameters()}
+    ids = batches[7][rank * 2 : (rank + 1) * 2]
+    loss = resumed(ids, ids).loss
+    if rank == 1:
+        loss = loss * float("nan")
+    resumed.backward(loss)
+    assert grads_are_finite(resumed) is False
+    skip_step(resumed)
+    assert resumed.skipped_steps == 1
+    assert all(torch.equal(p, before[n]) for n, p in resumed.module.named_parameters())
+    # the next finite step applies, from clean gradients
+    loss = resumed(ids, ids).loss
+    resumed.backward(loss)
+    assert grads_are_finite(resumed, loss) is True
+    resumed.step()
+    assert resumed.skipped_steps == 1 and resumed.was_step_applied()
+    assert any(not torch.equal(p, before[n]) for n, p in resumed.module.named_parameters())
+
+
+@pytest.mark.slow
+def test_checkpoint_resume_and_nonfinite_skip_ep2(tmp_path):
+    spawn(_resume_and_nonfinite_worker, 2, str(tmp_path / "ckpt"))
