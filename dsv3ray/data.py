@@ -11,9 +11,13 @@ tokens = 205 MB per worker.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from dsv3ray.errors import ConfigError
+import numpy as np
+
+from dsv3ray.errors import ConfigError, UserError
 
 
 @dataclass
@@ -36,3 +40,171 @@ class DataConfig:
             raise ConfigError(
                 "data.eval_split", self.eval_split, '"eval" (or "train" to evaluate on training rows)'
             )
+
+
+@dataclass
+class PreparedData:
+    """A checked prepared directory: what the driver hands to the trainer."""
+
+    dir: Path
+    meta: dict
+    train_files: list[str]
+    eval_files: list[str]
+    num_train: int  # rows in the readable train shards (= meta num_train unless shards were skipped)
+    num_eval: int
+    skipped: list[str] = field(default_factory=list)
+
+
+def _check_shards(files: list[Path], policy: str) -> tuple[list[str], int, list[str]]:
+    """Read each parquet footer; a corrupt shard fails the run or is skipped (one line each)."""
+    import pyarrow.parquet as pq
+
+    good, rows, skipped = [], 0, []
+    for f in files:
+        try:
+            md = pq.read_metadata(f)
+            names = md.schema.to_arrow_schema().names
+            if "sample_id" not in names or "input_ids" not in names:
+                raise ValueError("missing sample_id/input_ids columns")
+        except Exception as e:  # noqa: BLE001 - any unreadable footer is a corrupt shard
+            if policy == "fail":
+                raise UserError(
+                    f"data shard {f} is corrupt ({type(e).__name__}: {e}): re-run `dsv3ray prepare`, "
+                    'or set train.corrupt_shard = "skip" to train without it'
+                ) from None
+            print(f"[dsv3ray] skipping corrupt data shard {f} ({type(e).__name__}: {e})", flush=True)
+            skipped.append(str(f))
+            continue
+        good.append(str(f))
+        rows += md.num_rows
+    return good, rows, skipped
+
+
+def check_prepared(path: str | Path, corrupt_shard: str = "fail") -> PreparedData:
+    """Validate a prepared directory before any worker starts (user errors as one line)."""
+    from pipelines.dataset import load_meta
+
+    d = Path(path)
+    if not (d / "meta.json").is_file():
+        raise UserError(
+            f"data.prepared={str(d)!r} is not a prepared directory (no meta.json): run `dsv3ray prepare` first or fix the path"
+        )
+    meta = load_meta(d)
+    out = {}
+    for split in ("train", "eval"):
+        files = sorted((d / split).glob("*.parquet"))
+        if not files:
+            raise UserError(
+                f"prepared directory {d} has no {split}/*.parquet shards: re-run `dsv3ray prepare`"
+            )
+        out[split] = _check_shards(files, corrupt_shard)
+    (train_files, num_train, sk1), (eval_files, num_eval, sk2) = out["train"], out["eval"]
+    if not train_files or num_train == 0:
+        raise UserError(f"prepared directory {d} has no readable training rows: re-run `dsv3ray prepare`")
+    if not eval_files or num_eval == 0:
+        raise UserError(
+            f"prepared directory {d} has no readable eval rows: re-run `dsv3ray prepare` with a larger prepare.eval_fraction"
+        )
+    return PreparedData(d, meta, train_files, eval_files, num_train, num_eval, sk1 + sk2)
+
+
+def resolve_data(cfg: DataConfig, prepare_cfg, run_dir: Path, corrupt_shard: str = "fail") -> PreparedData:
+    """The prepared directory of this run: `data.prepared`, or `data.inputs` prepared into run_dir/data."""
+    if cfg.prepared:
+        return check_prepared(cfg.prepared, corrupt_shard)
+    if not cfg.inputs:
+        raise ConfigError(
+            "data.prepared",
+            cfg.prepared,
+            "set data.prepared to a prepared directory or data.inputs to raw input files",
+        )
+    from pipelines.prepare import prepare
+
+    out = run_dir / "data"
+    if not (out / "meta.json").is_file():  # a resumed run reuses its prepared data
+        prepare(list(cfg.inputs), out, prepare_cfg)
+    return check_prepared(out, corrupt_shard)
+
+
+def build_table(iterator, num_rows: int, row_len: int) -> np.ndarray:
+    """id -> tokens table (num_rows, row_len) int32 from a Ray Data iterator over a whole split.
+
+    Sample ids are dense per split; when corrupt shards were skipped they are not, and rows are
+    renumbered densely in sample-id order (the same on every worker). Memory: num_rows * row_len * 4 B.
+    """
+    ids_parts, rows_parts = [], []
+    for batch in iterator.iter_batches(batch_size=4096, batch_format="numpy"):
+        ids_parts.append(np.asarray(batch["sample_id"], dtype=np.int64))
+        col = batch["input_ids"]
+        rows_parts.append(
+            np.stack([np.asarray(r, dtype=np.int32) for r in col])
+            if col.dtype == object
+            else col.astype(np.int32)
+        )
+    ids_M = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
+    if ids_M.size != num_rows:
+        raise UserError(
+            f"data split has {ids_M.size} rows, expected {num_rows}: the prepared directory changed during the run"
+        )
+    rows_MS = np.concatenate(rows_parts)
+    if rows_MS.shape[1] != row_len:
+        raise UserError(
+            f"data rows have {rows_MS.shape[1]} tokens, meta.json says seq_len+1 = {row_len}: re-run `dsv3ray prepare`"
+        )
+    table_NS = np.empty((num_rows, row_len), dtype=np.int32)
+    order = np.argsort(ids_M, kind="stable")
+    if np.array_equal(ids_M[order], np.arange(num_rows)):
+        table_NS[ids_M] = rows_MS
+    else:
+        table_NS[:] = rows_MS[order]
+    return table_NS
+
+
+def write_synthetic_prepared(
+    path: str | Path,
+    num_train: int = 256,
+    num_eval: int = 32,
+    seq_len: int = 32,
+    vocab_size: int = 256,
+    seed: int = 0,
+) -> Path:
+    """A prepared directory (same contract as `pipelines.prepare`) of a learnable synthetic language.
+
+    For benchmarks and fast tests that should not pay for tokenizer training: token t+1 =
+    (7 * t + 3) mod V with probability 0.9, else uniform, so a model can get far below the
+    unigram entropy (≈ ln V) while the data stays a fixed function of `seed`.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = Path(path)
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for split, n in (("train", num_train), ("eval", num_eval)):
+        rows = np.empty((n, seq_len + 1), dtype=np.int32)
+        rows[:, 0] = rng.integers(0, vocab_size, n)
+        for t in range(1, seq_len + 1):
+            follow = (7 * rows[:, t - 1] + 3) % vocab_size
+            rows[:, t] = np.where(rng.random(n) < 0.9, follow, rng.integers(0, vocab_size, n))
+        if split == "train":
+            counts += np.bincount(rows.ravel(), minlength=vocab_size)
+        (d / split).mkdir(parents=True, exist_ok=True)
+        table = pa.table(
+            {
+                "sample_id": pa.array(np.arange(n, dtype=np.int64)),
+                "input_ids": pa.array(list(rows), type=pa.list_(pa.int32())),
+            }
+        )
+        pq.write_table(table, d / split / "part-00000.parquet")
+    p = counts[counts > 0] / counts.sum()
+    meta = {
+        "seq_len": seq_len,
+        "vocab_size": vocab_size,
+        "num_train": num_train,
+        "num_eval": num_eval,
+        "tokenizer": "synthetic",
+        "unigram_entropy": float(-(p * np.log(p)).sum()),
+        "eos_id": vocab_size - 1,
+    }
+    (d / "meta.json").write_text(json.dumps(meta, indent=2))
+    return d

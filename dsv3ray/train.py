@@ -7,9 +7,24 @@ builds a DeepSpeed engine over our DeepSeek-V3 model and runs the step loop.
 
 from __future__ import annotations
 
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from dsv3ray.errors import ConfigError
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dsv3ray import checkpoint as ckpt
+from dsv3ray.data import PreparedData, build_table, resolve_data
+from dsv3ray.errors import ConfigError, UserError
+from dsv3ray.report import write_report
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -77,3 +92,606 @@ class TrainConfig:
             raise ConfigError("train.corrupt_shard", self.corrupt_shard, '"fail" or "skip"')
         if not self.resume:
             raise ConfigError("train.resume", self.resume, '"auto", "never" or a checkpoint directory')
+
+
+# --- driver --------------------------------------------------------------------------------------
+
+
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir).expanduser().resolve()
+    return (Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+
+
+def _init_ray(cfg: TrainConfig) -> None:
+    """Join the cluster under `ray job submit` / RAY_ADDRESS, else start a local Ray sized for the run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    # Logical CPUs: one per worker plus one for Ray Data and the sampler (CPUs may be oversubscribed).
+    num_cpus = max(os.cpu_count() or 1, cfg.num_workers + 1)
+    ray.init(
+        num_cpus=num_cpus, num_gpus=None if cfg.use_gpu else 0, include_dashboard=False, log_to_driver=True
+    )
+
+
+def _cpus_per_worker(cfg: TrainConfig) -> float:
+    """One CPU per worker, less when the cluster is smaller (leave one CPU for Ray Data reads)."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(0.1, min(1.0, (total - 1.0) / cfg.num_workers)) if total - 1.0 < cfg.num_workers else 1.0
+
+
+def _first_user_error(exc: BaseException) -> UserError | None:
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        stack += [e.__cause__, e.__context__]
+        stack += list(getattr(e, "worker_failures", {}).values())
+        stack.append(getattr(e, "controller_failure", None))
+        stack.append(getattr(e, "cause", None))
+    return None
+
+
+def plan(run) -> dict:
+    """Everything checked and derived before any worker starts (user errors are one line here)."""
+    from dsv3ray.engine import resolve_deepspeed_config
+    from dsv3ray.model import activation_ratio, count_params
+    from dsv3ray.parallel import check_ep_size
+
+    cfg: TrainConfig = run.train
+    model_cfg = run.model
+    if not run.data.prepared and not run.data.inputs:
+        raise ConfigError(
+            "data.prepared",
+            run.data.prepared,
+            "set data.prepared to a prepared directory or data.inputs to raw input files",
+        )
+    check_ep_size(cfg.ep_size, model_cfg.n_routed_experts, cfg.num_workers)
+    run_dir = resolve_run_dir(cfg)
+    ckpt_root = run_dir / "checkpoints"
+    if cfg.resume == "never" and ckpt.list_checkpoints(ckpt_root):
+        raise UserError(
+            f'run directory {run_dir} already holds checkpoints and train.resume = "never": choose another train.run_dir or set train.resume = "auto"'
+        )
+    resume_from = None
+    if cfg.resume not in ("auto", "never"):
+        p = Path(cfg.resume).expanduser().resolve()
+        if not p.is_dir():
+            raise ConfigError(
+                "train.resume", cfg.resume, '"auto", "never" or an existing checkpoint directory'
+            )
+        resume_from = str(p)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = resolve_data(run.data, getattr(run, "prepare", None), run_dir, cfg.corrupt_shard)
+    seq_len = int(data.meta["seq_len"])
+    if int(data.meta["vocab_size"]) > model_cfg.vocab_size:
+        raise ConfigError(
+            "model.vocab_size",
+            model_cfg.vocab_size,
+            f"at least the tokenizer's vocab_size={data.meta['vocab_size']} (from {data.dir}/meta.json)",
+        )
+    if seq_len + 1 > model_cfg.max_position_embeddings:
+        raise ConfigError(
+            "model.max_position_embeddings",
+            model_cfg.max_position_embeddings,
+            f"at least seq_len + 1 = {seq_len + 1} (the prepared rows)",
+        )
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * cfg.num_workers
+    steps = cfg.steps if cfg.tokens == 0 else max(1, math.ceil(cfg.tokens / (global_batch * seq_len)))
+    ds_config, notes = resolve_deepspeed_config(
+        dict(run.deepspeed),
+        device="cuda" if cfg.use_gpu else "cpu",
+        has_moe=model_cfg.n_routed_experts > 0 and model_cfg.num_moe_layers > 0,
+        world_size=cfg.num_workers,
+        micro_batch_size=cfg.micro_batch_size,
+        grad_accum=cfg.grad_accum,
+        dtype=cfg.dtype,
+    )
+    for note in notes:
+        print(f"[dsv3ray] {note}", flush=True)
+    total, activated = count_params(model_cfg)
+    return {
+        "run_dir": str(run_dir),
+        "ckpt_root": str(ckpt_root),
+        "resume_from": resume_from,
+        "data": data,
+        "seq_len": seq_len,
+        "global_batch": global_batch,
+        "steps": steps,
+        "ds_config": ds_config,
+        "params_total": total,
+        "params_activated": activated,
+        "activation_ratio": activation_ratio(model_cfg),
+    }
+
+
+def train(run) -> dict:
+    """Run training for a resolved run config; returns the summary (also in run_dir/report.json)."""
+    import ray
+    import ray.train
+    from pipelines.dataset import read_prepared
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.sampler import CurriculumSampler
+
+    cfg: TrainConfig = run.train
+    p = plan(run)
+    run_dir = Path(p["run_dir"])
+    data: PreparedData = p["data"]
+    print(
+        f"[dsv3ray] run directory {run_dir}; {p['steps']} steps x {p['global_batch']} sequences x {p['seq_len']} tokens",
+        flush=True,
+    )
+    _init_ray(cfg)
+    total_samples = p["steps"] * p["global_batch"]
+    sampler = ray.remote(num_cpus=0)(CurriculumSampler).remote(
+        data.num_train, cfg.seed, getattr(run, "curriculum", None), total_samples
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Read once here; every worker then copies the same blocks out of the object store.
+    datasets = {
+        "train": read_prepared(data.dir, "train", files=data.train_files).materialize(),
+        "eval": read_prepared(data.dir, "eval", files=data.eval_files).materialize(),
+    }
+    loop_config = {
+        "train": cfg,
+        "model": run.model,
+        "ds_config": p["ds_config"],
+        "sampler": sampler,
+        "run_dir": str(run_dir),
+        "ckpt_root": p["ckpt_root"],
+        "resume_from": p["resume_from"],
+        "steps": p["steps"],
+        "seq_len": p["seq_len"],
+        "num_train": data.num_train,
+        "num_eval": data.num_eval,
+        "global_batch": p["global_batch"],
+        "activation_ratio": p["activation_ratio"],
+        "cpus_per_worker": 0.0,
+    }
+    resources = {"GPU": 1} if cfg.use_gpu else {}
+    cpus = 1.0 if cfg.use_gpu else _cpus_per_worker(cfg)
+    loop_config["cpus_per_worker"] = cpus
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus, **resources}
+        ),
+        run_config=ray.train.RunConfig(
+            name="checkpoints",
+            storage_path=str(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # At least 2: a newest checkpoint found incomplete on load never leaves zero valid ones.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(2, cfg.keep_checkpoints)),
+        ),
+        datasets=datasets,
+        # Not split: the sampler may hand any sample id to any worker.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        ue = _first_user_error(e)
+        if ue is not None:
+            raise UserError(str(ue)) from None
+        raise
+    summary = dict(result.metrics or {})
+    summary["wall_s"] = time.perf_counter() - t0
+    if summary.get("user_error"):
+        raise UserError(summary["user_error"])
+    summary.update(
+        name=cfg.name,
+        params_total=p["params_total"],
+        params_activated=p["params_activated"],
+        skipped_shards=data.skipped,
+        checkpoint=str(result.checkpoint.path) if result.checkpoint else None,
+        tensorboard_dir=str(run_dir / "tb"),
+        run_dir=str(run_dir),
+        prepared=str(data.dir),
+    )
+    summary["sampler"] = ray.get(sampler.stats.remote())
+    paths = write_report(run_dir, summary, run.to_dict() if hasattr(run, "to_dict") else {}, data.meta)
+    summary["report"] = str(paths["md"])
+    print(
+        f"[dsv3ray] report: {paths['md']} (loss curve {paths['png']}); TensorBoard: tensorboard --logdir {run_dir / 'tb'}",
+        flush=True,
+    )
+    if summary.get("stopped"):
+        raise UserError(summary["stopped"])
+    return summary
+
+
+def cli_train(run, args) -> int:
+    """`dsv3ray train --config FILE`: train, write the report, print where it is."""
+    summary = train(run)
+    ev = summary.get("final_eval_loss")
+    print(
+        f"[dsv3ray] done: {summary.get('steps')} steps, final eval loss {ev:.4f}"
+        if ev is not None
+        else "[dsv3ray] done",
+        flush=True,
+    )
+    return 0
+
+
+# --- worker --------------------------------------------------------------------------------------
+
+
+def _kill_once(run_dir: str, what: str) -> None:
+    """Test-only fault: SIGKILL this worker process the first time `what` happens in this run."""
+    marker = Path(run_dir) / f".killed-{what}"
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    print(f"[dsv3ray] fault injection: SIGKILL worker pid {os.getpid()} at {what}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker entry point."""
+    try:
+        _Worker(config).run()
+    except UserError as e:
+        # Not retried by reporting it back; every rank hits the same config mistake.
+        import ray.train
+
+        ray.train.report({"user_error": str(e)})
+
+
+class _Worker:
+    def __init__(self, config: dict):
+        import ray.train
+
+        self.c = config
+        self.cfg: TrainConfig = config["train"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if self.cfg.use_gpu else torch.device("cpu")
+        )
+        if not self.cfg.use_gpu:
+            torch.set_num_threads(max(1, int(round(config["cpus_per_worker"]))))
+
+    # -- setup --
+    def _build(self):
+        from dsv3ray.engine import build_engine
+        from dsv3ray.model import build_model
+        from dsv3ray.parallel import create_expert_parallel
+
+        torch.manual_seed(self.cfg.seed)
+        np.random.seed(self.cfg.seed + self.rank)
+        random.seed(self.cfg.seed + self.rank)
+        mcfg = self.c["model"]
+        self.ep = create_expert_parallel(self.cfg.ep_size, mcfg.n_routed_experts)
+        model = build_model(mcfg, ep=self.ep)
+        model.set_activation_checkpointing(self.cfg.activation_checkpointing)
+        self.engine, _, _ = build_engine(model, self.c["ds_config"], ep=self.ep)
+        self.model = self.engine.module
+
+    def _load_data(self):
+        import ray.data
+        import ray.train
+
+        row_len = self.c["seq_len"] + 1
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        self.train_NS = build_table(ray.train.get_dataset_shard("train"), self.c["num_train"], row_len)
+        self.eval_NS = build_table(ray.train.get_dataset_shard("eval"), self.c["num_eval"], row_len)
+
+    def _restore(self) -> int:
+        """Load the checkpoint to resume from; returns the step it holds (0 = fresh start)."""
+        import ray
+        import ray.train
+
+        reported = ray.train.get_checkpoint()
+        if reported is not None:  # a restart after a failure, or Ray restoring this run directory
+            path = ckpt.choose_checkpoint(reported.path, self.c["ckpt_root"])
+        elif self.c["resume_from"]:
+            path = ckpt.choose_checkpoint(self.c["resume_from"], None)
+            if path is None:
+                raise UserError(
+                    f"train.resume={self.cfg.resume!r} is not a complete checkpoint: pass a step_XXXXXXXX directory whose manifests are all present"
+                )
+        elif self.cfg.resume == "auto":
+            path = ckpt.choose_checkpoint(None, self.c["ckpt_root"])
+        else:
+            path = None
+        if path is None:
+            return 0
+        v = ckpt.validate(path)
+        same_world = v.world_size == self.world
+        _, client = self.engine.load_checkpoint(
+            str(path / "ds"),
+            tag="step",
+            load_optimizer_states=same_world,
+            load_lr_scheduler_states=True,
+            load_module_strict=True,
+        )
+        if not ckpt.load_rank_state(path, self.rank):
+            torch.manual_seed(self.cfg.seed + v.step * 1000 + self.rank)
+        state = ckpt.load_train_state(path)
+        if self.rank == 0:
+            ray.get(self.c["sampler"].load_state_dict.remote(state["sampler"]))
+            msg = f"[dsv3ray] resumed from {path} (step {state['step']})"
+            if not same_world:
+                msg += f"; world size changed {v.world_size} -> {self.world}: optimizer state re-initialized"
+            print(msg, flush=True)
+        self.tokens = state["tokens"]
+        self.bad_total = state["bad_steps"]
+        self.resume_ce = state.get("last_ce")
+        self.resumed_from = state["step"]
+        return int(state["step"])
+
+    # -- one step --
+    def _batch(self, table_NS: np.ndarray, ids: np.ndarray) -> torch.Tensor:
+        # The model shifts: the seq_len+1 row is both input_ids and labels (positions aligned).
+        return torch.from_numpy(table_NS[ids].astype(np.int64)).to(self.device)
+
+    def _draw(self, step: int) -> np.ndarray:
+        import ray
+
+        G = self.c["global_batch"]
+        ids_G = torch.empty(G, dtype=torch.int64, device=self.device)
+        if self.rank == 0:
+            ids_G.copy_(torch.from_numpy(ray.get(self.c["sampler"].batch_for_step.remote(step, G))))
+        dist.broadcast(ids_G, src=0)
+        return ids_G.cpu().numpy()
+
+    def _train_step(self, step: int) -> dict:
+        from dsv3ray.engine import grads_are_finite, skip_step
+
+        cfg = self.cfg
+        ids_G = self._draw(step)
+        per = cfg.micro_batch_size * cfg.grad_accum
+        mine = ids_G[self.rank * per : (self.rank + 1) * per]
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, mtp, balance, non-finite micro steps
+        losses_per_sample, load_LE = [], None
+        self.model.train()
+        for m in range(cfg.grad_accum):
+            ids = mine[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
+            x_BS = self._batch(self.train_NS, ids)
+            out = self.engine(x_BS, labels_BS=x_BS)
+            loss = out.loss
+            if step in cfg.inject_nan_steps and self.rank == 0:
+                loss = loss * float("nan")  # test-only: a poisoned batch on one rank
+            self.engine.backward(loss)
+            self.engine.step() if m < cfg.grad_accum - 1 else None  # DeepSpeed counts micro steps here
+            sums += torch.tensor(
+                [
+                    float(loss),
+                    float(out.ce_loss),
+                    float(out.mtp_loss) if out.mtp_loss is not None else 0.0,
+                    float(out.balance_loss),
+                    0.0 if math.isfinite(float(loss)) else 1.0,
+                ],
+                dtype=torch.float64,
+            )
+            losses_per_sample.append(out.loss_per_sample.detach().float())
+            load_LE = out.expert_load_LE if load_LE is None else load_LE + out.expert_load_LE
+        # One MAX all-reduce inside: every rank takes the same skip decision.
+        is_bad = bool(sums[4] > 0) or not grads_are_finite(self.engine)
+        if is_bad:
+            skip_step(self.engine)  # gradients dropped, DeepSpeed counts a skipped step
+        else:
+            self.engine.step()
+        applied = not is_bad and getattr(self.engine, "was_step_applied", lambda: True)()
+        if applied and load_LE is not None and load_LE.numel():
+            self.model.update_routing_bias(load_LE.to(self.device), group=None)
+        # per-sample losses back to the sampler (rank 0 reports, in rank order = ids_G order)
+        lps = torch.cat(losses_per_sample).to(self.device)
+        gathered = [torch.empty_like(lps) for _ in range(self.world)]
+        dist.all_gather(gathered, lps)
+        stats = (sums[:4] / cfg.grad_accum).to(self.device)
+        dist.all_reduce(stats)
+        stats = (stats / self.world).cpu()
+        if self.rank == 0:
+            if not is_bad:
+                self.c["sampler"].report_losses.remote(ids_G, torch.cat(gathered).cpu().numpy())
+            # A skipped step's samples count as consumed: the batch that poisoned it is not retried.
+            self.c["sampler"].commit.remote(step)
+        return {
+            "bad": is_bad,
+            "loss": float(stats[0]),
+            "ce": float(stats[1]),
+            "mtp": float(stats[2]),
+            "balance": float(stats[3]),
+            "load_LE": load_LE,
+        }
+
+    @torch.no_grad()
+    def _eval(self) -> float:
+        cfg = self.cfg
+        self.model.eval()
+        n = cfg.eval_batches * cfg.micro_batch_size * self.world
+        ids_all = np.arange(n) % len(self.eval_NS)  # the same held-out rows at every eval
+        per = cfg.eval_batches * cfg.micro_batch_size
+        mine = ids_all[self.rank * per : (self.rank + 1) * per]
+        acc = torch.zeros(2, dtype=torch.float64)
+        for b in range(cfg.eval_batches):
+            ids = mine[b * cfg.micro_batch_size : (b + 1) * cfg.micro_batch_size]
+            x_BS = self._batch(self.eval_NS, ids)
+            out = self.model(x_BS, labels_BS=x_BS)
+            acc += torch.tensor([float(out.loss_per_sample.sum()), len(ids)], dtype=torch.float64)
+        acc = acc.to(self.device)
+        dist.all_reduce(acc)
+        self.model.train()
+        return float(acc[0] / acc[1])
+
+    # -- checkpoint --
+    def _save(self, step: int, last: dict, metrics: dict) -> None:
+        import ray
+        import ray.train
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"dsv3ray-ckpt-{step}-r{self.rank}-"))
+        try:
+            self.engine.save_checkpoint(str(tmp / "ds"), tag="step", save_latest=True)
+            # DeepSpeed writes one file per global expert (layer_*_expert_*_model_states.pt), so a
+            # resume with another EP size still finds every expert.
+            ckpt.save_rank_state(tmp, self.rank)
+            if self.rank == 0:
+                state = {
+                    "step": step,
+                    "tokens": self.tokens,
+                    "bad_steps": self.bad_total,
+                    "last_ce": last.get("ce"),
+                    "sampler": ray.get(self.c["sampler"].state_dict.remote()),
+                }
+                ckpt.save_train_state(tmp, state)
+            if self.cfg.kill_in_checkpoint_step == step and self.rank == self.world - 1:
+                _kill_once(self.c["run_dir"], f"checkpoint-{step}")
+            ckpt.write_manifest(tmp, self.rank, self.world, step)  # LAST: this rank's part is complete
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                checkpoint_dir_name=ckpt.step_dir_name(step),
+            )
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- the loop --
+    def run(self) -> None:
+        import ray
+
+        from dsv3ray.metrics import MetricsWriter, bias_norm, expert_load_stats
+
+        cfg = self.cfg
+        self._build()
+        self._load_data()
+        self.tokens, self.bad_total, self.resume_ce, self.resumed_from = 0, 0, None, 0
+        if self.rank == 0:
+            with (Path(self.c["run_dir"]) / ".starts").open("a") as f:
+                f.write(f"{os.getpid()}\n")
+        start = self._restore()
+        dist.barrier()  # the sampler holds the checkpoint's ledger before anyone draws
+        writer = MetricsWriter(Path(self.c["run_dir"]) / "tb" if self.rank == 0 else None)
+        steps, seq_len = self.c["steps"], self.c["seq_len"]
+        tokens_per_step = self.c["global_batch"] * seq_len
+        consecutive_bad, last, eval_loss, first_ce_after_resume = 0, {}, None, None
+        stopped, t_train, steps_timed = "", 0.0, 0
+        step = start
+        for step in range(start + 1, steps + 1):
+            if cfg.kill_at_step == step and self.rank == self.world - 1:
+                _kill_once(self.c["run_dir"], f"step-{step}")
+            t0 = time.perf_counter()
+            r = self._train_step(step)
+            dt = time.perf_counter() - t0
+            if step > start + 1:  # the first step after (re)start pays one-time warmup
+                t_train += dt
+                steps_timed += 1
+            self.tokens += tokens_per_step
+            if r["bad"]:
+                self.bad_total += 1
+                consecutive_bad += 1
+                if self.rank == 0:
+                    print(
+                        f"[dsv3ray] step {step}: non-finite loss or gradient, update skipped ({consecutive_bad} in a row)",
+                        flush=True,
+                    )
+            else:
+                consecutive_bad = 0
+                last = r
+                if first_ce_after_resume is None:
+                    first_ce_after_resume = r["ce"]
+            row = {"train/bad_steps": self.bad_total}
+            if step % cfg.log_every == 0 or step == steps:
+                load_LE = r["load_LE"]
+                if load_LE is not None and load_LE.numel():
+                    load_LE = load_LE.to(self.device).float()
+                    dist.all_reduce(load_LE)
+                    row.update(expert_load_stats(load_LE))
+                if not r["bad"]:
+                    row.update(
+                        {
+                            "train/loss": r["loss"],
+                            "train/ce_loss": r["ce"],
+                            "train/balance_loss": r["balance"],
+                        }
+                    )
+                    if self.c["model"].num_nextn_predict_layers:
+                        row["train/mtp_loss"] = r["mtp"]
+                row.update(
+                    {
+                        "train/lr": float(self.engine.get_lr()[0]) if self.engine.get_lr() else 0.0,
+                        "train/tokens_per_s": tokens_per_step / dt,
+                        "model/activation_ratio": self.c["activation_ratio"],
+                        "moe/bias_norm": bias_norm(self.model),
+                    }
+                )
+                if self.rank == 0:
+                    s = ray.get(self.c["sampler"].stats.remote())
+                    row.update({"sampler/epoch": s["epoch"], "sampler/consumed": s["consumed"]})
+                    print(
+                        f"[dsv3ray] step {step}/{steps} loss {r['loss']:.4f} ce {r['ce']:.4f} {tokens_per_step / dt:.0f} tok/s",
+                        flush=True,
+                    )
+            if consecutive_bad >= cfg.max_bad_steps:
+                stopped = (
+                    f"training stopped at step {step}: {consecutive_bad} consecutive steps with a non-finite loss or gradient "
+                    f"(train.max_bad_steps={cfg.max_bad_steps}); the last good checkpoint is under {self.c['ckpt_root']}: "
+                    "lower the learning rate or check the data, then resume"
+                )
+                writer.scalars(row, step)
+                break
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
+                eval_loss = self._eval()
+                row["eval/loss"] = eval_loss
+            writer.scalars(row, step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != steps:
+                writer.flush()
+                self._save(step, last, {"step": step, "ce_loss": last.get("ce", float("nan"))})
+        final = {}
+        if not stopped:
+            eval_loss = self._eval()
+            writer.scalars({"eval/loss": eval_loss}, steps)
+        load_stats = {}
+        if last.get("load_LE") is not None and last["load_LE"].numel():
+            load = last["load_LE"].to(self.device).float()
+            dist.all_reduce(load)
+            load_stats = expert_load_stats(load)
+        writer.close()
+        final = {
+            "steps": step,
+            "tokens": self.tokens,
+            "final_train_loss": last.get("ce"),
+            "final_eval_loss": eval_loss,
+            "tokens_per_s": tokens_per_step * steps_timed / t_train if t_train > 0 else None,
+            "step_time_s": t_train / steps_timed if steps_timed else None,
+            "activation_ratio": self.c["activation_ratio"],
+            "load_max_over_mean": load_stats.get("moe/load_max_over_mean"),
+            "load_cv": load_stats.get("moe/load_cv"),
+            "bias_norm": bias_norm(self.model),
+            "bad_steps": self.bad_total,
+            "resumed_from_step": self.resumed_from,
+            "resume_ce": self.resume_ce,
+            "first_ce_after_resume": first_ce_after_resume,
+            "restarts": self._count_start(),
+            "stopped": stopped,
+            "world_size": self.world,
+            "ep_size": self.ep.ep_size,
+        }
+        if stopped or step == start:
+            import ray.train
+
+            # No checkpoint of a poisoned state (the last good one stays newest), nor a second
+            # copy of the checkpoint a finished run was resumed from.
+            ray.train.report(final)
+        else:
+            self._save(step, last, final)
+
+    def _count_start(self) -> int:
+        """Times this run's worker group started (1 + restarts), counted from a marker file."""
+        p = Path(self.c["run_dir"]) / ".starts"
+        return max(0, len(p.read_text().split()) - 1) if p.exists() else 0
