@@ -399,8 +399,8 @@ def sweep(run, output: str | None = None, train_fn=None) -> dict[str, Any]:
         )
     else:
         scheduler = FIFOScheduler()
-    # the trial process only drives its TorchTrainer; the workers request their own CPUs
-    fn = tune.with_resources(trainable, {"cpu": 0})
+    # the trial process only drives its TorchTrainer (a sliver of a CPU); the workers request their own
+    fn = tune.with_resources(trainable, {"cpu": 0.1})
     exp = out / "ray"
     name = "sweep"
     if tune.Tuner.can_restore(str(exp / name)):
