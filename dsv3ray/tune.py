@@ -219,8 +219,15 @@ def _resolve(raw: dict[str, Any], resolve_run_config):
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows not dominated on (eval_loss, cost), both minimized; rows without finite values are out."""
-    ok = [r for r in rows if all(isinstance(r.get(k), float) and math.isfinite(r[k]) for k in OBJECTIVES)]
+    """Rows not dominated on (eval_loss, cost), both minimized, among the trials that trained their
+    whole budget: failed ones and ones ASHA stopped early (fewer tokens, so cheaper) are left out."""
+    ok = [
+        r
+        for r in rows
+        if r.get("status", "TERMINATED") == "TERMINATED"
+        and not r.get("stopped_early")
+        and all(isinstance(r.get(k), float) and math.isfinite(r[k]) for k in OBJECTIVES)
+    ]
     front = []
     for r in ok:
         dominated = any(
@@ -362,6 +369,8 @@ def sweep(run, output: str | None = None, train_fn=None) -> dict[str, Any]:
     data = resolve_data(run.data, getattr(run, "prepare", None), out, run.train.corrupt_shard)
     raw = deep_merge(run.raw, {"data": {"prepared": str(data.dir), "inputs": []}})
     raw.pop("tune", None)
+    # the resolved grouping (a preset's too), so routing_overrides keeps it where it still fits
+    raw["model"] = {**raw.get("model", {}), "n_group": run.model.n_group, "topk_group": run.model.topk_group}
     if not ray.is_initialized():
         from dsv3ray.train import _init_ray
 

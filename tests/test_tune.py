@@ -66,6 +66,7 @@ def test_pareto_front_and_outputs(tmp_path):
         _row(4, 1.5, 4.0),
         _row(5, 1.5, 5.0),  # dominated by t4
         _row(6, math.nan, math.nan, status="ERROR", error="boom"),
+        _row(7, 2.9, 0.5, stopped_early=True),  # cheaper only because it trained less
     ]
     front = pareto_front(rows)
     assert [r["trial_id"] for r in front] == ["t1", "t2", "t4"]
@@ -74,7 +75,7 @@ def test_pareto_front_and_outputs(tmp_path):
         trials = list(csv.DictReader(f))
     with paths["pareto"].open() as f:
         pareto = list(csv.DictReader(f))
-    assert len(trials) == 6 and [r["trial_id"] for r in pareto] == ["t1", "t2", "t4"]
+    assert len(trials) == 7 and [r["trial_id"] for r in pareto] == ["t1", "t2", "t4"]
     assert {r["trial_id"]: r["status"] for r in trials}["t6"] == "ERROR"
     assert paths["png"].stat().st_size > 1000
 
