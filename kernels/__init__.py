@@ -4,7 +4,20 @@ Triton (the seam implementations): `route`, `permute`, `unpermute`, `grouped_swi
 References (ground truth for tests): `route_ref`, `permute_ref`, `unpermute_ref`, `grouped_swiglu_ref`.
 Fast torch expert path (CPU): `grouped_swiglu_torch`.
 This package imports nothing of dsv3ray (bottom layer).
+
+Without a GPU, compiled Triton cannot run at all, so importing this package on a CPU-only machine
+turns on the Triton interpreter (TRITON_INTERPRET=1, read when the kernels are decorated) unless the
+caller already chose; the Triton path then runs (slowly) on CPU, which is what the tests exercise.
 """
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# ruff: noqa: E402  (the interpreter switch must precede the kernel definitions)
 
 from kernels.grouped_mlp import grouped_swiglu
 from kernels.permute import permute, unpermute

@@ -4,9 +4,9 @@ Forward:  gu_NJ = x @ [Wg; Wu]^T with SwiGLU fused in the epilogue (h = silu(g) 
 Backward: dgu = (dy @ Wd) with the SwiGLU backward fused in the epilogue, dx = dgu @ [Wg; Wu],
           dWd[e] = dy_e^T @ h_e, dW1[e] = dgu_e^T @ x_e (fp32 accumulate, empty groups give zeros).
 
-Row tiles never straddle two experts: program `pid_m` finds its (expert, tile) from the offsets
-in-kernel (`_find_tile`), so the launch needs no host sync; the grid is sized by the upper bound
-cdiv(N, BLOCK_M) + E and surplus programs do nothing. Expert weights are addressed through
+Row tiles never straddle two experts: program `pid_m` reads its (expert, row range) from a small
+tile table built from the offsets by device ops (`_tile_table`), so the launch needs no host sync
+on GPU; the grid is sized by the upper bound cdiv(N, BLOCK_M) + E and surplus programs do nothing. Expert weights are addressed through
 strides, so one grouped GEMM kernel serves x@W^T, dy@W and dgu@W.
 
 Legend: N rows, D hidden, I expert intermediate, J = 2I, E experts; P, Q weight-grad dims.
@@ -18,34 +18,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _find_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """-> (row_start, row_end, expert, valid) of row tile pid_m; tiles are laid out expert after expert."""
-    e_E = tl.arange(0, BLOCK_E)
-    ok_E = e_E < E
-    end_E = tl.load(offsets_ptr + e_E, mask=ok_E, other=0)
-    start_E = tl.load(offsets_ptr + e_E - 1, mask=ok_E & (e_E > 0), other=0)
-    count_E = tl.where(ok_E, end_E - start_E, 0)
-    tiles_E = (count_E + BLOCK_M - 1) // BLOCK_M
-    tile_end_E = tl.cumsum(tiles_E, 0)
-    expert = tl.sum((tile_end_E <= pid_m).to(tl.int32), axis=0)
-    valid = expert < E
-    hit_E = e_E == expert
-    first_tile = tl.sum(tl.where(hit_E, tile_end_E - tiles_E, 0), axis=0)
-    row_start = tl.sum(tl.where(hit_E, start_E, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
-    row_end = tl.where(valid, tl.sum(tl.where(hit_E, end_E, 0), axis=0), row_start)
-    return row_start, row_end, expert, valid
+def _load_tile(tiles_ptr, pid_m, num_tiles):
+    """-> (expert, row_start, row_end) of row tile pid_m from the (3, num_tiles) table of `_tile_table`."""
+    e = tl.load(tiles_ptr + pid_m)
+    row_start = tl.load(tiles_ptr + num_tiles + pid_m)
+    row_end = tl.load(tiles_ptr + 2 * num_tiles + pid_m)
+    return e, row_start, row_end
 
 
 @triton.jit
 def _gate_up_swiglu_kernel(
     x_ptr,
     w_ptr,
-    offsets_ptr,
+    tiles_ptr,
+    num_tiles,
     gu_ptr,
     h_ptr,
     D,
     I,
-    E,
     stride_we,
     stride_wj,
     stride_wd,
@@ -53,11 +43,10 @@ def _gate_up_swiglu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    row_start, row_end, e, valid = _find_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    e, row_start, row_end = _load_tile(tiles_ptr, pid_m, num_tiles)
     m_M = row_start + tl.arange(0, BLOCK_M)
     ok_M = m_M < row_end
     m64_M = m_M.to(tl.int64)
@@ -66,7 +55,7 @@ def _gate_up_swiglu_kernel(
     w_e = w_ptr + e.to(tl.int64) * stride_we
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    num_k = tl.where(valid, tl.cdiv(D, BLOCK_K), 0)
+    num_k = tl.where(row_end > row_start, tl.cdiv(D, BLOCK_K), 0)
     for kb in range(0, num_k):
         k_K = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         ok_K = k_K < D
@@ -94,11 +83,11 @@ def _grouped_mm_kernel(
     a_ptr,
     b_ptr,
     c_ptr,
-    offsets_ptr,
+    tiles_ptr,
+    num_tiles,
     gu_ptr,
     KD,
     ND,
-    E,
     stride_be,
     stride_bk,
     stride_bn,
@@ -107,7 +96,6 @@ def _grouped_mm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr,
 ):
     """C[rows of e] = A[rows of e] (M, KD) @ B[e] (KD, ND), B addressed by strides.
 
@@ -116,7 +104,7 @@ def _grouped_mm_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    row_start, row_end, e, valid = _find_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    e, row_start, row_end = _load_tile(tiles_ptr, pid_m, num_tiles)
     m_M = row_start + tl.arange(0, BLOCK_M)
     ok_M = m_M < row_end
     m64_M = m_M.to(tl.int64)
@@ -124,7 +112,7 @@ def _grouped_mm_kernel(
     ok_N = n_N < ND
     b_e = b_ptr + e.to(tl.int64) * stride_be
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    num_k = tl.where(valid, tl.cdiv(KD, BLOCK_K), 0)
+    num_k = tl.where(row_end > row_start, tl.cdiv(KD, BLOCK_K), 0)
     for kb in range(0, num_k):
         k_K = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         ok_K = k_K < KD
@@ -197,9 +185,9 @@ def _weight_grad_kernel(
 
 
 def _blocks(device: torch.device, N: int, E: int) -> dict:
-    """Tile sizes: big tiles for the interpreter (fewer programs) and a Hopper-friendly set on GPU."""
+    """Tile sizes: wide tiles for the interpreter (fewer, bigger numpy steps), a Hopper-friendly set on GPU."""
     if device.type != "cuda":
-        return dict(mm=(64, 64, 64), gate_up=(64, 64, 64), wgrad=(64, 64, 64), warps=4, stages=1)
+        return dict(mm=(32, 128, 128), gate_up=(32, 128, 128), wgrad=(128, 128, 64), warps=4, stages=1)
     # few rows per expert (fine-grained MoE at top-1): 64-row tiles waste less on partial tiles
     bm = 64 if N / max(E, 1) <= 96 else 128
     return dict(
@@ -211,36 +199,59 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _launch_gate_up(x_ND, w_EJD, offsets_E, cfg):
+def _tile_table(offsets_E: torch.Tensor, N: int, block_m: int) -> torch.Tensor:
+    """(3, num_tiles) int32 rows (expert, row_start, row_end) of every BLOCK_M row tile, expert after expert.
+
+    Computed with device ops and no host sync on GPU: the table has the upper bound
+    cdiv(N, BLOCK_M) + E entries and surplus tiles are empty (row_end == row_start). On CPU the
+    sync is free, so the table is cut to the real tiles (the interpreter pays per program).
+    """
+    E = offsets_E.shape[0]
+    ends_E = offsets_E.long()
+    starts_E = ends_E - torch.diff(ends_E, prepend=ends_E.new_zeros(1))
+    tiles_E = (ends_E - starts_E + block_m - 1) // block_m
+    tile_end_E = torch.cumsum(tiles_E, 0)
+    num_tiles = triton.cdiv(N, block_m) + E
+    if offsets_E.device.type != "cuda":
+        num_tiles = int(tile_end_E[-1]) if E else 0
+    pid = torch.arange(num_tiles, device=offsets_E.device)
+    expert = torch.searchsorted(tile_end_E, pid, right=True)
+    valid = expert < E
+    e_c = expert.clamp(max=max(E - 1, 0))
+    row_start = starts_E[e_c] + (pid - (tile_end_E[e_c] - tiles_E[e_c])) * block_m
+    row_end = torch.where(valid, ends_E[e_c], row_start)
+    return torch.stack([e_c, row_start, row_end]).to(torch.int32).contiguous()
+
+
+def _launch_gate_up(x_ND, w_EJD, tiles, cfg):
     N, D = x_ND.shape
     E, J, _ = w_EJD.shape
     I = J // 2
     gu_NJ = torch.empty(N, J, device=x_ND.device, dtype=x_ND.dtype)
     h_NI = torch.empty(N, I, device=x_ND.device, dtype=x_ND.dtype)
     bm, bn, bk = cfg["gate_up"]
-    grid = (triton.cdiv(N, bm) + E, triton.cdiv(I, bn))
-    if N:
-        _gate_up_swiglu_kernel[grid](
-            x_ND, w_EJD, offsets_E, gu_NJ, h_NI, D, I, E, *w_EJD.stride(),
+    num_tiles = tiles.shape[1]
+    if num_tiles:
+        _gate_up_swiglu_kernel[(num_tiles, triton.cdiv(I, bn))](
+            x_ND, w_EJD, tiles, num_tiles, gu_NJ, h_NI, D, I, *w_EJD.stride(),
             PREC=_prec(x_ND.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            BLOCK_E=triton.next_power_of_2(E), num_warps=cfg["warps"], num_stages=cfg["stages"],
+            num_warps=cfg["warps"], num_stages=cfg["stages"],
         )  # fmt: skip
     return gu_NJ, h_NI
 
 
-def _launch_mm(a_NK, b_E, b_strides, n_out, offsets_E, cfg, gu_NJ=None):
+def _launch_mm(a_NK, b_E, b_strides, n_out, tiles, cfg, gu_NJ=None):
     """C = A @ B[e] per group; b_strides = (expert, k, n). With gu_NJ: fused SwiGLU backward (C is dgu)."""
     N, KD = a_NK.shape
-    E = b_E.shape[0]
     swiglu = gu_NJ is not None
     c = torch.empty(N, 2 * n_out if swiglu else n_out, device=a_NK.device, dtype=a_NK.dtype)
     bm, bn, bk = cfg["mm"]
-    grid = (triton.cdiv(N, bm) + E, triton.cdiv(n_out, bn))
-    if N:
-        _grouped_mm_kernel[grid](
-            a_NK, b_E, c, offsets_E, gu_NJ if swiglu else c, KD, n_out, E, *b_strides,
+    num_tiles = tiles.shape[1]
+    if num_tiles:
+        _grouped_mm_kernel[(num_tiles, triton.cdiv(n_out, bn))](
+            a_NK, b_E, c, tiles, num_tiles, gu_NJ if swiglu else c, KD, n_out, *b_strides,
             SWIGLU_BWD=swiglu, PREC=_prec(a_NK.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            BLOCK_E=triton.next_power_of_2(E), num_warps=cfg["warps"], num_stages=cfg["stages"],
+            num_warps=cfg["warps"], num_stages=cfg["stages"],
         )  # fmt: skip
     return c
 
@@ -264,26 +275,29 @@ class _GroupedSwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, gate_up_proj_E2ID, down_proj_EDI, offsets_E):
         E, D, I = down_proj_EDI.shape
-        cfg = _blocks(x_ND.device, x_ND.shape[0], E)
-        gu_NJ, h_NI = _launch_gate_up(x_ND, gate_up_proj_E2ID, offsets_E, cfg)
+        N = x_ND.shape[0]
+        cfg = _blocks(x_ND.device, N, E)
+        tiles_gu = _tile_table(offsets_E, N, cfg["gate_up"][0])
+        tiles_mm = tiles_gu if cfg["mm"][0] == cfg["gate_up"][0] else _tile_table(offsets_E, N, cfg["mm"][0])
+        gu_NJ, h_NI = _launch_gate_up(x_ND, gate_up_proj_E2ID, tiles_gu, cfg)
         # y = h @ Wd[e]^T: B[e][k=i, n=d] = Wd[e, d, i]
         s_e, s_d, s_i = down_proj_EDI.stride()
-        y_ND = _launch_mm(h_NI, down_proj_EDI, (s_e, s_i, s_d), D, offsets_E, cfg)
-        ctx.save_for_backward(x_ND, gate_up_proj_E2ID, down_proj_EDI, offsets_E, gu_NJ, h_NI)
+        y_ND = _launch_mm(h_NI, down_proj_EDI, (s_e, s_i, s_d), D, tiles_mm, cfg)
+        ctx.save_for_backward(x_ND, gate_up_proj_E2ID, down_proj_EDI, offsets_E, tiles_mm, gu_NJ, h_NI)
         ctx.cfg = cfg
         return y_ND
 
     @staticmethod
     def backward(ctx, grad_y_ND):
-        x_ND, w1_EJD, w2_EDI, offsets_E, gu_NJ, h_NI = ctx.saved_tensors
+        x_ND, w1_EJD, w2_EDI, offsets_E, tiles_mm, gu_NJ, h_NI = ctx.saved_tensors
         cfg = ctx.cfg
         E, D, I = w2_EDI.shape
         dy_ND = grad_y_ND.contiguous().to(x_ND.dtype)
         # dgu = swiglu_bwd(dy @ Wd[e]): B[e][k=d, n=i] = Wd[e, d, i]
         s_e, s_d, s_i = w2_EDI.stride()
-        dgu_NJ = _launch_mm(dy_ND, w2_EDI, (s_e, s_d, s_i), I, offsets_E, cfg, gu_NJ=gu_NJ)
+        dgu_NJ = _launch_mm(dy_ND, w2_EDI, (s_e, s_d, s_i), I, tiles_mm, cfg, gu_NJ=gu_NJ)
         # dx = dgu @ W1[e]: B[e][k=j, n=d] = W1[e, j, d]
-        dx_ND = _launch_mm(dgu_NJ, w1_EJD, w1_EJD.stride(), D, offsets_E, cfg)
+        dx_ND = _launch_mm(dgu_NJ, w1_EJD, w1_EJD.stride(), D, tiles_mm, cfg)
         dw2_EDI = _launch_wgrad(dy_ND, h_NI, offsets_E, w2_EDI.dtype, cfg)
         dw1_EJD = _launch_wgrad(dgu_NJ, x_ND, offsets_E, w1_EJD.dtype, cfg)
         return dx_ND, dw1_EJD, dw2_EDI, None
