@@ -102,6 +102,27 @@ def test_vm_node_types_carry_resources_and_labels(name):
     assert types["head"]["resources"] == {"CPU": 0}  # the head coordinates; no work lands on it
 
 
+def test_raylet_advertises_one_accelerator_type_unit_whatever_is_configured():
+    """Why the node types declare `accelerator_type:<T>: 1` and not one per GPU: on a node where
+    Ray detects the GPU it overwrites the configured amount with 1. Only GPU detection (the
+    hardware) is stood in for; the resolution is Ray's own."""
+    from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+    from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+    class DetectedA100(NvidiaGPUAcceleratorManager):
+        @staticmethod
+        def get_current_node_accelerator_type():
+            return "A100"
+
+        @staticmethod
+        def get_current_process_visible_accelerator_ids():
+            return None
+
+    spec = ResourceAndLabelSpec(num_cpus=96, num_gpus=8, resources={"accelerator_type:A100": 8})
+    spec._resolve_accelerator_resources(DetectedA100, 8)
+    assert spec.num_gpus == 8 and spec.resources["accelerator_type:A100"] == 1
+
+
 def _commands_for(cfg: dict, node_type: str) -> list[str]:
     """The setup commands `ray up` runs on a node of this type (Ray's override rules)."""
     t = cfg["available_node_types"][node_type]
@@ -136,6 +157,76 @@ def test_vm_setup_installs_pinned_torch_then_the_repo(name):
         assert image == f"rayproject/ray:{ray.__version__}-py311-{flavor}", (key, image)
     # the shared directory the run config writes to is mounted into every container
     assert f"-v {SHARED_MOUNT}:{SHARED_MOUNT}" in cfg["docker"]["run_options"]
+
+
+@pytest.fixture(scope="module")
+def aws_bootstrap():
+    """Ray's AWS config steps on aws.yaml against moto's EC2 (the cloud is the boundary; the
+    instance-type data moto serves is EC2's own DescribeInstanceTypes). IAM and key pairs are
+    skipped: they need nothing from our YAML beyond defaults."""
+    pytest.importorskip("moto", reason="moto[ec2] (dev dependency) emulates EC2")
+    from moto import mock_aws
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            mp.setenv(k, "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-west-2")
+        mp.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")  # halves moto's start-up; we use no AMI id
+        with mock_aws():
+            import boto3
+            from ray.autoscaler._private.aws import config as aws_config
+            from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+            from ray.autoscaler._private.util import prepare_config
+
+            cfg = prepare_config(load("aws.yaml"))
+            region = cfg["provider"]["region"]
+            ec2 = boto3.client("ec2", region_name=region)
+            ours = sorted({t["node_config"]["InstanceType"] for t in cfg["available_node_types"].values()})
+
+            def our_instance_types(region_, credentials=None):
+                # Ray lists every instance type of the region (seconds under moto); ask for ours
+                # only. An unknown type name raises InvalidInstanceType here.
+                return ec2.describe_instance_types(InstanceTypes=ours)["InstanceTypes"]
+
+            mp.setattr("ray.autoscaler._private.aws.node_provider.list_ec2_instances", our_instance_types)
+            bare = copy.deepcopy(cfg)
+            for t in bare["available_node_types"].values():
+                t["resources"] = {}
+            # what Ray would advertise from EC2's instance data if we declared nothing
+            detected = AWSNodeProvider.fillout_available_node_types_resources(bare)
+            booted = aws_config._configure_security_group(aws_config._configure_subnet(copy.deepcopy(cfg)))
+            sg_ids = {
+                i
+                for t in booted["available_node_types"].values()
+                for i in t["node_config"]["SecurityGroupIds"]
+            }
+            groups = ec2.describe_security_groups(GroupIds=sorted(sg_ids))["SecurityGroups"]
+            yield cfg, detected, booted, groups
+
+
+def test_aws_resources_match_ec2_instance_data(aws_bootstrap):
+    cfg, detected, _, _ = aws_bootstrap
+    for key, t in cfg["available_node_types"].items():
+        auto = detected["available_node_types"][key]["resources"]
+        ours = {
+            k: v for k, v in t["resources"].items() if k != "CPU" or key != "head"
+        }  # head: CPU 0 on purpose
+        assert ours == {k: auto[k] for k in ours}, (key, ours, auto)
+        assert {k for k in auto if k in ("GPU",) or k.startswith("accelerator_type:")} <= set(ours), key
+
+
+def test_aws_security_group_opens_only_ssh_to_the_internet(aws_bootstrap):
+    _, _, booted, groups = aws_bootstrap
+    assert {g["GroupName"] for g in groups} == {f"ray-autoscaler-{booted['cluster_name']}"}
+    subnets = booted["available_node_types"]["a100"]["node_config"]["SubnetIds"]
+    assert len(subnets) == len(booted["provider"]["availability_zone"].split(","))  # every zone exists
+    for g in groups:
+        for rule in g["IpPermissions"]:
+            public = {r["CidrIp"] for r in rule["IpRanges"]} | {r["CidrIpv6"] for r in rule["Ipv6Ranges"]}
+            if public & PUBLIC_CIDRS:
+                assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 22, 22), rule
+            else:  # the only other rule: everything, but only from the cluster's own group
+                assert [p["GroupId"] for p in rule["UserIdGroupPairs"]] == [g["GroupId"]], rule
 
 
 # --- public exposure of the dashboard / Ray client ----------------------------------------------
