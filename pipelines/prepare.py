@@ -10,9 +10,21 @@ Every input record (a JSON line, a parquet row, a text file) ends in exactly one
 
 from __future__ import annotations
 
+import json
+import random
+import shutil
+import time
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
-from dsv3ray.errors import ConfigError
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
+
+from dsv3ray.errors import ConfigError, UserError
+from dsv3ray.tokenizer import Tokenizer, train_tokenizer
+from pipelines.readers import OK
 
 OVERSIZE_RULES = ("drop", "split")
 
@@ -26,7 +38,8 @@ class PrepareConfig:
     tokenizer: str | None = None  # path to an existing tokenizer.json; None = train one on the kept text
     tokenizer_train_chars: int = 50_000_000  # text budget for training the tokenizer
     eval_fraction: float = 0.02  # documents whose hash falls in this fraction go to eval
-    max_doc_tokens: int = 2048  # longer documents are split at the token level
+    max_doc_tokens: int = 2048  # documents are cut at the token level into pieces of at most this
+    truncate_tokens: bool = False  # True: keep only a document's first piece; False: keep all pieces
     batch_size: int = 512  # documents per Ray Data batch
     num_workers: int = 0  # cleaning actors; 0 = one per CPU of the Ray cluster minus one (at least 1)
     rows_per_shard: int = 8192  # packed rows per output parquet shard
@@ -49,6 +62,7 @@ class PrepareConfig:
     quality: bool = True
     quality_model: str | None = None  # fastText .bin; None = the project's default model (trained, cached)
     quality_threshold: float = 0.5  # P(good) below this is dropped
+    quality_label: str = "__label__good"  # the label of good documents in the model
     perplexity: bool = False
     perplexity_reference: str | None = None  # text/jsonl to fit the unigram LM; None = stdlib docs corpus
     perplexity_threshold: float = 5000.0
@@ -92,3 +106,417 @@ class PrepareConfig:
                 raise ConfigError(f"prepare.{key}", value, "in [0, 1]")
         if self.perplexity_threshold <= 1.0:
             raise ConfigError("prepare.perplexity_threshold", self.perplexity_threshold, "greater than 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def _read_udf(batch, max_record_bytes: int, batch_size: int):
+    """Ray Data UDF (generator): a table of file paths → record tables."""
+    from pipelines.readers import read_files_batches
+
+    yield from read_files_batches(batch.column("path").to_pylist(), max_record_bytes, batch_size)
+
+
+class _Progress:
+    """One line every `every` seconds for long stages."""
+
+    def __init__(self, name: str, log, every: float = 5.0):
+        self.name, self.log, self.every = name, log, every
+        self.start = self.last = time.perf_counter()
+
+    def tick(self, done: int, extra: str = "") -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = done / max(now - self.start, 1e-9)
+            self.log(f"prepare: {self.name}: {done:,} records ({rate:,.0f}/s){extra}")
+
+
+class _CleanTextWriter:
+    """Kept documents (text, text_hash) → DIR/_clean/part-NNNNN.parquet, bounded buffers."""
+
+    def __init__(self, out_dir: Path, max_bytes: int = 32 << 20, max_rows: int = 20_000):
+        self.dir = out_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.texts: list[str] = []
+        self.hashes: list[int] = []
+        self.size, self.max_bytes, self.max_rows = 0, max_bytes, max_rows
+        self.files: list[Path] = []
+
+    def add(self, text: str, text_hash: int) -> None:
+        self.texts.append(text)
+        self.hashes.append(text_hash)
+        self.size += len(text)
+        if self.size >= self.max_bytes or len(self.texts) >= self.max_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.texts:
+            return
+        path = self.dir / f"part-{len(self.files):05d}.parquet"
+        table = pa.table(
+            {"text": pa.array(self.texts, pa.large_string()), "text_hash": pa.array(self.hashes, pa.int64())}
+        )
+        pq.write_table(table, path)
+        self.files.append(path)
+        self.texts, self.hashes, self.size = [], [], 0
+
+    def iter_texts(self, budget_chars: int):
+        """Kept texts in order, for training the tokenizer, up to `budget_chars`."""
+        used = 0
+        for path in self.files:
+            for batch in pq.ParquetFile(path).iter_batches(columns=["text"], batch_size=1024):
+                for text in batch.column(0).to_pylist():
+                    if used >= budget_chars:
+                        return
+                    yield text[: budget_chars - used]
+                    used += len(text)
+
+
+def _load_models(cfg: PrepareConfig, log) -> dict:
+    """Model payloads for the workers: fastText bytes, unigram LM, domain filter."""
+    from pipelines.quality import UnigramLM, default_quality_model, reference_texts
+
+    out: dict = {"quality_model": None, "unigram_lm": None, "domain": None}
+    if cfg.quality:
+        if cfg.quality_model is None:
+            path = default_quality_model(cfg.seed)
+            log(f"prepare: quality model: the project's default ({path})")
+        else:
+            path = Path(cfg.quality_model)
+            if not path.is_file():
+                raise UserError(
+                    f"prepare.quality_model {path} does not exist: train one with `dsv3ray quality train` or unset it"
+                )
+        out["quality_model"] = path.read_bytes()
+        out["quality_model_path"] = str(path)
+    if cfg.perplexity:
+        out["unigram_lm"] = UnigramLM.fit(reference_texts(cfg.perplexity_reference))
+    if cfg.domain_examples is not None:
+        from pipelines.corpus import stdlib_documents
+        from pipelines.domain import DomainFilter
+
+        if not Path(cfg.domain_examples).exists():
+            raise UserError(
+                f"prepare.domain_examples {cfg.domain_examples} does not exist: pass a jsonl/txt file"
+            )
+        examples = reference_texts(cfg.domain_examples)
+        if not examples:
+            raise UserError(f"prepare.domain_examples {cfg.domain_examples} holds no readable text example")
+        background = [d["text"] for d, _ in zip(stdlib_documents(min_chars=200), range(500))]
+        out["domain"] = DomainFilter(examples, background, seed=cfg.seed)
+    return out
+
+
+def _init_ray():
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS / `ray job submit` → that cluster; otherwise a local Ray on this machine
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    return ray
+
+
+def _clear_outputs(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"prepare: output {out} is a file: pass a directory for --output")
+    for sub in ("train", "eval", "quarantine", "_clean", "_corpus"):
+        if (out / sub).is_dir():
+            shutil.rmtree(out / sub)
+    for name in ("meta.json", "report.json", "tokenizer.json"):
+        (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = None, log=print) -> dict:
+    """Run the whole pipeline; returns the report (also written to DIR/report.json).
+
+    An input "corpus:stdlib" (or "corpus:stdlib:BYTES") stands for the built-in demo corpus
+    (pipelines.corpus), written to DIR/_corpus/ first.
+    """
+    from pipelines.clean import STAGES, Cleaner, CleanSettings
+    from pipelines.dedup import Deduplicator
+    from pipelines.pack import Packer, ShardWriter, Tokenize, unigram_entropy
+    from pipelines.readers import QUARANTINE, expand_inputs
+
+    cfg = cfg or PrepareConfig()
+    t_all = time.perf_counter()
+    out = Path(output)
+    _clear_outputs(out)
+    files = expand_inputs(_demo_inputs(list(inputs), out, log))
+    models = _load_models(cfg, log)
+    ray = _init_ray()
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
+    # order is part of the result: which duplicate survives, which rows pack together
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+    settings = CleanSettings(
+        normalize=cfg.normalize, min_words=cfg.min_words, max_chars=cfg.max_chars, oversize=cfg.oversize,
+        dedup_exact=cfg.dedup_exact, dedup_near=cfg.dedup_near, minhash_perms=cfg.minhash_perms,
+        shingle_words=cfg.shingle_words, near_threshold=cfg.near_threshold, seed=cfg.seed,
+        quality_model=models["quality_model"], quality_label=cfg.quality_label,
+        unigram_lm=models["unigram_lm"], domain=models["domain"],
+    )  # fmt: skip
+    report: dict = {
+        "inputs": [str(f) for f in files],
+        "files": {"count": len(files), "empty": [str(f) for f in files if _size(f) == 0]},
+        "input_records": 0,
+        "kept": 0,
+        "dropped": Counter(),
+        "quarantined": 0,
+        "quarantine_reasons": Counter(),
+        "stages": {},
+    }
+    try:
+        # ---- pass 1: read → validate → normalize → length → keys/scores (workers) → decisions (driver)
+        t_pass1 = time.perf_counter()
+        ds = ray.data.from_items([{"path": str(f)} for f in files], override_num_blocks=max(1, len(files)))
+        ds = ds.map_batches(
+            _read_udf, batch_size=1, batch_format="pyarrow",
+            fn_kwargs={"max_record_bytes": cfg.max_record_bytes, "batch_size": cfg.batch_size},
+        )  # fmt: skip
+        ds = ds.map_batches(
+            Cleaner, fn_constructor_kwargs={"settings": settings}, batch_size=cfg.batch_size,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+        )  # fmt: skip
+        dedup = Deduplicator(cfg.dedup_exact, cfg.dedup_near)
+        clean = _CleanTextWriter(out / "_clean")
+        stage_s = dict.fromkeys(STAGES, 0.0)
+        t_dedup = 0.0
+        rng = random.Random(cfg.seed)
+        sample: list[tuple[str, bool, str]] = []  # reservoir for the topic summary
+        progress = _Progress("clean", log)
+        (out / "quarantine").mkdir()
+        with open(out / "quarantine" / "records.jsonl", "w", encoding="utf-8") as qf:
+            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for stage in STAGES:
+                    stage_s[stage] += pa.compute.sum(table.column(f"t_{stage}")).as_py() or 0.0
+                cols = {
+                    k: table.column(k).to_pylist()
+                    for k in (
+                        "source",
+                        "line",
+                        "status",
+                        "reason",
+                        "excerpt",
+                        "text",
+                        "text_hash",
+                        "band_keys",
+                    )
+                }
+                quality = table.column("quality").to_numpy(zero_copy_only=False)
+                ppl = table.column("perplexity").to_numpy(zero_copy_only=False)
+                dom = table.column("domain").to_numpy(zero_copy_only=False)
+                for i in range(table.num_rows):
+                    report["input_records"] += 1
+                    status, reason, text = cols["status"][i], cols["reason"][i], cols["text"][i]
+                    if status == QUARANTINE:
+                        report["quarantined"] += 1
+                        report["quarantine_reasons"][reason] += 1
+                        rec = {"source": cols["source"][i], "line": cols["line"][i], "reason": reason}
+                        qf.write(
+                            json.dumps({**rec, "excerpt": cols["excerpt"][i]}, ensure_ascii=False) + "\n"
+                        )
+                        continue
+                    if status == OK:
+                        t0 = time.perf_counter()
+                        reason = dedup.check(cols["text_hash"][i], cols["band_keys"][i])
+                        t_dedup += time.perf_counter() - t0
+                        if reason:
+                            pass
+                        elif cfg.quality and not quality[i] >= cfg.quality_threshold:
+                            reason = "low_quality"
+                        elif cfg.perplexity and not ppl[i] <= cfg.perplexity_threshold:
+                            reason = "high_perplexity"
+                        elif models["domain"] is not None and not dom[i] >= cfg.domain_threshold:
+                            reason = "off_domain"
+                    if status == OK and not reason:
+                        report["kept"] += 1
+                        clean.add(text, cols["text_hash"][i])
+                    else:
+                        report["dropped"][reason] += 1
+                    if text is not None:  # a reservoir of documents that reached the decisions
+                        item = (text[:4000], not reason, reason)
+                        seen = report["kept"] + sum(report["dropped"].values())
+                        if len(sample) < 1000:
+                            sample.append(item)
+                        elif (j := rng.randrange(seen)) < 1000:
+                            sample[j] = item
+                progress.tick(report["input_records"], f", kept {report['kept']:,}")
+        clean.flush()
+        pass1_s = time.perf_counter() - t_pass1
+        for stage in STAGES:
+            report["stages"][stage] = {"seconds": round(stage_s[stage], 3)}
+        report["stages"]["dedup"] = {"seconds": round(t_dedup, 3), "state_bytes": dedup.nbytes}
+        report["stages"]["clean_pass"] = {
+            "seconds": round(pass1_s, 3),
+            "records_per_s": round(report["input_records"] / max(pass1_s, 1e-9), 1),
+        }
+        assert (
+            report["input_records"]
+            == report["kept"] + sum(report["dropped"].values()) + report["quarantined"]
+        )
+        if models["domain"] is not None or sample:
+            from pipelines.domain import topic_summary
+
+            report["topics"] = topic_summary(sample, cfg.domain_clusters, cfg.seed)
+        if report["kept"] == 0:
+            _write_report(out, report, t_all)
+            raise UserError(
+                f"prepare: no document survived cleaning ({report['input_records']} records read; "
+                f"see {out / 'report.json'} for the reasons): check the input or relax [prepare] thresholds"
+            )
+
+        # ---- tokenizer
+        t0 = time.perf_counter()
+        if cfg.tokenizer is not None:
+            tok = Tokenizer.load(cfg.tokenizer)
+        else:
+            log(f"prepare: training a {cfg.vocab_size}-token byte-level BPE on the kept text")
+            tok = train_tokenizer(clean.iter_texts(cfg.tokenizer_train_chars), cfg.vocab_size)
+        tok.save(out / "tokenizer.json")
+        report["stages"]["tokenizer"] = {
+            "seconds": round(time.perf_counter() - t0, 3),
+            "vocab_size": tok.vocab_size,
+        }
+
+        # ---- pass 2: tokenize (workers) → pack (driver, in order)
+        t0 = time.perf_counter()
+        ds2 = ray.data.read_parquet([str(p) for p in clean.files])
+        ds2 = ds2.map_batches(
+            Tokenize, batch_size=cfg.batch_size, batch_format="pyarrow",
+            fn_constructor_kwargs={
+                "tokenizer_json": tok.hf.to_str(), "max_doc_tokens": cfg.max_doc_tokens,
+                "eval_fraction": cfg.eval_fraction, "truncate": cfg.truncate_tokens,
+            },
+            compute=ray.data.ActorPoolStrategy(size=workers),
+        )  # fmt: skip
+        packers = {
+            "train": Packer(cfg.seq_len, ShardWriter(out / "train", cfg.rows_per_shard), tok.vocab_size),
+            "eval": Packer(cfg.seq_len, ShardWriter(out / "eval", cfg.rows_per_shard)),
+        }
+        docs = Counter()
+        pieces = truncated = 0
+        progress = _Progress("tokenize", log)
+        for table in ds2.iter_batches(batch_size=None, batch_format="pyarrow"):
+            tokens = table.column("tokens")
+            evals = table.column("eval").to_pylist()
+            pieces += pa.compute.sum(table.column("pieces")).as_py() or 0
+            truncated += pa.compute.sum(table.column("truncated_tokens")).as_py() or 0
+            for i in range(table.num_rows):
+                split = "eval" if evals[i] else "train"
+                docs[split] += 1
+                packers[split].add(tokens[i].values.to_numpy(zero_copy_only=False))
+            progress.tick(sum(docs.values()))
+        tail = {split: p.finish() for split, p in packers.items()}
+        tok_s = time.perf_counter() - t0
+        report["stages"]["tokenize_pack"] = {
+            "seconds": round(tok_s, 3),
+            "docs_per_s": round(sum(docs.values()) / max(tok_s, 1e-9), 1),
+        }
+        num_train, num_eval = packers["train"].writer.num_rows, packers["eval"].writer.num_rows
+        report["tokens"] = {
+            "train": packers["train"].tokens,
+            "eval": packers["eval"].tokens,
+            "dropped_partial_row": tail,
+            "truncated": truncated,
+        }
+        report["documents"] = {"train": docs["train"], "eval": docs["eval"], "pieces": pieces}
+        if num_train == 0:
+            _write_report(out, report, t_all)
+            raise UserError(
+                f"prepare: the kept text ({report['tokens']['dropped_partial_row']['train']} tokens) fills no "
+                f"training row of {cfg.seq_len + 1} tokens: add input or lower prepare.seq_len"
+            )
+        if num_eval == 0:
+            log("prepare: warning: the eval split is empty (too few documents for prepare.eval_fraction)")
+        meta = {
+            "seq_len": cfg.seq_len,
+            "vocab_size": tok.vocab_size,
+            "num_train": num_train,
+            "num_eval": num_eval,
+            "tokenizer": "tokenizer.json",
+            "unigram_entropy": unigram_entropy(packers["train"].counts_V),
+            "eos_id": tok.eos_id,
+            "format": "input_ids = seq_len + 1 tokens; feed the row as input_ids and labels (the model shifts)",
+        }
+        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        report["meta"] = meta
+        shutil.rmtree(out / "_clean")
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+    _write_report(out, report, t_all)
+    log(summary(report))
+    return report
+
+
+def _demo_inputs(inputs: list[str], out: Path, log) -> list[str]:
+    resolved = []
+    for item in inputs:
+        if item == "corpus:stdlib" or item.startswith("corpus:stdlib:"):
+            size = item.split(":")[2] if item.count(":") == 2 else "4000000"
+            if not size.isdigit():
+                raise UserError(f"prepare: input {item!r}: use corpus:stdlib or corpus:stdlib:BYTES")
+            from pipelines.corpus import write_demo_corpus
+
+            path = out / "_corpus" / "stdlib.jsonl"
+            info = write_demo_corpus(path, int(size))
+            log(f"prepare: demo corpus: {info['documents']:,} stdlib documents, {info['bytes']:,} bytes")
+            resolved.append(str(path))
+        else:
+            resolved.append(item)
+    return resolved
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def _write_report(out: Path, report: dict, t_all: float) -> None:
+    report["seconds"] = round(time.perf_counter() - t_all, 3)
+    report["records_per_s"] = round(report["input_records"] / max(report["seconds"], 1e-9), 1)
+    report["dropped"] = dict(sorted(report["dropped"].items()))
+    report["quarantine_reasons"] = dict(sorted(report["quarantine_reasons"].items()))
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def summary(report: dict) -> str:
+    """The readable end-of-run summary."""
+    n = report["input_records"]
+    pct = lambda k: f"{100 * k / n:.1f}%" if n else "-"
+    lines = [
+        f"prepare: {n:,} records from {report['files']['count']} files in {report['seconds']:.1f}s "
+        f"({report['records_per_s']:,.0f} records/s)",
+        f"  kept        {report['kept']:>10,}  {pct(report['kept'])}",
+    ]
+    for reason, k in report["dropped"].items():
+        lines.append(f"  dropped     {k:>10,}  {pct(k):>6}  {reason}")
+    for reason, k in report["quarantine_reasons"].items():
+        lines.append(f"  quarantined {k:>10,}  {pct(k):>6}  {reason}")
+    if "meta" in report:
+        m = report["meta"]
+        lines.append(
+            f"  packed {m['num_train']:,} train + {m['num_eval']:,} eval rows of {m['seq_len'] + 1} tokens, "
+            f"vocab {m['vocab_size']}, unigram entropy {m['unigram_entropy']:.2f} nats/token"
+        )
+    stages = ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["stages"].items())
+    lines.append(f"  stages: {stages}")
+    return "\n".join(lines)
+
+
+def cli_prepare(run, args) -> int:
+    """`dsv3ray prepare [--config FILE] --input PATH... --output DIR`."""
+    if not getattr(args, "input", None):
+        raise UserError("prepare: no input given: pass --input FILE_OR_DIR_OR_GLOB ...")
+    if not getattr(args, "output", None):
+        raise UserError("prepare: no output given: pass --output DIR")
+    prepare(list(args.input), args.output, run.prepare)
+    return 0

@@ -1,0 +1,77 @@
+"""Reading a prepared directory (the data contract written by pipelines.prepare.prepare).
+
+`read_prepared(dir, split)` → a Ray Dataset of {sample_id int64, input_ids list<int32> (seq_len+1)}.
+Before Ray touches the shards, each shard's parquet footer and schema are checked: a corrupt shard
+is either a one-line UserError (on_corrupt="fail", the default) or skipped with its name logged and
+counted (on_corrupt="skip"; `check_shards` returns the skipped names for callers that count).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from dsv3ray.errors import UserError
+
+SPLITS = ("train", "eval")
+META_KEYS = ("seq_len", "vocab_size", "num_train", "num_eval", "tokenizer", "unigram_entropy", "eos_id")
+
+
+def load_meta(dir: str | Path) -> dict:
+    path = Path(dir) / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{dir} is not a prepared directory (no meta.json): run `dsv3ray prepare` first")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}): re-run `dsv3ray prepare`") from None
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: re-run `dsv3ray prepare` with this version")
+    return meta
+
+
+def check_shards(files: list[Path], on_corrupt: str = "fail", log=print) -> tuple[list[str], list[str]]:
+    """(readable files, skipped files): footer, schema and row width are checked per shard."""
+    if on_corrupt not in ("fail", "skip"):
+        raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
+    good, skipped = [], []
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+            if "sample_id" not in schema.names or "input_ids" not in schema.names:
+                raise ValueError(f"columns {schema.names}, expected sample_id and input_ids")
+            pq.read_metadata(f)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a broken file
+            if on_corrupt == "fail":
+                raise UserError(
+                    f"prepared shard {f} is corrupt ({type(e).__name__}: {e}): re-run `dsv3ray prepare`, "
+                    "or skip corrupt shards (train.corrupt_shard = 'skip')"
+                ) from None
+            log(f"[dsv3ray] skipping corrupt prepared shard {f} ({type(e).__name__}: {e})")
+            skipped.append(str(f))
+            continue
+        good.append(str(f))
+    return good, skipped
+
+
+def read_prepared(
+    dir: str | Path, split: str, files: list[str] | None = None, on_corrupt: str = "fail", log=print
+):
+    """A Ray Dataset over DIR/split/*.parquet (or the given, already checked, `files`)."""
+    import ray
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if files is None:
+        shards = sorted((Path(dir) / split).glob("*.parquet"))
+        if not shards:
+            raise UserError(f"{dir} has no {split}/*.parquet shards: run `dsv3ray prepare` first")
+        files, skipped = check_shards(shards, on_corrupt, log)
+        if skipped:
+            log(f"[dsv3ray] {split}: skipped {len(skipped)} corrupt shard(s) of {len(shards)}")
+        if not files:
+            raise UserError(f"every {split} shard of {dir} is corrupt: re-run `dsv3ray prepare`")
+    return ray.data.read_parquet(list(files), columns=["sample_id", "input_ids"])

@@ -1,0 +1,140 @@
+"""Tokenize and pack: documents → token pieces (≤ max_doc_tokens) → rows of exactly seq_len + 1.
+
+Each document is encoded and cut at the token level into pieces of at most `max_doc_tokens` tokens:
+with `truncate_tokens` only the first piece is kept (the seed's rule, done on tokens instead of
+characters), otherwise all pieces are kept, consecutive in the stream (eos follows only the last
+piece). Documents go to eval or train by their text hash, so the split is deterministic and a
+document never straddles splits.
+The stream of each split is cut into non-overlapping rows of seq_len + 1 tokens (the model reads
+[:-1], predicts [1:]); a final partial row is dropped and counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dsv3ray.tokenizer import Tokenizer
+
+ROW_SCHEMA = pa.schema([("sample_id", pa.int64()), ("input_ids", pa.list_(pa.int32()))])
+_EVAL_BUCKETS = 1_000_000
+
+
+def is_eval(text_hash: int, eval_fraction: float) -> bool:
+    return (text_hash % _EVAL_BUCKETS) < eval_fraction * _EVAL_BUCKETS
+
+
+class Tokenize:
+    """Ray Data UDF: clean-text table (text, text_hash) → (tokens list<int32>, eval bool, pieces)."""
+
+    def __init__(self, tokenizer_json: str, max_doc_tokens: int, eval_fraction: float, truncate: bool):
+        from tokenizers import Tokenizer as HF
+
+        self.tok = Tokenizer(HF.from_str(tokenizer_json))
+        self.max_doc_tokens = max_doc_tokens
+        self.eval_fraction = eval_fraction
+        self.truncate = truncate
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        texts = table.column("text").to_pylist()
+        hashes = table.column("text_hash").to_pylist()
+        ids = self.tok.encode_batch(texts)
+        eos = np.array([self.tok.eos_id], dtype=np.int32)
+        tokens, pieces, cut = [], [], []
+        for arr in ids:
+            pieces.append(max(1, -(-arr.size // self.max_doc_tokens)))
+            cut.append(max(0, arr.size - self.max_doc_tokens) if self.truncate else 0)
+            if self.truncate:
+                arr = arr[: self.max_doc_tokens]
+            tokens.append(np.concatenate([arr, eos]))
+        return pa.table(
+            {
+                "tokens": pa.array(tokens, pa.list_(pa.int32())),
+                "eval": pa.array([is_eval(h, self.eval_fraction) for h in hashes]),
+                "pieces": pa.array(pieces, pa.int64()),
+                "truncated_tokens": pa.array(cut, pa.int64()),
+            }
+        )
+
+
+class ShardWriter:
+    """Rows → DIR/split/part-NNNNN.parquet, `rows_per_shard` rows each; dense sample ids from 0."""
+
+    def __init__(self, out_dir: Path, rows_per_shard: int):
+        self.dir = out_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rows_per_shard = rows_per_shard
+        self.buffer: list[np.ndarray] = []
+        self.num_rows = 0
+        self.shards = 0
+
+    def add(self, row: np.ndarray) -> None:
+        self.buffer.append(row)
+        if len(self.buffer) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        n = len(self.buffer)
+        ids = np.arange(self.num_rows, self.num_rows + n, dtype=np.int64)
+        flat = np.concatenate(self.buffer).astype(np.int32)
+        offsets = np.arange(0, flat.size + 1, flat.size // n, dtype=np.int32)
+        table = pa.table(
+            {"sample_id": ids, "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))},
+            schema=ROW_SCHEMA,
+        )
+        pq.write_table(table, self.dir / f"part-{self.shards:05d}.parquet")
+        self.shards += 1
+        self.num_rows += n
+        self.buffer = []
+
+
+class Packer:
+    """Concatenates documents (each ending in eos) and emits rows of seq_len + 1 tokens."""
+
+    def __init__(self, seq_len: int, writer: ShardWriter, vocab_size: int | None = None):
+        self.row_len = seq_len + 1
+        self.writer = writer
+        self.pending: list[np.ndarray] = []
+        self.pending_len = 0
+        self.tokens = 0  # tokens written in rows
+        self.counts_V = np.zeros(vocab_size, dtype=np.int64) if vocab_size else None
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.pending_len += tokens.size
+        if self.pending_len < self.row_len:
+            return
+        stream = np.concatenate(self.pending)
+        whole = (stream.size // self.row_len) * self.row_len
+        for start in range(0, whole, self.row_len):
+            self.writer.add(stream[start : start + self.row_len])
+        if self.counts_V is not None and whole:
+            self.counts_V += np.bincount(stream[:whole], minlength=self.counts_V.size)[: self.counts_V.size]
+        self.tokens += whole
+        rest = stream[whole:]
+        self.pending, self.pending_len = ([rest] if rest.size else []), rest.size
+
+    def finish(self) -> int:
+        """Write the last shard; returns the tokens of the dropped partial row."""
+        self.writer.flush()
+        dropped = self.pending_len
+        self.pending, self.pending_len = [], 0
+        return dropped
+
+
+def unigram_entropy(counts_V: np.ndarray) -> float:
+    """Nats per token of the unigram distribution of the packed training tokens."""
+    total = counts_V.sum()
+    if total == 0:
+        return 0.0
+    p = counts_V[counts_V > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def load_tokenizer_json(path: str | Path) -> str:
+    return Tokenizer.load(path).hf.to_str()

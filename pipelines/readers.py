@@ -1,0 +1,309 @@
+"""Input discovery and the validate stage: files → records (source, line, text) or quarantine reasons.
+
+Formats: jsonl (`{"id"?, "text"}` per line; `.json` holding one array of such objects also works),
+parquet (a `text` column) and plain text (one document per file); any of them gzipped. An unknown
+suffix is sniffed from the first bytes. Nothing here raises on bad content: every line or row read
+becomes one record, either with its text or with a quarantine reason; a file that cannot be read
+at all (permissions, corrupt parquet footer, binary) becomes one quarantined record.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dsv3ray.errors import UserError
+
+OK, DROP, QUARANTINE = 0, 1, 2  # record status codes
+EXCERPT_CHARS = 200
+
+RECORD_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("line", pa.int64()),
+        ("status", pa.int8()),
+        ("reason", pa.string()),
+        ("excerpt", pa.string()),  # the start of a quarantined record, for a human
+        ("text", pa.large_string()),  # large_string: a single document may be tens of MB
+    ]
+)
+
+_JSONL = {".jsonl", ".ndjson", ".json"}
+_TEXT = {".txt", ".text", ".md", ".rst"}
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, directories (walked recursively, hidden entries skipped) and glob patterns → sorted files."""
+    if not inputs:
+        raise UserError("prepare: no input given: pass --input FILE_OR_DIR_OR_GLOB ...")
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if any(ch in item for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not matches:
+                raise UserError(f"prepare: input pattern {item!r} matches no file: check the path")
+            for m in matches:
+                files.extend(_walk(m) if m.is_dir() else [m])
+        elif p.is_dir():
+            files.extend(_walk(p))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise UserError(
+                f"prepare: input {item!r} does not exist: pass an existing file, directory or glob"
+            )
+    seen, out = set(), []
+    for f in files:
+        key = os.path.abspath(f)
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
+
+
+def _walk(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return out
+
+
+def _open(path: Path) -> io.BufferedIOBase:
+    f = open(path, "rb")  # noqa: SIM115 - closed by the caller's with-block
+    if f.peek(2)[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=f)
+    return f
+
+
+def detect_format(path: Path, head: bytes) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    suffix = suffixes[-1] if suffixes else ""
+    if suffix == ".parquet" or head.startswith(b"PAR1"):
+        return "parquet"
+    if suffix in _JSONL:
+        return "jsonl"
+    if suffix in _TEXT:
+        return "text"
+    if b"\x00" in head:
+        return "binary"
+    return "jsonl" if head.lstrip().startswith((b"{", b"[")) else "text"
+
+
+def read_records(path: str | Path, max_record_bytes: int) -> Iterator[tuple]:
+    """Yield (source, line, status, reason, excerpt, text) for every record of one file."""
+    path = Path(path)
+    src = str(path)
+    try:
+        with _open(path) as f:
+            try:
+                head = f.peek(8192)[:8192] if hasattr(f, "peek") else b""
+            except (OSError, EOFError, zlib.error):
+                head = b""
+            fmt = detect_format(path, head)
+            if fmt == "parquet":
+                yield from _read_parquet(path, src)
+            elif fmt == "binary":
+                yield (src, 1, QUARANTINE, "binary_file", _excerpt(head), None)
+            elif fmt == "jsonl":
+                yield from _read_jsonl(f, src, max_record_bytes)
+            else:
+                yield from _read_text(f, src, max_record_bytes)
+    except PermissionError as e:
+        yield (src, 0, QUARANTINE, "unreadable_file", str(e.strerror), None)
+    except IsADirectoryError:
+        return
+    except OSError as e:
+        yield (src, 0, QUARANTINE, "unreadable_file", str(e), None)
+
+
+def _excerpt(raw: bytes | str) -> str:
+    if isinstance(raw, bytes):
+        raw = raw[: EXCERPT_CHARS * 4].decode("utf-8", errors="backslashreplace")
+    return raw[:EXCERPT_CHARS]
+
+
+def _readline_bounded(f, limit: int) -> tuple[bytes, bool]:
+    """One line of at most `limit` bytes; a longer one is consumed in chunks and reported oversized."""
+    line = f.readline(limit + 1)
+    if len(line) <= limit or line.endswith(b"\n"):
+        return line, False
+    head = line
+    while line and not line.endswith(b"\n"):
+        line = f.readline(1 << 20)
+    return head[:EXCERPT_CHARS], True
+
+
+def _read_jsonl(f, src: str, max_bytes: int) -> Iterator[tuple]:
+    lineno = 0
+    first = True
+    while True:
+        try:
+            raw, oversized = _readline_bounded(f, max_bytes)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            yield (src, lineno + 1, QUARANTINE, "truncated_or_corrupt_gzip", str(e)[:EXCERPT_CHARS], None)
+            return
+        if not raw:
+            return
+        lineno += 1
+        if oversized:
+            yield (src, lineno, QUARANTINE, "record_too_large", _excerpt(raw), None)
+            continue
+        if first and raw.lstrip().startswith(b"["):
+            # a .json file holding one array: read the whole file (bounded) and emit its elements
+            yield from _read_json_array(f, raw, src, max_bytes)
+            return
+        first = False
+        if not raw.strip():
+            yield (src, lineno, DROP, "blank_line", "", None)
+            continue
+        yield _parse_json_record(raw, src, lineno)
+
+
+def _parse_json_record(raw: bytes, src: str, lineno: int) -> tuple:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return (src, lineno, QUARANTINE, "invalid_utf8", _excerpt(raw), None)
+    try:
+        obj = json.loads(line)
+    except RecursionError:
+        return (src, lineno, QUARANTINE, "json_too_deep", _excerpt(line), None)
+    except ValueError:
+        return (src, lineno, QUARANTINE, "malformed_json", _excerpt(line), None)
+    return _record_from_obj(obj, src, lineno, line)
+
+
+def _record_from_obj(obj, src: str, lineno: int, line: str) -> tuple:
+    if not isinstance(obj, dict):
+        return (src, lineno, QUARANTINE, "not_an_object", _excerpt(line), None)
+    if "text" not in obj or obj["text"] is None:
+        return (src, lineno, QUARANTINE, "missing_text", _excerpt(line), None)
+    text = obj["text"]
+    if not isinstance(text, str):
+        return (src, lineno, QUARANTINE, "text_not_string", _excerpt(line), None)
+    try:
+        text.encode("utf-8")  # lone surrogates from \ud800 escapes are not text
+    except UnicodeEncodeError:
+        return (src, lineno, QUARANTINE, "invalid_utf8", _excerpt(repr(text)), None)
+    return (src, lineno, OK, "", "", text)
+
+
+def _read_json_array(f, first: bytes, src: str, max_bytes: int) -> Iterator[tuple]:
+    try:
+        rest = f.read(max_bytes + 1 - len(first))
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        yield (src, 1, QUARANTINE, "truncated_or_corrupt_gzip", str(e)[:EXCERPT_CHARS], None)
+        return
+    raw = first + rest
+    if len(raw) > max_bytes:
+        yield (src, 1, QUARANTINE, "record_too_large", _excerpt(raw), None)
+        return
+    try:
+        arr = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        yield (src, 1, QUARANTINE, "json_too_deep", _excerpt(raw), None)
+        return
+    except (ValueError, UnicodeDecodeError):
+        yield (src, 1, QUARANTINE, "malformed_json", _excerpt(raw), None)
+        return
+    if not isinstance(arr, list):
+        yield (src, 1, QUARANTINE, "not_an_object", _excerpt(raw), None)
+        return
+    for i, obj in enumerate(arr):
+        yield _record_from_obj(
+            obj, src, i + 1, json.dumps(obj)[:EXCERPT_CHARS] if not isinstance(obj, dict) else ""
+        )
+
+
+def _read_text(f, src: str, max_bytes: int) -> Iterator[tuple]:
+    try:
+        raw = f.read(max_bytes + 1)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        yield (src, 1, QUARANTINE, "truncated_or_corrupt_gzip", str(e)[:EXCERPT_CHARS], None)
+        return
+    if not raw:
+        return  # an empty file holds no record (listed under files.empty in the report)
+    if len(raw) > max_bytes:
+        yield (src, 1, QUARANTINE, "record_too_large", _excerpt(raw), None)
+        return
+    if b"\x00" in raw:
+        yield (src, 1, QUARANTINE, "binary_file", _excerpt(raw), None)
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        yield (src, 1, QUARANTINE, "invalid_utf8", _excerpt(raw), None)
+        return
+    yield (src, 1, OK, "", "", text)
+
+
+def _read_parquet(path: Path, src: str) -> Iterator[tuple]:
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        yield (
+            src,
+            0,
+            QUARANTINE,
+            "unreadable_file",
+            f"not a readable parquet file: {e}"[:EXCERPT_CHARS],
+            None,
+        )
+        return
+    names = pf.schema_arrow.names
+    row = 0
+    if "text" not in names:
+        for row in range(pf.metadata.num_rows):
+            yield (src, row + 1, QUARANTINE, "missing_text", f"columns: {names}"[:EXCERPT_CHARS], None)
+        return
+    is_string = pa.types.is_string(pf.schema_arrow.field("text").type) or pa.types.is_large_string(
+        pf.schema_arrow.field("text").type
+    )
+    try:
+        for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                if value is None:
+                    yield (src, row, QUARANTINE, "missing_text", "", None)
+                elif not is_string or not isinstance(value, str):
+                    yield (src, row, QUARANTINE, "text_not_string", _excerpt(repr(value)), None)
+                else:
+                    yield (src, row, OK, "", "", value)
+    except (pa.ArrowException, OSError) as e:
+        yield (src, row + 1, QUARANTINE, "corrupt_parquet", str(e)[:EXCERPT_CHARS], None)
+
+
+def records_table(rows: list[tuple]) -> pa.Table:
+    cols = list(zip(*rows)) if rows else [[] for _ in RECORD_SCHEMA]
+    return pa.Table.from_arrays(
+        [pa.array(c, type=f.type) for c, f in zip(cols, RECORD_SCHEMA)], schema=RECORD_SCHEMA
+    )
+
+
+def read_files_batches(
+    paths: list[str], max_record_bytes: int, batch_size: int, max_batch_bytes: int = 64 << 20
+):
+    """Record tables of about `batch_size` rows (fewer when the texts are large) for a list of files."""
+    for path in paths:
+        rows, size = [], 0
+        for rec in read_records(path, max_record_bytes):
+            rows.append(rec)
+            size += len(rec[5]) if rec[5] else 0
+            if len(rows) >= batch_size or size >= max_batch_bytes:
+                yield records_table(rows)
+                rows, size = [], 0
+        if rows:
+            yield records_table(rows)
