@@ -252,10 +252,16 @@ class Distiller:
     """One per training worker. Keys are (step, micro) pairs; the queue holds at most
     `prefetch` steps of requests. `loss(...)` returns the loss to backprop and the step's metrics.
 
-    Typical use in the step loop:
+    Typical use in the step loop (tokens = tokens trained before this step):
         distiller.prefetch(step, tokens, fetch)   # fetch(s) -> [input_ids_BS for each micro-batch]
-        out = model(x_BS, labels_BS=x_BS)
-        loss, metrics = distiller.loss(step, tokens, micro, out, x_BS)
+        for micro, x_BS in enumerate(my_micro_batches):
+            out = model(x_BS, labels_BS=x_BS)
+            loss, metrics, difficulty_B = distiller.loss(step, tokens, micro, out, x_BS)
+            loss.backward()  # / engine.backward(loss)
+        sampler.report_losses(ids, difficulty_B's of the step)
+
+    Prefetching future steps means the curriculum's weights for them come from losses reported up
+    to `prefetch` steps earlier: a lag of a few steps in its feedback, by design.
     """
 
     def __init__(self, cfg: DistillConfig, teachers: list, rank: int = 0, tokens_per_step: int = 0):
@@ -265,6 +271,8 @@ class Distiller:
         self.rank = rank
         self.tokens_per_step = tokens_per_step
         self.pending: OrderedDict[tuple[int, int], _Pending] = OrderedDict()
+        self.requested: set[int] = set()  # steps prefetch() already fetched
+        self.teacher_ce_ema: float | None = None  # baseline of the difficulty when labels are missing
         self.last_stage: int | None = None
         self._next_teacher = rank  # ranks start on different teachers
         self.dead: set[int] = set()  # teachers that died past their restarts: never asked again
@@ -292,13 +300,18 @@ class Distiller:
         self.pending[key] = _Pending(ref, i, time.perf_counter())
 
     def prefetch(self, step: int, tokens: int, fetch) -> None:
-        """Submit steps [step, step + prefetch) that are still in stage 1; fetch(s) -> list of (B, S)."""
+        """Request steps [step, step + prefetch) still in stage 1; fetch(s) -> [input_ids_BS per micro].
+
+        Which steps get fetched depends only on (step, tokens, cfg), never on how earlier requests
+        fared, so every rank calls `fetch` for the same steps (safe if fetch is collective).
+        """
         for s in range(step, step + self.cfg.prefetch):
             est_tokens = tokens + (s - step) * self.tokens_per_step
             if stage_at(self.cfg, s, est_tokens) != 1:
                 break
-            if any(k[0] == s for k in self.pending):
+            if s in self.requested:
                 continue
+            self.requested.add(s)
             for micro, x_BS in enumerate(fetch(s)):
                 self.submit((s, micro), x_BS)
 
@@ -306,6 +319,7 @@ class Distiller:
         """Forget requests for steps already trained (e.g. after a rollback or a skipped step)."""
         for key in [k for k in self.pending if k[0] < step]:
             del self.pending[key]
+        self.requested = {s for s in self.requested if s >= step}
 
     def wait(self, key: tuple[int, int]) -> SoftLabels | None:
         """The labels for `key`, or None (counted) if they do not arrive within timeout_s."""
@@ -361,52 +375,59 @@ class Distiller:
 
     def loss(
         self, step: int, tokens: int, micro: int, out, input_ids_BS: torch.Tensor, labels_BS=None
-    ) -> tuple[torch.Tensor, dict[str, float], np.ndarray | None]:
-        """(loss to backprop, metrics, difficulty_B or None).
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """(loss to backprop, metrics, difficulty_B) for one micro-batch already run through the student.
 
-        difficulty_B = student CE - teacher CE per sequence (the reducible loss), for the
-        curriculum; None in stage 2 or when the batch fell back (report out.loss_per_sample then).
+        Stage 1 with labels: (1 - alpha) CE + alpha KD; stage 1 without labels (timeout, dead
+        teacher): the model's CE loss, counted in fallback_batches; stage 2: the model's CE loss.
+        difficulty_B (float32, CPU) is the per-sequence signal for the curriculum: student CE minus
+        teacher CE (the reducible loss); where the teacher's CE is unknown (fallback, stage 2) a
+        running mean of it is subtracted instead, so the signal keeps one scale across the run.
         """
         labels_BS = input_ids_BS if labels_BS is None else labels_BS
+        student_ce_B = out.loss_per_sample.detach().float().cpu()
         stage = self.stage(step, tokens)
         metrics = {"distill/stage": float(stage), "distill/ce_loss": float(out.ce_loss.detach())}
         self._drop_before(step)
-        if stage == 2:
+        soft = None
+        if stage == 1:
+            key = (step, micro)
+            if key not in self.pending:  # not prefetched: ask now and wait
+                self.submit(key, input_ids_BS)
+            metrics["distill/queue_depth"] = float(len(self.pending))
+            self._last_wait_s = 0.0
+            soft = self.wait(key)
+            metrics["distill/wait_s"] = self._last_wait_s
+            if soft is None:
+                self.counters["fallback_batches"] += 1
+        else:
             self.pending.clear()
-            metrics.update(self._counter_metrics())
-            return out.loss, metrics, None
-        key = (step, micro)
-        if key not in self.pending:  # not prefetched: ask now and wait
-            self.submit(key, input_ids_BS)
-        metrics["distill/queue_depth"] = float(len(self.pending))
-        self._last_wait_s = 0.0
-        soft = self.wait(key)
-        metrics["distill/wait_s"] = self._last_wait_s
         metrics.update(self._counter_metrics())
         if soft is None:
-            self.counters["fallback_batches"] += 1
-            metrics["distill/fallback_batches"] = float(self.counters["fallback_batches"])
-            return out.loss, metrics, None
-        assert soft.ids_BPK.shape[:2] == (input_ids_BS.shape[0], input_ids_BS.shape[1] - 1), (
-            soft.ids_BPK.shape
-        )
+            baseline = self.teacher_ce_ema or 0.0
+            return out.loss, metrics, student_ce_B - baseline
+        B, S = input_ids_BS.shape
+        assert soft.ids_BPK.shape[:2] == (B, S - 1), soft.ids_BPK.shape
         kd, _ = kd_loss(out.logits, soft, self.cfg.temperature, labels_BS)
         self.counters["kd_batches"] += 1
         self._label_bytes += soft.nbytes
-        self._label_tokens += soft.ids_BPK.shape[0] * soft.ids_BPK.shape[1]
-        teacher_loss_B = torch.tensor(soft.teacher_loss_B)
-        difficulty_B = (out.loss_per_sample.detach().float().cpu() - teacher_loss_B).numpy()
+        self._label_tokens += B * (S - 1)
+        teacher_ce_B = torch.tensor(soft.teacher_loss_B, dtype=torch.float32)
+        mean_t = float(teacher_ce_B.mean())
+        self.teacher_ce_ema = (
+            mean_t if self.teacher_ce_ema is None else 0.9 * self.teacher_ce_ema + 0.1 * mean_t
+        )
         metrics.update(
             {
                 "distill/kd_loss": float(kd.detach()),
-                "distill/teacher_ce_loss": float(teacher_loss_B.mean()),
+                "distill/teacher_ce_loss": mean_t,
                 "distill/teacher_latency_s": self._latency_s,
                 "distill/label_roundtrip_s": self._roundtrip_s,
                 "distill/label_bytes_per_token": self._label_bytes / max(1, self._label_tokens),
                 "distill/kd_batches": float(self.counters["kd_batches"]),
             }
         )
-        return mix_loss(out, kd, self.cfg.alpha), metrics, difficulty_B
+        return mix_loss(out, kd, self.cfg.alpha), metrics, student_ce_B - teacher_ce_B
 
     def _counter_metrics(self) -> dict[str, float]:
         return {
@@ -418,8 +439,13 @@ class Distiller:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters only; the stage itself is recomputed from the restored step/tokens."""
-        return {"counters": dict(self.counters), "wait_s": self._wait_s}
+        return {
+            "counters": dict(self.counters),
+            "wait_s": self._wait_s,
+            "teacher_ce_ema": self.teacher_ce_ema,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.counters.update(state.get("counters", {}))
         self._wait_s = float(state.get("wait_s", 0.0))
+        self.teacher_ce_ema = state.get("teacher_ce_ema")

@@ -228,20 +228,24 @@ def test_teacher_worker_labels_a_batch_like_the_model():
 # --- teacher actors on Ray: prefetch, a killed teacher, timeouts, a dead pool ---------------------
 
 
-def _train_steps(distiller, student, opt, batches, steps, on_step=None):
+def _train_steps(distiller, student, opt, batches, steps, prefetch=True):
     """The worker's step loop in miniature: prefetch ahead, forward, KD-or-CE loss, backward."""
     seen = []
     for step in steps:
-        if on_step is not None:
-            on_step(step)
-        distiller.prefetch(step, step * 36, lambda s: [batches[s % len(batches)]])
+        if prefetch:
+            distiller.prefetch(step, step * 36, lambda s: [batches[s % len(batches)]])
         x_BS = batches[step % len(batches)]
         out = student(x_BS, labels_BS=x_BS)
-        loss, metrics, _ = distiller.loss(step, step * 36, 0, out, x_BS)
+        loss, metrics, difficulty_B = distiller.loss(step, step * 36, 0, out, x_BS)
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        metrics["difficulty_B"], metrics["x_BS"], metrics["student_ce_B"] = (
+            difficulty_B,
+            x_BS,
+            out.loss_per_sample,
+        )
         seen.append(metrics)
     return seen
 
@@ -265,6 +269,9 @@ def test_killed_teacher_restarts_and_late_labels_fall_back_to_ce(ray_local):
         assert d.counters["kd_batches"] + d.counters["fallback_batches"] == 3
         assert max(x["distill/queue_depth"] for x in m) >= 1  # the next step was already requested
         assert "distill/kd_loss" in m[-1] and m[-1]["distill/teacher_latency_s"] > 0
+        with torch.no_grad():  # the curriculum signal: student CE - teacher CE per sequence
+            teacher_ce_B = teacher(m[-1]["x_BS"], labels_BS=m[-1]["x_BS"]).loss_per_sample
+        assert torch.allclose(m[-1]["difficulty_B"], m[-1]["student_ce_B"] - teacher_ce_B, atol=1e-4)
 
         # 2) SIGKILL the teacher process with requests in flight: Ray restarts it, resends them
         os.kill(pid0, signal.SIGKILL)
@@ -277,14 +284,17 @@ def test_killed_teacher_restarts_and_late_labels_fall_back_to_ce(ray_local):
         assert ray_local.get(handle.info.remote(), timeout=30)["pid"] != pid0
 
         # 3) labels that do not arrive within the timeout: that batch trains with CE, counted
-        d.cfg = DistillConfig(**{**cfg.__dict__, "timeout_s": 1e-4, "prefetch": 1})
-        d.pending.clear()  # what was prefetched may have arrived already: ask afresh
+        # (no prefetch: each request is sent at loss time and given 0.1 ms)
+        d.cfg = DistillConfig(**{**cfg.__dict__, "timeout_s": 1e-4})
+        d.pending.clear()
         before = dict(d.counters)
-        m = _train_steps(d, student, opt, batches, range(9, 11))
+        m = _train_steps(d, student, opt, batches, range(9, 11), prefetch=False)
         assert d.counters["timeouts"] - before["timeouts"] == 2
         assert d.counters["fallback_batches"] - before["fallback_batches"] == 2
         assert m[-1]["distill/fallback_batches"] == d.counters["fallback_batches"]
         assert "distill/kd_loss" not in m[-1]
+        baseline = m[-1]["student_ce_B"] - m[-1]["difficulty_B"]  # fallback: running mean teacher CE
+        assert torch.allclose(baseline, torch.full_like(baseline, d.teacher_ce_ema), atol=1e-5)
 
         # 4) a teacher dead for good (no restarts left): CE at once, no waiting on the timeout
         d.cfg = cfg
