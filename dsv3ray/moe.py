@@ -108,20 +108,35 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
-_GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@functools.cache
+def _grouped_mm_supports(device_type: str, dtype: torch.dtype) -> bool:
+    """Probe once per (device, dtype): CPU takes fp32/bf16/fp16; CUDA builds differ by GPU and version."""
+    if _grouped_mm is None:
+        return False
+    try:
+        x = torch.zeros(8, 16, dtype=dtype, device=device_type)
+        w = torch.zeros(2, 16, 16, dtype=dtype, device=device_type)
+        _grouped_mm(x, w.transpose(-2, -1), offs=torch.tensor([4, 8], dtype=torch.int32, device=device_type))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def _grouped_linear(x_NK: torch.Tensor, w_EMK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Rows of group e times w[e]^T: (N, K) x (E, M, K) -> (N, M), one grouped GEMM.
 
-    grouped_mm wants int32 end offsets, fp32/bf16/fp16, and every non-unit stride a multiple
-    of 16 bytes; dims that are not are zero-padded (exact: padded K columns multiply zeros,
-    padded M columns are sliced off). Rows past offsets[-1] would be garbage, so callers pass
-    offsets[-1] == N.
+    grouped_mm wants int32 end offsets, fp32/bf16/fp16 on CPU (CUDA: what the build supports),
+    and every non-unit stride a multiple of 16 bytes; dims that are not are zero-padded (exact:
+    padded K columns multiply zeros, padded M columns are sliced off). Rows past offsets[-1] would
+    be garbage, so callers pass offsets[-1] == N.
     """
     N, Kd = x_NK.shape
     M = w_EMK.shape[1]
-    if x_NK.dtype not in _GMM_DTYPES:  # e.g. fp64 in a gradcheck: same math, per group slices
+    if not _grouped_mm_supports(x_NK.device.type, x_NK.dtype):
+        # e.g. fp64, or fp32 where the CUDA build lacks it: same math, one matmul per group slice
         out, start = [], 0
         for e, end in enumerate(offsets_E.tolist()):
             out.append(x_NK[start:end] @ w_EMK[e].T)
@@ -133,7 +148,7 @@ def _grouped_linear(x_NK: torch.Tensor, w_EMK: torch.Tensor, offsets_E: torch.Te
         x_NK = F.pad(x_NK, (0, Kp - Kd))
     if Kp != Kd or Mp != M:
         w_EMK = F.pad(w_EMK, (0, Kp - Kd, 0, Mp - M))
-    y_NM = F.grouped_mm(x_NK.contiguous(), w_EMK.transpose(-2, -1), offs=offsets_E.to(torch.int32))
+    y_NM = _grouped_mm(x_NK.contiguous(), w_EMK.transpose(-2, -1), offs=offsets_E.to(torch.int32))
     y_NM = _ContiguousGrad.apply(y_NM)
     return y_NM[:, :M] if Mp != M else y_NM
 
