@@ -225,6 +225,12 @@ class TopkRouter(nn.Module):
         # aux-loss-free balancing bias (DeepSeek-V3 §2.1.2); a buffer: updated by a rule, not by SGD
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        # `.to(bf16)` / DeepSpeed's bf16 cast must not round the bias: its updates are ~1e-3 steps
+        super()._apply(fn, recurse)
+        self._buffers["e_score_correction_bias"] = self.e_score_correction_bias.float()
+        return self
+
     def forward(self, x_TD):
         return F.linear(x_TD.float(), self.weight.float())  # (T, E) fp32 logits
 

@@ -299,3 +299,17 @@ def test_bias_balancer_shrinks_load_imbalance():
     assert bias.abs().max() > 0 and bias.dtype == torch.float32
     with pytest.raises(ValueError):
         model.update_routing_bias(torch.zeros(5, cfg.n_routed_experts))
+
+
+def test_bf16_model_keeps_router_bias_in_fp32():
+    cfg = ModelConfig(**SMALL, num_nextn_predict_layers=1)
+    model = build_model(cfg).to(torch.bfloat16)
+    gate = model.moe_layers()[0].gate
+    assert gate.e_score_correction_bias.dtype == torch.float32 and gate.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    out = model(ids, ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    for _ in range(3):
+        model.update_routing_bias(out.expert_load_LE)
+    assert gate.e_score_correction_bias.abs().max().item() == pytest.approx(3 * cfg.bias_update_speed)
