@@ -23,6 +23,7 @@ from kernels.grouped_mlp import grouped_swiglu
 from kernels.permute import permute, unpermute
 from kernels.reference import grouped_swiglu_ref, permute_ref, route_ref, unpermute_ref
 from kernels.router import route
+from kernels.torch_experts import grouped_swiglu_torch
 
 __all__ = [
     "route",
@@ -33,4 +34,5 @@ __all__ = [
     "permute_ref",
     "unpermute_ref",
     "grouped_swiglu_ref",
+    "grouped_swiglu_torch",
 ]

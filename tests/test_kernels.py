@@ -17,6 +17,7 @@ import kernels  # noqa: E402
 from kernels import (  # noqa: E402
     grouped_swiglu,
     grouped_swiglu_ref,
+    grouped_swiglu_torch,
     permute,
     permute_ref,
     route,
@@ -26,6 +27,7 @@ from kernels import (  # noqa: E402
 )
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
@@ -207,7 +209,7 @@ def _offsets(N, E, mode, seed=0):
     return torch.cumsum(counts_E, 0).to(torch.int32).to(DEV)
 
 
-def _check_grouped_swiglu(N, D, I, E, dtype, mode="random"):
+def _check_grouped_swiglu(N, D, I, E, dtype, mode="random", fn=grouped_swiglu):
     g = torch.Generator().manual_seed(1)
     x_ND = torch.randn(N, D, generator=g).to(DEV, dtype)
     w1_EJD = (torch.randn(E, 2 * I, D, generator=g) / D**0.5).to(DEV, dtype)
@@ -215,7 +217,7 @@ def _check_grouped_swiglu(N, D, I, E, dtype, mode="random"):
     offsets_E = _offsets(N, E, mode)
     ins = [t.clone().requires_grad_() for t in (x_ND, w1_EJD, w2_EDI)]
     ins_ref = [t.clone().requires_grad_() for t in (x_ND, w1_EJD, w2_EDI)]
-    y = grouped_swiglu(*ins, offsets_E)
+    y = fn(*ins, offsets_E)
     y_ref = grouped_swiglu_ref(*ins_ref, offsets_E)
     assert y.dtype == dtype and y.shape == (N, D)
     _close(y, y_ref, dtype, "y")
@@ -241,6 +243,15 @@ GROUPED_CPU = [
 @pytest.mark.parametrize("N,D,I,E,mode", GROUPED_CPU)
 def test_grouped_swiglu_matches_reference(N, D, I, E, mode):
     _check_grouped_swiglu(N, D, I, E, torch.float32, mode)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "N,D,I,E,mode", [(7, 100, 40, 3, "random"), (600, 100, 48, 64, "random"), (60, 64, 24, 3, "one")]
+)
+def test_grouped_swiglu_torch_cpu_path_matches_reference(N, D, I, E, mode, dtype):
+    """The per-expert-GEMM torch path (CPU strategy) runs bf16 on CPU too."""
+    _check_grouped_swiglu(N, D, I, E, dtype, mode, fn=grouped_swiglu_torch)
 
 
 def test_grouped_swiglu_no_rows():
@@ -331,8 +342,6 @@ def test_cpu_import_turns_on_interpreter():
 
 
 # ---------------------------------------------------------------- full grid on GPU (compiled, fp32 + bf16)
-
-DTYPES = [torch.float32, torch.bfloat16]
 
 
 @pytest.mark.gpu
