@@ -229,6 +229,30 @@ def test_aws_security_group_opens_only_ssh_to_the_internet(aws_bootstrap):
                 assert [p["GroupId"] for p in rule["UserIdGroupPairs"]] == [g["GroupId"]], rule
 
 
+# Google Cloud machine types used in gcp.yaml: (vCPUs, GPUs, Ray accelerator type), from the
+# Compute Engine machine-type documentation (no offline API to ask, unlike EC2 under moto).
+GCE_MACHINES = {
+    "n2-standard-8": (8, 0, None),
+    "n2-standard-32": (32, 0, None),
+    "a2-highgpu-8g": (96, 8, "A100"),
+    "a3-highgpu-8g": (208, 8, "H100"),
+}
+
+
+def test_gcp_node_configs_match_their_machine_types():
+    cfg = load("gcp.yaml")
+    for key, t in cfg["available_node_types"].items():
+        nc = t["node_config"]
+        cpus, gpus, acc = GCE_MACHINES[nc["machineType"]]
+        if key != "head":
+            assert t["resources"]["CPU"] == cpus, key
+        assert t["resources"].get("GPU", 0) == gpus, key
+        if acc:
+            assert t["resources"][f"accelerator_type:{acc}"] == 1, key
+            assert nc["scheduling"]["onHostMaintenance"] == "TERMINATE", key  # GPU VMs cannot migrate
+            assert {"key": "install-nvidia-driver", "value": "True"} in nc["metadata"]["items"], key
+
+
 # --- public exposure of the dashboard / Ray client ----------------------------------------------
 
 
@@ -499,6 +523,64 @@ def test_kuberay_cluster_translates_to_a_valid_autoscaler_config(name):
         assert pod["containers"][0]["resources"]["limits"][vendor] == "8"
         assert any(t["key"] == vendor for t in pod["tolerations"])
         assert pod["nodeSelector"] == {"dsv3ray/node-pool": g["groupName"]}
+
+
+def k8s_unknown_fields(type_name: str, data, path: str = "") -> list[str]:
+    """Fields of `data` that the Kubernetes API model `type_name` (e.g. "V1PodTemplateSpec")
+    does not have, recursively, using the official client's generated models; empty = none.
+    The API server would drop or reject such fields; a typo would silently lose a setting."""
+    import kubernetes.client as k8s
+
+    # the generated models spell containers both ways: List[X] / list[X], Dict[str, X] / dict(str, X)
+    if m := re.fullmatch(r"[Ll]ist\[(.+)\]", type_name):
+        if not isinstance(data, list):
+            return [f"{path}: expected a list"]
+        return [e for i, x in enumerate(data) for e in k8s_unknown_fields(m.group(1), x, f"{path}[{i}]")]
+    if m := re.fullmatch(r"[Dd]ict[\[(]str, (.+)[\])]", type_name):
+        if not isinstance(data, dict):
+            return [f"{path}: expected a mapping"]
+        return [e for key, x in data.items() for e in k8s_unknown_fields(m.group(1), x, f"{path}.{key}")]
+    cls = getattr(k8s, type_name, None)
+    if cls is None:  # a scalar; quantities are str in the models but ints are accepted too
+        ok = {"int": (int,), "bool": (bool,), "str": (str, int, float)}.get(type_name, (object,))
+        return [] if isinstance(data, ok) else [f"{path}: {data!r} is not {type_name}"]
+    if not isinstance(data, dict):
+        return [f"{path}: expected an object ({type_name})"]
+    attrs = {json_key: attr for attr, json_key in cls.attribute_map.items()}
+    out = []
+    for key, x in data.items():
+        if key not in attrs:
+            out.append(f"{path}.{key}: not a field of {type_name}")
+        else:
+            out += k8s_unknown_fields(cls.openapi_types[attrs[key]], x, f"{path}.{key}")
+    return out
+
+
+def _k8s_objects() -> list[tuple[str, str, object]]:
+    """(where, Kubernetes model, data) for every plain Kubernetes object inside our manifests."""
+    out = [("kuberay/storage.yaml", "V1PersistentVolumeClaim", load("kuberay/storage.yaml"))]
+    for name in ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"]:
+        spec = cluster_spec(load(name))
+        out.append(
+            (f"{name} autoscalerOptions", "V1ResourceRequirements", spec["autoscalerOptions"]["resources"])
+        )
+        for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            out.append((f"{name} {g.get('groupName', 'head')}", "V1PodTemplateSpec", g["template"]))
+    return out
+
+
+def test_pod_templates_use_only_kubernetes_api_fields():
+    pytest.importorskip("kubernetes", reason="the kubernetes client (dev dependency) has the API models")
+    for where, model, data in _k8s_objects():
+        assert k8s_unknown_fields(model, data) == [], where
+    # the checker catches a typo and a wrong type
+    tpl = copy.deepcopy(cluster_spec(load("kuberay/raycluster.yaml"))["workerGroupSpecs"][0]["template"])
+    tpl["spec"]["toleration"] = tpl["spec"].pop("tolerations")
+    tpl["spec"]["containers"][0]["volumeMounts"][0]["readOnly"] = "yes"
+    assert k8s_unknown_fields("V1PodTemplateSpec", tpl) == [
+        ".spec.containers[0].volumeMounts[0].readOnly: 'yes' is not bool",
+        ".spec.toleration: not a field of V1PodSpec",
+    ]
 
 
 def test_rayjob_cluster_is_a_cut_of_the_raycluster():
