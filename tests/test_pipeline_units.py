@@ -1,0 +1,252 @@
+"""Per-stage tests of the cleaning pipeline, without Ray: readers, normalize, dedup, quality,
+perplexity, domain, packing, the quality CLI and the config checks."""
+
+import gzip
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+# the default quality model is trained once and cached here (reproducible recipe, keyed by version)
+os.environ.setdefault("DSV3RAY_CACHE", str(Path(tempfile.gettempdir()) / "dsv3ray-test-cache"))
+
+from dsv3ray.config import section_from_dict  # noqa: E402
+from dsv3ray.errors import ConfigError, UserError  # noqa: E402
+from pipelines.clean import Cleaner, CleanSettings, normalize_text  # noqa: E402
+from pipelines.corpus import stdlib_documents, write_demo_corpus  # noqa: E402
+from pipelines.dedup import Deduplicator, MinHasher, SeenSet, lsh_params  # noqa: E402
+from pipelines.domain import DomainFilter, topic_summary  # noqa: E402
+from pipelines.pack import Packer, ShardWriter, is_eval, unigram_entropy  # noqa: E402
+from pipelines.prepare import PrepareConfig  # noqa: E402
+from pipelines.quality import (  # noqa: E402
+    QualityScorer,
+    UnigramLM,
+    cli_quality_train,
+    default_quality_model,
+    synth_junk,
+)
+from pipelines.readers import DROP, OK, QUARANTINE, expand_inputs, read_records, records_table  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def all_docs():
+    return list(stdlib_documents(min_chars=200))  # one walk of the stdlib for the module
+
+
+@pytest.fixture(scope="module")
+def docs(all_docs):
+    return [d["text"] for d in all_docs if len(d["text"]) >= 300][:400]
+
+
+def reasons(path, max_bytes=1 << 20):
+    return [(r[1], r[2], r[3]) for r in read_records(path, max_bytes)]
+
+
+def test_readers_every_bad_input_gets_an_outcome(tmp_path):
+    good = "hello world " * 5
+    lines = [
+        json.dumps({"id": 1, "text": good}),
+        '{"text": "unterminated',
+        json.dumps({"id": 2}),
+        json.dumps({"text": 42}),
+        json.dumps([1, 2]),
+        "",
+        "[" * 100_000 + "]" * 100_000,  # deeply nested
+        json.dumps({"text": "x" * 5000}),  # over the 4 KB limit below
+    ]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "bad_utf8.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    got = reasons(tmp_path / "a.jsonl", max_bytes=4096)
+    assert [g[2] for g in got] == [
+        "",
+        "malformed_json",
+        "missing_text",
+        "text_not_string",
+        "not_an_object",
+        "blank_line",
+        "record_too_large",  # the nested line is 200 KB: quarantined before parsing
+        "record_too_large",
+    ]
+    assert [g[0] for g in got] == list(range(1, 9))  # line numbers
+    assert reasons(tmp_path / "a.jsonl", max_bytes=1 << 20)[6][2] == "json_too_deep"
+    assert reasons(tmp_path / "bad_utf8.jsonl") == [(1, QUARANTINE, "invalid_utf8")]
+
+    with gzip.open(tmp_path / "t.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps({"text": f"doc {i} " * 20}) for i in range(2000)))
+    raw = (tmp_path / "t.jsonl.gz").read_bytes()
+    (tmp_path / "trunc.jsonl.gz").write_bytes(raw[: len(raw) // 2])
+    got = reasons(tmp_path / "trunc.jsonl.gz")
+    assert got[-1][2] == "truncated_or_corrupt_gzip" and all(g[1] == OK for g in got[:-1]) and len(got) > 10
+    assert len(reasons(tmp_path / "t.jsonl.gz")) == 2000
+
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blob.dat").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "doc.txt").write_text(good)
+    (tmp_path / "arr.json").write_text(json.dumps([{"text": good}, {"text": None}, 3]))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    pq.write_table(pa.table({"text": [good, None]}), tmp_path / "p.parquet")
+    pq.write_table(pa.table({"body": [good]}), tmp_path / "notext.parquet")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    os.symlink(tmp_path / "gone", tmp_path / "dangling.jsonl")
+    assert reasons(tmp_path / "empty.txt") == []
+    assert reasons(tmp_path / "blob.dat") == [(1, QUARANTINE, "binary_file")]
+    assert reasons(tmp_path / "doc.txt") == [(1, OK, "")]
+    assert [g[2] for g in reasons(tmp_path / "arr.json")] == ["", "missing_text", "not_an_object"]
+    assert reasons(tmp_path / "broken.parquet")[0][2] == "unreadable_file"
+    assert [g[2] for g in reasons(tmp_path / "p.parquet")] == ["", "missing_text"]
+    assert [g[2] for g in reasons(tmp_path / "notext.parquet")] == ["missing_text"]
+    assert [g[2] for g in reasons(tmp_path / "ints.parquet")] == ["text_not_string"] * 2
+    assert reasons(tmp_path / "dangling.jsonl")[0][2] == "unreadable_file"
+
+    files = expand_inputs([str(tmp_path)])
+    assert files == sorted(files) and len(files) == 13
+    assert expand_inputs([str(tmp_path / "*.parquet")])[0].name == "broken.parquet"
+    with pytest.raises(UserError, match="does not exist"):
+        expand_inputs([str(tmp_path / "missing.jsonl")])
+    with pytest.raises(UserError, match="matches no file"):
+        expand_inputs([str(tmp_path / "*.nothing")])
+
+
+def test_normalize():
+    assert normalize_text("e\u0301t\u00e9\x00\x07  a\t\tb \r\n\n\n\nc  ") == "\u00e9t\u00e9 a b\n\nc"
+
+
+def test_minhash_lsh_and_seen_set(docs):
+    mh = MinHasher(num_perm=128, shingle_words=5, threshold=0.8)
+    assert lsh_params(128, 0.8) == (mh.bands, mh.rows) and mh.bands * mh.rows == 128
+    a = docs[0] + " " + docs[1]
+    words = a.split()
+    near = " ".join(words[:-3] + ["changed", "tail", "words"])  # ~ 97% shingle overlap
+    sa, sn, so = mh.signature(a), mh.signature(near), mh.signature(docs[2])
+    assert mh.jaccard(sa, sn) > 0.85 and mh.jaccard(sa, so) < 0.1
+    assert np.array_equal(sa, MinHasher(128, 5, 0.8).signature(a))  # stable across instances
+    big = ("lorem ipsum dolor " * 200_000).strip()  # 600k words: chunked, bounded memory
+    assert mh.signature(big).shape == (128,)
+
+    s = SeenSet(capacity=16)
+    keys = np.random.default_rng(0).integers(-(2**63), 2**63 - 1, size=5000)
+    for k in keys[:2500]:
+        s.add(int(k))
+    assert all(int(k) in s for k in keys[:2500]) and not any(int(k) in s for k in keys[2500:])
+    assert s.count == 2500 and s.table.size >= 5000  # grew, load <= 1/2
+    d = Deduplicator(exact=True, near=True)
+    ka, kn, ko = (mh.band_keys(x).tolist() for x in (sa, sn, so))
+    assert [d.check(1, ka), d.check(1, ko), d.check(2, kn), d.check(3, ko)] == [
+        "",
+        "duplicate_exact",
+        "near_duplicate",
+        "",
+    ]
+
+
+def test_quality_default_model_and_perplexity(docs):
+    path = default_quality_model()
+    assert default_quality_model() == path  # cached
+    q = QualityScorer(path)
+    rng = random.Random(1)
+    words = " ".join(docs).split()
+    junk = [synth_junk(rng, words, k) for k in (1, 2, 4) for _ in range(20)]
+    good = q.scores(docs[-60:])
+    bad = q.scores(junk)
+    assert np.mean(np.array(good) > 0.5) > 0.9 and np.mean(np.array(bad) > 0.5) < 0.1
+    lm = UnigramLM.fit(docs[:300])
+    assert lm.perplexity(docs[350]) < lm.perplexity(junk[-1]) / 5
+    with pytest.raises(UserError, match="no label"):
+        QualityScorer(path, label="__label__nope")
+
+
+def test_cli_quality_train(tmp_path, docs):
+    rng = random.Random(0)
+    words = " ".join(docs).split()
+    lines = [f"__label__hq {' '.join(d.split())}" for d in docs[:100]]
+    lines += [f"__label__lq {synth_junk(rng, words, 2)}" for _ in range(100)]
+    (tmp_path / "lab.txt").write_text("\n".join(lines))
+    run = SimpleNamespace(prepare=PrepareConfig())
+    args = SimpleNamespace(input=str(tmp_path / "lab.txt"), output=str(tmp_path / "m.bin"))
+    assert cli_quality_train(run, args) == 0
+    assert QualityScorer(tmp_path / "m.bin", "__label__hq").scores([docs[200]])[0] > 0.5
+    (tmp_path / "one.txt").write_text("__label__a text\n")
+    with pytest.raises(UserError, match="two labels"):
+        cli_quality_train(
+            run, SimpleNamespace(input=str(tmp_path / "one.txt"), output=str(tmp_path / "x.bin"))
+        )
+
+
+def test_domain_filter_and_topics(all_docs):
+    email = [d["text"] for d in all_docs if d["id"].startswith("email/")]
+    other = [d["text"] for d in all_docs if not d["id"].startswith(("email/", "pydoc"))]
+    f = DomainFilter(email[:40], other[:300])
+    s_in, s_out = f.similarity(email[40:100]), f.similarity(other[300:500])
+    assert s_in.mean() > s_out.mean() + 0.15
+    assert (s_in >= 0.7).mean() > 2 * (s_out >= 0.7).mean()  # the seed's threshold separates
+    topics = topic_summary(
+        [(t, i % 3 > 0, "low_quality") for i, t in enumerate(email[:30] + other[:90])], k=4
+    )
+    assert sum(c["size"] for c in topics) == 120 and all(c["top_terms"] for c in topics)
+    assert sum(c["kept"] + sum(c["dropped"].values()) for c in topics) == 120
+
+
+def test_cleaner_stages(docs):
+    s = CleanSettings(
+        normalize=True, min_words=32, max_chars=2000, oversize="drop", dedup_exact=True, dedup_near=True,
+        minhash_perms=64, shingle_words=5, near_threshold=0.8, seed=0,
+    )  # fmt: skip
+    long = docs[0] * (2000 // len(docs[0]) + 1)
+    rows = [
+        ("f", 1, OK, "", "", docs[0]),
+        ("f", 2, OK, "", "", "too few words here"),
+        ("f", 3, OK, "", "", long),
+        ("f", 4, QUARANTINE, "malformed_json", "{", None),
+        ("f", 5, OK, "", "", "\x00\x01   "),
+    ]
+    out = Cleaner(s)(records_table(rows)).to_pydict()
+    assert out["status"] == [OK, DROP, DROP, QUARANTINE, DROP]
+    assert out["reason"] == ["", "too_short", "too_long", "malformed_json", "empty"]
+    assert out["text"][1:] == [None] * 4 and len(out["band_keys"][0]) == MinHasher(64, 5, 0.8).bands
+    assert out["t_normalize"][0] > 0 and out["t_normalize"][1:] == [0.0] * 4  # batch seconds on row 0
+    assert np.isnan(out["quality"]).all()  # stage off: no score
+
+
+def test_packer_rows_and_entropy(tmp_path):
+    w = ShardWriter(tmp_path / "train", rows_per_shard=3)
+    p = Packer(seq_len=7, writer=w, vocab_size=50)
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 50, size=n).astype(np.int32) for n in (3, 20, 1, 9, 30)]
+    for d in docs:
+        p.add(np.concatenate([d, [0]]).astype(np.int32))
+    total = sum(d.size + 1 for d in docs)
+    tail = p.finish()
+    assert tail == total % 8 and w.num_rows == total // 8 and w.shards == -(-w.num_rows // 3)
+    table = pq.read_table(tmp_path / "train")
+    assert table.column("sample_id").to_pylist() == list(range(w.num_rows))
+    flat = np.concatenate([np.concatenate([d, [0]]) for d in docs])
+    rows = table.column("input_ids").to_pylist()
+    assert all(len(r) == 8 for r in rows) and np.array_equal(np.concatenate(rows), flat[: 8 * w.num_rows])
+    assert unigram_entropy(np.array([5, 5, 0])) == pytest.approx(np.log(2))
+    hashes = np.random.default_rng(1).integers(-(2**63), 2**63 - 1, size=100_000).tolist()
+    assert sum(is_eval(h, 0.1) for h in hashes) == pytest.approx(10_000, rel=0.05)
+
+
+def test_prepare_config_checks():
+    with pytest.raises(ConfigError, match="prepare.oversize"):
+        section_from_dict(PrepareConfig, {"oversize": "shrink"}, "prepare")
+    with pytest.raises(ConfigError, match="prepare.near_threshold"):
+        section_from_dict(PrepareConfig, {"near_threshold": 1.5}, "prepare")
+    with pytest.raises(ConfigError, match="prepare.nope"):
+        section_from_dict(PrepareConfig, {"nope": 1}, "prepare")
+
+
+def test_demo_corpus_is_deterministic(tmp_path):
+    a = write_demo_corpus(tmp_path / "a.jsonl", max_bytes=200_000)
+    b = write_demo_corpus(tmp_path / "b.jsonl", max_bytes=200_000)
+    assert a == b and a["bytes"] >= 200_000
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    first = json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"id", "text"} and len(first["text"].split()) > 5
