@@ -4,8 +4,8 @@ A checkpoint directory (`step_00000040/`) is the union of what every rank wrote 
 temporary directory; Ray Train's `report(checkpoint=...)` merges the ranks' directories into
 persistent storage (`<run_dir>/ray/<name>/step_00000040/`). Layout:
 
-    ds/                    DeepSpeed engine checkpoint (module, optimizer, lr schedule; tag "step")
-    experts/ep{r}.pt       routed-expert shard of EP rank r, keyed by global expert index
+    ds/                    DeepSpeed engine checkpoint (tag "step"): module, ZeRO optimizer
+                           partitions, one file per global routed expert (any EP size can load it)
     state.pt               (rank 0) step, tokens, bad-step counters, sampler ledger, loss history
     rng/rank{r}.pt         python / numpy / torch RNG states of rank r
     manifest/rank{r}.json  written LAST by rank r: {step, world_size, files: {path: size}}
@@ -218,64 +218,3 @@ def save_train_state(ckpt_dir: str | Path, state: dict) -> None:
 
 def load_train_state(ckpt_dir: str | Path) -> dict:
     return torch.load(Path(ckpt_dir) / "state.pt", weights_only=False)
-
-
-# --- routed-expert shards ------------------------------------------------------------------------
-
-
-def expert_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The routed-expert parameters (leading dim = local experts e): `<...>.experts.gate_up_proj`/`down_proj`."""
-    return {
-        n: p
-        for n, p in model.named_parameters()
-        if ".experts." in f".{n}" and n.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj")
-    }
-
-
-def save_expert_shard(
-    ckpt_dir: str | Path, model: torch.nn.Module, ep_rank: int, ep_size: int, num_experts: int
-) -> Path:
-    """Write this EP rank's routed experts, keyed by parameter name, with their global expert range."""
-    e = num_experts // ep_size
-    first = ep_rank * e
-    tensors = {n: p.detach().cpu().clone() for n, p in expert_tensors(model).items()}
-    for n, t in tensors.items():
-        assert t.shape[0] == e, f"{n}: {t.shape[0]} local experts, expected {e}"
-    d = Path(ckpt_dir) / "experts"
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"ep{ep_rank}.pt"
-    torch.save({"first_expert": first, "num_local": e, "num_experts": num_experts, "tensors": tensors}, path)
-    return path
-
-
-def load_expert_shards(
-    ckpt_dir: str | Path, model: torch.nn.Module, ep_rank: int, ep_size: int, num_experts: int
-) -> int:
-    """Fill this rank's local experts from whichever shards hold them (EP size may have changed).
-
-    Returns the number of local experts restored (0 when the checkpoint has no expert shards).
-    """
-    d = Path(ckpt_dir) / "experts"
-    shards = [torch.load(p, weights_only=False) for p in sorted(d.glob("ep*.pt"))] if d.is_dir() else []
-    if not shards:
-        return 0
-    e = num_experts // ep_size
-    first = ep_rank * e
-    params = expert_tensors(model)
-    restored = 0
-    with torch.no_grad():
-        for shard in shards:
-            if shard["num_experts"] != num_experts:
-                raise ValueError(
-                    f"checkpoint has {shard['num_experts']} routed experts, model has {num_experts}"
-                )
-            lo = max(first, shard["first_expert"])
-            hi = min(first + e, shard["first_expert"] + shard["num_local"])
-            if lo >= hi:
-                continue
-            for n, p in params.items():
-                src = shard["tensors"][n]
-                p[lo - first : hi - first].copy_(src[lo - shard["first_expert"] : hi - shard["first_expert"]])
-            restored += hi - lo
-    assert restored == e, f"restored {restored} of {e} local experts"
-    return restored

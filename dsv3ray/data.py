@@ -24,8 +24,8 @@ from dsv3ray.errors import ConfigError, UserError
 class DataConfig:
     # A prepared directory (contract of pipelines.prepare); "" = prepare `inputs` first.
     prepared: str = ""
-    # Raw inputs (files or globs: jsonl / parquet / txt) or "corpus:stdlib" for the built-in demo
-    # corpus; used only when `prepared` is empty.
+    # Raw inputs (files or globs: jsonl / parquet / txt, or "corpus:stdlib" = the built-in demo
+    # corpus), prepared into <run_dir>/data with the [prepare] section; used when `prepared` is "".
     inputs: list[str] = field(default_factory=list)
     # (Neither set is allowed here so other commands can omit [data]; `train` checks it.)
     # Held-out split used for eval loss.
@@ -56,28 +56,13 @@ class PreparedData:
 
 
 def _check_shards(files: list[Path], policy: str) -> tuple[list[str], int, list[str]]:
-    """Read each parquet footer; a corrupt shard fails the run or is skipped (one line each)."""
+    """(readable shards, their row count, skipped shards); a corrupt shard fails or is skipped."""
     import pyarrow.parquet as pq
 
-    good, rows, skipped = [], 0, []
-    for f in files:
-        try:
-            md = pq.read_metadata(f)
-            names = md.schema.to_arrow_schema().names
-            if "sample_id" not in names or "input_ids" not in names:
-                raise ValueError("missing sample_id/input_ids columns")
-        except Exception as e:  # noqa: BLE001 - any unreadable footer is a corrupt shard
-            if policy == "fail":
-                raise UserError(
-                    f"data shard {f} is corrupt ({type(e).__name__}: {e}): re-run `dsv3ray prepare`, "
-                    'or set train.corrupt_shard = "skip" to train without it'
-                ) from None
-            print(f"[dsv3ray] skipping corrupt data shard {f} ({type(e).__name__}: {e})", flush=True)
-            skipped.append(str(f))
-            continue
-        good.append(str(f))
-        rows += md.num_rows
-    return good, rows, skipped
+    from pipelines.dataset import check_shards
+
+    good, skipped = check_shards(files, policy, log=lambda msg: print(msg, flush=True))
+    return good, sum(pq.read_metadata(f).num_rows for f in good), skipped
 
 
 def check_prepared(path: str | Path, corrupt_shard: str = "fail") -> PreparedData:
