@@ -79,7 +79,7 @@ def _unsort(y_ND, sort_idx_N, T, K):
 
 
 def _ep_worker(rank, world_size, tokens, K, skip_experts):
-    ep = create_expert_parallel(world_size, E)
+    ep = create_expert_parallel(world_size, E)  # groups already exist: reused
     assert (ep.ep_size, ep.ep_rank) == (world_size, rank)
     local = ep.local_experts(E)
     assert local == range(rank * E // world_size, (rank + 1) * E // world_size)
@@ -118,31 +118,30 @@ def _ep_worker(rank, world_size, tokens, K, skip_experts):
     torch.testing.assert_close(W_local.grad, W_ref.grad[local.start : local.stop], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "tokens,K,skip_experts",
-    [
-        ([13, 7], 2, ()),  # uneven token counts
-        ([9, 0], 3, (1, 4)),  # one rank sends nothing; experts 1 and 4 (one per rank) get no rows
-    ],
-)
-def test_dispatch_combine_matches_single_rank(tokens, K, skip_experts):
-    spawn(_ep_worker, 2, tokens, K, skip_experts)
+CASES = [
+    ([13, 7], 2, ()),  # uneven token counts
+    ([9, 0], 3, (1, 4)),  # one rank sends nothing; experts 1 and 4 (one per rank) get no rows
+    ([1, 2], 1, (0, 1, 2)),  # rank 0's experts all empty
+]
 
 
-def _groups_worker(rank, world_size):
+def _cases_worker(rank, world_size):
     from deepspeed.utils import groups
 
-    ep = create_expert_parallel(2, E)
-    assert groups._get_expert_parallel_group_ranks("ep_size_2") == range(2 * (rank // 2), 2 * (rank // 2) + 2)
-    assert list(groups._get_expert_data_parallel_group_ranks("ep_size_2")) == list(
-        range(rank % 2, world_size, 2)
-    )
-    assert dist.get_process_group_ranks(ep.group) == list(range(2 * (rank // 2), 2 * (rank // 2) + 2))
-    assert ep.ep_rank == rank % 2
+    # DeepSpeed's topology for 2 ranks: EP=2 -> both ranks in one EP group, each its own EDP group;
+    # EP=1 -> each rank its own EP group, expert grads averaged over both.
+    ep2, ep1 = create_expert_parallel(2, E), create_expert_parallel(1, E)
+    assert dist.get_process_group_ranks(ep2.group) == [0, 1] and ep2.ep_rank == rank
+    assert list(groups._get_expert_data_parallel_group_ranks("ep_size_2")) == [rank]
+    assert list(groups._get_expert_data_parallel_group_ranks("ep_size_1")) == [0, 1]
+    assert ep1.group is None and ep1.ep_rank == 0 and ep1.local_experts(E) == range(E)
+    assert dist.get_process_group_ranks(ep1.edp_group) == [0, 1]
+    for tokens, K, skip_experts in CASES:  # one process pair for all cases: start-up dominates
+        _ep_worker(rank, world_size, tokens, K, skip_experts)
 
 
-def test_groups_follow_deepspeed_topology():
-    spawn(_groups_worker, 4)
+def test_dispatch_combine_matches_single_rank():
+    spawn(_cases_worker, 2)
 
 
 def test_single_rank_dispatch_is_passthrough():
@@ -184,3 +183,50 @@ def test_mark_expert_params_marks_only_routed_experts():
     marked = {n for n, p in model.named_parameters() if getattr(p, "allreduce", True) is False}
     assert marked == {f"{i}.experts.{w}" for i in (0, 1) for w in ("gate_up_proj", "down_proj")}
     assert {p.group_name for n, p in model.named_parameters() if n in marked} == {"ep_size_1"}
+
+
+def _moe_worker(rank, world_size):
+    """Our MoE layer at EP=2 (each rank its shard) equals EP=1 (all experts), forward and backward."""
+    from dsv3ray.model import ModelConfig
+    from dsv3ray.moe import MoE
+
+    cfg = ModelConfig.from_preset("debug", moe_impl="torch")
+    ep = create_expert_parallel(world_size, cfg.n_routed_experts)
+    torch.manual_seed(0)
+    full = MoE(cfg).double()
+    for p in full.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    sharded = MoE(cfg, ep).double()
+    local = ep.local_experts(cfg.n_routed_experts)
+    state = dict(full.state_dict())
+    for name in ("experts.gate_up_proj", "experts.down_proj"):
+        state[name] = state[name][local.start : local.stop]
+    sharded.load_state_dict(state)
+
+    xs = [
+        torch.randn(
+            2, 5 + 3 * r, cfg.hidden_size, generator=torch.Generator().manual_seed(r), dtype=torch.float64
+        )
+        for r in range(world_size)
+    ]
+    ref_y = {}
+    for r, x in enumerate(xs):  # reference: one rank with all experts sees every rank's tokens
+        y, counts, bal = full(x)
+        ((y * (r + 1)).sum() + bal).backward()
+        ref_y[r] = y.detach()
+
+    y, counts, bal = sharded(xs[rank])
+    ((y * (rank + 1)).sum() + bal).backward()
+    torch.testing.assert_close(y.detach(), ref_y[rank], rtol=1e-10, atol=1e-10)
+    for name, p in sharded.named_parameters():
+        ref = dict(full.named_parameters())[name].grad
+        if name.startswith("experts."):  # expert shard: contributions from both ranks' tokens
+            torch.testing.assert_close(p.grad, ref[local.start : local.stop], rtol=1e-10, atol=1e-10)
+        else:  # replicated params: this rank's tokens only; summed over ranks = the reference
+            total = p.grad.clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_moe_layer_ep2_equals_ep1():
+    spawn(_moe_worker, 2)
