@@ -691,22 +691,29 @@ def shell_snippets(path: Path) -> str:
     return "\n".join(m for m in re.findall(r"^\s*#(?: {2,}|\t)(.*)$", text, re.M))
 
 
-def dsv3ray_commands(text: str) -> list[list[str]]:
-    """Every `dsv3ray ...` command line in a shell snippet (continuations joined), as argv."""
+def shell_tokens(line: str) -> list[str]:
+    """Split like a shell: quotes, `# comments`, and `;` `&&` `|` as tokens of their own."""
+    lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lex.whitespace_split = True
+    return list(lex)
+
+
+def program_commands(text: str, program: str) -> list[list[str]]:
+    """Every `<program> ...` command line in a shell snippet (continuations joined), as argv: the
+    program is the first word, or follows `--` (ray job submit), a shell operator or `VAR=value`."""
     text = text.replace("\\\n", " ")
     out = []
     for line in text.splitlines():
-        line = line.strip()
-        if "dsv3ray " not in line:
+        if program not in line:
             continue
         try:
-            tokens = shlex.split(line, comments=True)
+            tokens = shell_tokens(line.strip())
         except ValueError:
             continue
         for i, tok in enumerate(tokens):
             prev = tokens[i - 1] if i else ""
-            # the program itself: first word, after `--` (ray job submit) or after a shell operator
-            if Path(tok).name == "dsv3ray" and (i == 0 or prev == "--" or prev in SHELL_OPS):
+            at_start = i == 0 or prev == "--" or prev in SHELL_OPS or re.fullmatch(r"[A-Z_]+=\S*", prev)
+            if Path(tok).name == program and at_start:
                 argv = []
                 for t in tokens[i:]:
                     if t in SHELL_OPS:
@@ -716,17 +723,21 @@ def dsv3ray_commands(text: str) -> list[list[str]]:
     return out
 
 
-def _all_command_lines() -> dict[str, list[list[str]]]:
+def dsv3ray_commands(text: str) -> list[list[str]]:
+    return program_commands(text, "dsv3ray")
+
+
+def _all_command_lines(program: str = "dsv3ray") -> dict[str, list[list[str]]]:
     found: dict[str, list[list[str]]] = {}
     for name in VM_YAMLS:
         cfg = load(name)
         cmds = [c for k, v in cfg.items() if k.endswith("_commands") for c in v]
         cmds += [c for t in cfg["available_node_types"].values() for c in t.get("worker_setup_commands", [])]
-        found[name] = [a for c in cmds for a in dsv3ray_commands(c)]
+        found[name] = [a for c in cmds for a in program_commands(c, program)]
     for name in KUBERAY[1:]:
-        found[name] = dsv3ray_commands(load(name)["spec"]["entrypoint"])
+        found[name] = program_commands(load(name)["spec"]["entrypoint"], program)
     for name in ["README.md", "train_cluster.toml", "runtime_env.yaml", "aws.yaml", "gcp.yaml", *KUBERAY]:
-        found[f"{name} (examples)"] = dsv3ray_commands(shell_snippets(CLUSTER / name))
+        found[f"{name} (examples)"] = program_commands(shell_snippets(CLUSTER / name), program)
     return found
 
 
@@ -739,6 +750,8 @@ def test_command_extraction():
     ]
     assert dsv3ray_commands("pip install -e ~/dsv3ray") == []
     assert dsv3ray_commands(".venv/bin/dsv3ray demo   # local") == [[".venv/bin/dsv3ray", "demo"]]
+    assert program_commands("ulimit -n 65536; ray start --head", "ray") == [["ray", "start", "--head"]]
+    assert program_commands("RAY_ADDRESS=http://h:8265 ray job list", "ray") == [["ray", "job", "list"]]
     snippets = shell_snippets(CLUSTER / "aws.yaml")
     assert "ray dashboard cluster/aws.yaml" in snippets and "dsv3ray on AWS" not in snippets
     readme = shell_snippets(CLUSTER / "README.md")
@@ -763,6 +776,45 @@ def test_every_dsv3ray_command_line_parses_with_the_cli():
                 assert (ROOT / args.config).is_file(), f"{where}: {args.config} does not exist"
                 # the config with the line's own --preset / --set resolves (what the command does first)
                 resolve_run_config(args.preset, str(ROOT / args.config), args.overrides)
+
+
+def parse_ray_cli(argv: list[str]):
+    """Parse a `ray ...` command line with Ray's own click CLI, down to the leaf command,
+    without running it; click.UsageError for an unknown command or option."""
+    import warnings
+
+    import click
+    from ray.scripts.scripts import cli
+
+    cmd, name, args, ctx = cli, "ray", argv[1:], None
+    while True:
+        ctx = cmd.make_context(name, list(args), parent=ctx)
+        if not isinstance(cmd, click.Group):
+            return ctx
+        with warnings.catch_warnings():  # click 8.2 deprecates protected_args (merged into args in 9)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            rest = [*getattr(ctx, "protected_args", []), *ctx.args]
+        name, cmd, args = cmd.resolve_command(ctx, rest)
+
+
+def test_every_ray_command_line_parses_with_rays_cli():
+    import click
+
+    found = _all_command_lines("ray")
+    leaves = set()
+    for where, cmds in found.items():
+        for argv in cmds:
+            try:
+                ctx = parse_ray_cli(argv)
+            except click.ClickException as e:
+                pytest.fail(f"{where}: `{shlex.join(argv)}` does not parse with Ray's CLI: {e}")
+            leaves.add(ctx.command_path)
+            for key in ("cluster_config_file", "runtime_env"):
+                if ctx.params.get(key):
+                    assert (ROOT / ctx.params[key]).is_file(), f"{where}: {ctx.params[key]} does not exist"
+    assert {"ray start", "ray up", "ray dashboard", "ray job submit"} <= leaves, leaves
+    with pytest.raises(click.UsageError):  # the parser does reject what Ray does not know
+        parse_ray_cli(["ray", "job", "submit", "--runtime-env-yaml", "x", "--", "true"])
 
 
 def test_cluster_run_config_resolves_and_fits_the_cluster():
