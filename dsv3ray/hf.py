@@ -32,31 +32,30 @@ def _split_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, lay
     if layout not in ("fused", "per_expert"):
         raise ValueError(f"layout must be 'fused' or 'per_expert', got {layout!r}")
     main, mtp = {}, {}
-    L = cfg.num_hidden_layers
+    L, I = cfg.num_hidden_layers, cfg.moe_intermediate_size
     for name, t in state_dict.items():
         t = t.detach().to("cpu").contiguous()
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # tied to model.embed_tokens.weight; transformers re-ties on load
+        dest = main
         if name.startswith("mtp."):
-            rest = name[len("mtp.") :]
+            dest, rest = mtp, name[len("mtp.") :]
             if rest.startswith("block."):
                 rest = rest[len("block.") :]
             elif rest.startswith("norm."):
                 rest = "shared_head." + rest
-            mtp[f"model.layers.{L}.{rest}"] = t
-            continue
+            name = f"model.layers.{L}.{rest}"
         m = re.fullmatch(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)", name)
         if m and layout == "per_expert":
             prefix, which = m.groups()
-            I = cfg.moe_intermediate_size
             for j in range(t.shape[0]):
                 if which == "gate_up_proj":
-                    main[f"{prefix}.{j}.gate_proj.weight"] = t[j, :I].clone()
-                    main[f"{prefix}.{j}.up_proj.weight"] = t[j, I:].clone()
+                    dest[f"{prefix}.{j}.gate_proj.weight"] = t[j, :I].clone()
+                    dest[f"{prefix}.{j}.up_proj.weight"] = t[j, I:].clone()
                 else:
-                    main[f"{prefix}.{j}.down_proj.weight"] = t[j].clone()
+                    dest[f"{prefix}.{j}.down_proj.weight"] = t[j].clone()
             continue
-        main[name] = t
+        dest[name] = t
     return main, mtp
 
 
@@ -131,38 +130,44 @@ def read_config(path: str | Path) -> ModelConfig:
 
 def _hf_to_ours(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF/hub key names (fused or per-expert experts, MTP as layer L) -> our state dict keys."""
-    L, out, per_expert = cfg.num_hidden_layers, {}, {}
-    for name, t in tensors.items():
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(.*)", name)
-        if m and int(m.group(1)) == L:  # the MTP module in hub naming
-            rest = m.group(2)
-            if rest.startswith(("enorm.", "hnorm.", "eh_proj.")):
-                out[f"mtp.{rest}"] = t
-            elif rest.startswith("shared_head.norm."):
-                out[f"mtp.{rest[len('shared_head.') :]}"] = t
-            elif rest.startswith(("embed_tokens.", "shared_head.head.")):
-                continue  # shared with the main model
-            else:
-                out[f"mtp.block.{rest}"] = t
-            continue
+    L, fused, per_expert = cfg.num_hidden_layers, {}, {}
+    for name, t in tensors.items():  # 1) per-expert hub keys -> fused (E, 2I, D) / (E, D, I)
         m = re.fullmatch(
             r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", name
         )
         if m:
             per_expert.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = t
-            continue
-        out[name] = t
+        else:
+            fused[name] = t
     for prefix, parts in per_expert.items():
-        n = cfg.n_routed_experts
         try:
-            out[f"{prefix}.gate_up_proj"] = torch.stack(
-                [torch.cat([parts[(j, "gate_proj")], parts[(j, "up_proj")]]) for j in range(n)]
-            )
-            out[f"{prefix}.down_proj"] = torch.stack([parts[(j, "down_proj")] for j in range(n)])
+            gate_up = [
+                torch.cat([parts[(j, "gate_proj")], parts[(j, "up_proj")]])
+                for j in range(cfg.n_routed_experts)
+            ]
+            down = [parts[(j, "down_proj")] for j in range(cfg.n_routed_experts)]
         except KeyError as e:
+            j, which = e.args[0]
             raise UserError(
-                f"checkpoint lacks {prefix}.{e.args[0][0]}.{e.args[0][1]}.weight: the expert weights are incomplete"
+                f"checkpoint lacks {prefix}.{j}.{which}.weight: the expert weights are incomplete"
             ) from None
+        fused[f"{prefix}.gate_up_proj"], fused[f"{prefix}.down_proj"] = (
+            torch.stack(gate_up),
+            torch.stack(down),
+        )
+    out = {}
+    for name, t in fused.items():  # 2) the MTP module, hub layer L, -> mtp.*
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.*)", name)
+        if not (m and int(m.group(1)) == L):
+            out[name] = t
+            continue
+        rest = m.group(2)
+        if rest.startswith(("enorm.", "hnorm.", "eh_proj.")):
+            out[f"mtp.{rest}"] = t
+        elif rest.startswith("shared_head.norm."):
+            out[f"mtp.{rest[len('shared_head.') :]}"] = t
+        elif not rest.startswith(("embed_tokens.", "shared_head.head.")):  # those are shared
+            out[f"mtp.block.{rest}"] = t
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out

@@ -112,13 +112,21 @@ def test_per_expert_hub_layout_loads_in_both(tmp_path):
         torch.testing.assert_close(load_pretrained(tmp_path)(ids).logits, ref)
 
 
-def test_mtp_and_our_knobs_round_trip(tmp_path):
+@pytest.mark.parametrize("layout", ["fused", "per_expert"])
+def test_mtp_and_our_knobs_round_trip(layout, tmp_path):
     cfg = ModelConfig(
         **SMALL, num_nextn_predict_layers=1, keep_ratio=0.25, mtp_loss_weight=0.5, moe_impl="torch"
     )
     ours = _ours(cfg)
-    save_pretrained(ours, tmp_path)
+    save_pretrained(ours, tmp_path, layout=layout)
     assert (tmp_path / "mtp.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "mtp.safetensors"), "pt") as f:  # hub naming: layer L
+        keys = set(f.keys())
+    L = cfg.num_hidden_layers
+    assert {f"model.layers.{L}.enorm.weight", f"model.layers.{L}.shared_head.norm.weight"} <= keys
+    assert (f"model.layers.{L}.mlp.experts.0.gate_proj.weight" in keys) == (layout == "per_expert")
     _hf_load(tmp_path)  # the main model still loads cleanly
     back = load_pretrained(tmp_path)
     assert back.config == cfg
