@@ -8,8 +8,9 @@ the requests that were in flight (up to max_task_retries); the worker-side `Dist
 wait with `timeout_s` and trains a late batch with CE.
 
 A teacher source is either a path (a Hugging Face DeepseekV3 directory: config.json +
-model.safetensors, loaded by `dsv3ray.hf.load_pretrained`) or a picklable zero-argument callable
-returning a model (tests; in-process teachers).
+model.safetensors, or a finished run directory of ours with its final model in `hf/`; loaded by
+`dsv3ray.hf.load_pretrained`) or a picklable zero-argument callable returning a model
+(`InMemoryTeacher`: tests, in-process teachers).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsv3ray.distill import DistillConfig, compress
+from dsv3ray.distill import TEACHER_EXPORT_DIR, DistillConfig, compress
 from dsv3ray.errors import UserError
 
 TeacherSource = str | Callable[[], torch.nn.Module]
@@ -51,18 +52,23 @@ class InMemoryTeacher:
 
 
 def check_teacher_path(path: str) -> Path:
-    """One-line UserError for a teacher path that cannot be loaded (checked on the driver)."""
+    """The model directory behind `distill.teacher` (checked on the driver, one-line UserError).
+
+    Accepts a Hugging Face DeepseekV3 directory (config.json + *.safetensors) or a run directory
+    of ours holding its exported final model in `<run_dir>/hf/` (`dsv3ray.distill.export_model`).
+    """
     p = Path(path)
     if not p.exists():
         raise UserError(
-            f"distill.teacher={path!r} does not exist: point it at a Hugging Face DeepseekV3 directory"
+            f"distill.teacher={path!r} does not exist: point it at a Hugging Face DeepseekV3 directory or a finished run directory"
         )
-    if not (p / "config.json").is_file():
-        raise UserError(
-            f"distill.teacher={path!r} has no config.json: export a run first "
-            f"(dsv3ray export --checkpoint RUN_DIR --out DIR) and point distill.teacher at DIR"
-        )
-    return p
+    for cand in (p, p / TEACHER_EXPORT_DIR):
+        if (cand / "config.json").is_file() and any(cand.glob("*.safetensors")):
+            return cand
+    raise UserError(
+        f"distill.teacher={path!r} holds no model (config.json + *.safetensors, or {TEACHER_EXPORT_DIR}/ of a finished run): "
+        "train the teacher to the end first, or export it (dsv3ray export --checkpoint DIR --out DIR)"
+    )
 
 
 def load_teacher(source: TeacherSource) -> torch.nn.Module:

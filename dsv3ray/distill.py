@@ -207,8 +207,11 @@ def kd_loss(
     """
     ids_BPK, w_BPK, ref_BPK = _targets(soft, student_logits_BSV.device)
     P = ids_BPK.shape[1]
-    logp_s_BPV = torch.log_softmax(student_logits_BSV[:, :P].float() / temperature, dim=-1)
-    logp_s_BPK = logp_s_BPV.gather(-1, ids_BPK)
+    z_BPV = student_logits_BSV[:, :P].float()
+    if temperature != 1.0:
+        z_BPV = z_BPV / temperature
+    # log s_i = z_i - logsumexp(z): no (B, P, V) log-prob tensor is materialized in the forward
+    logp_s_BPK = z_BPV.gather(-1, ids_BPK) - torch.logsumexp(z_BPV, dim=-1, keepdim=True)
     # zero-weight slots (merged duplicates) contribute 0 * finite = 0
     kl_BP = (w_BPK * (ref_BPK - logp_s_BPK)).sum(-1) * temperature**2
     if labels_BS is None:
@@ -449,3 +452,41 @@ class Distiller:
         self.counters.update(state.get("counters", {}))
         self._wait_s = float(state.get("wait_s", 0.0))
         self.teacher_ce_ema = state.get("teacher_ce_ema")
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained run as a teacher: export the full model (all experts) as a HF DeepseekV3 directory
+# ---------------------------------------------------------------------------------------------
+
+TEACHER_EXPORT_DIR = "hf"  # <run_dir>/hf/: where a run leaves its final model for `distill.teacher`
+
+
+def full_state_dict(model: torch.nn.Module, ep=None) -> dict[str, torch.Tensor]:
+    """The model's state dict with every routed expert, on CPU.
+
+    With expert parallelism each rank holds e = E/ep_size experts: their (e, ...) tensors are
+    all-gathered over `ep.group` (a collective: every rank of the EP group must call this).
+    """
+    from dsv3ray.parallel import expert_parameters
+
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if ep is not None and ep.ep_size > 1:
+        import torch.distributed as dist
+
+        for name in expert_parameters(model):
+            local = sd[name].contiguous()
+            parts = [torch.empty_like(local) for _ in range(ep.ep_size)]
+            dist.all_gather(parts, local, group=ep.group)
+            sd[name] = torch.cat(parts, dim=0)  # EP rank r holds experts [r*e, (r+1)*e)
+    return {k: v.cpu() for k, v in sd.items()}
+
+
+def export_model(model: torch.nn.Module, out_dir, ep=None, write: bool = True):
+    """Write the model (all experts gathered) to `out_dir` in the HF DeepseekV3 format, loadable
+    as `distill.teacher`. Every EP rank calls it (collective); only `write=True` ranks write."""
+    from dsv3ray.hf import export_state_dict
+
+    sd = full_state_dict(model, ep)
+    if write:
+        return export_state_dict(sd, model.config, out_dir)
+    return None

@@ -17,7 +17,16 @@ from actors.teacher import (
     stop_teacher_pool,
 )
 from dsv3ray.config import section_from_dict
-from dsv3ray.distill import DistillConfig, Distiller, SoftLabels, compress, kd_loss, mix_loss, stage_at
+from dsv3ray.distill import (
+    DistillConfig,
+    Distiller,
+    SoftLabels,
+    compress,
+    export_model,
+    kd_loss,
+    mix_loss,
+    stage_at,
+)
 from dsv3ray.errors import ConfigError, UserError
 from dsv3ray.model import ModelConfig, build_model
 
@@ -100,8 +109,22 @@ def test_config_sample_k_fits_uint8_and_unknown_key():
 def test_teacher_path_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         check_teacher_path(str(tmp_path / "nope"))
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match="holds no model"):
         check_teacher_path(str(tmp_path))
+
+
+def test_teacher_loads_from_a_run_directory_export(tmp_path):
+    """A run leaves its model in <run_dir>/hf (export_model); the teacher loads the run directory."""
+    torch.manual_seed(8)
+    model = build_model(tiny_cfg(dense=False))
+    export_model(model, tmp_path / "hf")
+    assert check_teacher_path(str(tmp_path)) == tmp_path / "hf"
+    worker = TeacherWorker(str(tmp_path), DistillConfig(teacher=str(tmp_path), k=3))
+    x_BS = torch.randint(0, V, (2, 6))
+    d = worker.label(x_BS.numpy())
+    with torch.no_grad():
+        logits = model(x_BS).logits
+    assert np.array_equal(d["ids_BPK"], logits[:, :-1].topk(3, -1).indices.numpy())
 
 
 # --- compression and loss ------------------------------------------------------------------------
