@@ -386,13 +386,20 @@ def _machine_memory_bytes() -> int:
         return 1 << 62
 
 
-def check_fits_in_memory(cfg: ModelConfig, bytes_per_param: int = 4) -> None:
-    """Refuse (one line) a model whose fp32 parameters alone would not fit in this machine's RAM."""
+def check_fits_in_memory(cfg: ModelConfig, ep_size: int = 1, bytes_per_param: int = 4) -> None:
+    """Refuse (one line) a model whose fp32 parameters alone would not fit in this machine's RAM.
+    With expert parallelism a rank holds 1/ep_size of the routed experts."""
     total, _ = count_params(cfg, include_mtp=True)
-    need, have = total * bytes_per_param, _machine_memory_bytes()
+    moe_layers = cfg.num_moe_layers + (
+        cfg.num_nextn_predict_layers if cfg.is_moe_layer(cfg.num_hidden_layers) else 0
+    )
+    routed = moe_layers * cfg.n_routed_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    held = total - routed + routed // ep_size
+    need, have = held * bytes_per_param, _machine_memory_bytes()
     if need > 0.8 * have:
         raise UserError(
-            f"model with {total / 1e9:.1f}B parameters needs {need / 2**30:.0f} GiB in fp32 but this machine has "
+            f"model with {total / 1e9:.1f}B parameters ({held / 1e9:.1f}B on this rank) needs {need / 2**30:.0f} GiB"
+            f" in fp32 but this machine has "
             f"{have / 2**30:.0f} GiB: use a smaller preset (debug, 16b) or run it on a GPU cluster"
         )
 
@@ -708,7 +715,7 @@ def init_weights(model: DeepseekV3ForCausalLM, std: float) -> None:
 def build_model(cfg: ModelConfig, ep=None) -> DeepseekV3ForCausalLM:
     """The model in fp32 on CPU with HF-style init from torch's current RNG (seed before calling).
     `ep` None = this rank owns all routed experts."""
-    check_fits_in_memory(cfg)
+    check_fits_in_memory(cfg, ep.ep_size if ep is not None else 1)
     model = DeepseekV3ForCausalLM(cfg, ep)
     init_weights(model, cfg.initializer_range)
     return model
