@@ -400,7 +400,7 @@ def check_fits_in_memory(cfg: ModelConfig, ep_size: int = 1, bytes_per_param: in
         raise UserError(
             f"model with {total / 1e9:.1f}B parameters ({held / 1e9:.1f}B on this rank) needs {need / 2**30:.0f} GiB"
             f" in fp32 but this machine has "
-            f"{have / 2**30:.0f} GiB: use a smaller preset (debug, 16b) or run it on a GPU cluster"
+            f"{have / 2**30:.0f} GiB: use a smaller preset (e.g. debug) or fewer layers, or run it on a cluster with expert parallelism"
         )
 
 
