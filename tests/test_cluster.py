@@ -123,24 +123,27 @@ def test_raylet_advertises_one_accelerator_type_unit_whatever_is_configured():
     assert spec.num_gpus == 8 and spec.resources["accelerator_type:A100"] == 1
 
 
-def _commands_for(cfg: dict, node_type: str) -> list[str]:
-    """The setup commands `ray up` runs on a node of this type (Ray's override rules)."""
-    t = cfg["available_node_types"][node_type]
-    if node_type == cfg["head_node_type"]:
-        return cfg["setup_commands"] + cfg["head_setup_commands"]
-    if "worker_setup_commands" in t:  # a node type's own list replaces setup + worker setup
-        return t["worker_setup_commands"]
-    return cfg["setup_commands"] + cfg["worker_setup_commands"]
+def _commands_for(prepared: dict, node_type: str) -> list[str]:
+    """The setup commands Ray runs on a node of this type: `prepare_config` merges
+    setup_commands into head/worker_setup_commands; a node type's own worker_setup_commands
+    replace the merged list (StandardAutoscaler._get_node_type_specific_fields)."""
+    if node_type == prepared["head_node_type"]:
+        return prepared["head_setup_commands"]
+    t = prepared["available_node_types"][node_type]
+    return t.get("worker_setup_commands", prepared["worker_setup_commands"])
 
 
 @pytest.mark.parametrize("name", VM_YAMLS)
 def test_vm_setup_installs_pinned_torch_then_the_repo(name):
+    from ray.autoscaler._private.util import prepare_config
+
     cfg = load(name)
     pin = torch_pin()
     assert cfg["file_mounts"] == {"~/dsv3ray": "."}
     assert {".venv", "runs", ".git"} <= set(cfg["rsync_exclude"])
+    prepared = prepare_config(copy.deepcopy(cfg))
     for node_type in cfg["available_node_types"]:
-        cmds = _commands_for(cfg, node_type)
+        cmds = _commands_for(prepared, node_type)
         torch_at = [i for i, c in enumerate(cmds) if pin in c.split()]
         repo_at = [i for i, c in enumerate(cmds) if "pip install" in c and "-e ~/dsv3ray" in c]
         assert torch_at and repo_at and torch_at[0] < repo_at[0], (node_type, cmds)
@@ -208,9 +211,8 @@ def test_aws_resources_match_ec2_instance_data(aws_bootstrap):
     cfg, detected, _, _ = aws_bootstrap
     for key, t in cfg["available_node_types"].items():
         auto = detected["available_node_types"][key]["resources"]
-        ours = {
-            k: v for k, v in t["resources"].items() if k != "CPU" or key != "head"
-        }  # head: CPU 0 on purpose
+        # the head declares CPU 0 on purpose (no work on it); everything else must agree with EC2
+        ours = {k: v for k, v in t["resources"].items() if not (key == "head" and k == "CPU")}
         assert ours == {k: auto[k] for k in ours}, (key, ours, auto)
         assert {k for k in auto if k in ("GPU",) or k.startswith("accelerator_type:")} <= set(ours), key
 
