@@ -26,7 +26,7 @@ def _load_tile(tiles_ptr, pid_m, num_tiles):
     return e, row_start, row_end
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tiles"])  # sizes vary per call: compile once
 def _gate_up_swiglu_kernel(
     x_ptr,
     w_ptr,
@@ -78,7 +78,7 @@ def _gate_up_swiglu_kernel(
     tl.store(h_ptr + m64_M[:, None] * I + n_N[None, :], h_MN.to(out_t), mask=ok_MN)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tiles"])  # sizes vary per call: compile once
 def _grouped_mm_kernel(
     a_ptr,
     b_ptr,
@@ -184,14 +184,18 @@ def _weight_grad_kernel(
     )
 
 
-def _blocks(device: torch.device, N: int, E: int) -> dict:
-    """Tile sizes: wide tiles for the interpreter (fewer, bigger numpy steps), a Hopper-friendly set on GPU."""
+def _blocks(device: torch.device, N: int, E: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and warps per kernel: wide tiles for the interpreter (fewer, bigger numpy steps), a
+    Hopper-friendly set on GPU (fp32 tiles are twice the bytes: one pipeline stage less for shared memory)."""
     if device.type != "cuda":
-        return dict(mm=(32, 128, 128), gate_up=(32, 128, 128), wgrad=(128, 128, 64), warps=4, stages=1)
+        one = dict(warps=4, stages=1)
+        return dict(mm=(32, 128, 128, one), gate_up=(32, 128, 128, one), wgrad=(128, 128, 64, one))
     # few rows per expert (fine-grained MoE at top-1): 64-row tiles waste less on partial tiles
     bm = 64 if N / max(E, 1) <= 96 else 128
+    stages = 3 if dtype != torch.float32 else 2
+    row = dict(warps=4 if bm == 64 else 8, stages=stages)
     return dict(
-        mm=(bm, 128, 64), gate_up=(bm, 64, 64), wgrad=(128, 128, 32), warps=8 if bm == 128 else 4, stages=3
+        mm=(bm, 128, 64, row), gate_up=(bm, 64, 64, row), wgrad=(128, 128, 32, dict(warps=8, stages=stages))
     )
 
 
@@ -229,13 +233,13 @@ def _launch_gate_up(x_ND, w_EJD, tiles, cfg):
     I = J // 2
     gu_NJ = torch.empty(N, J, device=x_ND.device, dtype=x_ND.dtype)
     h_NI = torch.empty(N, I, device=x_ND.device, dtype=x_ND.dtype)
-    bm, bn, bk = cfg["gate_up"]
+    bm, bn, bk, launch = cfg["gate_up"]
     num_tiles = tiles.shape[1]
     if num_tiles:
         _gate_up_swiglu_kernel[(num_tiles, triton.cdiv(I, bn))](
             x_ND, w_EJD, tiles, num_tiles, gu_NJ, h_NI, D, I, *w_EJD.stride(),
             PREC=_prec(x_ND.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=cfg["warps"], num_stages=cfg["stages"],
+            num_warps=launch["warps"], num_stages=launch["stages"],
         )  # fmt: skip
     return gu_NJ, h_NI
 
@@ -245,13 +249,13 @@ def _launch_mm(a_NK, b_E, b_strides, n_out, tiles, cfg, gu_NJ=None):
     N, KD = a_NK.shape
     swiglu = gu_NJ is not None
     c = torch.empty(N, 2 * n_out if swiglu else n_out, device=a_NK.device, dtype=a_NK.dtype)
-    bm, bn, bk = cfg["mm"]
+    bm, bn, bk, launch = cfg["mm"]
     num_tiles = tiles.shape[1]
     if num_tiles:
         _grouped_mm_kernel[(num_tiles, triton.cdiv(n_out, bn))](
             a_NK, b_E, c, tiles, num_tiles, gu_NJ if swiglu else c, KD, n_out, *b_strides,
             SWIGLU_BWD=swiglu, PREC=_prec(a_NK.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=cfg["warps"], num_stages=cfg["stages"],
+            num_warps=launch["warps"], num_stages=launch["stages"],
         )  # fmt: skip
     return c
 
@@ -261,12 +265,12 @@ def _launch_wgrad(a_NP, b_NQ, offsets_E, dtype, cfg):
     Q = b_NQ.shape[1]
     E = offsets_E.shape[0]
     dw_EPQ = torch.empty(E, P, Q, device=a_NP.device, dtype=dtype)
-    bp, bq, bk = cfg["wgrad"]
+    bp, bq, bk, launch = cfg["wgrad"]
     grid = (E, triton.cdiv(P, bp) * triton.cdiv(Q, bq))
     if E:
         _weight_grad_kernel[grid](
             a_NP, b_NQ, dw_EPQ, offsets_E, P, Q, PREC=_prec(a_NP.dtype),
-            BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=bk, num_warps=cfg["warps"], num_stages=cfg["stages"],
+            BLOCK_P=bp, BLOCK_Q=bq, BLOCK_K=bk, num_warps=launch["warps"], num_stages=launch["stages"],
         )  # fmt: skip
     return dw_EPQ
 
@@ -276,7 +280,7 @@ class _GroupedSwiGLUFn(torch.autograd.Function):
     def forward(ctx, x_ND, gate_up_proj_E2ID, down_proj_EDI, offsets_E):
         E, D, I = down_proj_EDI.shape
         N = x_ND.shape[0]
-        cfg = _blocks(x_ND.device, N, E)
+        cfg = _blocks(x_ND.device, N, E, x_ND.dtype)
         tiles_gu = _tile_table(offsets_E, N, cfg["gate_up"][0])
         tiles_mm = tiles_gu if cfg["mm"][0] == cfg["gate_up"][0] else _tile_table(offsets_E, N, cfg["mm"][0])
         gu_NJ, h_NI = _launch_gate_up(x_ND, gate_up_proj_E2ID, tiles_gu, cfg)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # sizes vary per call: compile once
 def _block_hist_kernel(experts_ptr, hist_ptr, N, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
     n_N = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -26,7 +26,7 @@ def _block_hist_kernel(experts_ptr, hist_ptr, N, E, BLOCK_N: tl.constexpr, BLOCK
     tl.store(hist_ptr + pid * E + e_E, hist_E, mask=e_E < E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # sizes vary per call: compile once
 def _permute_scatter_kernel(
     x_ptr,
     experts_ptr,
@@ -62,7 +62,7 @@ def _permute_scatter_kernel(
         tl.store(x_sorted_ptr + dst_N[:, None] * D + d_D[None, :], row_ND, mask=ok_ND)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # sizes vary per call: compile once
 def _gather_sum_kernel(
     src_ptr,
     dest_ptr,
@@ -93,7 +93,7 @@ def _gather_sum_kernel(
     tl.store(out_ptr + t_T[:, None] * D + d_D[None, :], acc_TD.to(out_ptr.dtype.element_ty), mask=ok_TD)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # sizes vary per call: compile once
 def _unpermute_bwd_kernel(
     grad_y_ptr,
     y_sorted_ptr,
@@ -131,7 +131,7 @@ def _unpermute_bwd_kernel(
         tl.store(grad_w_ptr + t_T * K + k, dot_T, mask=ok_T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # sizes vary per call: compile once
 def _invert_kernel(sort_idx_ptr, dest_ptr, N, BLOCK_N: tl.constexpr):
     n_N = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok_N = n_N < N

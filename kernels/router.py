@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # sizes vary per call: compile once
 def _route_fwd_kernel(
     logits_ptr,
     bias_ptr,
@@ -92,7 +92,7 @@ def _route_fwd_kernel(
     tl.atomic_add(counts_ptr + e_E, tl.sum(picked_TE, axis=0), mask=e_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # sizes vary per call: compile once
 def _route_bwd_kernel(
     grad_w_ptr,
     scores_ptr,

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# GPU check for the MoE kernels: correctness on CUDA (compiled Triton, fp32 + bf16) and the benchmark
+# with the Triton path (d) against grouped_mm (e). Runs in a copy of this repo on a bare GPU machine;
+# finishes in < 5 minutes on one H200; every step has its own timeout; writes everything under $OUT.
+#
+#   bash benchmarks/gpu_check.sh            # OUT defaults to ./gpu_out
+#
+# Needs python3 with torch (CUDA) + triton + pytest; does NOT need this repo installed (PYTHONPATH),
+# nor deepspeed/ray. Prints a short summary at the end; exit 0 when tests passed and the benchmark ran.
+set -u
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+PY="${PYTHON:-python3}"
+log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
+: > "$OUT/summary.txt"
+
+# 0. environment (and what is missing; there may be no network: pip is tried, never waited on long)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv || true
+  "$PY" -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+for mod in torch triton pytest; do
+  if ! "$PY" -c "import $mod" 2>/dev/null; then
+    log "missing python module $mod: trying pip (60 s max)"
+    timeout 60 "$PY" -m pip install -q "$mod" >> "$OUT/pip.log" 2>&1 || log "pip install $mod failed (see pip.log)"
+  fi
+done
+if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  log "FAIL: torch does not see a CUDA device"; exit 2
+fi
+XDIST=""
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
+
+# 1. smoke: the compiled (non-interpreted) path end to end, with a clear error if compilation fails
+timeout 75 "$PY" - > "$OUT/smoke.txt" 2>&1 <<'PYEOF'
+import torch, kernels
+d = "cuda"
+T, D, I, E, K = 256, 512, 128, 16, 2
+x = torch.randn(T, D, device=d, dtype=torch.bfloat16, requires_grad=True)
+lg = torch.randn(T, E, device=d, requires_grad=True)
+w1 = (torch.randn(E, 2 * I, D, device=d) / 20).bfloat16().requires_grad_()
+w2 = (torch.randn(E, D, I, device=d) / 10).bfloat16().requires_grad_()
+w, ex, c = kernels.route(lg, torch.zeros(E, device=d), K, 4, 2, True, 2.5)
+xs, idx, offs = kernels.permute(x, ex, E)
+y = kernels.unpermute(kernels.grouped_swiglu(xs, w1, w2, offs), idx, w)
+y.float().square().sum().backward()
+print("smoke ok", tuple(y.shape), float(y.float().norm()), int(c.sum()))
+PYEOF
+SMOKE=$?
+cat "$OUT/smoke.txt"; log "smoke rc=$SMOKE"
+
+# 2. kernel tests on CUDA: the CPU subset (now compiled, on cuda) + the gpu-marked full grid
+timeout 140 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider $XDIST \
+  --junitxml="$OUT/pytest_kernels.xml" > "$OUT/pytest_kernels.txt" 2>&1
+TESTS=$?
+tail -n 25 "$OUT/pytest_kernels.txt"; log "pytest tests/test_kernels.py (incl. -m gpu) rc=$TESTS (124 = timed out)"
+
+# 3. benchmark: seed shapes, bf16, top-1/2/8, all variants incl. Triton (d) and grouped_mm (e)
+timeout 100 "$PY" benchmarks/moe_layer.py --reps 10 --warmup 2 --out "$OUT/moe_layer.jsonl" \
+  > "$OUT/bench.txt" 2>&1
+BENCH=$?
+cat "$OUT/bench.txt" | tail -n 20; log "benchmark rc=$BENCH"
+
+# 4. summary of the GPU targets
+"$PY" - "$OUT/moe_layer.jsonl" >> "$OUT/summary.txt" 2>&1 <<'PYEOF'
+import json, sys
+try:
+    rows = [json.loads(l) for l in open(sys.argv[1])]
+except OSError:
+    rows = []
+for r in rows:
+    ms = lambda k: (r.get(k) or {}).get("ms")
+    print(f"top-{r['top_k']}: seed {ms('seed')} dense {ms('dense')} torch {ms('torch')} triton {ms('triton')} ms | "
+          f"expert MLP triton {ms('mlp_triton')} vs grouped_mm {ms('mlp_gmm')} -> x{r.get('triton_mlp_vs_gmm')} (target >= 1) | "
+          f"routing triton {ms('routing_triton')} vs torch {ms('routing_torch')} -> x{r.get('triton_routing_speedup')} (target >= 2)")
+PYEOF
+cat "$OUT/summary.txt"
+[ "$SMOKE" = 0 ] && [ "$TESTS" = 0 ] && [ "$BENCH" = 0 ]
