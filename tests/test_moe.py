@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dsv3ray.errors import UserError
 from dsv3ray.model import ModelConfig
 
 try:  # import before anything pulls in triton: kernels switches on TRITON_INTERPRET without a GPU
@@ -268,9 +269,15 @@ def test_sequence_balance_loss_value():
     assert moe.balance_loss(flat, uniform, B, S).item() == pytest.approx(0.01, rel=1e-6)
 
 
-def test_moe_impl_choice():
+def test_moe_impl_choice(monkeypatch):
     assert moe_ops("torch", torch.device("cpu")).route is route
     assert moe_ops("auto", torch.device("cpu")).route is route
+    import dsv3ray.moe as moe_mod
+
+    monkeypatch.setattr(moe_mod, "_triton_ops", lambda: None)  # as if kernels/ lacked the seams
+    with pytest.raises(UserError, match="moe_impl='triton'") as ei:
+        moe_ops("triton", torch.device("cpu"))
+    assert "\n" not in str(ei.value)
 
 
 def test_triton_impl_matches_torch_when_available():
