@@ -200,6 +200,10 @@ def _engine(world_size, ep_size, stage, seed=0):
         {
             "zero_optimization": {"stage": stage},
             "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.1}},
+            "scheduler": {
+                "type": "WarmupCosineLR",
+                "params": {"total_num_steps": STEPS, "warmup_num_steps": 2},
+            },
         },
         device="cpu",
         has_moe=True,
@@ -248,10 +252,44 @@ def _equivalence_worker(rank, world_size, ep_size, stage, out_dir):
             engine.save_checkpoint(Path(out_dir) / "ckpt", tag="step5")
             snapshot = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         losses.append(_train_step(engine, batch, rank, world_size))
+    assert engine.lr_scheduler is not None and engine.get_lr()[0] < 3e-3  # warmup + cosine passed through
     if rank == 0:
         torch.save(losses, Path(out_dir) / f"losses_w{world_size}_ep{ep_size}_z{stage}.pt")
+    if world_size == 1:
+        _seed_config_runs(rank, world_size)
     if ep_size > 1:
         _resume_and_nonfinite(rank, world_size, Path(out_dir) / "ckpt", snapshot, losses[5:7])
+
+
+def _seed_config_runs(rank, world_size):
+    """The article's JSON, resolved for CPU (bf16, ZeRO-2, micro 8 x accum 16), builds and trains;
+    a NaN in one micro-batch makes the accumulated step non-finite and it is skipped."""
+    from dsv3ray.engine import build_engine, grads_are_finite, skip_step
+    from dsv3ray.model import build_model
+
+    ds, notes = resolve_deepspeed_config(seed_config(), device="cpu", has_moe=True, world_size=world_size)
+    torch.manual_seed(0)
+    engine, _, _ = build_engine(build_model(_model_cfg()), {**ds, "steps_per_print": 10**9})
+    assert (
+        engine.bfloat16_enabled()
+        and engine.zero_optimization_stage() == 2
+        and engine.gradient_accumulation_steps() == 16
+    )
+    ids = (torch.arange(8)[:, None] * 7 + torch.arange(SEQ)) % 256
+    for nan_micro in (None, 3):
+        before = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+        for micro in range(16):
+            loss = engine(ids, ids).loss
+            engine.backward(loss * float("nan") if micro == nan_micro else loss)
+            if not engine.is_gradient_accumulation_boundary():
+                engine.step()
+            elif grads_are_finite(engine):
+                engine.step()
+            else:
+                skip_step(engine)
+        changed = any(not torch.equal(p.float(), before[n]) for n, p in engine.module.named_parameters())
+        assert changed == (nan_micro is None) and engine.skipped_steps == (nan_micro is not None)
+    assert engine.global_steps == 2
 
 
 def _two_process_worker(rank, world_size, out_dir):
