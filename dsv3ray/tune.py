@@ -134,10 +134,14 @@ def trial_metrics(run, summaries: list[dict[str, Any]], seq_len: int) -> dict[st
 
     last = summaries[-1]
     device, n = _trial_device(run)
-    # measured training time: each stage's own tokens over its measured steady-state throughput
+    # measured training time: each stage's own tokens over its measured steady-state throughput.
+    # A stage resumes the previous one: its summary's tokens/steps are cumulative, its own steps
+    # are those after resumed_from_step.
     train_s, tokens = 0.0, 0
     for s in summaries:
-        t = int(s.get("tokens") or 0)
+        total, steps = int(s.get("tokens") or 0), int(s.get("steps") or 0)
+        own_steps = steps - int(s.get("resumed_from_step") or 0)
+        t = total * own_steps // steps if steps and 0 <= own_steps <= steps else total
         tps = s.get("tokens_per_s") or (t / s["wall_s"] if s.get("wall_s") else None)
         if tps:
             train_s += t / float(tps)

@@ -94,8 +94,9 @@ class _Run:
 def test_trial_metrics_cost_is_measured_training_time():
     run = _Run()
     summaries = [
-        {"tokens": 4096, "tokens_per_s": 1024.0, "final_eval_loss": 6.0, "activation_ratio": 0.6},
-        {"tokens": 4096, "tokens_per_s": 2048.0, "final_eval_loss": 5.0, "activation_ratio": 0.6},
+        {"tokens": 4096, "steps": 4, "tokens_per_s": 1024.0, "final_eval_loss": 6.0, "activation_ratio": 0.6},
+        # the second stage resumed at step 4: cumulative 8192 tokens, its own 4096
+        {"tokens": 8192, "steps": 8, "resumed_from_step": 4, "tokens_per_s": 2048.0, "final_eval_loss": 5.0},
     ]
     m = trial_metrics(run, summaries, seq_len=64)
     assert m["train_s"] == pytest.approx(4.0 + 2.0) and m["tokens"] == 8192 and m["stages"] == 2
@@ -176,6 +177,7 @@ def test_four_trial_sweep_on_cpu(tmp_path, ray_local):
         "tune.keep_ratio=[0.2, 0.6]",
         "tune.tokens=1024",
         "tune.rungs=2",
+        "tune.lr=[3e-3, 3e-2]",
         "tune.max_concurrent=1",
     ]
     run = resolve_run_config(overrides=overrides)
