@@ -194,6 +194,47 @@ def _targets(soft: SoftLabels, device) -> tuple[torch.Tensor, torch.Tensor, torc
     return ids, w, ref
 
 
+class _SupportKL(torch.autograd.Function):
+    """kl_BP = T^2 * sum_k w_k (ref_k - log s_k), s = softmax(logits / T), with a hand-written
+    backward that writes d/dlogits = T * g * (sum(w) * s - scatter(w)) straight into one (B, S, V)
+    buffer: about half the time of autograd's logsumexp + gather + slice backward chain, which
+    matters because the KD term costs as much as the CE the model already computes."""
+
+    @staticmethod
+    def forward(ctx, logits_BSV, ids_BPK, w_BPK, ref_BPK, temperature: float):
+        P = ids_BPK.shape[1]
+        z_BPV = logits_BSV[:, :P].float()
+        if temperature != 1.0:
+            z_BPV = z_BPV / temperature
+        lse_BP1 = torch.logsumexp(z_BPV, dim=-1, keepdim=True)
+        logp_s_BPK = z_BPV.gather(-1, ids_BPK) - lse_BP1  # log s at the support only
+        kl_BP = (w_BPK * (ref_BPK - logp_s_BPK)).sum(-1) * temperature**2
+        ctx.save_for_backward(logits_BSV, ids_BPK, w_BPK, lse_BP1)
+        ctx.temperature = temperature
+        return kl_BP
+
+    @staticmethod
+    def backward(ctx, g_BP):
+        logits_BSV, ids_BPK, w_BPK, lse_BP1 = ctx.saved_tensors
+        T = ctx.temperature
+        B, S, V = logits_BSV.shape
+        P = ids_BPK.shape[1]
+        grad_BSV = torch.empty((B, S, V), dtype=torch.float32, device=logits_BSV.device)
+        grad_BSV[:, P:].zero_()  # positions without labels (the last one)
+        s_BPV = grad_BSV[:, :P]
+        z_BPV = logits_BSV[:, :P].float()
+        if T != 1.0:
+            torch.div(z_BPV, T, out=s_BPV)
+            s_BPV.sub_(lse_BP1)
+        else:
+            torch.sub(z_BPV, lse_BP1, out=s_BPV)
+        s_BPV.exp_()  # student probabilities at temperature T
+        scale_BP1 = (T * g_BP).unsqueeze(-1)
+        s_BPV.mul_(scale_BP1 * w_BPK.sum(-1, keepdim=True))
+        s_BPV.scatter_add_(-1, ids_BPK, -w_BPK * scale_BP1)
+        return grad_BSV.to(logits_BSV.dtype), None, None, None, None
+
+
 def kd_loss(
     student_logits_BSV: torch.Tensor,
     soft: SoftLabels,
@@ -207,13 +248,8 @@ def kd_loss(
     """
     ids_BPK, w_BPK, ref_BPK = _targets(soft, student_logits_BSV.device)
     P = ids_BPK.shape[1]
-    z_BPV = student_logits_BSV[:, :P].float()
-    if temperature != 1.0:
-        z_BPV = z_BPV / temperature
-    # log s_i = z_i - logsumexp(z): no (B, P, V) log-prob tensor is materialized in the forward
-    logp_s_BPK = z_BPV.gather(-1, ids_BPK) - torch.logsumexp(z_BPV, dim=-1, keepdim=True)
     # zero-weight slots (merged duplicates) contribute 0 * finite = 0
-    kl_BP = (w_BPK * (ref_BPK - logp_s_BPK)).sum(-1) * temperature**2
+    kl_BP = _SupportKL.apply(student_logits_BSV, ids_BPK, w_BPK, ref_BPK, float(temperature))
     if labels_BS is None:
         mask_BP = torch.ones_like(kl_BP)
     else:
