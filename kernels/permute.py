@@ -1,8 +1,9 @@
 """Permute / unpermute in Triton: a stable counting sort of routed rows by expert, and the weighted combine.
 
-permute (two kernels, no host sync):
+permute (three kernels, no host sync):
   1. `_block_hist_kernel`: per block of BLOCK_N flat rows (t*K + k), its per-expert row counts.
-  2. torch glue on the small (num_blocks, E) table: expert start offsets + exclusive scan over blocks.
+  2. `_block_scan_kernel` (one program) on the small (num_blocks, E) table: expert end offsets and,
+     per block and expert, where its rows start (exclusive scan over blocks).
   3. `_permute_scatter_kernel`: each row's destination = base[block, expert] + its rank among the
      block's earlier rows of the same expert (stable); writes sort_idx_N, dest_N and copies the row.
 unpermute: y_TD[t] = sum_k w[t, k] * y_sorted[dest[t*K + k]], fp32 accumulate, no atomics (each
@@ -24,6 +25,28 @@ def _block_hist_kernel(experts_ptr, hist_ptr, N, E, BLOCK_N: tl.constexpr, BLOCK
     ex_N = tl.load(experts_ptr + n_N, mask=n_N < N, other=-1)
     hist_E = tl.sum((ex_N[:, None] == e_E[None, :]).to(tl.int32), axis=0)
     tl.store(hist_ptr + pid * E + e_E, hist_E, mask=e_E < E)
+
+
+@triton.jit(do_not_specialize=["NB"])  # sizes vary per call: compile once
+def _block_scan_kernel(hist_ptr, base_ptr, offsets_ptr, NB, E, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One program: offsets_E = cumsum of expert totals; base[b, e] = start of e + rows of e in blocks < b."""
+    e_E = tl.arange(0, BLOCK_E)
+    ok_E = e_E < E
+    b_B = tl.arange(0, BLOCK_B)
+    total_E = tl.zeros((BLOCK_E,), tl.int32)
+    for b0 in range(0, NB, BLOCK_B):
+        ok_BE = ((b0 + b_B) < NB)[:, None] & ok_E[None, :]
+        h_BE = tl.load(hist_ptr + (b0 + b_B)[:, None] * E + e_E[None, :], mask=ok_BE, other=0)
+        total_E += tl.sum(h_BE, axis=0)
+    end_E = tl.cumsum(total_E, 0)
+    tl.store(offsets_ptr + e_E, end_E, mask=ok_E)
+    run_E = end_E - total_E
+    for b0 in range(0, NB, BLOCK_B):
+        ok_BE = ((b0 + b_B) < NB)[:, None] & ok_E[None, :]
+        h_BE = tl.load(hist_ptr + (b0 + b_B)[:, None] * E + e_E[None, :], mask=ok_BE, other=0)
+        base_BE = run_E[None, :] + tl.cumsum(h_BE, 0) - h_BE
+        tl.store(base_ptr + (b0 + b_B)[:, None] * E + e_E[None, :], base_BE, mask=ok_BE)
+        run_E += tl.sum(h_BE, axis=0)
 
 
 @triton.jit(do_not_specialize=["N"])  # sizes vary per call: compile once
@@ -182,10 +205,13 @@ def _permute_launch(x_TD, experts_TK, num_experts):
     _block_hist_kernel[(num_blocks,)](
         flat_N, hist_BE, N, E, BLOCK_N=block_n, BLOCK_E=triton.next_power_of_2(E)
     )
-    # tiny (B, E) scans: where each block's rows of each expert start in the sorted order
-    offsets_E = torch.cumsum(hist_BE.sum(0, dtype=torch.int32), 0, dtype=torch.int32)
-    base_BE = (offsets_E - hist_BE.sum(0, dtype=torch.int32)) + torch.cumsum(hist_BE, 0, dtype=torch.int32)
-    base_BE = (base_BE - hist_BE).contiguous()
+    # where each block's rows of each expert start in the sorted order (one small program)
+    base_BE = torch.empty_like(hist_BE)
+    offsets_E = torch.empty(E, device=dev, dtype=torch.int32)
+    block_e = triton.next_power_of_2(E)
+    _block_scan_kernel[(1,)](
+        hist_BE, base_BE, offsets_E, num_blocks, E, BLOCK_B=max(1, min(64, 8192 // block_e)), BLOCK_E=block_e
+    )
     _permute_scatter_kernel[(num_blocks,)](
         x_TD,
         flat_N,

@@ -57,15 +57,15 @@ def _route_fwd_kernel(
             arg1_T = tl.min(tl.where(v_TE == top1_T[:, None], e_E[None, :], big), axis=1)
             top2_T = tl.max(tl.where(e_E[None, :] == arg1_T[:, None], neg_inf, v_TE), axis=1)
             group_score_TE = tl.where(in_g, (top1_T + top2_T)[:, None], group_score_TE)
-        keep_TE = tl.zeros((BLOCK_T, BLOCK_E), tl.int1)
+        keep_TE = tl.zeros((BLOCK_T, BLOCK_E), tl.int32)
         for _ in tl.static_range(TOPK_GROUP):
             best_T = tl.max(group_score_TE, axis=1)
             # lowest group index among ties, like torch.topk on distinct values
             gbest_T = tl.min(tl.where(group_score_TE == best_T[:, None], group_E[None, :], big), axis=1)
             chosen_TE = group_E[None, :] == gbest_T[:, None]
-            keep_TE = keep_TE | chosen_TE
+            keep_TE += chosen_TE.to(tl.int32)
             group_score_TE = tl.where(chosen_TE, neg_inf, group_score_TE)
-        biased_TE = tl.where(keep_TE, biased_TE, neg_inf)
+        biased_TE = tl.where(keep_TE > 0, biased_TE, neg_inf)
 
     k_K = tl.arange(0, BLOCK_K)
     w_TK = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
