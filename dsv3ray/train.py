@@ -221,9 +221,9 @@ def train(run) -> dict:
     """Run training for a resolved run config; returns the summary (also in run_dir/report.json)."""
     import ray
     import ray.train
-    from pipelines.dataset import read_prepared
     from ray.train.torch import TorchTrainer
 
+    from pipelines.dataset import read_prepared
     from pipelines.sampler import CurriculumSampler
 
     cfg: TrainConfig = run.train
@@ -245,7 +245,9 @@ def train(run) -> dict:
         "train": read_prepared(data.dir, "train", files=data.train_files).materialize(),
         "eval": read_prepared(data.dir, "eval", files=data.eval_files).materialize(),
     }
+    mailbox = ray.remote(num_cpus=0)(Mailbox).remote()
     loop_config = {
+        "mailbox": mailbox,
         "train": cfg,
         "model": run.model,
         "ds_config": p["ds_config"],
@@ -289,10 +291,12 @@ def train(run) -> dict:
         if ue is not None:
             raise UserError(str(ue)) from None
         raise
-    summary = dict(result.metrics or {})
+    box = ray.get(mailbox.get.remote())
+    if box.get("user_error"):
+        raise UserError(box["user_error"])
+    # Ray's result carries the metrics of the newest checkpoint; a stopped run has none newer.
+    summary = dict(box.get("summary") or result.metrics or {})
     summary["wall_s"] = time.perf_counter() - t0
-    if summary.get("user_error"):
-        raise UserError(summary["user_error"])
     summary.update(
         name=cfg.name,
         params_total=p["params_total"],
@@ -341,15 +345,31 @@ def _kill_once(run_dir: str, what: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+class Mailbox:
+    """Worker -> driver values that are not checkpoint metrics (the final summary, a user error)."""
+
+    def __init__(self):
+        self.values: dict = {}
+
+    def put(self, key: str, value) -> None:
+        self.values[key] = value
+
+    def get(self) -> dict:
+        return self.values
+
+
 def train_loop(config: dict) -> None:
     """Ray Train worker entry point."""
+    import ray
+
+    mailbox = config["mailbox"]
+    if ray.get(mailbox.get.remote()).get("user_error"):
+        return  # a restart after a user error: the driver reports it, retrying cannot help
     try:
         _Worker(config).run()
     except UserError as e:
-        # Not retried by reporting it back; every rank hits the same config mistake.
-        import ray.train
-
-        ray.train.report({"user_error": str(e)})
+        ray.get(mailbox.put.remote("user_error", str(e)))
+        raise
 
 
 class _Worker:
@@ -682,13 +702,11 @@ class _Worker:
             "world_size": self.world,
             "ep_size": self.ep.ep_size,
         }
-        if stopped or step == start:
-            import ray.train
-
-            # No checkpoint of a poisoned state (the last good one stays newest), nor a second
-            # copy of the checkpoint a finished run was resumed from.
-            ray.train.report(final)
-        else:
+        if self.rank == 0:
+            ray.get(self.c["mailbox"].put.remote("summary", final))
+        # No checkpoint of a poisoned state (the last good one stays newest), nor a second copy
+        # of the checkpoint a finished run was resumed from.
+        if not stopped and step != start:
             self._save(step, last, final)
 
     def _count_start(self) -> int:
