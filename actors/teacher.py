@@ -126,8 +126,23 @@ class TeacherWorker:
         return d
 
 
+def check_teacher_matches(path: str, student_vocab_size: int) -> None:
+    """Soft labels are token ids: the teacher must speak the student's vocabulary."""
+    from dsv3ray.hf import read_config
+
+    teacher_vocab = read_config(check_teacher_path(path)).vocab_size
+    if teacher_vocab != student_vocab_size:
+        raise UserError(
+            f"distill.teacher={path!r} has vocab_size={teacher_vocab} but model.vocab_size={student_vocab_size}: "
+            "train the teacher on the same prepared data (same tokenizer) as the student"
+        )
+
+
 def start_teacher_pool(
-    cfg: DistillConfig, source: TeacherSource | None = None, ready_timeout_s: float = 600.0
+    cfg: DistillConfig,
+    source: TeacherSource | None = None,
+    student_vocab_size: int | None = None,
+    ready_timeout_s: float = 600.0,
 ) -> list:
     """Start `cfg.num_teachers` TeacherWorker actors and wait until each has loaded its teacher.
 
@@ -138,6 +153,8 @@ def start_teacher_pool(
     source = cfg.teacher if source is None else source
     if isinstance(source, str):
         check_teacher_path(source)
+        if student_vocab_size is not None:
+            check_teacher_matches(source, student_vocab_size)
     actor_cls = ray.remote(
         num_cpus=cfg.teacher_num_cpus,
         num_gpus=cfg.teacher_num_gpus,

@@ -303,12 +303,22 @@ class Distiller:
     to `prefetch` steps earlier: a lag of a few steps in its feedback, by design.
     """
 
-    def __init__(self, cfg: DistillConfig, teachers: list, rank: int = 0, tokens_per_step: int = 0):
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        teachers: list,
+        rank: int = 0,
+        tokens_per_step: int = 0,
+        last_step: int | None = None,
+    ):
+        """teachers: TeacherWorker actor handles; tokens_per_step: global tokens per step (to see the
+        stage of future steps); last_step: the run's last step (nothing is prefetched beyond it)."""
         assert teachers, "Distiller needs at least one teacher actor handle"
         self.cfg = cfg
         self.teachers = list(teachers)
         self.rank = rank
         self.tokens_per_step = tokens_per_step
+        self.last_step = last_step
         self.pending: OrderedDict[tuple[int, int], _Pending] = OrderedDict()
         self.requested: set[int] = set()  # steps prefetch() already fetched
         self.teacher_ce_ema: float | None = None  # baseline of the difficulty when labels are missing
@@ -345,6 +355,8 @@ class Distiller:
         fared, so every rank calls `fetch` for the same steps (safe if fetch is collective).
         """
         for s in range(step, step + self.cfg.prefetch):
+            if self.last_step is not None and s > self.last_step:
+                break
             est_tokens = tokens + (s - step) * self.tokens_per_step
             if stage_at(self.cfg, s, est_tokens) != 1:
                 break

@@ -12,6 +12,7 @@ import torch
 from actors.teacher import (
     InMemoryTeacher,
     TeacherWorker,
+    check_teacher_matches,
     check_teacher_path,
     start_teacher_pool,
     stop_teacher_pool,
@@ -125,6 +126,9 @@ def test_teacher_loads_from_a_run_directory_export(tmp_path):
     with torch.no_grad():
         logits = model(x_BS).logits
     assert np.array_equal(d["ids_BPK"], logits[:, :-1].topk(3, -1).indices.numpy())
+    check_teacher_matches(str(tmp_path), V)
+    with pytest.raises(UserError, match="vocab_size=32 but model.vocab_size=64"):
+        check_teacher_matches(str(tmp_path), 64)
 
 
 # --- compression and loss ------------------------------------------------------------------------
@@ -259,6 +263,41 @@ def test_stage_switch_by_steps_or_tokens_survives_resume(capsys):
     resumed = Distiller(cfg, teachers=[object()])  # restored step 12 -> stage 2 from the first call
     assert resumed.stage(12, 1200) == 2
     assert "step 12 (1200 tokens) is in stage 2" in capsys.readouterr().out
+
+
+class _RecordingTeacher:
+    """Boundary stand-in for an actor handle: records label requests (prefetch only, no waiting)."""
+
+    def __init__(self):
+        self.requests = []
+        self.label = self
+
+    def remote(self, x, seed):
+        self.requests.append((x.shape, seed))
+        return object()
+
+
+def test_prefetch_is_bounded_and_stops_at_stage_2_and_the_last_step():
+    cfg = DistillConfig(teacher="t", prefetch=3, kd_tokens=500)
+    teacher = _RecordingTeacher()
+    d = Distiller(cfg, [teacher], rank=0, tokens_per_step=100, last_step=6)
+    fetched = []
+
+    def fetch(s):
+        fetched.append(s)
+        return [torch.zeros(2, 5, dtype=torch.long)] * 2  # two micro-batches per step
+
+    d.prefetch(0, 0, fetch)
+    assert fetched == [0, 1, 2] and len(d.pending) == 6
+    d._drop_before(1)  # step 0 trained
+    d.prefetch(1, 100, fetch)
+    assert fetched == [0, 1, 2, 3]  # only the new step; at most `prefetch` steps ahead
+    d._drop_before(3)
+    d.prefetch(3, 300, fetch)  # step 5 would start at 500 tokens = stage 2: no labels needed
+    assert fetched == [0, 1, 2, 3, 4]
+    d2 = Distiller(DistillConfig(teacher="t", prefetch=4), [teacher], tokens_per_step=100, last_step=6)
+    d2.prefetch(5, 500, fetch)
+    assert fetched[-2:] == [5, 6]  # never beyond the run's last step
 
 
 # --- the teacher worker (plain class) ------------------------------------------------------------
