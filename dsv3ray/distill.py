@@ -63,6 +63,9 @@ class DistillConfig:
     max_restarts: int = 3  # Ray restarts of a dead teacher actor
     max_task_retries: int = 2  # Ray retries of a label request whose actor died
     seed: int = 0  # sampling seed ("sample" compression), combined with the step
+    # Write this run's final model to <run_dir>/hf (all experts gathered) so a later run can name
+    # this run directory as its `teacher`; set it on the teacher's run.
+    save_as_teacher: bool = False
 
     def __post_init__(self):
         if self.compression not in COMPRESSIONS:

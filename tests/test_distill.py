@@ -131,6 +131,25 @@ def test_teacher_loads_from_a_run_directory_export(tmp_path):
         check_teacher_matches(str(tmp_path), 64)
 
 
+def test_demo_config_resolves_for_teacher_and_student():
+    from dsv3ray.runconfig import resolve_run_config
+
+    student = resolve_run_config(config="configs/distill_demo.toml")
+    assert student.distill.enabled and student.model.num_moe_layers > 0
+    teacher = resolve_run_config(
+        config="configs/distill_demo.toml",
+        overrides=[
+            f"model.first_k_dense_replace={student.model.num_hidden_layers}",
+            "train.ep_size=1",
+            'distill.teacher=""',
+            "distill.save_as_teacher=true",
+        ],
+    )
+    assert not teacher.distill.enabled and teacher.distill.save_as_teacher
+    assert teacher.model.num_moe_layers == 0  # dense: every layer an MLP
+    assert teacher.model.vocab_size == student.model.vocab_size
+
+
 # --- compression and loss ------------------------------------------------------------------------
 
 
