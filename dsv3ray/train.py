@@ -174,6 +174,8 @@ def plan(run) -> dict:
             )
         resume_from = str(p)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not run.data.prepared:
+        _init_ray(cfg)  # preparing raw inputs runs on Ray Data: start (or join) Ray first
     data = resolve_data(run.data, getattr(run, "prepare", None), run_dir, cfg.corrupt_shard)
     seq_len = int(data.meta["seq_len"])
     if int(data.meta["vocab_size"]) > model_cfg.vocab_size:
