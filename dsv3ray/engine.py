@@ -280,6 +280,12 @@ def attach_deepspeed_moe(model: torch.nn.Module, ep: ExpertParallel) -> int:
             continue
         e = experts.gate_up_proj.shape[0]
         assert experts.down_proj.shape[0] == e
+        owner = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+        num_experts = getattr(owner, "num_experts", e * ep.ep_size)
+        if num_experts != e * ep.ep_size:
+            raise ValueError(
+                f"{path} holds {e} of {num_experts} experts but ep_size={ep.ep_size}: build the model with the same ep"
+            )
         experts.add_module(_VIEW_NAME, DeepSpeedMoEView(experts, e * ep.ep_size, ep.ep_size))
         experts.register_load_state_dict_pre_hook(_stack_expert_views)
     return len(owners)
@@ -355,13 +361,16 @@ def _local_gradients(engine) -> list[torch.Tensor]:
     return grads
 
 
-def grads_are_finite(engine, loss: torch.Tensor | None = None) -> bool:
-    """True when the loss (if given) and every gradient on every rank are finite.
+def grads_are_finite(engine, loss: torch.Tensor | None = None, local_bad: bool = False) -> bool:
+    """True when, on every rank, the loss (if given) and every gradient are finite and `local_bad`
+    is False (a rank-local reason to skip, e.g. a non-finite micro-batch loss earlier in the
+    accumulation).
 
-    Call after `engine.backward` on the accumulation boundary, before `engine.step()`. One MAX
-    all-reduce over the world, so all ranks take the same decision.
+    Call on EVERY rank, after `engine.backward` on the accumulation boundary and before
+    `engine.step()` / `skip_step(engine)`: it is one MAX all-reduce over the world, so all ranks
+    take the same decision (never short-circuit it behind a rank-local condition).
     """
-    bad = torch.zeros((), dtype=torch.float32, device=engine.device)
+    bad = torch.full((), float(local_bad), dtype=torch.float32, device=engine.device)
     if loss is not None:
         bad = bad + (~torch.isfinite(loss.detach().float())).float()
     for g in _local_gradients(engine):

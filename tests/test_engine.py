@@ -146,6 +146,43 @@ def test_resolve_refuses_impossible_settings():
         resolve_deepspeed_config({}, device="tpu", has_moe=False, world_size=1)
 
 
+# --- the DeepSpeed MoE adapter (in-process, no process group) ----------------------------------
+
+
+def test_deepspeed_moe_view_is_invisible_to_the_model_and_round_trips():
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    from dsv3ray.engine import attach_deepspeed_moe
+    from dsv3ray.model import build_model
+    from dsv3ray.parallel import ExpertParallel
+
+    torch.manual_seed(0)
+    model = build_model(_model_cfg())
+    keys = list(model.state_dict())
+    assert attach_deepspeed_moe(model, ExpertParallel()) == 1  # one MoE layer (layer 0 is dense)
+    assert (
+        attach_deepspeed_moe(model, ExpertParallel()) == 1 and list(model.state_dict()) == keys
+    )  # idempotent, no new keys
+    views = [m for m in model.modules() if isinstance(m, DeepSpeedMoE)]
+    assert len(views) == 1 and (views[0].num_experts, views[0].num_local_experts) == (16, 16)
+    experts = model.model.layers[1].mlp.experts
+    per_expert = views[0].state_dict()  # what DeepSpeed writes, one file per expert
+    assert torch.equal(
+        per_expert["deepspeed_moe.experts.deepspeed_experts.5.down_proj"], experts.down_proj[5]
+    )
+    # loading DeepSpeed's per-expert keys (instead of the stacked ones) restores the stacked params
+    sd = model.state_dict()
+    for name in ("gate_up_proj", "down_proj"):
+        sd.pop(f"model.layers.1.mlp.experts.{name}")
+    prefix = "model.layers.1.mlp.experts.ds_moe."
+    sd.update({prefix + k: v.clone() + 1 for k, v in per_expert.items()})
+    expected = experts.down_proj.detach().clone() + 1
+    model.load_state_dict(sd, strict=True)
+    assert torch.equal(experts.down_proj.detach(), expected)
+    with pytest.raises(ValueError, match="ep_size=2"):  # a model holding all experts cannot be an EP=2 shard
+        attach_deepspeed_moe(build_model(_model_cfg()), ExpertParallel(2, 0, group=object()))
+
+
 # --- DeepSpeed engines in fresh processes -------------------------------------------------------
 
 
@@ -332,6 +369,12 @@ def _resume_and_nonfinite(rank, world_size, ckpt_dir, snapshot, uninterrupted):
     resumed.step()
     assert resumed.skipped_steps == 1 and resumed.was_step_applied()
     assert any(not torch.equal(p, before[n]) for n, p in resumed.module.named_parameters())
+    # finite gradients everywhere, but one rank has a local reason to skip: all ranks skip
+    loss = resumed(ids, ids).loss
+    resumed.backward(loss)
+    assert grads_are_finite(resumed, local_bad=rank == 1) is False
+    skip_step(resumed)
+    assert resumed.skipped_steps == 2
 
 
 @pytest.mark.slow
