@@ -22,6 +22,7 @@ Outputs in OUTPUT/: trials.csv (every trial), pareto.csv (the non-dominated fini
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import time
@@ -315,10 +316,15 @@ def _rows_from_results(grid, out: Path) -> list[dict[str, Any]]:
 
 
 def _one_line(err: BaseException) -> str:
-    from dsv3ray.train import _first_user_error
-
-    ue = _first_user_error(err)
-    text = str(ue) if ue is not None else f"{type(err).__name__}: {err}"
+    """The innermost cause of a trial's error (Ray wraps it in task/actor errors), on one line."""
+    seen, e = set(), err
+    while id(e) not in seen:
+        seen.add(id(e))
+        nxt = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(nxt, BaseException):
+            break
+        e = nxt
+    text = str(e) if type(e).__name__ in str(e) else f"{type(e).__name__}: {e}"
     return " ".join(text.split())[:500]
 
 
@@ -375,6 +381,12 @@ def sweep(run, output: str | None = None, train_fn=None) -> dict[str, Any]:
     raw.pop("tune", None)
     # the resolved grouping (a preset's too), so routing_overrides keeps it where it still fits
     raw["model"] = {**raw.get("model", {}), "n_group": run.model.n_group, "topk_group": run.model.topk_group}
+    if tcfg.lr:
+        # a trial overrides only optimizer.params.lr: start from the complete optimizer table
+        from dsv3ray.engine import DEFAULT_OPTIMIZER
+
+        opt = json.loads(json.dumps(dict(run.deepspeed).get("optimizer") or DEFAULT_OPTIMIZER))
+        raw["deepspeed"] = {**raw.get("deepspeed", {}), "optimizer": opt}
     if not ray.is_initialized():
         from dsv3ray.train import _init_ray
 
@@ -391,7 +403,11 @@ def sweep(run, output: str | None = None, train_fn=None) -> dict[str, Any]:
         def report(metrics):
             tune.report({**metrics, "rungs": rungs, "trial_id": trial_id, "run_dir": run_dir})
 
-        run_trial(raw, params, run_dir, tokens, int(data.meta["seq_len"]), rungs, report, train_fn)
+        try:
+            run_trial(raw, params, run_dir, tokens, int(data.meta["seq_len"]), rungs, report, train_fn)
+        except UserError as e:
+            # a plain error crosses Ray's process boundary intact (ConfigError's __init__ does not copy)
+            raise RuntimeError(f"{type(e).__name__}: {e}") from None
 
     space: dict[str, Any] = {
         "keep_ratio": tune.uniform(*tcfg.keep_ratio),

@@ -214,3 +214,15 @@ def test_four_trial_sweep_on_cpu(tmp_path, ray_local):
     # re-running on the same output resumes (nothing left to run) and keeps the trials
     again = sweep(run, str(out), train_fn=train_or_fail)
     assert {r["trial_id"] for r in again["rows"]} == {r["trial_id"] for r in rows}
+
+
+def test_trial_error_is_its_innermost_cause_on_one_line():
+    from ray.exceptions import RayTaskError
+
+    from dsv3ray.tune import _one_line
+
+    try:
+        raise RuntimeError("injected trial failure")
+    except RuntimeError as e:
+        wrapped = RayTaskError("trainable", "Traceback (most recent call last):\n  ...", e)
+    assert _one_line(wrapped) == "RuntimeError: injected trial failure"
