@@ -679,6 +679,54 @@ def test_runtime_env_upload_stays_small_and_leaves_local_state_out():
     assert total < GCS_STORAGE_MAX_SIZE // 4, f"{total / 2**20:.1f} MiB to upload"
 
 
+@pytest.mark.slow
+def test_runtime_env_ships_the_checkout_to_a_ray_worker(ray_local, tmp_path):
+    """What `ray job submit --runtime-env cluster/runtime_env.yaml` does, on the local Ray: Ray
+    packs the working_dir with our excludes, uploads it to the GCS, a worker unpacks it and runs
+    with it as cwd, where the relative config path resolves (`dsv3ray config`)."""
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    env = load("runtime_env.yaml")
+    # the zip goes to tmp_path: never into the directory being packed
+    env = upload_working_dir_if_needed(
+        {**env, "working_dir": str(ROOT)}, include_gitignore=True, scratch_dir=str(tmp_path)
+    )
+    assert env["working_dir"].startswith("gcs://")
+
+    # defined here so Ray pickles it by value (the tests are not importable on a worker)
+    def _config_on_a_worker(argv: list[str]) -> dict:
+        """Runs `dsv3ray <argv>` inside a Ray worker; returns what the worker saw."""
+        import contextlib
+        import io
+        import os
+
+        from dsv3ray.cli import main
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = main(argv)
+        text = out.getvalue()
+        return {
+            "rc": rc,
+            # DeepSpeed's import may print a warning line to stdout before the JSON
+            "config": json.loads(text[text.index("{\n") :]),
+            "cwd": os.getcwd(),
+            "listing": sorted(os.listdir(".")),
+            "env": {
+                k: os.environ.get(k) for k in ("RAY_TRAIN_V2_ENABLED", "TOKENIZERS_PARALLELISM", "NCCL_DEBUG")
+            },
+        }
+
+    task = ray_local.remote(runtime_env=env, num_cpus=0)(_config_on_a_worker)
+    seen = ray_local.get(
+        task.remote(["config", "--config", "cluster/train_cluster.toml", "--json"]), timeout=120
+    )
+    assert seen["rc"] == 0 and seen["config"]["train"]["num_workers"] == 16
+    assert Path(seen["cwd"]) != ROOT and "cluster" in seen["listing"]
+    assert not {".venv", "runs", ".git"} & set(seen["listing"])
+    assert seen["env"] == {k: str(v) for k, v in env["env_vars"].items()}
+
+
 # --- dsv3ray command lines and the cluster run config ----------------------------------------------
 
 SHELL_OPS = {"&&", "||", ";", "|"}
