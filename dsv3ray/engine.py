@@ -9,7 +9,7 @@
   MoE optimizer groups and the engine's MoE machinery switched on for OUR MoE layer.
 - `grads_are_finite(engine)` / `skip_step(engine)`: the non-finite guard of the training loop.
 
-Why an adapter (`DeepSpeedMoEView`): DeepSpeed turns on everything MoE (ZeRO 1/2 partitioning of
+Why an adapter (`deepspeed_moe_view_class()`): DeepSpeed turns on everything MoE (ZeRO 1/2 partitioning of
 expert groups over the expert-data-parallel group, expert gradient reduction, per-expert
 checkpoint files) only when it finds a `deepspeed.moe.layer.MoE` module (`engine.has_moe_layers`,
 read during `__init__`, before the optimizer is built; setting it afterwards is too late). Our MoE
@@ -22,6 +22,7 @@ expert); a load pre-hook on `experts` stacks them back. Our model's own state_di
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import socket
@@ -30,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 
 from dsv3ray.errors import ConfigError, UserError
 from dsv3ray.parallel import ExpertParallel, expert_parameters, group_name, mark_expert_params
@@ -225,40 +225,48 @@ _VIEW_PREFIX = "deepspeed_moe.experts.deepspeed_experts."  # what DeepSpeed's ex
 _VIEW_NAME = "ds_moe"
 
 
-class DeepSpeedMoEView(_DeepSpeedMoE):
-    """A parameter-less child of our `experts` module that DeepSpeed recognizes as an MoE layer.
+@functools.cache
+def deepspeed_moe_view_class() -> type:
+    """`DeepSpeedMoEView`, built on first use: importing DeepSpeed takes seconds and prints, which
+    config loading and the CLI should not pay."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
-    Holds no weights (MoE.__init__, which builds DeepSpeed's own gate and experts, is skipped);
-    exposes the attributes the engine reads and this rank's expert slices for checkpointing.
-    """
+    class DeepSpeedMoEView(DeepSpeedMoE):
+        """A parameter-less child of our `experts` module that DeepSpeed recognizes as an MoE layer.
 
-    def __init__(self, experts: torch.nn.Module, num_experts: int, ep_size: int):
-        torch.nn.Module.__init__(self)
-        self.num_experts, self.ep_size = num_experts, ep_size
-        self.num_local_experts = num_experts // ep_size
-        self.expert_group_name = group_name(ep_size)
-        self.enable_expert_tensor_parallelism = False
-        object.__setattr__(self, "_experts", experts)  # not a submodule: its params are not ours
+        Holds no weights (MoE.__init__, which builds DeepSpeed's own gate and experts, is skipped);
+        exposes the attributes the engine reads and this rank's expert slices for checkpointing.
+        """
 
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """Called by the engine: make sure DeepSpeed's expert / expert-data groups exist."""
-        from deepspeed.utils import groups
+        def __init__(self, experts: torch.nn.Module, num_experts: int, ep_size: int):
+            torch.nn.Module.__init__(self)
+            self.num_experts, self.ep_size = num_experts, ep_size
+            self.num_local_experts = num_experts // ep_size
+            self.expert_group_name = group_name(ep_size)
+            self.enable_expert_tensor_parallelism = False
+            object.__setattr__(self, "_experts", experts)  # not a submodule: its params are not ours
 
-        assert not use_data_before_expert_parallel_, (
-            "dsv3ray's dispatch assumes DeepSpeed's default E+D topology"
-        )
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(self.ep_size)
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            """Called by the engine: make sure DeepSpeed's expert / expert-data groups exist."""
+            from deepspeed.utils import groups
 
-    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        if destination is not None or prefix or args:  # inside a parent's state_dict: contributes nothing
-            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        # Called directly by DeepSpeed's save_checkpoint: local expert j as `...deepspeed_experts.{j}.*`.
-        return {
-            f"{_VIEW_PREFIX}{j}.{name}": getattr(self._experts, name)[j].detach()
-            for j in range(self.num_local_experts)
-            for name in ("gate_up_proj", "down_proj")
-        }
+            assert not use_data_before_expert_parallel_, (
+                "our dispatch assumes DeepSpeed's default E+D topology"
+            )
+            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+                groups._create_expert_and_data_parallel(self.ep_size)
+
+        def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+            if destination is not None or prefix or args:  # inside a parent's state_dict: contributes nothing
+                return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+            # Called directly by DeepSpeed's save_checkpoint: local expert j as `...deepspeed_experts.{j}.*`.
+            return {
+                f"{_VIEW_PREFIX}{j}.{name}": getattr(self._experts, name)[j].detach()
+                for j in range(self.num_local_experts)
+                for name in ("gate_up_proj", "down_proj")
+            }
+
+    return DeepSpeedMoEView
 
 
 def _stack_expert_views(module, state_dict, prefix, *_):
@@ -286,7 +294,7 @@ def attach_deepspeed_moe(model: torch.nn.Module, ep: ExpertParallel) -> int:
             raise ValueError(
                 f"{path} holds {e} of {num_experts} experts but ep_size={ep.ep_size}: build the model with the same ep"
             )
-        experts.add_module(_VIEW_NAME, DeepSpeedMoEView(experts, e * ep.ep_size, ep.ep_size))
+        experts.add_module(_VIEW_NAME, deepspeed_moe_view_class()(experts, e * ep.ep_size, ep.ep_size))
         experts.register_load_state_dict_pre_hook(_stack_expert_views)
     return len(owners)
 
