@@ -99,25 +99,26 @@ class ExpertParallel:
         (int32, the `offs` of grouped_mm) and a handle for `combine`.
         """
         (E,) = counts_E.shape
-        assert E % self.ep_size == 0 and x_sorted_ND.shape[0] == int(counts_E.sum())
+        assert E % self.ep_size == 0, f"E={E} not divisible by ep_size={self.ep_size}"
         if self.ep_size == 1:
             return x_sorted_ND, torch.cumsum(counts_E, 0).to(torch.int32), None
         P, e = self.ep_size, E // self.ep_size
-        send_counts_Pe = counts_E.to(torch.int64).reshape(P, e)
+        send_counts_Pe = counts_E.to(torch.int64).reshape(P, e).contiguous()
         # recv_counts_Pe[p, j] = rows peer p sends for my local expert j
         recv_counts_Pe = torch.empty_like(send_counts_Pe)
-        dist.all_to_all_single(recv_counts_Pe, send_counts_Pe.contiguous(), group=self.group)
-        send_splits = send_counts_Pe.sum(1).tolist()
-        recv_splits = recv_counts_Pe.sum(1).tolist()
+        dist.all_to_all_single(recv_counts_Pe, send_counts_Pe, group=self.group)
+        both = torch.stack([send_counts_Pe.sum(1), recv_counts_Pe.sum(1)]).tolist()  # one host sync
+        send_splits, recv_splits = both
+        assert x_sorted_ND.shape[0] == sum(send_splits), "counts_E must count the rows of x_sorted_ND"
         x_recv_MD = _AllToAll.apply(x_sorted_ND, recv_splits, send_splits, self.group)
         # Received rows come peer-major (peer p's rows for experts 0..e-1, then peer p+1...):
         # a stable sort by local expert groups them expert-major, keeping peer order inside.
-        recv_counts_Pe = recv_counts_Pe.cpu()
-        expert_of_row_M = torch.arange(e).repeat(P).repeat_interleave(recv_counts_Pe.flatten())
-        regroup_M = torch.argsort(expert_of_row_M, stable=True).to(x_recv_MD.device)
-        offsets_e = torch.cumsum(recv_counts_Pe.sum(0), 0).to(torch.int32).to(x_recv_MD.device)
-        handle = DispatchHandle(send_splits, recv_splits, regroup_M)
-        return x_recv_MD[regroup_M], offsets_e, handle
+        M, device = x_recv_MD.shape[0], x_recv_MD.device
+        expert_of_row_M = torch.arange(e, device=device).repeat(P)
+        expert_of_row_M = expert_of_row_M.repeat_interleave(recv_counts_Pe.flatten(), output_size=M)
+        regroup_M = torch.argsort(expert_of_row_M, stable=True)
+        offsets_e = torch.cumsum(recv_counts_Pe.sum(0), 0).to(torch.int32)
+        return x_recv_MD[regroup_M], offsets_e, DispatchHandle(send_splits, recv_splits, regroup_M)
 
     def combine(self, y_local_MD: torch.Tensor, handle: DispatchHandle | None) -> torch.Tensor:
         """Exact inverse of `dispatch`: rows return to their source rank in their original order."""
@@ -125,8 +126,9 @@ class ExpertParallel:
             return y_local_MD
         # Undo the regrouping (y_recv[regroup[i]] = y_local[i]) with a gather, not a scatter,
         # so the backward is a plain index too.
-        inverse_M = torch.empty_like(handle.regroup_M)
-        inverse_M[handle.regroup_M] = torch.arange(len(handle.regroup_M), device=inverse_M.device)
+        regroup_M = handle.regroup_M
+        inverse_M = torch.empty_like(regroup_M)
+        inverse_M[regroup_M] = torch.arange(len(regroup_M), device=regroup_M.device)
         y_recv_MD = y_local_MD[inverse_M]
         return _AllToAll.apply(y_recv_MD, handle.send_splits, handle.recv_splits, self.group)
 
