@@ -29,6 +29,7 @@ Shapes: B batch, S sequence (input positions), P = S - 1 predicted positions, V 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -327,7 +328,9 @@ class Distiller:
         self.teacher_ce_ema: float | None = None  # baseline of the difficulty when labels are missing
         self.last_stage: int | None = None
         self._next_teacher = rank  # ranks start on different teachers
-        self.dead: set[int] = set()  # teachers that died past their restarts: never asked again
+        # teacher -> when it was reported dead; skipped for timeout_s, then asked again (an actor
+        # reported dead may still come back through Ray's restarts)
+        self.dead: dict[int, float] = {}
         self.counters = {"kd_batches": 0, "fallback_batches": 0, "teacher_errors": 0, "timeouts": 0}
         self._wait_s = 0.0
         self._last_wait_s = 0.0
@@ -341,7 +344,10 @@ class Distiller:
         """Ask a teacher for this batch's labels (no-op if already asked)."""
         if key in self.pending:
             return
-        alive = [i for i in range(len(self.teachers)) if i not in self.dead]
+        now = time.perf_counter()
+        alive = [
+            i for i in range(len(self.teachers)) if now - self.dead.get(i, -math.inf) > self.cfg.timeout_s
+        ]
         if not alive:  # no teacher left: the batch will train with CE (counted in loss())
             return
         i = alive[self._next_teacher % len(alive)]
@@ -397,7 +403,7 @@ class Distiller:
         except RayError as e:  # actor died past its restarts / task failed past its retries
             self.counters["teacher_errors"] += 1
             if isinstance(e, ActorDiedError):
-                self.dead.add(p.teacher)
+                self.dead[p.teacher] = time.perf_counter()
             log.warning(
                 "distill: teacher %d failed on step %s micro %s (%s); CE only",
                 p.teacher,
