@@ -123,6 +123,29 @@ def test_raylet_advertises_one_accelerator_type_unit_whatever_is_configured():
     assert spec.num_gpus == 8 and spec.resources["accelerator_type:A100"] == 1
 
 
+@pytest.mark.parametrize("name", [*VM_YAMLS, "kuberay/raycluster.yaml"])
+def test_train_workers_pinned_to_a_gpu_type_fill_its_nodes(name):
+    """Ray Train's own per-worker request for `accelerator_type=<T>` (1 GPU + 0.001 of the
+    accelerator resource) packs 8 workers onto one node of that type and none onto the others."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+    from ray.train import ScalingConfig
+
+    doc = load(name)
+    types = (
+        _derive_autoscaling_config_from_ray_cr(_ray_cr(doc)) if doc.get("kind") == "RayCluster" else doc
+    )["available_node_types"]
+    for key, acc in ACCELERATOR.items():
+        if key not in types:
+            continue
+        per_worker = ScalingConfig(
+            num_workers=8, use_gpu=True, accelerator_type=acc
+        )._resources_per_worker_not_none
+        for other, t in types.items():
+            # how many workers one node of this type holds (Ray schedules by these numbers)
+            fits = min(int(t["resources"].get(r, 0) / need + 1e-9) for r, need in per_worker.items())
+            assert fits == (8 if other == key else 0), (key, other, per_worker, t["resources"])
+
+
 def _commands_for(prepared: dict, node_type: str) -> list[str]:
     """The setup commands Ray runs on a node of this type: `prepare_config` merges
     setup_commands into head/worker_setup_commands; a node type's own worker_setup_commands
