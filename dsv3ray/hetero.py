@@ -412,6 +412,8 @@ def save_elastic(engine, ckpt_dir: str | Path, ep=None, client_state: dict | Non
     root = Path(ckpt_dir) / ELASTIC_DIR
     root.mkdir(parents=True, exist_ok=True)
     keys, scalars = _optimizer_layout(engine)
+    if keys:
+        _relink_fragments(engine)
     experts = set(expert_parameters(model))
     rank0 = _is_writer(None)
     write_experts = _is_writer(ep.edp_group) if ep.edp_group is not None else rank0
@@ -503,6 +505,16 @@ def _read_experts(root: Path, meta: dict, local: range) -> dict[str, dict[str, t
     return out
 
 
+def _relink_fragments(engine) -> None:
+    """Point DeepSpeed's per-parameter optimizer-state views at the current state. ZeRO 1/2 links
+    them after the step of the FIRST param group, when the expert groups have no state yet, and
+    never again: without this, expert params have no `exp_avg` view (DeepSpeed 0.19)."""
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
 def _init_optimizer_state(engine, keys: list[str], scalars: dict[str, float]) -> None:
     """Create the torch optimizer's state (zeros + the saved scalars, e.g. Adam's step) for every
     parameter it holds, then let DeepSpeed re-link its fragment views onto it."""
@@ -512,10 +524,7 @@ def _init_optimizer_state(engine, keys: list[str], scalars: dict[str, float]) ->
             st = {k: torch.zeros_like(q, memory_format=torch.preserve_format) for k in keys}
             st.update({k: torch.tensor(v, dtype=torch.float32) for k, v in scalars.items()})
             base.state[q] = st
-    opt = engine.optimizer
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
+    _relink_fragments(engine)
 
 
 def load_elastic(engine, ckpt_dir: str | Path, ep=None, load_optimizer_states: bool = True) -> dict:

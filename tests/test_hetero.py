@@ -157,20 +157,22 @@ def _batches(G):
     return [(torch.randint(0, 256, (G, 1), generator=g) + torch.arange(SEQ)) % 256 for _ in range(STEPS)]
 
 
-def _engine(world_size, ep_size, stage, grad_accum, G):
+def _engine(world_size, ep_size, stage, grad_accum, G, total_steps=0, seed=0):
     from dsv3ray.engine import build_engine, resolve_deepspeed_config
     from dsv3ray.model import ModelConfig, build_model
     from dsv3ray.parallel import create_expert_parallel
 
     cfg = ModelConfig.from_preset("debug", vocab_size=256, num_hidden_layers=2, moe_impl="torch")
     ep = create_expert_parallel(ep_size, cfg.n_routed_experts)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(cfg, ep if ep_size > 1 else None)
+    sched = {"type": "WarmupCosineLR", "params": {"total_num_steps": total_steps, "warmup_num_steps": 2}}
     ds, _ = resolve_deepspeed_config(
         {
             "zero_optimization": {"stage": stage},
             "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.1}},
             "gradient_clipping": 1.0,
+            **({"scheduler": sched} if total_steps else {}),
         },
         device="cpu",
         has_moe=True,
