@@ -205,6 +205,12 @@ def resolve_deepspeed_config(
     if zero or "zero_optimization" in ds:
         ds["zero_optimization"] = {**zero, "stage": stage}
 
+    if has_moe and ds.pop("use_data_before_expert_parallel_", False):
+        notes.append(
+            "deepspeed.use_data_before_expert_parallel_=true dropped: dsv3ray's expert dispatch uses"
+            " DeepSpeed's default expert-then-data rank layout"
+        )
+
     # --- optimizer ---
     opt = ds.get("optimizer")
     if opt is None:

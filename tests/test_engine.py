@@ -142,6 +142,10 @@ def test_resolve_refuses_impossible_settings():
         resolve_deepspeed_config(
             {"zero_optimization": {"stage": 4}}, device="cpu", has_moe=False, world_size=1
         )
+    ds, notes = resolve_deepspeed_config(
+        {"use_data_before_expert_parallel_": True}, device="cpu", has_moe=True, world_size=1
+    )
+    assert "use_data_before_expert_parallel_" not in ds and "default expert-then-data" in notes[0]
     with pytest.raises(ConfigError, match="train.device"):
         resolve_deepspeed_config({}, device="tpu", has_moe=False, world_size=1)
 
