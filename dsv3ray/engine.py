@@ -184,6 +184,8 @@ def resolve_deepspeed_config(
         off = zero.get(key)
         if not off:
             continue
+        if not isinstance(off, dict):
+            raise ConfigError(f"deepspeed.zero_optimization.{key}", off, 'a table like {device = "cpu"}')
         where = off.get("device", "none")
         why = None
         if where == "none":

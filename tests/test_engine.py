@@ -146,6 +146,13 @@ def test_resolve_refuses_impossible_settings():
         {"use_data_before_expert_parallel_": True}, device="cpu", has_moe=True, world_size=1
     )
     assert "use_data_before_expert_parallel_" not in ds and "default expert-then-data" in notes[0]
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        resolve_deepspeed_config(
+            {"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}},
+            device="cpu",
+            has_moe=True,
+            world_size=1,
+        )
     with pytest.raises(ConfigError, match="train.device"):
         resolve_deepspeed_config({}, device="tpu", has_moe=False, world_size=1)
 
