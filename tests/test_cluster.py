@@ -38,6 +38,24 @@ KUBERAY_GROUPS = {"a100", "h100", "mi250", "cpu"}
 ACCELERATOR = {"a100": "A100", "h100": "H100", "mi250": "AMD-Instinct-MI250X-MI250"}
 
 
+def check_node_labels(node_type: str, labels: dict) -> None:
+    """Labels `ray start` accepts (Kubernetes syntax); our own keys under `dsv3ray/`; Ray's
+    reserved `ray.io/` namespace only for Ray's default accelerator label, with the value the
+    raylet itself sets on that hardware (so the autoscaler's view and the node agree)."""
+    import ray._raylet
+    from ray._private.label_utils import validate_node_label_syntax
+
+    validate_node_label_syntax(labels)
+    assert labels[NODE_TYPE_LABEL] == node_type
+    ray_keys = {k for k in labels if k.startswith("ray.io/")}
+    acc_key = ray._raylet.RAY_NODE_ACCELERATOR_TYPE_KEY
+    if node_type in ACCELERATOR:
+        assert ray_keys == {acc_key} and labels[acc_key] == ACCELERATOR[node_type], (node_type, labels)
+    else:
+        assert not ray_keys, (node_type, labels)
+    assert all(k.startswith("dsv3ray/") for k in set(labels) - ray_keys), labels
+
+
 def load(rel: str):
     docs = list(yaml.safe_load_all((CLUSTER / rel).read_text()))
     return docs[0] if len(docs) == 1 else docs
@@ -73,7 +91,6 @@ def test_vm_yaml_passes_ray_schema_and_validation(name):
 
 @pytest.mark.parametrize("name", VM_YAMLS)
 def test_vm_node_types_carry_resources_and_labels(name):
-    from ray._private.label_utils import validate_node_label_syntax, validate_node_labels
     from ray.util import accelerators
 
     cfg = load(name)
@@ -83,10 +100,7 @@ def test_vm_node_types_carry_resources_and_labels(name):
     assert sum(t.get("min_workers", 0) for t in types.values()) <= cfg["max_workers"]
     known_accelerators = {v for k, v in vars(accelerators).items() if k.isupper() and isinstance(v, str)}
     for key, t in types.items():
-        labels = t["labels"]
-        validate_node_label_syntax(labels)  # Kubernetes label syntax, as `ray start --labels`
-        validate_node_labels(labels)  # no custom key under Ray's reserved ray.io/ prefix
-        assert labels[NODE_TYPE_LABEL] == key
+        check_node_labels(key, t["labels"])
         if key != "head":
             assert 0 <= t["min_workers"] <= t["max_workers"] <= cfg["max_workers"], key
         acc = [r for r in t["resources"] if r.startswith("accelerator_type:")]
@@ -508,6 +522,7 @@ def test_kuberay_manifest_has_required_fields(name):
     prefix = "spec.rayClusterSpec." if doc["kind"] == "RayJob" else "spec."
     assert check_paths(doc, RAYCLUSTER_SPEC_PATHS, prefix) == []
     assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["version"] == "v2"  # v2 scales groups for label selectors
     for g in spec["workerGroupSpecs"]:
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
 
@@ -531,7 +546,7 @@ def test_kuberay_cluster_translates_to_a_valid_autoscaler_config(name):
     assert types["headgroup"]["resources"]["CPU"] == 0
     for group in groups:
         t = types[group]
-        assert t["labels"][NODE_TYPE_LABEL] == group
+        check_node_labels(group, t["labels"])
         if group in ACCELERATOR:
             assert t["resources"]["GPU"] == 8, group
             assert t["resources"][f"accelerator_type:{ACCELERATOR[group]}"] == 1, group
