@@ -224,7 +224,31 @@ def resolve_deepspeed_config(
     if device == "cpu" and opt["type"].lower() in ("adam", "adamw") and not offloaded:
         # DeepSpeed's default Adam is FusedAdam (a CUDA kernel); torch's AdamW is the same math.
         opt["params"] = {**opt.get("params", {}), "torch_adam": True}
+    _check_with_deepspeed(ds)
     return ds, notes
+
+
+def _check_with_deepspeed(ds: dict[str, Any]) -> None:
+    """Let DeepSpeed's own config parser judge every key now (on the driver, as one line), not in
+    the workers' `deepspeed.initialize` as a traceback."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # train_batch_size left out: DeepSpeed derives it from the world size it sees, here maybe 1.
+    probe = {k: v for k, v in ds.items() if k != "train_batch_size"}
+    try:
+        DeepSpeedConfig(probe)
+    except AssertionError as e:
+        raise UserError(
+            f"deepspeed config rejected by DeepSpeed: {str(e).splitlines()[0]}: fix the [deepspeed] section"
+        ) from None
+    except Exception as e:
+        if type(e).__name__ != "ValidationError":  # pydantic's, for a bad key or value
+            raise
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UserError(
+            f"deepspeed config: {e.title} field {where!r}: {err['msg']} (got {err.get('input')!r}): fix the [deepspeed] section"
+        ) from None
 
 
 # --- the engine -----------------------------------------------------------------------------------

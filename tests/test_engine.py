@@ -153,6 +153,14 @@ def test_resolve_refuses_impossible_settings():
             has_moe=True,
             world_size=1,
         )
+    with pytest.raises(UserError, match="overlap_comm") as e:  # DeepSpeed's own parser, as one line
+        resolve_deepspeed_config(
+            {"zero_optimization": {"stage": 2, "overlap_comm": "maybe"}},
+            device="cpu",
+            has_moe=True,
+            world_size=1,
+        )
+    assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="train.device"):
         resolve_deepspeed_config({}, device="tpu", has_moe=False, world_size=1)
 
