@@ -65,7 +65,7 @@ class DispatchHandle:
 
     send_splits: list[int]  # rows this rank sent to each peer (its N rows, by peer)
     recv_splits: list[int]  # rows this rank received from each peer
-    regroup_M: torch.Tensor | None  # received row order -> local-expert order (None: identity)
+    regroup_M: torch.Tensor  # position in received order of each local-expert-ordered row (M,)
 
 
 class ExpertParallel:
