@@ -155,6 +155,14 @@ def start_teacher_pool(
         check_teacher_path(source)
         if student_vocab_size is not None:
             check_teacher_matches(source, student_vocab_size)
+    total = ray.cluster_resources()
+    for res, need in (("CPU", cfg.teacher_num_cpus), ("GPU", cfg.teacher_num_gpus)):
+        if need > total.get(res, 0.0):  # one teacher alone could never be placed: say so now
+            key = "teacher_num_cpus" if res == "CPU" else "teacher_num_gpus"
+            raise UserError(
+                f"distill.{key}={need} but the Ray cluster has {total.get(res, 0.0):g} {res}s in total: "
+                f"lower distill.{key} or run on a cluster with {res}s"
+            )
     actor_cls = ray.remote(
         num_cpus=cfg.teacher_num_cpus,
         num_gpus=cfg.teacher_num_gpus,

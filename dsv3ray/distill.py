@@ -497,6 +497,17 @@ class Distiller:
             "distill/timeouts": float(self.counters["timeouts"]),
         }
 
+    def summary(self) -> dict[str, Any]:
+        """This rank's run totals for the report: every stage-1 batch is a KD or a fallback batch."""
+        return {
+            "distill_kd_batches": self.counters["kd_batches"],
+            "distill_fallback_batches": self.counters["fallback_batches"],
+            "distill_teacher_errors": self.counters["teacher_errors"],
+            "distill_timeouts": self.counters["timeouts"],
+            "distill_wait_s": round(self._wait_s, 4),
+            "distill_label_bytes_per_token": self._label_bytes / max(1, self._label_tokens),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """Counters only; the stage itself is recomputed from the restored step/tokens."""
         return {

@@ -367,6 +367,10 @@ def test_killed_teacher_restarts_and_late_labels_fall_back_to_ce(ray_local):
     cfg = DistillConfig(
         teacher="in-memory", k=4, prefetch=2, timeout_s=20.0, max_restarts=2, max_task_retries=3
     )
+    with pytest.raises(UserError, match="distill.teacher_num_gpus=1.0 but the Ray cluster has 0 GPUs"):
+        start_teacher_pool(
+            DistillConfig(teacher="t", teacher_num_gpus=1.0), source=InMemoryTeacher.from_model(teacher)
+        )
     (handle,) = start_teacher_pool(cfg, source=InMemoryTeacher.from_model(teacher))
     try:
         student = build_model(tiny_cfg(dense=False, num_hidden_layers=1, first_k_dense_replace=0))
