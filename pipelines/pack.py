@@ -28,7 +28,7 @@ def is_eval(text_hash: int, eval_fraction: float) -> bool:
 
 
 class Tokenize:
-    """Ray Data UDF: clean-text table (text, text_hash) → (tokens list<int32>, eval bool, pieces)."""
+    """Ray Data UDF: clean-text shards (text, text_hash) → (tokens list<int32>, eval bool, pieces)."""
 
     def __init__(self, tokenizer_json: str, max_doc_tokens: int, eval_fraction: float, truncate: bool):
         from tokenizers import Tokenizer as HF
@@ -38,7 +38,17 @@ class Tokenize:
         self.eval_fraction = eval_fraction
         self.truncate = truncate
 
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def __call__(self, paths: pa.Table):
+        """A table of clean-shard paths → one output table per 1024 documents, in order.
+
+        Reading inside the actor (not a separate read operator) keeps read and tokenize fused:
+        a separate read task would need a CPU the actor pool may hold.
+        """
+        for path in paths.column("path").to_pylist():
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                yield self.tokenize(pa.Table.from_batches([batch]))
+
+    def tokenize(self, table: pa.Table) -> pa.Table:
         texts = table.column("text").to_pylist()
         hashes = table.column("text_hash").to_pylist()
         ids = self.tok.encode_batch(texts)

@@ -137,7 +137,7 @@ class _Progress:
 class _CleanTextWriter:
     """Kept documents (text, text_hash) → DIR/_clean/part-NNNNN.parquet, bounded buffers."""
 
-    def __init__(self, out_dir: Path, max_bytes: int = 32 << 20, max_rows: int = 20_000):
+    def __init__(self, out_dir: Path, max_bytes: int = 16 << 20, max_rows: int = 4096):
         self.dir = out_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.texts: list[str] = []
@@ -285,7 +285,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
         )  # fmt: skip
         dedup = Deduplicator(cfg.dedup_exact, cfg.dedup_near)
-        clean = _CleanTextWriter(out / "_clean")
+        clean = _CleanTextWriter(out / "_clean")  # shards = the units of pass 2's parallelism
         stage_s = dict.fromkeys(STAGES, 0.0)
         t_dedup = 0.0
         rng = random.Random(cfg.seed)
@@ -387,9 +387,11 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
 
         # ---- pass 2: tokenize (workers) → pack (driver, in order)
         t0 = time.perf_counter()
-        ds2 = ray.data.read_parquet([str(p) for p in clean.files])
+        ds2 = ray.data.from_items(
+            [{"path": str(p)} for p in clean.files], override_num_blocks=len(clean.files)
+        )
         ds2 = ds2.map_batches(
-            Tokenize, batch_size=cfg.batch_size, batch_format="pyarrow",
+            Tokenize, batch_size=1, batch_format="pyarrow",
             fn_constructor_kwargs={
                 "tokenizer_json": tok.hf.to_str(), "max_doc_tokens": cfg.max_doc_tokens,
                 "eval_fraction": cfg.eval_fraction, "truncate": cfg.truncate_tokens,

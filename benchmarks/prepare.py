@@ -1,0 +1,138 @@
+"""Benchmark of `dsv3ray prepare`: documents/s per core of the whole pipeline vs fastText predict alone.
+
+fastText `predict` on the same documents is the limit of the quality stage (the pipeline runs it
+plus reading, normalizing, MinHash, dedup, tokenizing, packing); the target is a ratio >= 0.5.
+Peak memory (driver + Ray workers, sampled RSS) is measured at two input sizes: streaming means it
+stays flat as the input grows. Inputs are unique English documents recombined, with a seeded RNG,
+from the sentences of the stdlib docs corpus (no download).
+
+    .venv/bin/python benchmarks/prepare.py [--docs 4000] [--cpus 2]
+
+Prints one JSON line: {"ratio": ..., "pipeline_docs_per_s_per_core": ..., "fasttext_docs_per_s": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    from pipelines.corpus import stdlib_documents
+
+    sentences = []
+    for d in stdlib_documents(min_chars=200):
+        sentences += [
+            s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(d["text"].split())) if len(s) > 40
+        ]
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(sentences) for _ in range(rng.randint(8, 20))) for _ in range(n)]
+
+
+class PeakRSS:
+    """Peak of (this process + Ray worker processes) resident memory, sampled every 0.2 s."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = psutil.Process().memory_info().rss
+        for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                if p.info["name"].startswith("ray::") or "default_worker.py" in cmd:
+                    total += p.info["memory_info"].rss
+            except (psutil.Error, TypeError, AttributeError):
+                continue
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--docs", type=int, default=4000, help="documents of the larger run (the smaller is 1/4)")
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs given to the local Ray")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from dsv3ray.tokenizer import train_tokenizer
+    from pipelines.prepare import PrepareConfig, prepare
+    from pipelines.quality import QualityScorer, default_quality_model
+
+    docs = make_docs(args.docs)
+    tmp = Path(tempfile.mkdtemp(prefix="dsv3ray-bench-"))
+    # baseline: fastText predict alone, one process = one core
+    scorer = QualityScorer(default_quality_model())
+    t0 = time.perf_counter()
+    scorer.scores(docs)
+    ft_rate = len(docs) / (time.perf_counter() - t0)
+
+    tok = train_tokenizer(docs[:1000], 8192)  # a one-off cost, measured apart
+    tok.save(tmp / "tok.json")
+    ray.init(
+        address="local",
+        num_cpus=args.cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    cfg = PrepareConfig(seq_len=512, tokenizer=str(tmp / "tok.json"), batch_size=512)
+    # warm-up run: worker processes and actor imports are a fixed cost, not throughput
+    (tmp / "warm.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs[:200]))
+    prepare([str(tmp / "warm.jsonl")], tmp / "out_warm", cfg, log=lambda _: None)
+    runs = {}
+    for n in (args.docs // 4, args.docs):
+        path = tmp / f"in_{n}.jsonl"
+        path.write_text("\n".join(json.dumps({"text": t}) for t in docs[:n]))
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            report = prepare([str(path)], tmp / f"out_{n}", cfg, log=lambda _: None)
+            wall = time.perf_counter() - t0
+        runs[n] = {"wall_s": round(wall, 2), "docs_per_s": n / wall, "peak_rss_mb": mem.peak / 2**20}
+        runs[n]["kept"] = report["kept"]
+        runs[n]["stages_s"] = {k: v["seconds"] for k, v in report["stages"].items()}
+    ray.shutdown()
+    big = runs[args.docs]
+    per_core = big["docs_per_s"] / args.cpus
+    small = runs[args.docs // 4]
+    out = {
+        "ratio": round(per_core / ft_rate, 3),
+        "pipeline_docs_per_s_per_core": round(per_core, 1),
+        "fasttext_docs_per_s": round(ft_rate, 1),
+        "docs": args.docs,
+        "cpus": args.cpus,
+        "peak_rss_mb": {str(k): round(v["peak_rss_mb"], 1) for k, v in runs.items()},
+        "memory_growth": round(big["peak_rss_mb"] / small["peak_rss_mb"], 3),
+        "stages_s": big["stages_s"],
+        "target": ">= 0.5",
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""`dsv3ray prepare` end to end on Ray: messy input → the prepared-directory contract; accounting;
+determinism; fuzzed garbage; domain stage; reading back with corrupt shards."""
+
+import gzip
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("DSV3RAY_CACHE", str(Path(tempfile.gettempdir()) / "dsv3ray-test-cache"))
+# a private local Ray even when someone runs `ray start` on this machine (ray.init would join it)
+os.environ.setdefault("RAY_ADDRESS", "local")
+
+from dsv3ray.errors import UserError  # noqa: E402
+from dsv3ray.tokenizer import Tokenizer  # noqa: E402
+from pipelines.corpus import stdlib_documents  # noqa: E402
+from pipelines.dataset import load_meta, read_prepared  # noqa: E402
+from pipelines.prepare import PrepareConfig, cli_prepare, prepare  # noqa: E402
+from pipelines.quality import synth_junk  # noqa: E402
+
+SMALL = dict(seq_len=64, vocab_size=600, batch_size=64, eval_fraction=0.1, rows_per_shard=200)
+
+
+def accounting_holds(report):
+    return report["input_records"] == report["kept"] + sum(report["dropped"].values()) + report["quarantined"]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return [d["text"] for d, _ in zip(stdlib_documents(min_chars=400), range(300))]
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory, corpus):
+    """A directory of mixed formats with planted duplicates, junk and every kind of bad input."""
+    d = tmp_path_factory.mktemp("messy")
+    rng = random.Random(0)
+    words = " ".join(corpus).split()
+    docs = corpus[:200]
+    lines = [json.dumps({"id": i, "text": t}) for i, t in enumerate(docs)]
+    lines += [json.dumps({"text": docs[3]}), json.dumps({"text": "  " + docs[5] + "\n"})]  # exact dups
+    w = docs[7].split()
+    lines.append(json.dumps({"text": " ".join(w[:-2] + ["slightly", "edited."])}))  # near dup
+    lines += [json.dumps({"text": synth_junk(rng, words, k)}) for k in (1, 2, 4) for _ in range(4)]  # junk
+    lines += ["{broken", json.dumps({"txt": "x"}), json.dumps({"text": ["a"]}), "[" * 50_000 + "]" * 50_000]
+    lines += [json.dumps({"text": "too short"}), ""]
+    (d / "main.jsonl").write_text("\n".join(lines) + "\n")
+    with gzip.open(d / "more.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps({"text": t}) for t in corpus[200:260]))
+    raw = gzip.compress("\n".join(json.dumps({"text": t}) for t in corpus[260:300]).encode())
+    (d / "cut.jsonl.gz").write_bytes(raw[: len(raw) * 2 // 3])  # truncated gzip
+    pq.write_table(
+        pa.table({"text": [corpus[0], None, corpus[100] + " extra words here"]}), d / "rows.parquet"
+    )
+    (d / "doc.txt").write_text(corpus[150] + "\n\nA plain text file holds one document.")
+    (d / "empty.jsonl").write_bytes(b"")
+    (d / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 20)
+    (d / "bad.parquet").write_bytes(b"PAR1garbage")
+    (d / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    (d / "huge_line.jsonl").write_text(json.dumps({"text": "word " * 300_000}) + "\n")  # 1.5 MB > limit
+    os.symlink(d / "nowhere", d / "dangling.jsonl")
+    return d
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, messy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    cfg = PrepareConfig(**SMALL, perplexity=True, perplexity_threshold=1e5, max_record_bytes=1 << 20)
+    logs = []
+    report = prepare([str(messy)], out, cfg, log=logs.append)
+    return out, report, cfg, logs
+
+
+def test_contract_and_accounting(prepared, messy):
+    out, report, cfg, logs = prepared
+    assert accounting_holds(report)
+    disk = json.loads((out / "report.json").read_text())
+    assert accounting_holds(disk) and disk["kept"] == report["kept"]
+    # planted: docs[3], docs[5] (equal after normalize), corpus[0] in parquet; the stdlib repeats some too
+    assert disk["dropped"]["duplicate_exact"] >= 3
+    assert disk["dropped"]["near_duplicate"] >= 1
+    assert disk["dropped"]["low_quality"] >= 10  # the planted junk
+    assert disk["dropped"]["too_short"] >= 1 and disk["dropped"]["blank_line"] == 1
+    q = disk["quarantine_reasons"]
+    for reason in (
+        "malformed_json", "missing_text", "text_not_string", "json_too_deep", "truncated_or_corrupt_gzip",
+        "binary_file", "unreadable_file", "invalid_utf8", "record_too_large",
+    ):  # fmt: skip
+        assert q.get(reason, 0) >= 1, reason
+    assert q["unreadable_file"] == 2  # bad.parquet and the dangling link
+    qlines = (out / "quarantine" / "records.jsonl").read_text().splitlines()
+    assert len(qlines) == disk["quarantined"]
+    assert all({"source", "line", "reason", "excerpt"} <= set(json.loads(x)) for x in qlines)
+    assert str(messy / "empty.jsonl") in disk["files"]["empty"]
+    assert {"normalize", "dedup", "quality", "clean_pass", "tokenize_pack"} <= set(disk["stages"])
+    assert disk["topics"] and "prepare:" in logs[-1] and "kept" in logs[-1]
+
+    meta = load_meta(out)
+    assert meta["seq_len"] == 64 and meta["num_train"] > 50 and meta["num_eval"] > 0
+    assert 3.0 < meta["unigram_entropy"] < np.log(meta["vocab_size"])
+    tok = Tokenizer.load(out / meta["tokenizer"])
+    assert tok.eos_id == meta["eos_id"] and tok.vocab_size == meta["vocab_size"]
+    for split, n in (("train", meta["num_train"]), ("eval", meta["num_eval"])):
+        t = pq.read_table(out / split)
+        assert t.schema.field("input_ids").type == pa.list_(pa.int32())
+        assert t.column("sample_id").to_pylist() == list(range(n))
+        assert set(map(len, t.column("input_ids").to_pylist())) == {cfg.seq_len + 1}
+    text = tok.decode(pq.read_table(out / "train").column("input_ids")[0].as_py())
+    assert len(text.split()) > 10  # real words come back out
+    assert not (out / "_clean").exists()
+
+
+def test_deterministic_and_given_tokenizer(prepared, messy, tmp_path):
+    out, report, cfg, _ = prepared
+    shutil.copy(out / "tokenizer.json", tmp_path / "tok.json")
+    again = prepare(
+        [str(messy)], tmp_path / "p2",
+        PrepareConfig(**SMALL, perplexity=True, perplexity_threshold=1e5, max_record_bytes=1 << 20,
+                      tokenizer=str(tmp_path / "tok.json"), num_workers=2),
+        log=lambda _: None,
+    )  # fmt: skip
+    assert again["dropped"] == report["dropped"] and again["kept"] == report["kept"]
+    for split in ("train", "eval"):
+        a = pq.read_table(out / split)
+        b = pq.read_table(tmp_path / "p2" / split)
+        assert a.equals(b), split  # same rows, same ids, with two cleaning workers instead of one
+
+
+def test_fuzzed_garbage_and_domain(ray_local, corpus, tmp_path):
+    rng = random.Random(7)
+    inp = tmp_path / "fuzz"
+    inp.mkdir()
+    for i in range(12):
+        kind = i % 4
+        if kind == 0:  # random bytes under a jsonl name
+            (inp / f"f{i}.jsonl").write_bytes(
+                bytes(rng.randrange(256) for _ in range(rng.randrange(1, 5000)))
+            )
+        elif kind == 1:  # mutated JSON lines
+            lines = []
+            for t in corpus[i * 10 : i * 10 + 10]:
+                s = json.dumps({"text": t, "id": rng.random()})
+                cut = rng.randrange(len(s))
+                lines.append(
+                    s if rng.random() < 0.5 else s[:cut] + rng.choice(['"', "{", "\\", "\x00", "]"]) + s[cut:]
+                )
+            (inp / f"f{i}.jsonl").write_text("\n".join(lines))
+        elif kind == 2:  # wrong types and nesting
+            vals = [
+                None,
+                1,
+                2.5,
+                True,
+                [],
+                {},
+                {"text": {"a": 1}},
+                "str",
+                {"text": None},
+                {"text": "ok " * 40},
+            ]
+            (inp / f"f{i}.json").write_text("\n".join(json.dumps(rng.choice(vals)) for _ in range(20)))
+        else:  # gzip of random length, possibly truncated
+            data = gzip.compress(
+                "\n".join(json.dumps({"text": t}) for t in corpus[i * 5 : i * 5 + 5]).encode()
+            )
+            (inp / f"f{i}.jsonl.gz").write_bytes(data[: rng.randrange(10, len(data) + 1)])
+    (inp / "good.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in corpus[150:300]))
+    email = [d["text"] for d in stdlib_documents(min_chars=200) if d["id"].startswith("email/")]
+    (tmp_path / "domain.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in email[:40]))
+    (inp / "email.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in email[40:120]))
+    cfg = PrepareConfig(**SMALL, domain_examples=str(tmp_path / "domain.jsonl"), domain_threshold=0.6)
+    report = prepare([str(inp)], tmp_path / "out", cfg, log=lambda _: None)
+    assert accounting_holds(report) and report["input_records"] > 300
+    assert report["quarantined"] > 20
+    assert report["dropped"]["off_domain"] > 50  # the stdlib docs that are not about email
+    assert report["kept"] > 10 and report["topics"]
+    assert load_meta(tmp_path / "out")["num_train"] > 0
+
+
+def test_user_errors(ray_local, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        prepare([str(tmp_path / "missing.jsonl")], tmp_path / "o")
+    run = SimpleNamespace(prepare=PrepareConfig(**SMALL))
+    with pytest.raises(UserError, match="--input"):
+        cli_prepare(run, SimpleNamespace(input=[], output=str(tmp_path / "o")))
+    (tmp_path / "junk.jsonl").write_text("{bad\n" * 5 + json.dumps({"text": "short"}) + "\n")
+    with pytest.raises(UserError, match="no document survived"):
+        prepare([str(tmp_path / "junk.jsonl")], tmp_path / "o", PrepareConfig(**SMALL))
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["input_records"] == 6 and report["quarantined"] == 5 and accounting_holds(report)
+    with pytest.raises(UserError, match="quality_model"):
+        prepare(
+            [str(tmp_path / "junk.jsonl")], tmp_path / "o", PrepareConfig(**SMALL, quality_model="nope.bin")
+        )
+
+
+def test_read_prepared_with_corrupt_shard(prepared, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(prepared[0], out)
+    n = load_meta(out)["num_train"]
+    assert read_prepared(out, "train").count() == n
+    shards = sorted((out / "train").glob("*.parquet"))
+    assert len(shards) >= 2
+    bad_rows = pq.read_metadata(shards[0]).num_rows
+    shards[0].write_bytes(shards[0].read_bytes()[:100])
+    with pytest.raises(UserError, match="corrupt"):
+        read_prepared(out, "train")
+    logs = []
+    ds = read_prepared(out, "train", on_corrupt="skip", log=logs.append)
+    assert ds.count() == n - bad_rows
+    assert any(shards[0].name in line for line in logs)
