@@ -504,7 +504,8 @@ class _Worker:
             losses_per_sample.append(out.loss_per_sample.detach().float())
             load_LE = out.expert_load_LE if load_LE is None else load_LE + out.expert_load_LE
         # One MAX all-reduce inside: every rank takes the same skip decision.
-        is_bad = bool(sums[4] > 0) or not grads_are_finite(self.engine)
+        # Every rank must join the all-reduce, also one whose own loss was already non-finite.
+        is_bad = not grads_are_finite(self.engine, local_bad=bool(sums[4] > 0))
         if is_bad:
             skip_step(self.engine)  # gradients dropped, DeepSpeed counts a skipped step
         else:
