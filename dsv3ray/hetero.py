@@ -14,7 +14,9 @@ Three pieces, each usable on its own by the training loop:
    the same gradient (and update) as an equal split, whatever the split. Every rank runs the same
    number of micro steps (A), so EP all-to-alls and ZeRO reductions stay in lockstep; a rank's
    micro-batches just differ in size. The split changes only when the predicted step time improves
-   by more than `rebalance_threshold` (hysteresis), from an EMA of the measured rates.
+   by more than `rebalance_threshold` (hysteresis). Cost model per rank, fitted on its last
+   `window` steps: t_r = a_r + b_r n_r (a fixed per-step cost: optimizer step, per-micro-step
+   overheads; without it a rank given few samples looks slow per sample and the split spirals).
 3. Elastic checkpoints (`save_elastic`, `load_elastic`): a consolidated copy of the model and
    optimizer state keyed by parameter name and GLOBAL expert id, independent of the data-parallel
    and expert-parallel layout that wrote it. DeepSpeed's own ZeRO files are per dp rank (and per
@@ -60,7 +62,7 @@ class HeteroConfig:
     balance: bool = True  # split the global batch by measured throughput (False: equal split)
     warmup_steps: int = 1  # steps not measured at all (first-step JIT/allocation noise)
     measure_steps: int = 2  # measured steps at the equal split before the first re-split
-    ema: float = 0.5  # weight of the newest rate in the moving average
+    window: int = 8  # recent steps the per-rank cost model is fitted on (drift ages out)
     rebalance_threshold: float = 0.05  # re-split only if the predicted step time drops by > 5%
     # Ray Train placement: one selector for all workers, or one per worker (length = max workers),
     # e.g. [{"ray.io/accelerator-type" = "H100"}, {"ray.io/accelerator-type" = "A10G"}]
@@ -75,8 +77,8 @@ class HeteroConfig:
                 self.measure_steps if self.measure_steps < 1 else self.warmup_steps,
                 "warmup_steps >= 0 and measure_steps >= 1",
             )
-        if not 0.0 < self.ema <= 1.0:
-            raise ConfigError("hetero.ema", self.ema, "a number in (0, 1]")
+        if self.window < 2:
+            raise ConfigError("hetero.window", self.window, "an integer >= 2")
         if not 0.0 <= self.rebalance_threshold < 1.0:
             raise ConfigError("hetero.rebalance_threshold", self.rebalance_threshold, "a number in [0, 1)")
         selectors = self.label_selector if isinstance(self.label_selector, list) else [self.label_selector]
@@ -143,23 +145,28 @@ def scaling_config(num_workers, use_gpu: bool, cpus_per_worker: float, cfg: Hete
 # --- batch balancing --------------------------------------------------------------------------
 
 
-def split_batch(total: int, rates: list[float], min_each: int = 1) -> list[int]:
-    """Split `total` samples so that max_r n_r / rate_r is smallest (n_r proportional to rate_r,
-    rounded well); every rank gets at least `min_each`. Deterministic (ties go to the lower rank)."""
+def split_batch(
+    total: int, rates: list[float], min_each: int = 1, fixed_s: list[float] | None = None
+) -> list[int]:
+    """Split `total` samples so that the slowest rank's time max_r (fixed_s[r] + n_r / rates[r])
+    is smallest (n_r proportional to rates[r] when there is no fixed cost); every rank gets at
+    least `min_each`. Deterministic (ties go to the lower rank)."""
     W = len(rates)
     if total < W * min_each:
         raise UserError(
             f"global batch {total} is smaller than {W} workers x {min_each} samples each: raise the batch size"
         )
     assert all(r > 0 and math.isfinite(r) for r in rates), rates
+    fixed = fixed_s or [0.0] * W
     counts = [min_each] * W
-    # Greedy: each next sample goes to the rank that would finish it first. Optimal for min-max.
-    heap = [((min_each + 1) / rates[r], r) for r in range(W)]
+    # Greedy: each next sample goes to the rank that would finish it first. Optimal for min-max
+    # of increasing per-rank costs.
+    heap = [(fixed[r] + (min_each + 1) / rates[r], r) for r in range(W)]
     heapq.heapify(heap)
     for _ in range(total - W * min_each):
         _, r = heapq.heappop(heap)
         counts[r] += 1
-        heapq.heappush(heap, ((counts[r] + 1) / rates[r], r))
+        heapq.heappush(heap, (fixed[r] + (counts[r] + 1) / rates[r], r))
     return counts
 
 
@@ -191,7 +198,8 @@ class BatchBalancer:
         self.cfg = cfg or HeteroConfig()
         self.world_size, self.global_batch, self.min_each = world_size, global_batch, min_each
         self.split = split_batch(global_batch, [1.0] * world_size, min_each)
-        self.rates: list[float] | None = None  # EMA of samples per compute-second, per rank
+        self.history: list[list[tuple[int, float]]] = [[] for _ in range(world_size)]  # (n, seconds)
+        self.model: list[tuple[float, float]] | None = None  # per rank (fixed s, s per sample)
         self.observed = 0
         self.rebalances = 0
 
@@ -201,12 +209,31 @@ class BatchBalancer:
         return start, start + self.split[rank]
 
     def predicted_step_s(self, split: list[int] | None = None) -> float:
-        assert self.rates is not None
-        return max(n / r for n, r in zip(split or self.split, self.rates))
+        assert self.model is not None
+        return max(a + b * n for n, (a, b) in zip(split or self.split, self.model))
 
     def efficiency(self) -> float:
-        """Predicted throughput of the current split over the ideal (sum of the ranks' rates)."""
-        return self.global_batch / self.predicted_step_s() / sum(self.rates) if self.rates else 1.0
+        """Predicted throughput of the current split over the ideal: the sum of the ranks'
+        throughputs n_r / t_r, each as if it never waited for the others."""
+        if self.model is None:
+            return 1.0
+        ideal = sum(n / (a + b * n) for n, (a, b) in zip(self.split, self.model))
+        return self.global_batch / self.predicted_step_s() / ideal
+
+    @staticmethod
+    def _fit(obs: list[tuple[int, float]]) -> tuple[float, float]:
+        """Least squares t = a + b n over the window; proportional (a = 0) while n never varied
+        or when noise makes the fit unphysical."""
+        ns = [float(n) for n, _ in obs]
+        ts = [t for _, t in obs]
+        proportional = (0.0, sum(ts) / sum(ns))
+        mn, mt = sum(ns) / len(ns), sum(ts) / len(ts)
+        var = sum((n - mn) ** 2 for n in ns)
+        if var == 0:
+            return proportional
+        b = sum((n - mn) * (t - mt) for n, t in zip(ns, ts)) / var
+        a = mt - b * mn
+        return (a, b) if b > 0 and 0 <= a < min(ts) else proportional
 
     def observe(self, counts: list[int], compute_s: list[float]) -> bool:
         """One step's per-rank sample counts and compute seconds; True when the split changed."""
@@ -214,12 +241,15 @@ class BatchBalancer:
         self.observed += 1
         if self.observed <= self.cfg.warmup_steps:
             return False
-        new = [n / max(t, 1e-9) for n, t in zip(counts, compute_s)]
-        a = self.cfg.ema
-        self.rates = new if self.rates is None else [a * x + (1 - a) * y for x, y in zip(new, self.rates)]
+        for h, n, t in zip(self.history, counts, compute_s):
+            h.append((int(n), max(float(t), 1e-9)))
+            del h[: -self.cfg.window]
+        self.model = [self._fit(h) for h in self.history]
         if not self.cfg.balance or self.observed < self.cfg.warmup_steps + self.cfg.measure_steps:
             return False
-        proposal = split_batch(self.global_batch, self.rates, self.min_each)
+        proposal = split_batch(
+            self.global_batch, [1.0 / b for _, b in self.model], self.min_each, [a for a, _ in self.model]
+        )
         if proposal == self.split:
             return False
         if self.predicted_step_s(proposal) < (1.0 - self.cfg.rebalance_threshold) * self.predicted_step_s():
@@ -233,17 +263,19 @@ class BatchBalancer:
             "world_size": self.world_size,
             "global_batch": self.global_batch,
             "split": list(self.split),
-            "rates": self.rates,
+            "history": [list(h) for h in self.history],
             "observed": self.observed,
             "rebalances": self.rebalances,
         }
 
     def load_state_dict(self, state: dict) -> bool:
         """Restore; False (and keep the fresh equal split, to be re-measured) when the world size
-        or global batch changed: old per-rank rates say nothing about the new workers."""
+        or global batch changed: old per-rank timings say nothing about the new workers."""
         if state["world_size"] != self.world_size or state["global_batch"] != self.global_batch:
             return False
-        self.split, self.rates = list(state["split"]), state["rates"]
+        self.split = list(state["split"])
+        self.history = [[(int(n), float(t)) for n, t in h] for h in state["history"]]
+        self.model = [self._fit(h) for h in self.history] if all(self.history) else None
         self.observed, self.rebalances = state["observed"], state["rebalances"]
         return True
 
