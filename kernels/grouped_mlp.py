@@ -5,7 +5,7 @@ Backward: dgu = (dy @ Wd) with the SwiGLU backward fused in the epilogue, dx = d
           dWd[e] = dy_e^T @ h_e, dW1[e] = dgu_e^T @ x_e (fp32 accumulate, empty groups give zeros).
 
 Row tiles never straddle two experts: program `pid_m` reads its (expert, row range) from a small
-tile table built from the offsets by device ops (`_tile_table`), so the launch needs no host sync
+tile table built from the offsets on the device (`_tile_table_kernel`), so the launch needs no host sync
 on GPU; the grid is sized by the upper bound cdiv(N, BLOCK_M) + E and surplus programs do nothing. Expert weights are addressed through
 strides, so one grouped GEMM kernel serves x@W^T, dy@W and dgu@W.
 
@@ -15,6 +15,29 @@ Legend: N rows, D hidden, I expert intermediate, J = 2I, E experts; P, Q weight-
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["num_tiles"])  # sizes vary per call: compile once
+def _tile_table_kernel(
+    offsets_ptr, tiles_ptr, E, num_tiles, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr
+):
+    """For tiles p in this block: expert = number of experts whose tiles all come before p."""
+    e_E = tl.arange(0, BLOCK_E)
+    ok_E = e_E < E
+    end_E = tl.load(offsets_ptr + e_E, mask=ok_E, other=0)
+    start_E = tl.load(offsets_ptr + e_E - 1, mask=ok_E & (e_E > 0), other=0)
+    tiles_E = tl.where(ok_E, (end_E - start_E + BLOCK_M - 1) // BLOCK_M, 0)
+    tile_end_E = tl.cumsum(tiles_E, 0)
+    p_P = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    expert_P = tl.sum((tile_end_E[None, :] <= p_P[:, None]).to(tl.int32), axis=1)
+    hit_PE = e_E[None, :] == expert_P[:, None]
+    first_P = tl.sum(tl.where(hit_PE, (tile_end_E - tiles_E)[None, :], 0), axis=1)
+    row_start_P = tl.sum(tl.where(hit_PE, start_E[None, :], 0), axis=1) + (p_P - first_P) * BLOCK_M
+    row_end_P = tl.where(expert_P < E, tl.sum(tl.where(hit_PE, end_E[None, :], 0), axis=1), row_start_P)
+    ok_P = p_P < num_tiles
+    tl.store(tiles_ptr + p_P, tl.minimum(expert_P, E - 1), mask=ok_P)
+    tl.store(tiles_ptr + num_tiles + p_P, row_start_P, mask=ok_P)
+    tl.store(tiles_ptr + 2 * num_tiles + p_P, row_end_P, mask=ok_P)
 
 
 @triton.jit
@@ -206,25 +229,24 @@ def _prec(dtype: torch.dtype) -> str:
 def _tile_table(offsets_E: torch.Tensor, N: int, block_m: int) -> torch.Tensor:
     """(3, num_tiles) int32 rows (expert, row_start, row_end) of every BLOCK_M row tile, expert after expert.
 
-    Computed with device ops and no host sync on GPU: the table has the upper bound
-    cdiv(N, BLOCK_M) + E entries and surplus tiles are empty (row_end == row_start). On CPU the
-    sync is free, so the table is cut to the real tiles (the interpreter pays per program).
+    One tiny Triton program, no host sync on GPU: the table has the upper bound cdiv(N, BLOCK_M) + E
+    entries and surplus tiles are empty (row_end == row_start). On CPU the sync is free, so the table
+    is cut to the real tiles (the interpreter pays per program).
     """
     E = offsets_E.shape[0]
-    ends_E = offsets_E.long()
-    starts_E = ends_E - torch.diff(ends_E, prepend=ends_E.new_zeros(1))
-    tiles_E = (ends_E - starts_E + block_m - 1) // block_m
-    tile_end_E = torch.cumsum(tiles_E, 0)
-    num_tiles = triton.cdiv(N, block_m) + E
-    if offsets_E.device.type != "cuda":
-        num_tiles = int(tile_end_E[-1]) if E else 0
-    pid = torch.arange(num_tiles, device=offsets_E.device)
-    expert = torch.searchsorted(tile_end_E, pid, right=True)
-    valid = expert < E
-    e_c = expert.clamp(max=max(E - 1, 0))
-    row_start = starts_E[e_c] + (pid - (tile_end_E[e_c] - tiles_E[e_c])) * block_m
-    row_end = torch.where(valid, ends_E[e_c], row_start)
-    return torch.stack([e_c, row_start, row_end]).to(torch.int32).contiguous()
+    if offsets_E.device.type == "cuda":
+        num_tiles = triton.cdiv(N, block_m) + E
+    else:
+        counts_E = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1, dtype=torch.long))
+        num_tiles = int(((counts_E + block_m - 1) // block_m).sum())
+    tiles = torch.empty(3, num_tiles, device=offsets_E.device, dtype=torch.int32)
+    if num_tiles:
+        block_e = triton.next_power_of_2(max(E, 1))
+        block_p = max(1, min(256, 8192 // block_e))
+        _tile_table_kernel[(triton.cdiv(num_tiles, block_p),)](
+            offsets_E, tiles, E, num_tiles, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_E=block_e
+        )
+    return tiles
 
 
 def _launch_gate_up(x_ND, w_EJD, tiles, cfg):

@@ -193,7 +193,8 @@ def _permute_launch(x_TD, experts_TK, num_experts):
     K = experts_TK.shape[1]
     N, E = T * K, num_experts
     dev = x_TD.device
-    block_n = 64
+    block_e = triton.next_power_of_2(E)
+    block_n = max(16, min(64, 8192 // block_e))  # the (BLOCK_N, BLOCK_E) one-hot histogram stays small
     num_blocks = triton.cdiv(N, block_n)
     flat_N = experts_TK.reshape(-1).contiguous()
     hist_BE = torch.empty(num_blocks, E, device=dev, dtype=torch.int32)
@@ -202,13 +203,10 @@ def _permute_launch(x_TD, experts_TK, num_experts):
     dest_N = torch.empty(N, device=dev, dtype=torch.int32)
     if N == 0:
         return x_sorted_ND, sort_idx_N, torch.zeros(E, device=dev, dtype=torch.int32), dest_N
-    _block_hist_kernel[(num_blocks,)](
-        flat_N, hist_BE, N, E, BLOCK_N=block_n, BLOCK_E=triton.next_power_of_2(E)
-    )
+    _block_hist_kernel[(num_blocks,)](flat_N, hist_BE, N, E, BLOCK_N=block_n, BLOCK_E=block_e)
     # where each block's rows of each expert start in the sorted order (one small program)
     base_BE = torch.empty_like(hist_BE)
     offsets_E = torch.empty(E, device=dev, dtype=torch.int32)
-    block_e = triton.next_power_of_2(E)
     _block_scan_kernel[(1,)](
         hist_BE, base_BE, offsets_E, num_blocks, E, BLOCK_B=max(1, min(64, 8192 // block_e)), BLOCK_E=block_e
     )

@@ -134,7 +134,7 @@ def _route_launch(logits_TE, bias_E, top_k, n_group, topk_group, norm_topk_prob,
     counts_E = torch.zeros(E, device=dev, dtype=torch.int32)
     block_e = triton.next_power_of_2(E)
     # keep the (BLOCK_T, BLOCK_E) working set near 4K values per program
-    block_t = max(1, min(64, 4096 // block_e, triton.next_power_of_2(max(T, 1))))
+    block_t = max(2, min(64, 4096 // block_e, triton.next_power_of_2(max(T, 1))))
     grid = (triton.cdiv(T, block_t),)
     if T > 0:
         _route_fwd_kernel[grid](

@@ -63,6 +63,7 @@ def _run(fn, chunks) -> None:
         for c in chunks:
             fn(c)
         return
+
     def no_grad_fn(c):  # grad mode is thread-local and a fresh worker has it on
         with torch.no_grad():
             fn(c)
