@@ -1,0 +1,110 @@
+"""`ray job submit --working-dir . -- dsv3ray train ...` against a real head on loopback.
+
+The head runs `ray start --head --block` in its own session, so the finally kills exactly the
+processes this test started (never `ray stop`, which would stop every Ray on the machine).
+Ray 2.60 heads use token auth; `ray job submit` needs RAY_AUTH_MODE=token to send the token.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dsv3ray.data import write_synthetic_prepared
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+JOB_TOML = """
+[model]
+preset = "debug"
+vocab_size = 128
+num_hidden_layers = 2
+max_position_embeddings = 64
+moe_impl = "torch"
+[train]
+num_workers = 1
+ep_size = 1
+steps = 2
+micro_batch_size = 2
+eval_batches = 1
+checkpoint_every = 0
+run_dir = "{run}"
+[data]
+prepared = "{data}"
+"""
+
+
+def test_ray_job_submit_trains_on_a_cluster(tmp_path):
+    data = write_synthetic_prepared(tmp_path / "data", num_train=32, num_eval=4, seq_len=16, vocab_size=128)
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "job.toml").write_text(JOB_TOML.format(run=tmp_path / "run", data=data))
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "RAY_AUTH_MODE": "token",
+    }
+    env.pop("RAY_ADDRESS", None)
+    dash = _free_port()
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
+         # every port explicit and free: other Ray clusters may run on this machine
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 150
+        out = ""
+        while time.monotonic() < deadline:
+            # The dashboard agent accepts jobs a few seconds after the head is up: retry until then.
+            r = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
+                 "--", "dsv3ray", "train", "--config", "job.toml"],
+                cwd=wd, env=env, capture_output=True, text=True, timeout=max(5, deadline - time.monotonic()),
+            )  # fmt: skip
+            out = r.stdout + r.stderr
+            if (
+                r.returncode == 0
+                or "No available agent" not in out
+                and "Connection refused" not in out
+                and "Failed to connect" not in out
+            ):
+                break
+            time.sleep(2)
+        assert "succeeded" in out, out[-3000:]
+        assert "[dsv3ray] done: 2 steps" in out
+        assert (tmp_path / "run" / "report.json").is_file()
+    finally:
+        _kill_group(head)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the head's process group, SIGKILL what is left after 10 s (Ray's children stay in it)."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        proc.poll()
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
