@@ -428,8 +428,7 @@ class Distiller:
                 msg = f"distill: step {step} ({tokens} tokens) is in stage {s} ({'KD' if s == 1 else 'CE'})"
             else:
                 msg = f"distill: switching to stage {s} (CE on real data) at step {step}, {tokens} tokens"
-            print(f"[dsv3ray] {msg}", flush=True)
-            log.info(msg)
+            print(f"[dsv3ray] {msg}", flush=True)  # the worker's stdout reaches the driver's log
         self.last_stage = s
         return s
 
