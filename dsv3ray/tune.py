@@ -295,7 +295,10 @@ def _rows_from_results(grid, out: Path) -> list[dict[str, Any]]:
     for result in grid:
         cfg = dict(result.config or {})
         m = dict(result.metrics or {})
-        trial_id = m.get("trial_id") or Path(str(result.path)).name
+        trial_id = m.get("trial_id") or Path(str(result.path)).name.split("_")[1]
+        params = out / "trials" / str(trial_id) / "params.json"
+        if not cfg and params.is_file():
+            cfg = json.loads(params.read_text())
         err = result.error
         stages = m.get("stages") or 0
         row = {
@@ -303,7 +306,7 @@ def _rows_from_results(grid, out: Path) -> list[dict[str, Any]]:
             "keep_ratio": cfg.get("keep_ratio"),
             "n_routed_experts": cfg.get("n_routed_experts"),
             "lr": cfg.get("lr"),
-            "run_dir": m.get("run_dir") or "",
+            "run_dir": m.get("run_dir") or (str(params.parent) if params.is_file() else ""),
             **{k: m.get(k) for k in CSV_FIELDS if k in m},
         }
         row["status"] = "ERROR" if err is not None else "TERMINATED"
@@ -399,6 +402,9 @@ def sweep(run, output: str | None = None, train_fn=None) -> dict[str, Any]:
         trial_id = tune.get_context().get_trial_id()
         # keyed by trial id: a resumed sweep finds the same trial's checkpoints again
         run_dir = str(out / "trials" / trial_id)
+        # the trial's parameters on disk: a trial that fails before its first report has no result config
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "params.json").write_text(json.dumps(params))
 
         def report(metrics):
             tune.report({**metrics, "rungs": rungs, "trial_id": trial_id, "run_dir": run_dir})
