@@ -11,3 +11,6 @@ class ConfigError(UserError, ValueError):
     def __init__(self, key: str, value, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"config {key}={value!r} is invalid: {allowed}")
+
+    def __reduce__(self):  # picklable, so Ray can carry it from a worker to the driver
+        return (type(self), (self.key, self.value, self.allowed))
