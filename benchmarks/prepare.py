@@ -8,7 +8,8 @@ from the sentences of the stdlib docs corpus (no download).
 
     .venv/bin/python benchmarks/prepare.py [--docs 4000] [--cpus 2]
 
-Prints one JSON line: {"ratio": ..., "pipeline_docs_per_s_per_core": ..., "fasttext_docs_per_s": ...}.
+Prints one JSON line: {"ratio": ..., "pipeline_docs_per_s_per_core": ..., "fasttext_docs_per_s": ...,
+"clean_pass_ratio": (the same for the cleaning pass alone), "peak_rss_mb", "memory_growth"}.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
 
 
 class PeakRSS:
-    """Peak of (this process + Ray worker processes) resident memory, sampled every 0.2 s."""
+    """Peak resident memory of this process and its descendants (the local Ray it started: GCS,
+    raylet, workers), sampled every 0.2 s. Other users' Ray processes are not counted."""
 
     def __init__(self):
         self.peak = 0
@@ -47,13 +49,12 @@ class PeakRSS:
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
-        total = psutil.Process().memory_info().rss
-        for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for p in me.children(recursive=True):
             try:
-                cmd = " ".join(p.info["cmdline"] or [])
-                if p.info["name"].startswith("ray::") or "default_worker.py" in cmd:
-                    total += p.info["memory_info"].rss
-            except (psutil.Error, TypeError, AttributeError):
+                total += p.memory_info().rss
+            except psutil.Error:
                 continue
         return total
 
@@ -119,8 +120,13 @@ def main(argv=None) -> int:
     big = runs[args.docs]
     per_core = big["docs_per_s"] / args.cpus
     small = runs[args.docs // 4]
+    clean_per_core = args.docs / big["stages_s"]["clean_pass"] / args.cpus
     out = {
         "ratio": round(per_core / ft_rate, 3),
+        "clean_pass_ratio": round(clean_per_core / ft_rate, 3),  # read..quality+dedup, before tokenizing
+        "tokenize_us_per_doc_per_core": round(
+            1e6 * big["stages_s"]["tokenize_pack"] * args.cpus / args.docs, 1
+        ),
         "pipeline_docs_per_s_per_core": round(per_core, 1),
         "fasttext_docs_per_s": round(ft_rate, 1),
         "docs": args.docs,

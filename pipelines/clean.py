@@ -27,12 +27,15 @@ _SPACES = re.compile(r"[ \t\u00a0\u3000]+")
 _TRAILING = re.compile(r" *\n *")
 _NEWLINES = re.compile(r"\n{3,}")
 
+MAX_MINHASH_CHARS = 1_000_000
 STAGES = ("normalize", "length", "dedup_keys", "quality", "perplexity", "domain")
 
 
 def normalize_text(text: str) -> str:
     """NFC, no control characters, runs of spaces/tabs → one space, at most one blank line."""
-    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.isascii():  # ASCII is already NFC and has no C1/zero-width characters
+        text = unicodedata.normalize("NFC", text)
     text = _CONTROL.sub("", text)
     text = _SPACES.sub(" ", text)
     text = _TRAILING.sub("\n", text)
@@ -101,7 +104,7 @@ class Cleaner:
         for i in range(n):
             if status[i] != OK:
                 continue
-            words[i] = len(texts[i].split())
+            words[i] = len(texts[i].split(maxsplit=s.min_words))  # capped: no 8M-word list for a 50 MB doc
             if words[i] < s.min_words:
                 status[i], reason[i] = DROP, ("empty" if words[i] == 0 else "too_short")
             elif len(texts[i]) > s.max_chars and s.oversize == "drop":
@@ -116,7 +119,8 @@ class Cleaner:
         for i, t in zip(ok, ok_texts):
             text_hash[i] = text_hash64(t)
             if s.dedup_near:
-                bands[i] = self.minhash.band_keys(self.minhash.signature(t)).tolist()
+                # near-dup keys from the first MAX_MINHASH_CHARS (bounded time/memory on huge docs)
+                bands[i] = self.minhash.band_keys(self.minhash.signature(t[:MAX_MINHASH_CHARS])).tolist()
         timing["dedup_keys"] = time.perf_counter() - t0
 
         quality = np.full(n, np.nan, dtype=np.float32)

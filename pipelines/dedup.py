@@ -15,13 +15,30 @@ configured threshold, see `lsh_params`.
 from __future__ import annotations
 
 import hashlib
-import re
-import zlib
 
 import numpy as np
 
-_WORD = re.compile(r"\w+", re.UNICODE)
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_P = 0x100000001B3  # odd: invertible mod 2^64
+_PINV = pow(_P, -1, 1 << 64)
+_WORD_BYTE = np.zeros(256, dtype=bool)
+for _c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_":
+    _WORD_BYTE[_c] = True
+_WORD_BYTE[0x80:] = True  # bytes of multibyte UTF-8 characters
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    """[base^0, ..., base^(n-1)] mod 2^64 (uint64), by repeated doubling of a prefix."""
+    out = np.empty(max(n, 1), dtype=np.uint64)
+    out[0] = 1
+    filled = 1
+    with np.errstate(over="ignore"):
+        step = np.uint64(base)
+        while filled < n:
+            take = min(filled, n - filled)
+            out[filled : filled + take] = out[:take] * step
+            filled += take
+            step = step * step if filled == take * 2 else step
+    return out[:n]
 
 
 def text_hash64(text: str) -> int:
@@ -56,18 +73,29 @@ class MinHasher:
         self.num_perm = num_perm
 
     def shingles(self, text: str) -> np.ndarray:
-        """uint64 hashes of the word k-grams (lowercased), (S,)."""
-        words = _WORD.findall(text.lower())
-        if not words:
+        """uint64 hashes of the word k-grams (lowercased), (S,), computed without a Python loop.
+
+        Words = maximal runs of bytes that are ASCII letters/digits/underscore or non-ASCII (UTF-8
+        multibyte). A word's hash is its polynomial byte hash mod 2^64, read off prefix sums:
+        with C[i] = sum_{j<i} b_j P^-j (P odd, so invertible mod 2^64),
+        hash(b[s:e]) = P^(e-1) * (C[e] - C[s]).
+        """
+        b = np.frombuffer(text.lower().encode("utf-8", "surrogatepass"), dtype=np.uint8)
+        is_word = _WORD_BYTE[b]
+        if not is_word.any():
             return np.zeros(1, dtype=np.uint64)
-        w_W = np.fromiter(
-            (zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in words), dtype=np.uint64, count=len(words)
-        )
-        k = min(self.k, len(words))
-        s_S = np.zeros(len(words) - k + 1, dtype=np.uint64)
+        edges = np.flatnonzero(np.diff(np.concatenate([[False], is_word, [False]]).astype(np.int8)))
+        starts, ends = edges[0::2], edges[1::2]
+        n = b.size
         with np.errstate(over="ignore"):
+            pinv_pow = _powers(_PINV, n)
+            c = np.zeros(n + 1, dtype=np.uint64)
+            np.cumsum(b.astype(np.uint64) * pinv_pow, out=c[1:])
+            w_W = _powers(_P, n)[ends - 1] * (c[ends] - c[starts])
+            k = min(self.k, w_W.size)
+            s_S = np.zeros(w_W.size - k + 1, dtype=np.uint64)
             for j in range(k):  # polynomial combination of the k word hashes, wrapping mod 2^64
-                s_S = s_S * np.uint64(0x100000001B3) + w_W[j : len(words) - k + 1 + j]
+                s_S = s_S * np.uint64(0x100000001B3) + w_W[j : w_W.size - k + 1 + j]
         return s_S
 
     def signature(self, text: str, chunk: int = 1 << 15) -> np.ndarray:

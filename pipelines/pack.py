@@ -11,6 +11,7 @@ The stream of each split is cut into non-overlapping rows of seq_len + 1 tokens 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,21 @@ def is_eval(text_hash: int, eval_fraction: float) -> bool:
 class Tokenize:
     """Ray Data UDF: clean-text shards (text, text_hash) → (tokens list<int32>, eval bool, pieces)."""
 
-    def __init__(self, tokenizer_json: str, max_doc_tokens: int, eval_fraction: float, truncate: bool):
+    def __init__(
+        self,
+        tokenizer_json: str,
+        max_doc_tokens: int,
+        eval_fraction: float,
+        truncate: bool,
+        max_chars: int = 1 << 20,
+    ):
         from tokenizers import Tokenizer as HF
 
         self.tok = Tokenizer(HF.from_str(tokenizer_json))
         self.max_doc_tokens = max_doc_tokens
         self.eval_fraction = eval_fraction
         self.truncate = truncate
+        self.max_chars = max_chars
 
     def __call__(self, paths: pa.Table):
         """A table of clean-shard paths → one output table per 1024 documents, in order.
@@ -51,7 +60,10 @@ class Tokenize:
     def tokenize(self, table: pa.Table) -> pa.Table:
         texts = table.column("text").to_pylist()
         hashes = table.column("text_hash").to_pylist()
-        ids = self.tok.encode_batch(texts)
+        ids = self.tok.encode_batch([t[: self.max_chars] for t in texts])
+        for i, t in enumerate(texts):  # oversized documents: encoded in whitespace-aligned chunks
+            if len(t) > self.max_chars:
+                ids[i] = np.concatenate(self.tok.encode_batch(chunk_text(t, self.max_chars)))
         eos = np.array([self.tok.eos_id], dtype=np.int32)
         tokens, pieces, cut = [], [], []
         for arr in ids:
@@ -68,6 +80,26 @@ class Tokenize:
                 "truncated_tokens": pa.array(cut, pa.int64()),
             }
         )
+
+
+_CUT = re.compile(r"(?<=[^\s]) (?=[^\s])")  # a single space between two non-spaces
+
+
+def chunk_text(text: str, max_chars: int) -> list[str]:
+    """Pieces of at most max_chars, each cut just before a single space between two words, where
+    the byte-level pre-tokenizer splits anyway (" word" starts a new pre-token): encoding the
+    pieces gives the same tokens as encoding the whole."""
+    out, start = [], 0
+    while len(text) - start > max_chars:
+        cut = -1
+        for m in _CUT.finditer(text, start + 1, start + max_chars):
+            cut = m.start()
+        if cut <= start:
+            cut = start + max_chars  # no word boundary in the window: cut anywhere
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
 
 
 class ShardWriter:

@@ -177,7 +177,7 @@ class _CleanTextWriter:
 
 def _load_models(cfg: PrepareConfig, log) -> dict:
     """Model payloads for the workers: fastText bytes, unigram LM, domain filter."""
-    from pipelines.quality import UnigramLM, default_quality_model, reference_texts
+    from pipelines.quality import QualityScorer, UnigramLM, default_quality_model, reference_texts
 
     out: dict = {"quality_model": None, "unigram_lm": None, "domain": None}
     if cfg.quality:
@@ -190,6 +190,7 @@ def _load_models(cfg: PrepareConfig, log) -> dict:
                 raise UserError(
                     f"prepare.quality_model {path} does not exist: train one with `dsv3ray quality train` or unset it"
                 )
+        QualityScorer(path, cfg.quality_label)  # a bad file or label: one line here, not a worker traceback
         out["quality_model"] = path.read_bytes()
         out["quality_model_path"] = str(path)
     if cfg.perplexity:
@@ -394,7 +395,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
             Tokenize, batch_size=1, batch_format="pyarrow",
             fn_constructor_kwargs={
                 "tokenizer_json": tok.hf.to_str(), "max_doc_tokens": cfg.max_doc_tokens,
-                "eval_fraction": cfg.eval_fraction, "truncate": cfg.truncate_tokens,
+                "eval_fraction": cfg.eval_fraction, "truncate": cfg.truncate_tokens, "max_chars": cfg.max_chars,
             },
             compute=ray.data.ActorPoolStrategy(size=workers),
         )  # fmt: skip

@@ -122,9 +122,14 @@ class QualityScorer:
     """P(label) per text with a fastText model (from a path or the model file's bytes)."""
 
     def __init__(self, model_path: str | Path, label: str = GOOD):
-        import fasttext
+        from fasttext.FastText import _FastText
 
-        self.model = fasttext.load_model(str(model_path))
+        try:  # = fasttext.load_model without its stderr warning on every worker
+            self.model = _FastText(model_path=str(model_path))
+        except ValueError as e:
+            raise UserError(
+                f"quality model {model_path} cannot be loaded ({e}): pass a fastText .bin"
+            ) from None
         self.label = label
         if label not in self.model.get_labels():
             raise UserError(

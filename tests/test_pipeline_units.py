@@ -250,3 +250,25 @@ def test_demo_corpus_is_deterministic(tmp_path):
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     first = json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])
     assert set(first) == {"id", "text"} and len(first["text"].split()) > 5
+
+
+def test_oversized_documents_encode_in_chunks_identically(docs):
+    from dsv3ray.tokenizer import train_tokenizer
+    from pipelines.pack import Tokenize, chunk_text
+
+    tok = train_tokenizer(docs[:50], vocab_size=500)
+    big = "  ".join(docs[:60])
+    giant = big + " " + "x" * 3000  # one giant "word": cut inside it, nothing lost
+    assert "".join(chunk_text(giant, 1000)) == giant and max(map(len, chunk_text(giant, 1000))) <= 1000
+    table = pa.table({"text": [big], "text_hash": [1]})
+    chunked = Tokenize(tok.hf.to_str(), 2048, 0.1, False, max_chars=1000).tokenize(table)
+    whole = Tokenize(tok.hf.to_str(), 2048, 0.1, False, max_chars=10**9).tokenize(table)
+    x = chunked.column("tokens")[0].as_py()
+    assert x[-1] == tok.eos_id
+    assert x == whole.column("tokens")[0].as_py()  # chunk cuts at spaces: the same tokens
+    assert chunked.column("pieces")[0].as_py() == -(-(len(x) - 1) // 2048)
+    cut = Tokenize(tok.hf.to_str(), 100, 0.1, True).tokenize(table)
+    assert (
+        len(cut.column("tokens")[0].as_py()) == 101
+        and cut.column("truncated_tokens")[0].as_py() == len(x) - 101
+    )
