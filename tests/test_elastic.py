@@ -73,7 +73,29 @@ def _resume_side(rank, world_size, out_dir):
         )
         params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         result[with_optimizer] = {"losses": losses, "drawn": drawn, "params": params}
+        if with_optimizer:
+            _zero2_to_stage0(engine, ep, Path(out_dir) / "ckpt_z2")
     torch.save(result, Path(out_dir) / "resumed.pt")
+
+
+def _zero2_to_stage0(engine, ep, ckpt):
+    """Same world, other ZeRO stage: ZeRO-2 (DeepSpeed fragments) -> stage 0 (torch optimizer's
+    own state); the next step is the same on both."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    from dsv3ray.hetero import load_elastic, save_elastic
+
+    save_elastic(engine, ckpt, ep)
+    other, ep0 = _engine(1, 1, 0, 1, G, total_steps=SAVE_AT + MORE, seed=5)
+    load_elastic(other, ckpt, ep0)
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    p2, p0 = engine.module.get_parameter(name), other.module.get_parameter(name)
+    assert torch.equal(p2, p0)
+    assert torch.equal(safe_get_full_optimizer_state(p2, "exp_avg"), other.optimizer.state[p0]["exp_avg"])
+    x = _table()[:G]
+    a, b = weighted_step(engine, x, 0, G, 1), weighted_step(other, x, 0, G, 1)
+    assert a == pytest.approx(b, rel=1e-6)
+    torch.testing.assert_close(p0, p2, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
