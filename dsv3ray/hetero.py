@@ -111,6 +111,14 @@ def parse_num_workers(value) -> tuple[int, int]:
     return lo, hi
 
 
+def elastic_ep_size(requested: int, world_size: int, num_experts: int) -> int:
+    """The EP size for a worker group of `world_size` (elastic: it changes between restarts): the
+    largest size <= `requested` that divides both the world size and the routed experts."""
+    return max(
+        d for d in range(1, min(requested, world_size) + 1) if world_size % d == 0 and num_experts % d == 0
+    )
+
+
 def scaling_config_kwargs(num_workers, use_gpu: bool, cpus_per_worker: float, cfg: HeteroConfig) -> dict:
     """Keyword arguments for Ray Train v2's `ScalingConfig` (kept as a dict so tests need no Ray)."""
     lo, hi = parse_num_workers(num_workers)

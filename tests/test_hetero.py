@@ -19,6 +19,7 @@ from dsv3ray.hetero import (
     BatchBalancer,
     CommTimer,
     HeteroConfig,
+    elastic_ep_size,
     loss_weight,
     micro_slices,
     parse_num_workers,
@@ -122,6 +123,8 @@ def test_config_placement_and_elastic_num_workers():
         kw["num_workers"] == 4 and kw["accelerator_type"] == "H100" and kw["label_selector"] == {"zone": "a"}
     )
     assert kw["resources_per_worker"] == {"CPU": 8.0, "GPU": 1}
+    assert [elastic_ep_size(4, w, 16) for w in (1, 2, 3, 4, 8)] == [1, 2, 1, 4, 4]
+    assert elastic_ep_size(8, 6, 12) == 6 and elastic_ep_size(8, 6, 16) == 2
     assert parse_num_workers(3) == (3, 3) and parse_num_workers([2, 4]) == (2, 4)
     for bad in ([0, 2], [3, 2], "2", [1, 2, 3], True):
         with pytest.raises(ConfigError, match="train.num_workers"):
