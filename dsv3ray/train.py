@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import resource
 import shutil
 import signal
 import tempfile
@@ -114,8 +115,13 @@ def _init_ray(cfg: TrainConfig) -> None:
         return
     # Logical CPUs: one per worker plus one for Ray Data and the sampler (CPUs may be oversubscribed).
     num_cpus = max(os.cpu_count() or 1, cfg.num_workers + 1)
+    # address="local": a new Ray for this run, even if some `ray start` cluster runs on this machine.
     ray.init(
-        num_cpus=num_cpus, num_gpus=None if cfg.use_gpu else 0, include_dashboard=False, log_to_driver=True
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=None if cfg.use_gpu else 0,
+        include_dashboard=False,
+        log_to_driver=True,
     )
 
 
@@ -685,7 +691,14 @@ class _Worker:
             dist.all_reduce(load)
             load_stats = expert_load_stats(load)
         writer.close()
+        # peak resident memory of the most loaded worker (ru_maxrss is KiB on Linux)
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], device=self.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         final = {
+            "peak_rss_mb_per_worker": float(peak),
+            "peak_gpu_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if self.cfg.use_gpu else None,
+            "device": "cuda" if self.cfg.use_gpu else "cpu",
+            "num_devices": self.world,
             "steps": step,
             "tokens": self.tokens,
             "final_train_loss": last.get("ce"),
