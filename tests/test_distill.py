@@ -412,7 +412,9 @@ def test_killed_teacher_restarts_and_late_labels_fall_back_to_ce(ray_local):
         d.pending.clear()
         before = dict(d.counters)
         m = _train_steps(d, student, opt, batches, range(9, 11), prefetch=False)
-        assert d.counters["timeouts"] - before["timeouts"] == 2
+        # (each is a timeout; rarely Ray answers one with an actor error first: also CE, counted)
+        late = sum(d.counters[k] - before[k] for k in ("timeouts", "teacher_errors"))
+        assert late == 2 and d.counters["timeouts"] > before["timeouts"], (before, d.counters)
         assert d.counters["fallback_batches"] - before["fallback_batches"] == 2
         assert m[-1]["distill/fallback_batches"] == d.counters["fallback_batches"]
         assert "distill/kd_loss" not in m[-1]
