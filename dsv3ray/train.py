@@ -251,8 +251,10 @@ def train(run) -> dict:
     # Read once here; every worker then copies the same blocks out of the object store.
     datasets = {
         "train": read_prepared(data.dir, "train", files=data.train_files).materialize(),
-        "eval": read_prepared(data.dir, "eval", files=data.eval_files).materialize(),
     }
+    eval_on_train = run.data.eval_split == "train"  # evaluates on training rows (a memorization check)
+    if not eval_on_train:
+        datasets["eval"] = read_prepared(data.dir, "eval", files=data.eval_files).materialize()
     mailbox = ray.remote(num_cpus=0)(Mailbox).remote()
     loop_config = {
         "mailbox": mailbox,
@@ -267,6 +269,7 @@ def train(run) -> dict:
         "seq_len": p["seq_len"],
         "num_train": data.num_train,
         "num_eval": data.num_eval,
+        "eval_on_train": eval_on_train,
         "global_batch": p["global_batch"],
         "activation_ratio": p["activation_ratio"],
         "cpus_per_worker": 0.0,
@@ -417,7 +420,10 @@ class _Worker:
         row_len = self.c["seq_len"] + 1
         ray.data.DataContext.get_current().enable_progress_bars = False
         self.train_NS = build_table(ray.train.get_dataset_shard("train"), self.c["num_train"], row_len)
-        self.eval_NS = build_table(ray.train.get_dataset_shard("eval"), self.c["num_eval"], row_len)
+        if self.c["eval_on_train"]:
+            self.eval_NS = self.train_NS
+        else:
+            self.eval_NS = build_table(ray.train.get_dataset_shard("eval"), self.c["num_eval"], row_len)
 
     def _restore(self) -> int:
         """Load the checkpoint to resume from; returns the step it holds (0 = fresh start)."""

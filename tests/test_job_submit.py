@@ -41,6 +41,7 @@ steps = 2
 micro_batch_size = 2
 eval_batches = 1
 checkpoint_every = 0
+activation_checkpointing = true
 run_dir = "{run}"
 [data]
 prepared = "{data}"

@@ -7,6 +7,7 @@ One run directory goes through three invocations of `train`:
    steps 10, 13 and 14: step 10 is skipped and counted and training goes on (checkpoint at 12);
    13 and 14 in a row with max_bad_steps=2 stop the run with one clear line, and the step-12
    checkpoint stays the newest valid one. The sampler ledger carries over across world sizes.
+   This part runs in bf16 with activation checkpointing on.
 """
 
 import json
@@ -84,6 +85,8 @@ def test_train_ep2_then_resume_on_other_world_size_with_nan_faults(ray_local, tm
                 "train.steps=16",
                 "train.inject_nan_steps=[10, 13, 14]",
                 "train.max_bad_steps=2",
+                "train.dtype=bf16",  # the non-finite guard under bf16 too
+                "train.activation_checkpointing=true",
             )
         )
     rep = json.loads((run_dir / "report.json").read_text())  # written before the stop is raised
