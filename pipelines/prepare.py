@@ -41,7 +41,8 @@ class PrepareConfig:
     max_doc_tokens: int = 2048  # documents are cut at the token level into pieces of at most this
     truncate_tokens: bool = False  # True: keep only a document's first piece; False: keep all pieces
     batch_size: int = 512  # documents per Ray Data batch
-    num_workers: int = 0  # cleaning actors; 0 = one per CPU of the Ray cluster minus one (at least 1)
+    split_bytes: int = 4 << 20  # plain jsonl files larger than this are read in byte ranges, in parallel
+    num_workers: int = 0  # cleaning/tokenizing actors; 0 = one per CPU of the Ray cluster
     rows_per_shard: int = 8192  # packed rows per output parquet shard
     seed: int = 0
     # 1. validate
@@ -78,6 +79,7 @@ class PrepareConfig:
             "max_doc_tokens": self.max_doc_tokens,
             "batch_size": self.batch_size,
             "rows_per_shard": self.rows_per_shard,
+            "split_bytes": self.split_bytes,
             "max_record_bytes": self.max_record_bytes,
             "max_chars": self.max_chars,
             "minhash_perms": self.minhash_perms,
@@ -116,7 +118,7 @@ def _read_udf(batch, max_record_bytes: int, batch_size: int):
     """Ray Data UDF (generator): a table of file paths → record tables."""
     from pipelines.readers import read_files_batches
 
-    yield from read_files_batches(batch.column("path").to_pylist(), max_record_bytes, batch_size)
+    yield from read_files_batches(batch.to_pylist(), max_record_bytes, batch_size)
 
 
 class _Progress:
@@ -240,7 +242,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     from pipelines.clean import STAGES, Cleaner, CleanSettings
     from pipelines.dedup import Deduplicator
     from pipelines.pack import Packer, ShardWriter, Tokenize, unigram_entropy
-    from pipelines.readers import QUARANTINE, expand_inputs
+    from pipelines.readers import QUARANTINE, expand_inputs, plan_work
 
     cfg = cfg or PrepareConfig()
     t_all = time.perf_counter()
@@ -255,7 +257,8 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+    # the driver only decides dedup and packs (light): one cleaning/tokenizing actor per CPU
+    workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     settings = CleanSettings(
         normalize=cfg.normalize, min_words=cfg.min_words, max_chars=cfg.max_chars, oversize=cfg.oversize,
         dedup_exact=cfg.dedup_exact, dedup_near=cfg.dedup_near, minhash_perms=cfg.minhash_perms,
@@ -276,14 +279,15 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     try:
         # ---- pass 1: read → validate → normalize → length → keys/scores (workers) → decisions (driver)
         t_pass1 = time.perf_counter()
-        ds = ray.data.from_items([{"path": str(f)} for f in files], override_num_blocks=max(1, len(files)))
+        items = plan_work(files, cfg.split_bytes)
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         ds = ds.map_batches(
             _read_udf, batch_size=1, batch_format="pyarrow",
             fn_kwargs={"max_record_bytes": cfg.max_record_bytes, "batch_size": cfg.batch_size},
         )  # fmt: skip
         ds = ds.map_batches(
             Cleaner, fn_constructor_kwargs={"settings": settings}, batch_size=cfg.batch_size,
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(items)))),
         )  # fmt: skip
         dedup = Deduplicator(cfg.dedup_exact, cfg.dedup_near)
         clean = _CleanTextWriter(out / "_clean")  # shards = the units of pass 2's parallelism
@@ -397,7 +401,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
                 "tokenizer_json": tok.hf.to_str(), "max_doc_tokens": cfg.max_doc_tokens,
                 "eval_fraction": cfg.eval_fraction, "truncate": cfg.truncate_tokens, "max_chars": cfg.max_chars,
             },
-            compute=ray.data.ActorPoolStrategy(size=workers),
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(clean.files)))),
         )  # fmt: skip
         packers = {
             "train": Packer(cfg.seq_len, ShardWriter(out / "train", cfg.rows_per_shard), tok.vocab_size),

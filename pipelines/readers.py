@@ -102,10 +102,83 @@ def detect_format(path: Path, head: bytes) -> str:
     return "jsonl" if head.lstrip().startswith((b"{", b"[")) else "text"
 
 
-def read_records(path: str | Path, max_record_bytes: int) -> Iterator[tuple]:
-    """Yield (source, line, status, reason, excerpt, text) for every record of one file."""
+def plan_work(files: list[Path], split_bytes: int) -> list[dict]:
+    """Work items {path, start, end, first_line}: whole files, except plain (uncompressed) jsonl
+    files larger than `split_bytes`, which are cut into byte ranges at line starts so that one big
+    file is read and cleaned by many workers. A driver-side scan counts the lines before each cut
+    (bytes.count over 8 MB chunks), so quarantine line numbers stay exact."""
+    items = []
+    for f in files:
+        whole = {"path": str(f), "start": 0, "end": -1, "first_line": 1}
+        try:
+            size = f.stat().st_size
+            if size <= split_bytes:
+                items.append(whole)
+                continue
+            with open(f, "rb") as fh:
+                head = fh.read(8192)
+                if (
+                    head[:2] == b"\x1f\x8b"
+                    or detect_format(f, head) != "jsonl"
+                    or head.lstrip().startswith(b"[")
+                ):
+                    items.append(whole)
+                    continue
+                items.extend(_split_jsonl(fh, str(f), size, split_bytes))
+        except OSError:
+            items.append(whole)  # read_records reports it as unreadable
+    return items
+
+
+def _split_jsonl(fh, path: str, size: int, split_bytes: int) -> list[dict]:
+    starts, lines = [(0, 1)], 0
+    pos = 0
+    target = split_bytes
+    while target < size:
+        fh.seek(pos)
+        while pos < target:  # count the newlines up to the target offset
+            chunk = fh.read(min(8 << 20, target - pos))
+            if not chunk:
+                break
+            lines += chunk.count(b"\n")
+            pos += len(chunk)
+        while True:  # then move to the start of the next line
+            chunk = fh.read(1 << 20)
+            if not chunk:
+                pos = size
+                break
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                pos += nl + 1
+                lines += 1
+                break
+            pos += len(chunk)
+        if pos >= size:
+            break
+        starts.append((pos, lines + 1))
+        target = pos + split_bytes
+    bounds = [s for s, _ in starts] + [-1]
+    return [
+        {"path": path, "start": start, "end": bounds[i + 1], "first_line": first}
+        for i, (start, first) in enumerate(starts)
+    ]
+
+
+def read_records(
+    path: str | Path, max_record_bytes: int, start: int = 0, end: int = -1, first_line: int = 1
+) -> Iterator[tuple]:
+    """Yield (source, line, status, reason, excerpt, text) for every record of one file, or of
+    the byte range [start, end) of a plain jsonl file (see plan_work)."""
     path = Path(path)
     src = str(path)
+    if start or end >= 0:
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                yield from _read_jsonl(f, src, max_record_bytes, end=end, lineno=first_line - 1)
+        except OSError as e:
+            yield (src, first_line, QUARANTINE, "unreadable_file", str(e), None)
+        return
     try:
         with _open(path) as f:
             try:
@@ -146,10 +219,9 @@ def _readline_bounded(f, limit: int) -> tuple[bytes, bool]:
     return head[:EXCERPT_CHARS], True
 
 
-def _read_jsonl(f, src: str, max_bytes: int) -> Iterator[tuple]:
-    lineno = 0
-    first = True
-    while True:
+def _read_jsonl(f, src: str, max_bytes: int, end: int = -1, lineno: int = 0) -> Iterator[tuple]:
+    first = lineno == 0
+    while end < 0 or f.tell() < end:
         try:
             raw, oversized = _readline_bounded(f, max_bytes)
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
@@ -294,12 +366,14 @@ def records_table(rows: list[tuple]) -> pa.Table:
 
 
 def read_files_batches(
-    paths: list[str], max_record_bytes: int, batch_size: int, max_batch_bytes: int = 64 << 20
+    items: list[dict], max_record_bytes: int, batch_size: int, max_batch_bytes: int = 64 << 20
 ):
-    """Record tables of about `batch_size` rows (fewer when the texts are large) for a list of files."""
-    for path in paths:
+    """Record tables of about `batch_size` rows (fewer when the texts are large) for work items."""
+    for item in items:
         rows, size = [], 0
-        for rec in read_records(path, max_record_bytes):
+        for rec in read_records(
+            item["path"], max_record_bytes, item["start"], item["end"], item["first_line"]
+        ):
             rows.append(rec)
             size += len(rec[5]) if rec[5] else 0
             if len(rows) >= batch_size or size >= max_batch_bytes:

@@ -272,3 +272,23 @@ def test_oversized_documents_encode_in_chunks_identically(docs):
         len(cut.column("tokens")[0].as_py()) == 101
         and cut.column("truncated_tokens")[0].as_py() == len(x) - 101
     )
+
+
+def test_big_jsonl_is_read_in_ranges_with_exact_line_numbers(tmp_path):
+    from pipelines.readers import plan_work
+
+    p = tmp_path / "big.jsonl"
+    lines = [json.dumps({"text": f"doc {i} " * (i % 50 + 1)}) if i % 97 else "{bad" for i in range(5000)]
+    lines[1234] = json.dumps({"text": "y" * 300_000})  # a huge line across a cut point
+    p.write_text("\n".join(lines) + "\n")
+    items = plan_work([p, tmp_path / "missing.jsonl"], split_bytes=50_000)
+    assert len(items) > 10 and items[-1]["path"].endswith("missing.jsonl")
+    ranges = [it for it in items if it["path"] == str(p)]
+    assert [a["end"] for a in ranges[:-1]] == [b["start"] for b in ranges[1:]] and ranges[-1]["end"] == -1
+    got = [
+        r
+        for it in ranges
+        for r in read_records(it["path"], 1 << 20, it["start"], it["end"], it["first_line"])
+    ]
+    assert got == list(read_records(p, 1 << 20))  # same records, same line numbers as one reader
+    assert sum(r[3] == "malformed_json" for r in got) == 52 and got[97][1] == 98
