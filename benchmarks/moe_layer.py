@@ -138,24 +138,67 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def measure(step, params, dev, reps: int, warmup: int) -> dict:
-    """Min wall time of step() (forward + backward), saved activation bytes, CUDA peak."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    for _ in range(warmup):
-        step()
-    times, cpu_times = [], []
-    for _ in range(reps):
+def _err(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+def measure_all(cases: dict, dev) -> dict:
+    """cases: name -> (step, params, reps, warmup); step() runs forward + backward.
+
+    Repetitions are interleaved (round r of every variant, then round r + 1) so that load from
+    other processes on a shared machine hits all variants alike; each variant reports its minimum
+    wall time, its process CPU time in that round, the bytes autograd saved for backward
+    (parameters excluded) and, on CUDA, its peak allocation above the start. A variant that raises
+    reports its error and drops out; the others go on.
+    """
+    res = {name: {"ms": None, "cpu_ms": None, "walls": [], "cpus": []} for name in cases}
+
+    def run(name, fn):
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - one broken variant must not hide the others
+            res[name]["error"] = _err(exc)
+
+    def zero(params):
         for p in params:
             p.grad = None
-        _sync(dev)
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-    # one more step to count saved bytes and the CUDA peak (not timed: the hooks cost time)
+
+    for name, (step, params, _, warmup) in cases.items():
+        for _ in range(warmup):
+            zero(params)
+            run(name, step)
+    for r in range(max((c[2] for c in cases.values()), default=0)):
+        for name, (step, params, reps, _) in cases.items():
+            if r >= reps or "error" in res[name]:
+                continue
+
+            def timed(step=step, name=name):
+                _sync(dev)
+                t0, c0 = time.perf_counter(), time.process_time()
+                step()
+                _sync(dev)
+                res[name]["walls"].append(time.perf_counter() - t0)
+                res[name]["cpus"].append(time.process_time() - c0)
+
+            zero(params)
+            run(name, timed)
+    for name, (step, params, _, _) in cases.items():
+        out = res[name]
+        walls, cpus = out.pop("walls"), out.pop("cpus")
+        if "error" in out or not walls:
+            continue
+        best = min(range(len(walls)), key=walls.__getitem__)
+        out["ms"], out["cpu_ms"] = round(walls[best] * 1e3, 3), round(cpus[best] * 1e3, 3)
+        out["reps"] = len(walls)
+        out.update(_memory(step, params, dev))
+    return res
+
+
+def _memory(step, params, dev) -> dict:
+    """Saved-for-backward bytes (parameters excluded) of one more step and, on CUDA, its peak."""
     for p in params:
         p.grad = None
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
     seen = {}
 
     def pack(t):
@@ -164,29 +207,18 @@ def measure(step, params, dev, reps: int, warmup: int) -> dict:
             seen[st.data_ptr()] = st.nbytes()
         return t
 
-    peak = None
+    base = 0
     if dev.type == "cuda":
         _sync(dev)
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
+    peak = None
     if dev.type == "cuda":
         _sync(dev)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return {
-        "ms": round(min(times) * 1e3, 3),
-        "cpu_ms": round(min(cpu_times) * 1e3, 3),
-        "saved_MB": round(sum(seen.values()) / 2**20, 2),
-        "peak_MB": peak,
-    }
-
-
-def try_measure(name, step, params, dev, reps, warmup):
-    try:
-        return measure(step, params, dev, reps, warmup)
-    except Exception as exc:  # noqa: BLE001 - one broken variant must not hide the others
-        return {"ms": None, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        peak = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    return {"saved_MB": round(sum(seen.values()) / 2**20, 2), "peak_MB": peak}
 
 
 def bandwidth_GBps(dev, dtype) -> float:
@@ -236,17 +268,16 @@ def run_case(args, top_k: int, dev, dtype, bw_GBps: float) -> dict:
 
         return step, list(mod.parameters())
 
+    cases = {}  # name -> (step, params, reps, warmup), measured together below
     # (a) seed
     if not args.skip_seed:
         seed = DynamicSparseLayer(D, E, keep_ratio).to(dev, dtype)
         step, ps = layer_step(seed, seed)
-        out["seed"] = try_measure("seed", step, ps, dev, args.seed_reps, warm if on_gpu else 0)
-        del seed
+        cases["seed"] = (step, ps, args.seed_reps, warm if on_gpu else 0)
     # (b) dense FFN with the activated parameters of K experts
     dense = DenseSwiGLU(D, K * I).to(dev, dtype)
     step, ps = layer_step(dense, dense)
-    out["dense"] = try_measure("dense", step, ps, dev, args.reps, warm)
-    del dense
+    cases["dense"] = (step, ps, args.reps, warm)
     # (c), (c'), (d): our layer
     moe = RoutedMoE(D, E, I, K).to(dev)
     moe.gate_up_proj.data = moe.gate_up_proj.data.to(dtype)
@@ -259,7 +290,7 @@ def run_case(args, top_k: int, dev, dtype, bw_GBps: float) -> dict:
         variants["triton"] = (TRITON_OPS, None)
     for name, (ops, mlp) in variants.items():
         step, ps = layer_step(moe, lambda x, ops=ops, mlp=mlp: moe(x, ops, mlp))
-        out[name] = try_measure(name, step, ps, dev, args.reps, warm)
+        cases[name] = (step, ps, args.reps, warm)
     if "triton" not in variants:
         out["triton"] = {"ms": None, "skipped": "no GPU (the interpreter is for correctness, not speed)"}
 
@@ -280,7 +311,7 @@ def run_case(args, top_k: int, dev, dtype, bw_GBps: float) -> dict:
         def mstep(fn=fn, xs=xs):
             fn(xs, w1, w2, offsets_E).backward(gys_ND)
 
-        out[name] = try_measure(name, mstep, [w1, w2], dev, args.reps, warm)
+        cases[name] = (mstep, [w1, w2], args.reps, warm)
     routings = {"routing_torch": torch_ops()}
     if on_gpu or args.triton_cpu:
         routings["routing_triton"] = TRITON_OPS
@@ -293,7 +324,8 @@ def run_case(args, top_k: int, dev, dtype, bw_GBps: float) -> dict:
             xs, idx_N, _ = ops.permute(xr, e_TK, E)
             ops.unpermute(xs, idx_N, w_TK).backward(gy_TD)
 
-        out[name] = try_measure(name, rstep, [], dev, args.reps, warm)
+        cases[name] = (rstep, [], args.reps, warm)
+    out.update(measure_all(cases, dev))
 
     # ratios and FLOP / memory accounting
     def ms(k):

@@ -5,9 +5,11 @@ Backward: dgu = (dy @ Wd) with the SwiGLU backward fused in the epilogue, dx = d
           dWd[e] = dy_e^T @ h_e, dW1[e] = dgu_e^T @ x_e (fp32 accumulate, empty groups give zeros).
 
 Row tiles never straddle two experts: program `pid_m` reads its (expert, row range) from a small
-tile table built from the offsets on the device (`_tile_table_kernel`), so the launch needs no host sync
-on GPU; the grid is sized by the upper bound cdiv(N, BLOCK_M) + E and surplus programs do nothing. Expert weights are addressed through
-strides, so one grouped GEMM kernel serves x@W^T, dy@W and dgu@W.
+tile table built from the offsets on the device (`_tile_table_kernel`), so the launch needs no host
+sync on GPU; the grid is sized by the upper bound cdiv(N, BLOCK_M) + E and surplus programs do
+nothing. Expert weights are addressed through strides, so one grouped GEMM kernel serves x@W^T,
+dy@W and dgu@W. Only the weight-gradient kernel reads the offsets directly (one program per
+expert and output tile, looping over that expert's rows).
 
 Legend: N rows, D hidden, I expert intermediate, J = 2I, E experts; P, Q weight-grad dims.
 """
