@@ -158,6 +158,10 @@ def main() -> None:
                 "kd_over_ce": round(kd_med / ce_med, 3),
                 "target_kd_over_ce": 1.10,
                 "meets_target": kd_med / ce_med <= 1.10,
+                # what the student itself pays (KD loss + waiting on labels), i.e. the ratio when the
+                # teacher does not share the student's cores (a GPU or node of its own)
+                "student_side_over_ce": round((local_med + statistics.median(waits)) / ce_med, 3),
+                "cpu_count": os.cpu_count(),
                 "wait_s_per_step_median": round(statistics.median(waits), 5),
                 "teacher_latency_s_median": round(statistics.median(latencies), 5),
                 "fallback_batches": fallbacks,
