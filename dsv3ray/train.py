@@ -603,12 +603,12 @@ class _Worker:
         from dsv3ray.metrics import MetricsWriter, bias_norm, expert_load_stats
 
         cfg = self.cfg
-        self._build()
-        self._load_data()
-        self.tokens, self.bad_total, self.resume_ce, self.resumed_from = 0, 0, None, 0
         if self.rank == 0:
             with (Path(self.c["run_dir"]) / ".starts").open("a") as f:
                 f.write(f"{os.getpid()}\n")
+        self._build()
+        self._load_data()
+        self.tokens, self.bad_total, self.resume_ce, self.resumed_from = 0, 0, None, 0
         start = self._restore()
         dist.barrier()  # the sampler holds the checkpoint's ledger before anyone draws
         writer = MetricsWriter(Path(self.c["run_dir"]) / "tb" if self.rank == 0 else None)

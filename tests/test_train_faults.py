@@ -70,3 +70,30 @@ def _ce_per_event_file(tb_dir):
         acc.Reload()
         out.append({e.step: e.value for e in acc.Scalars("train/ce_loss")})
     return out
+
+
+def test_worker_side_user_error_is_one_line_without_retries(ray_local, tmp_path):
+    """A mistake only the workers see (rows wider than meta.json's seq_len, found while building the
+    id -> tokens table) reaches the driver as one UserError line, not a Ray/DeepSpeed traceback."""
+    import json
+
+    from dsv3ray.errors import UserError
+
+    data = write_synthetic_prepared(tmp_path / "data", num_train=16, num_eval=4, seq_len=16, vocab_size=128)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "seq_len": 15}))
+    run = resolve_run_config(
+        config="configs/debug.toml",
+        overrides=BASE
+        + [
+            f"data.prepared={data}",
+            f"train.run_dir={tmp_path / 'run'}",
+            "train.num_workers=1",
+            "train.ep_size=1",
+            "train.steps=1",
+            "train.max_failures=0",  # (with retries, the restarted group returns at once: see train_loop)
+        ],
+    )
+    with pytest.raises(UserError, match="data rows have 17 tokens") as e:
+        train(run)
+    assert "\n" not in str(e.value) and "re-run `dsv3ray prepare`" in str(e.value)
