@@ -149,6 +149,7 @@ class Cleaner:
             "status": pa.array(status, pa.int8()),
             "reason": pa.array(reason, pa.string()),
             "excerpt": table.column("excerpt"),
+            "t_read": table.column("t_read"),
             "text": pa.array(texts, pa.large_string()),
             "words": pa.array(words),
             "text_hash": pa.array(text_hash),

@@ -291,7 +291,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         )  # fmt: skip
         dedup = Deduplicator(cfg.dedup_exact, cfg.dedup_near)
         clean = _CleanTextWriter(out / "_clean")  # shards = the units of pass 2's parallelism
-        stage_s = dict.fromkeys(STAGES, 0.0)
+        stage_s = dict.fromkeys(("read", *STAGES), 0.0)  # summed worker seconds (all workers)
         t_dedup = 0.0
         rng = random.Random(cfg.seed)
         sample: list[tuple[str, bool, str]] = []  # reservoir for the topic summary
@@ -299,7 +299,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         (out / "quarantine").mkdir()
         with open(out / "quarantine" / "records.jsonl", "w", encoding="utf-8") as qf:
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for stage in STAGES:
+                for stage in ("read", *STAGES):
                     stage_s[stage] += pa.compute.sum(table.column(f"t_{stage}")).as_py() or 0.0
                 cols = {
                     k: table.column(k).to_pylist()
@@ -355,7 +355,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
                 progress.tick(report["input_records"], f", kept {report['kept']:,}")
         clean.flush()
         pass1_s = time.perf_counter() - t_pass1
-        for stage in STAGES:
+        for stage in ("read", *STAGES):
             report["stages"][stage] = {"seconds": round(stage_s[stage], 3)}
         report["stages"]["dedup"] = {"seconds": round(t_dedup, 3), "state_bytes": dedup.nbytes}
         report["stages"]["clean_pass"] = {

@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ RECORD_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("excerpt", pa.string()),  # the start of a quarantined record, for a human
         ("text", pa.large_string()),  # large_string: a single document may be tens of MB
+        ("t_read", pa.float64()),  # seconds spent reading the batch, on its first row
     ]
 )
 
@@ -358,11 +360,15 @@ def _read_parquet(path: Path, src: str) -> Iterator[tuple]:
         yield (src, row + 1, QUARANTINE, "corrupt_parquet", str(e)[:EXCERPT_CHARS], None)
 
 
-def records_table(rows: list[tuple]) -> pa.Table:
-    cols = list(zip(*rows)) if rows else [[] for _ in RECORD_SCHEMA]
-    return pa.Table.from_arrays(
-        [pa.array(c, type=f.type) for c, f in zip(cols, RECORD_SCHEMA)], schema=RECORD_SCHEMA
-    )
+def records_table(rows: list[tuple], read_seconds: float = 0.0) -> pa.Table:
+    """Rows → a RECORD_SCHEMA table; `t_read` holds the batch's read seconds on its first row."""
+    fields = [f for f in RECORD_SCHEMA if f.name != "t_read"]
+    cols = list(zip(*rows)) if rows else [[] for _ in fields]
+    t_read = [0.0] * len(rows)
+    if rows:
+        t_read[0] = read_seconds
+    arrays = [pa.array(c, type=f.type) for c, f in zip(cols, fields)] + [pa.array(t_read, pa.float64())]
+    return pa.Table.from_arrays(arrays, schema=RECORD_SCHEMA)
 
 
 def read_files_batches(
@@ -371,13 +377,15 @@ def read_files_batches(
     """Record tables of about `batch_size` rows (fewer when the texts are large) for work items."""
     for item in items:
         rows, size = [], 0
+        t0 = time.perf_counter()  # reading time only: the clock restarts when the consumer returns
         for rec in read_records(
             item["path"], max_record_bytes, item["start"], item["end"], item["first_line"]
         ):
             rows.append(rec)
             size += len(rec[5]) if rec[5] else 0
             if len(rows) >= batch_size or size >= max_batch_bytes:
-                yield records_table(rows)
+                yield records_table(rows, time.perf_counter() - t0)
                 rows, size = [], 0
+                t0 = time.perf_counter()
         if rows:
-            yield records_table(rows)
+            yield records_table(rows, time.perf_counter() - t0)

@@ -100,7 +100,8 @@ def test_contract_and_accounting(prepared, messy):
     assert len(qlines) == disk["quarantined"]
     assert all({"source", "line", "reason", "excerpt"} <= set(json.loads(x)) for x in qlines)
     assert str(messy / "empty.jsonl") in disk["files"]["empty"]
-    assert {"normalize", "dedup", "quality", "clean_pass", "tokenize_pack"} <= set(disk["stages"])
+    assert {"read", "normalize", "dedup", "quality", "clean_pass", "tokenize_pack"} <= set(disk["stages"])
+    assert disk["stages"]["read"]["seconds"] > 0
     assert disk["topics"] and "prepare:" in logs[-1] and "kept" in logs[-1]
 
     meta = load_meta(out)
