@@ -12,6 +12,8 @@ hardware: step wall time minus the time blocked in collectives (`CommTimer`).
 Ideal = the sum of the ranks' capacities (n_r / compute_r, measured in the same step: machine load
 hits both sides of the ratio alike); efficiency = (G / step wall time) / ideal, median over the
 timed steps. Baseline = the equal split (2/3 of ideal for factor 2); target with balancing >= 0.90.
+Also reported: "balance_efficiency" (the split alone: G / slowest rank's compute / ideal, i.e. with
+communication removed) and "comm_share" (the step's time beyond the slowest rank's compute).
 Both modes use the same engine, batches and loss weighting (the gradient equals the equal split's).
 Prints one JSON line.
 
@@ -93,7 +95,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
         )
         bal = BatchBalancer(world, G, hcfg, min_each=A)
         skip = hcfg.warmup_steps + hcfg.measure_steps + 1  # timed from the first step after a re-split
-        step_s, effs, thr, ideal = [], [], [], []
+        step_s, effs, thr, ideal, balance_effs, comm_share = [], [], [], [], [], []
         overruns = 0
         per_sample = []
         for step in range(steps):
@@ -129,11 +131,16 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
                 thr.append(G / wall)
                 ideal.append(cap)
                 effs.append(G / wall / cap)
+                # the split alone (no communication): slowest rank's compute vs the ideal
+                balance_effs.append(G / max(secs) / cap)
+                comm_share.append(1.0 - max(secs) / wall)
         return {
             "per_sample_s": statistics.median(per_sample),
             "overrun_steps": overruns,
             "efficiency": statistics.median(effs) if effs else None,
             "efficiency_pooled": sum(thr) / sum(ideal) if ideal else None,
+            "balance_efficiency": statistics.median(balance_effs) if balance_effs else None,
+            "comm_share": statistics.median(comm_share) if comm_share else None,
             "samples_per_s": G * len(step_s) / sum(step_s) if step_s else None,
             "ideal_samples_per_s": statistics.mean(ideal) if ideal else None,
             "split": bal.split,
@@ -184,6 +191,8 @@ def main() -> None:
         return {
             "efficiency": statistics.median(r["efficiency"] for r in rs),
             "efficiency_pooled": statistics.median(r["efficiency_pooled"] for r in rs),
+            "balance_efficiency": statistics.median(r["balance_efficiency"] for r in rs),
+            "comm_share": statistics.median(r["comm_share"] for r in rs),
             "samples_per_s": statistics.median(r["samples_per_s"] for r in rs),
             "ideal_samples_per_s": statistics.median(r["ideal_samples_per_s"] for r in rs),
             "split": rs[-1]["split"],
