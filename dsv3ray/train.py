@@ -297,12 +297,17 @@ def train(run) -> dict:
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
+        box = ray.get(mailbox.get.remote())
+        sampler_stats = ray.get(sampler.stats.remote())
     except Exception as e:
+        msg = ray.get(mailbox.get.remote()).get("user_error")
         ue = _first_user_error(e)
-        if ue is not None:
-            raise UserError(str(ue)) from None
+        if msg or ue is not None:
+            raise UserError(msg or str(ue)) from None
         raise
-    box = ray.get(mailbox.get.remote())
+    finally:
+        for actor in (sampler, mailbox):
+            ray.kill(actor)
     if box.get("user_error"):
         raise UserError(box["user_error"])
     # Ray's result carries the metrics of the newest checkpoint; a stopped run has none newer.
@@ -318,7 +323,7 @@ def train(run) -> dict:
         run_dir=str(run_dir),
         prepared=str(data.dir),
     )
-    summary["sampler"] = ray.get(sampler.stats.remote())
+    summary["sampler"] = sampler_stats
     paths = write_report(run_dir, summary, run.to_dict() if hasattr(run, "to_dict") else {}, data.meta)
     summary["report"] = str(paths["md"])
     print(
