@@ -63,7 +63,7 @@ class HeteroConfig:
     warmup_steps: int = 1  # steps not measured at all (first-step JIT/allocation noise)
     measure_steps: int = 2  # measured steps at the equal split before the first re-split
     window: int = 8  # recent steps the per-rank cost model is fitted on (drift ages out)
-    rebalance_threshold: float = 0.05  # re-split only if the predicted step time drops by > 5%
+    rebalance_threshold: float = 0.1  # re-split only if the predicted step time drops by > 10%
     # Ray Train placement: one selector for all workers, or one per worker (length = max workers),
     # e.g. [{"ray.io/accelerator-type" = "H100"}, {"ray.io/accelerator-type" = "A10G"}]
     label_selector: list[dict] | dict | None = None
