@@ -8,7 +8,9 @@ Prints one JSON line per top-k case. Variants (each one full training step: forw
                   the FLOP floor.
   (c) torch       our layer through the torch seams (dsv3ray.moe: route/permute/grouped_swiglu
                   (grouped_mm)/unpermute), falling back to kernels' references without dsv3ray.
-  (c') torch_fast (c) with the expert MLP swapped for kernels.grouped_swiglu_torch (CPU strategy).
+  (c') torch_fast (c) with kernels' faster torch pieces (CPU strategy): permute_torch /
+                  unpermute_torch (gather-only backward) and grouped_swiglu_torch (per-expert GEMMs,
+                  one single-threaded worker per core); the router stays (c)'s.
   (d) triton      our layer through the Triton kernels (GPU; on CPU only with --triton-cpu).
   (e) gmm_mlp     the expert MLP alone through torch.nn.functional.grouped_mm (+ mlp_triton,
                   mlp_torch_fast on the same rows), and routing alone (route+permute+unpermute)
@@ -63,6 +65,12 @@ def torch_ops() -> Ops:
         o = _DSV3_OPS
         return Ops(o.route, o.permute, o.grouped_swiglu, o.unpermute)
     return Ops(kernels.route_ref, kernels.permute_ref, kernels.grouped_swiglu_ref, kernels.unpermute_ref)
+
+
+def fast_ops() -> Ops:
+    return Ops(
+        torch_ops().route, kernels.permute_torch, kernels.grouped_swiglu_torch, kernels.unpermute_torch
+    )
 
 
 TRITON_OPS = Ops(kernels.route, kernels.permute, kernels.grouped_swiglu, kernels.unpermute)
@@ -284,7 +292,7 @@ def run_case(args, top_k: int, dev, dtype, bw_GBps: float) -> dict:
     moe.down_proj.data = moe.down_proj.data.to(dtype)
     variants = {
         "torch": (torch_ops(), None),
-        "torch_fast": (torch_ops(), kernels.grouped_swiglu_torch),
+        "torch_fast": (fast_ops(), None),
     }
     if on_gpu or args.triton_cpu:
         variants["triton"] = (TRITON_OPS, None)
@@ -312,7 +320,7 @@ def run_case(args, top_k: int, dev, dtype, bw_GBps: float) -> dict:
             fn(xs, w1, w2, offsets_E).backward(gys_ND)
 
         cases[name] = (mstep, [w1, w2], args.reps, warm)
-    routings = {"routing_torch": torch_ops()}
+    routings = {"routing_torch": torch_ops(), "routing_torch_fast": fast_ops()}
     if on_gpu or args.triton_cpu:
         routings["routing_triton"] = TRITON_OPS
     for name, ops in routings.items():

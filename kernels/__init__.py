@@ -2,7 +2,8 @@
 
 Triton (the seam implementations): `route`, `permute`, `unpermute`, `grouped_swiglu`.
 References (ground truth for tests): `route_ref`, `permute_ref`, `unpermute_ref`, `grouped_swiglu_ref`.
-Fast torch expert path (CPU): `grouped_swiglu_torch`.
+Faster torch paths (CPU strategy, same signatures): `grouped_swiglu_torch`, `permute_torch`,
+`unpermute_torch`.
 This package imports nothing of dsv3ray (bottom layer).
 
 Without a GPU, compiled Triton cannot run at all, so importing this package on a CPU-only machine
@@ -23,7 +24,7 @@ from kernels.grouped_mlp import grouped_swiglu
 from kernels.permute import permute, unpermute
 from kernels.reference import grouped_swiglu_ref, permute_ref, route_ref, unpermute_ref
 from kernels.router import route
-from kernels.torch_experts import grouped_swiglu_torch
+from kernels.torch_experts import grouped_swiglu_torch, permute_torch, unpermute_torch
 
 __all__ = [
     "route",
@@ -35,4 +36,6 @@ __all__ = [
     "unpermute_ref",
     "grouped_swiglu_ref",
     "grouped_swiglu_torch",
+    "permute_torch",
+    "unpermute_torch",
 ]

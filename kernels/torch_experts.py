@@ -141,3 +141,67 @@ def grouped_swiglu_torch(
             f"{x_ND.dtype}, {gate_up_proj_E2ID.dtype}, {down_proj_EDI.dtype}"
         )
     return _GroupedSwiGLUTorch.apply(x_ND.contiguous(), gate_up_proj_E2ID, down_proj_EDI, offsets_E)
+
+
+# --------------------------------------------------------------------------- permute / unpermute
+# The plain-indexing versions (x[idx] forward) get a scatter-add backward (index_put with
+# accumulate: a sort of N indices plus an atomic-style add), the slow part of the torch path at
+# top-8. A stable sort by expert is a permutation, so every backward here is a gather too.
+
+
+def _inverse(sort_idx_N: torch.Tensor) -> torch.Tensor:
+    inv_N = torch.empty_like(sort_idx_N)
+    inv_N[sort_idx_N] = torch.arange(sort_idx_N.numel(), device=sort_idx_N.device)
+    return inv_N
+
+
+class _PermuteTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, sort_idx_N, K):
+        ctx.save_for_backward(sort_idx_N)
+        ctx.K = K
+        return x_TD.index_select(0, sort_idx_N // K)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        (sort_idx_N,) = ctx.saved_tensors
+        K = ctx.K
+        g_TKD = g_ND.index_select(0, _inverse(sort_idx_N)).view(-1, K, g_ND.shape[1])
+        return g_TKD.sum(1, dtype=torch.float32).to(g_ND.dtype), None, None
+
+
+def permute_torch(
+    x_TD: torch.Tensor, experts_TK: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch permute with a gather backward -> (x_sorted_ND, sort_idx_N int64, offsets_E int32 end offsets)."""
+    K = experts_TK.shape[1]
+    flat_N = experts_TK.flatten()
+    sort_idx_N = torch.argsort(flat_N, stable=True)
+    offsets_E = torch.cumsum(torch.bincount(flat_N, minlength=num_experts), 0).to(torch.int32)
+    return _PermuteTorch.apply(x_TD, sort_idx_N, K), sort_idx_N, offsets_E
+
+
+class _UnpermuteTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_sorted_ND, sort_idx_N, weights_TK):
+        T, K = weights_TK.shape
+        y_TKD = y_sorted_ND.index_select(0, _inverse(sort_idx_N)).view(T, K, -1)
+        y_TD = torch.bmm(weights_TK.float().unsqueeze(1), y_TKD.float()).squeeze(1)  # fp32 sum over k
+        ctx.save_for_backward(y_TKD, sort_idx_N, weights_TK)
+        return y_TD.to(y_sorted_ND.dtype)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_TKD, sort_idx_N, weights_TK = ctx.saved_tensors
+        T, K, D = y_TKD.shape
+        g32_TD = g_TD.float()
+        grad_w_TK = torch.bmm(y_TKD.float(), g32_TD.unsqueeze(-1)).squeeze(-1).to(weights_TK.dtype)
+        grad_flat_ND = (weights_TK.float().unsqueeze(-1) * g32_TD.unsqueeze(1)).to(y_TKD.dtype).view(T * K, D)
+        return grad_flat_ND.index_select(0, sort_idx_N), None, grad_w_TK
+
+
+def unpermute_torch(
+    y_sorted_ND: torch.Tensor, sort_idx_N: torch.Tensor, weights_TK: torch.Tensor
+) -> torch.Tensor:
+    """Torch weighted combine (fp32 sum) with gather-only backward; grads to y_sorted and weights."""
+    return _UnpermuteTorch.apply(y_sorted_ND, sort_idx_N, weights_TK)

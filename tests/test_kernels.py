@@ -20,10 +20,12 @@ from kernels import (  # noqa: E402
     grouped_swiglu_torch,
     permute,
     permute_ref,
+    permute_torch,
     route,
     route_ref,
     unpermute,
     unpermute_ref,
+    unpermute_torch,
 )
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -134,7 +136,7 @@ def _experts(T, E, K, hot_expert=None, seed=0):
     return ex_TK.to(DEV)
 
 
-def _check_permute(T, D, E, K, dtype, hot_expert=None):
+def _check_permute(T, D, E, K, dtype, hot_expert=None, permute=permute, unpermute=unpermute):
     ex_TK = _experts(T, E, K, hot_expert)
     x_TD = torch.randn(T, D, device=DEV, dtype=dtype)
     xt = x_TD.clone().requires_grad_()
@@ -179,6 +181,13 @@ PERMUTE_CPU = [
 @pytest.mark.parametrize("T,D,E,K", PERMUTE_CPU)
 def test_permute_unpermute_match_reference(T, D, E, K):
     _check_permute(T, D, E, K, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_permute_unpermute_match_reference(dtype):
+    """The gather-backward torch versions (CPU strategy), bf16 included."""
+    _check_permute(60, 100, 7, 3, dtype, permute=permute_torch, unpermute=unpermute_torch)
+    _check_permute(30, 64, 3, 1, dtype, hot_expert=1, permute=permute_torch, unpermute=unpermute_torch)
 
 
 def test_permute_all_tokens_to_one_expert():
