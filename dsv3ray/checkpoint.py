@@ -188,6 +188,22 @@ def rng_state() -> dict:
     }
 
 
+# What our own state files may contain besides tensors and plain Python: numpy arrays (RNG state,
+# the sampler's ledger bitmaps). Loading allows exactly these, never arbitrary pickled objects.
+_NUMPY_SAFE = [
+    np.ndarray,
+    np.dtype,
+    np._core.multiarray._reconstruct,
+    *{type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"},
+]
+
+
+def load_state_file(path: str | Path):
+    """torch.load with weights_only=True (tensors, numpy arrays and plain data; no pickled code)."""
+    with torch.serialization.safe_globals(_NUMPY_SAFE):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -207,7 +223,7 @@ def load_rank_state(ckpt_dir: str | Path, rank: int) -> bool:
     p = Path(ckpt_dir) / "rng" / f"rank{rank}.pt"
     if not p.is_file():
         return False
-    set_rng_state(torch.load(p, weights_only=False))
+    set_rng_state(load_state_file(p))
     return True
 
 
@@ -217,4 +233,4 @@ def save_train_state(ckpt_dir: str | Path, state: dict) -> None:
 
 
 def load_train_state(ckpt_dir: str | Path) -> dict:
-    return torch.load(Path(ckpt_dir) / "state.pt", weights_only=False)
+    return load_state_file(Path(ckpt_dir) / "state.pt")

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from dsv3ray import checkpoint as ck
@@ -50,3 +51,27 @@ def test_rng_roundtrip(tmp_path):
     assert ck.load_rank_state(tmp_path, 0)
     assert torch.equal(torch.rand(4), a)
     assert not ck.load_rank_state(tmp_path, 5)
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_state_files_load_without_unpickling_code(tmp_path):
+    import pickle
+
+    import numpy as np
+    import torch
+
+    from dsv3ray.checkpoint import load_train_state, save_train_state
+
+    state = {"step": 3, "ledger": np.zeros(4, dtype=np.uint8), "rng": np.random.get_state()}
+    save_train_state(tmp_path, state)
+    back = load_train_state(tmp_path)
+    assert back["step"] == 3 and back["rng"][0] == "MT19937"
+    torch.save({"x": _Evil()}, tmp_path / "state.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_train_state(tmp_path)
