@@ -400,7 +400,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--seed-reps", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="1024 tokens, 2 reps: about a minute on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="512 tokens, 2 reps: about a minute on 2 idle CPU cores")
     p.add_argument("--skip-seed", action="store_true")
     p.add_argument(
         "--triton-cpu", action="store_true", help="also time the Triton path under the interpreter"
@@ -408,7 +408,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
     if args.quick:
-        args.tokens, args.reps = min(args.tokens, 1024), 2
+        args.tokens, args.reps = min(args.tokens, 512), 2
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     bw = bandwidth_GBps(dev, dtype)
