@@ -289,11 +289,14 @@ class _Pending:
     ref: Any  # ray.ObjectRef of the teacher's label dict
     teacher: int
     submitted: float
+    x_BS: np.ndarray  # what was sent: labels are used only for exactly this batch
 
 
 class Distiller:
     """One per training worker. Keys are (step, micro) pairs; the queue holds at most
     `prefetch` steps of requests. `loss(...)` returns the loss to backprop and the step's metrics.
+    Labels are used only for exactly the rows they were computed for: if a step's micro-batch
+    differs from what was prefetched (e.g. a heterogeneous batch split moved), it is asked again.
 
     Typical use in the step loop (tokens = tokens trained before this step):
         distiller.prefetch(step, tokens, fetch)   # fetch(s) -> [input_ids_BS for each micro-batch]
@@ -331,7 +334,13 @@ class Distiller:
         # teacher -> when it was reported dead; skipped for timeout_s, then asked again (an actor
         # reported dead may still come back through Ray's restarts)
         self.dead: dict[int, float] = {}
-        self.counters = {"kd_batches": 0, "fallback_batches": 0, "teacher_errors": 0, "timeouts": 0}
+        self.counters = {
+            "kd_batches": 0,
+            "fallback_batches": 0,
+            "teacher_errors": 0,
+            "timeouts": 0,
+            "refetched": 0,
+        }
         self._wait_s = 0.0
         self._last_wait_s = 0.0
         self._latency_s = 0.0
@@ -355,7 +364,7 @@ class Distiller:
         x = input_ids_BS.detach().cpu().to(torch.int32).numpy()
         seed = (self.cfg.seed * 1_000_003 + key[0] * 1009 + key[1] * 31 + self.rank) % (2**31)
         ref = self.teachers[i].label.remote(x, seed)
-        self.pending[key] = _Pending(ref, i, time.perf_counter())
+        self.pending[key] = _Pending(ref, i, time.perf_counter(), x)
 
     def prefetch(self, step: int, tokens: int, fetch) -> None:
         """Request steps [step, step + prefetch) still in stage 1; fetch(s) -> [input_ids_BS per micro].
@@ -451,6 +460,11 @@ class Distiller:
         soft = None
         if stage == 1:
             key = (step, micro)
+            p = self.pending.get(key)
+            if p is not None and not np.array_equal(p.x_BS, input_ids_BS.detach().cpu().numpy()):
+                # prefetched for another slice of the step (the batch split changed): ask again
+                del self.pending[key]
+                self.counters["refetched"] += 1
             if key not in self.pending:  # not prefetched: ask now and wait
                 self.submit(key, input_ids_BS)
             metrics["distill/queue_depth"] = float(len(self.pending))
@@ -494,6 +508,7 @@ class Distiller:
             "distill/fallback_batches": float(self.counters["fallback_batches"]),
             "distill/teacher_errors": float(self.counters["teacher_errors"]),
             "distill/timeouts": float(self.counters["timeouts"]),
+            "distill/refetched": float(self.counters["refetched"]),
         }
 
     def summary(self) -> dict[str, Any]:

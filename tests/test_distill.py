@@ -347,12 +347,12 @@ def test_teacher_worker_labels_a_batch_like_the_model():
 # --- teacher actors on Ray: prefetch, a killed teacher, timeouts, a dead pool ---------------------
 
 
-def _train_steps(distiller, student, opt, batches, steps, prefetch=True):
+def _train_steps(distiller, student, opt, batches, steps, prefetch=True, fetch=None):
     """The worker's step loop in miniature: prefetch ahead, forward, KD-or-CE loss, backward."""
     seen = []
     for step in steps:
         if prefetch:
-            distiller.prefetch(step, step * 36, lambda s: [batches[s % len(batches)]])
+            distiller.prefetch(step, step * 36, fetch or (lambda s: [batches[s % len(batches)]]))
         x_BS = batches[step % len(batches)]
         out = student(x_BS, labels_BS=x_BS)
         loss, metrics, difficulty_B = distiller.loss(step, step * 36, 0, out, x_BS)
@@ -396,11 +396,18 @@ def test_killed_teacher_restarts_and_late_labels_fall_back_to_ce(ray_local):
             teacher_ce_B = teacher(m[-1]["x_BS"], labels_BS=m[-1]["x_BS"]).loss_per_sample
         assert torch.allclose(m[-1]["difficulty_B"], m[-1]["student_ce_B"] - teacher_ce_B, atol=1e-4)
 
+        # 1b) labels prefetched for rows the step does not train (its batch split changed) are not
+        # used: the step's real rows are sent again (step 3 was prefetched right; 4 and 5 are not)
+        kd_before = d.counters["kd_batches"]
+        wrong_rows = lambda s: [batches[(s + 1) % len(batches)]]  # noqa: E731
+        _train_steps(d, student, opt, batches, range(3, 5), fetch=wrong_rows)
+        assert d.counters["refetched"] == 1 and d.counters["kd_batches"] == kd_before + 2
+
         # 2) SIGKILL the teacher process with requests in flight: Ray restarts it, resends them
         os.kill(pid0, signal.SIGKILL)
         t0 = time.monotonic()
         kd_before = d.counters["kd_batches"]
-        m = _train_steps(d, student, opt, batches, range(3, 9))
+        m = _train_steps(d, student, opt, batches, range(5, 9))
         assert time.monotonic() - t0 < 6 * cfg.timeout_s  # never hangs
         assert d.counters["kd_batches"] + d.counters["fallback_batches"] == 9  # no batch dropped
         assert d.counters["kd_batches"] > kd_before  # distillation resumed on the restarted actor
