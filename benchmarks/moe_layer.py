@@ -400,7 +400,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--seed-reps", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="512 tokens, 2 reps: about a minute on 2 idle CPU cores")
+    p.add_argument(
+        "--quick", action="store_true", help="512 tokens, 2 reps: about a minute on 2 idle CPU cores"
+    )
     p.add_argument("--skip-seed", action="store_true")
     p.add_argument(
         "--triton-cpu", action="store_true", help="also time the Triton path under the interpreter"
