@@ -17,6 +17,7 @@ Legend: N rows, D hidden, I intermediate, J = 2I, E experts.
 """
 
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    # set_num_threads in a worker sets that thread's OpenMP team size only (the caller keeps its own)
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    # set_num_threads in a worker sets that thread's OpenMP team size only (the caller keeps its own);
+    # keyed by pid: a forked child must not reuse the parent's pool (its threads do not exist there)
     return ThreadPoolExecutor(
         workers, thread_name_prefix="experts", initializer=torch.set_num_threads, initargs=(1,)
     )
@@ -68,7 +70,7 @@ def _run(fn, chunks) -> None:
         with torch.no_grad():
             fn(c)
 
-    for f in [_pool(workers).submit(no_grad_fn, c) for c in chunks]:
+    for f in [_pool(workers, os.getpid()).submit(no_grad_fn, c) for c in chunks]:
         f.result()
 
 
