@@ -47,7 +47,9 @@ def _close(got, want, dtype, what):
     got, want = got.float(), want.float()
     scale = max(want.abs().max().item(), 1e-3) if want.numel() else 1.0
     err = (got - want).abs().max().item() / scale if want.numel() else 0.0
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    # fp32: 1e-5 on CPU; on CUDA the kernels reduce in a different (parallel) order, and a dot
+    # product over hundreds of terms that cancel (unpermute's weight gradient) drifts to ~2e-5.
+    tol = (1e-5 if got.device.type == "cpu" else 5e-5) if dtype == torch.float32 else 3e-2
     assert err <= tol, f"{what}: max error {err:.2e} (relative to {scale:.2e}) > {tol:.0e}"
 
 
