@@ -80,7 +80,7 @@ def test_ray_job_submit_trains_on_a_cluster(tmp_path):
             r = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
                  "--", "dsv3ray", "train", "--config", "job.toml"],
-                cwd=wd, env=env, capture_output=True, text=True, timeout=120,
+                cwd=wd, env=env, capture_output=True, text=True, timeout=300,
             )  # fmt: skip
             out = r.stdout + r.stderr
             if "No available agent" not in out:
