@@ -25,6 +25,18 @@ import torch.distributed as dist
 from dsv3ray import checkpoint as ckpt
 from dsv3ray.data import PreparedData, build_table, resolve_data
 from dsv3ray.errors import ConfigError, UserError
+from dsv3ray.hetero import (
+    BatchBalancer,
+    CommTimer,
+    HeteroConfig,
+    gather_measurements,
+    load_elastic,
+    loss_weight,
+    micro_slices,
+    read_elastic_meta,
+    save_elastic,
+    scaling_config,
+)
 from dsv3ray.report import write_report
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -274,15 +286,15 @@ def train(run) -> dict:
         "activation_ratio": p["activation_ratio"],
         "cpus_per_worker": 0.0,
     }
-    resources = {"GPU": 1} if cfg.use_gpu else {}
     cpus = 1.0 if cfg.use_gpu else _cpus_per_worker(cfg)
     loop_config["cpus_per_worker"] = cpus
+    hetero = getattr(run, "hetero", None) or HeteroConfig()
+    loop_config["hetero"] = hetero
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus, **resources}
-        ),
+        # label_selector / accelerator_type / extra resources per worker from [hetero]
+        scaling_config=scaling_config(cfg.num_workers, cfg.use_gpu, cpus, hetero),
         run_config=ray.train.RunConfig(
             name="checkpoints",
             storage_path=str(run_dir),
@@ -417,6 +429,10 @@ class _Worker:
         model.set_activation_checkpointing(self.cfg.activation_checkpointing)
         self.engine, _, _ = build_engine(model, self.c["ds_config"], ep=self.ep)
         self.model = self.engine.module
+        # This rank's slice of each global batch: proportional to measured throughput ([hetero]).
+        self.balancer = BatchBalancer(
+            self.world, self.c["global_batch"], self.c.get("hetero") or HeteroConfig(), self.cfg.grad_accum
+        )
 
     def _load_data(self):
         import ray.data
@@ -451,22 +467,31 @@ class _Worker:
         if path is None:
             return 0
         v = ckpt.validate(path)
-        same_world = v.world_size == self.world
-        _, client = self.engine.load_checkpoint(
-            str(path / "ds"),
-            tag="step",
-            load_optimizer_states=same_world,
-            load_lr_scheduler_states=True,
-            load_module_strict=True,
-        )
+        elastic = read_elastic_meta(path)
+        same_world = v.world_size == self.world and (elastic is None or elastic["ep_size"] == self.ep.ep_size)
+        if not same_world and elastic is not None:
+            # Another DP/EP layout: weights + optimizer state resharded by global expert id.
+            load_elastic(self.engine, path, self.ep)
+        else:
+            self.engine.load_checkpoint(
+                str(path / "ds"),
+                tag="step",
+                load_optimizer_states=same_world,
+                load_lr_scheduler_states=True,
+                load_module_strict=True,
+            )
         if not ckpt.load_rank_state(path, self.rank):
             torch.manual_seed(self.cfg.seed + v.step * 1000 + self.rank)
         state = ckpt.load_train_state(path)
+        if state.get("balancer"):
+            self.balancer.load_state_dict(state["balancer"])  # ignored (re-measured) on a new world size
         if self.rank == 0:
             ray.get(self.c["sampler"].load_state_dict.remote(state["sampler"]))
             msg = f"[dsv3ray] resumed from {path} (step {state['step']})"
             if not same_world:
-                msg += f"; world size changed {v.world_size} -> {self.world}: optimizer state re-initialized"
+                msg += f"; world size changed {v.world_size} -> {self.world}: " + (
+                    "optimizer state resharded" if elastic is not None else "optimizer state re-initialized"
+                )
             print(msg, flush=True)
         self.tokens = state["tokens"]
         self.bad_total = state["bad_steps"]
@@ -494,52 +519,63 @@ class _Worker:
 
         cfg = self.cfg
         ids_G = self._draw(step)
-        per = cfg.micro_batch_size * cfg.grad_accum
-        mine = ids_G[self.rank * per : (self.rank + 1) * per]
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, mtp, balance, non-finite micro steps
+        G = len(ids_G)
+        split = list(self.balancer.split)  # this step's; observe() below may change it
+        start, stop = self.balancer.bounds(self.rank)
+        mine = ids_G[start:stop]
+        sums = torch.zeros(5, dtype=torch.float64)  # sample-weighted loss, ce, mtp, balance; non-finite
         losses_per_sample, load_LE = [], None
         self.model.train()
-        for m in range(cfg.grad_accum):
-            ids = mine[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
-            x_BS = self._batch(self.train_NS, ids)
-            out = self.engine(x_BS, labels_BS=x_BS)
-            loss = out.loss
-            if step in cfg.inject_nan_steps and self.rank == 0:
-                loss = loss * float("nan")  # test-only: a poisoned batch on one rank
-            self.engine.backward(loss)
-            self.engine.step() if m < cfg.grad_accum - 1 else None  # DeepSpeed counts micro steps here
-            sums += torch.tensor(
-                [
-                    float(loss),
-                    float(out.ce_loss),
-                    float(out.mtp_loss) if out.mtp_loss is not None else 0.0,
-                    float(out.balance_loss),
-                    0.0 if math.isfinite(float(loss)) else 1.0,
-                ],
-                dtype=torch.float64,
-            )
-            losses_per_sample.append(out.loss_per_sample.detach().float())
-            load_LE = out.expert_load_LE if load_LE is None else load_LE + out.expert_load_LE
-        # One MAX all-reduce inside: every rank takes the same skip decision.
-        # Every rank must join the all-reduce, also one whose own loss was already non-finite.
-        is_bad = not grads_are_finite(self.engine, local_bad=bool(sums[4] > 0))
-        if is_bad:
-            skip_step(self.engine)  # gradients dropped, DeepSpeed counts a skipped step
-        else:
-            self.engine.step()
+        t0 = time.perf_counter()
+        with CommTimer(sync_device=self.device.type == "cuda") as comm:  # time blocked in collectives
+            for m, (a, b) in enumerate(micro_slices(stop - start, cfg.grad_accum)):
+                ids = mine[a:b]
+                x_BS = self._batch(self.train_NS, ids)
+                out = self.engine(x_BS, labels_BS=x_BS)
+                loss = out.loss
+                if step in cfg.inject_nan_steps and self.rank == 0:
+                    loss = loss * float("nan")  # test-only: a poisoned batch on one rank
+                # x n_micro * W * A / G: DeepSpeed's mean over ranks and micro steps = the global mean
+                self.engine.backward(loss * loss_weight(b - a, G, self.world, cfg.grad_accum))
+                self.engine.step() if m < cfg.grad_accum - 1 else None  # DeepSpeed counts micro steps here
+                sums += torch.tensor(
+                    [
+                        float(loss) * (b - a),
+                        float(out.ce_loss) * (b - a),
+                        float(out.mtp_loss) * (b - a) if out.mtp_loss is not None else 0.0,
+                        float(out.balance_loss) * (b - a),
+                        0.0 if math.isfinite(float(loss)) else 1.0,
+                    ],
+                    dtype=torch.float64,
+                )
+                losses_per_sample.append(out.loss_per_sample.detach().float())
+                load_LE = out.expert_load_LE if load_LE is None else load_LE + out.expert_load_LE
+            # One MAX all-reduce inside: every rank takes the same skip decision.
+            # Every rank must join the all-reduce, also one whose own loss was already non-finite.
+            is_bad = not grads_are_finite(self.engine, local_bad=bool(sums[4] > 0))
+            if is_bad:
+                skip_step(self.engine)  # gradients dropped, DeepSpeed counts a skipped step
+            else:
+                self.engine.step()
+        compute_s = time.perf_counter() - t0 - comm.seconds  # this rank's time without waiting for others
+        self.balancer.observe(*gather_measurements(stop - start, compute_s, device=self.device))
         applied = not is_bad and getattr(self.engine, "was_step_applied", lambda: True)()
         if applied and load_LE is not None and load_LE.numel():
             self.model.update_routing_bias(load_LE.to(self.device), group=None)
-        # per-sample losses back to the sampler (rank 0 reports, in rank order = ids_G order)
+        # per-sample losses back to the sampler (rank 0 reports, in rank order = ids_G order);
+        # the slices differ in size: gathered padded to the largest
         lps = torch.cat(losses_per_sample).to(self.device)
-        gathered = [torch.empty_like(lps) for _ in range(self.world)]
-        dist.all_gather(gathered, lps)
-        stats = (sums[:4] / cfg.grad_accum).to(self.device)
+        padded = torch.zeros(max(split), dtype=lps.dtype, device=self.device)
+        padded[: len(lps)] = lps
+        gathered = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(gathered, padded)
+        stats = sums[:4].to(self.device)
         dist.all_reduce(stats)
-        stats = (stats / self.world).cpu()
+        stats = (stats / G).cpu()
         if self.rank == 0:
             if not is_bad:
-                self.c["sampler"].report_losses.remote(ids_G, torch.cat(gathered).cpu().numpy())
+                lps_G = torch.cat([g[:n] for g, n in zip(gathered, split)])
+                self.c["sampler"].report_losses.remote(ids_G, lps_G.cpu().numpy())
             # A skipped step's samples count as consumed: the batch that poisoned it is not retried.
             self.c["sampler"].commit.remote(step)
         return {
@@ -578,6 +614,8 @@ class _Worker:
         tmp = Path(tempfile.mkdtemp(prefix=f"dsv3ray-ckpt-{step}-r{self.rank}-"))
         try:
             self.engine.save_checkpoint(str(tmp / "ds"), tag="step", save_latest=True)
+            # + a layout-free copy (model + optimizer by global expert id) for another DP/EP size
+            save_elastic(self.engine, tmp, self.ep)
             # DeepSpeed writes one file per global expert (layer_*_expert_*_model_states.pt), so a
             # resume with another EP size still finds every expert.
             ckpt.save_rank_state(tmp, self.rank)
@@ -587,6 +625,7 @@ class _Worker:
                     "tokens": self.tokens,
                     "bad_steps": self.bad_total,
                     "last_ce": last.get("ce"),
+                    "balancer": self.balancer.state_dict(),
                     "sampler": ray.get(self.c["sampler"].state_dict.remote()),
                 }
                 ckpt.save_train_state(tmp, state)
