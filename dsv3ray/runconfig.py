@@ -25,6 +25,7 @@ SECTIONS: dict[str, str] = {
     "cost": "dsv3ray.cost:CostConfig",
     "distill": "dsv3ray.distill:DistillConfig",
     "tune": "dsv3ray.tune:TuneConfig",
+    "hetero": "dsv3ray.hetero:HeteroConfig",
 }
 # Sections passed on as plain dicts after a loader function checked them.
 RAW_SECTIONS: dict[str, str] = {"deepspeed": "dsv3ray.engine:load_deepspeed_section"}
