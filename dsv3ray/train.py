@@ -29,10 +29,12 @@ from dsv3ray.hetero import (
     BatchBalancer,
     CommTimer,
     HeteroConfig,
+    elastic_ep_size,
     gather_measurements,
     load_elastic,
     loss_weight,
     micro_slices,
+    parse_num_workers,
     read_elastic_meta,
     save_elastic,
     scaling_config,
@@ -46,7 +48,9 @@ DTYPES = ("fp32", "bf16", "fp16")
 class TrainConfig:
     name: str = "run"
     run_dir: str = ""  # "" = runs/<name>-<timestamp>
-    num_workers: int = 2
+    # n (fixed) or [min, max] (elastic: Ray Train starts as many as the cluster fits, restarts
+    # resize the group; the global batch stays micro_batch_size x grad_accum x max)
+    num_workers: int | list[int] = 2
     ep_size: int = 1
     use_gpu: bool = False
     steps: int = 100
@@ -71,8 +75,8 @@ class TrainConfig:
     kill_in_checkpoint_step: int = 0
 
     def __post_init__(self):
+        parse_num_workers(self.num_workers)  # ConfigError("train.num_workers", ...) on a bad value/pair
         for key in (
-            "num_workers",
             "ep_size",
             "micro_batch_size",
             "grad_accum",
@@ -95,9 +99,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}", getattr(self, key), "an integer >= 0")
         if self.steps == 0 and self.tokens == 0:
             raise ConfigError("train.steps", self.steps, "set train.steps or train.tokens > 0")
-        if self.num_workers % self.ep_size:
+        if self.max_workers % self.ep_size:
+            # a smaller elastic world uses the largest EP size it supports (hetero.elastic_ep_size)
             raise ConfigError(
-                "train.ep_size", self.ep_size, f"must divide train.num_workers={self.num_workers}"
+                "train.ep_size", self.ep_size, f"must divide the maximum train.num_workers={self.max_workers}"
             )
         if self.dtype not in DTYPES:
             raise ConfigError("train.dtype", self.dtype, " | ".join(DTYPES))
@@ -105,6 +110,19 @@ class TrainConfig:
             raise ConfigError("train.corrupt_shard", self.corrupt_shard, '"fail" or "skip"')
         if not self.resume:
             raise ConfigError("train.resume", self.resume, '"auto", "never" or a checkpoint directory')
+
+    @property
+    def min_workers(self) -> int:
+        return parse_num_workers(self.num_workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        """What resources, the EP check and the global batch are sized for."""
+        return parse_num_workers(self.num_workers)[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
 
 # --- driver --------------------------------------------------------------------------------------
@@ -126,7 +144,7 @@ def _init_ray(cfg: TrainConfig) -> None:
         ray.init(log_to_driver=True)
         return
     # Logical CPUs: one per worker plus one for Ray Data and the sampler (CPUs may be oversubscribed).
-    num_cpus = max(os.cpu_count() or 1, cfg.num_workers + 1)
+    num_cpus = max(os.cpu_count() or 1, cfg.max_workers + 1)
     # address="local": a new Ray for this run, even if some `ray start` cluster runs on this machine.
     ray.init(
         address="local",
@@ -142,7 +160,8 @@ def _cpus_per_worker(cfg: TrainConfig) -> float:
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 1.0))
-    return max(0.1, min(1.0, (total - 1.0) / cfg.num_workers)) if total - 1.0 < cfg.num_workers else 1.0
+    n = cfg.max_workers  # sized so the largest group fits; a smaller elastic group fits too
+    return max(0.1, min(1.0, (total - 1.0) / n)) if total - 1.0 < n else 1.0
 
 
 def _first_user_error(exc: BaseException) -> UserError | None:
@@ -176,7 +195,7 @@ def plan(run) -> dict:
             run.data.prepared,
             "set data.prepared to a prepared directory or data.inputs to raw input files",
         )
-    check_ep_size(cfg.ep_size, model_cfg.n_routed_experts, cfg.num_workers)
+    check_ep_size(cfg.ep_size, model_cfg.n_routed_experts, cfg.max_workers)
     run_dir = resolve_run_dir(cfg)
     ckpt_root = run_dir / "checkpoints"
     if cfg.resume == "never" and ckpt.list_checkpoints(ckpt_root):
@@ -208,13 +227,15 @@ def plan(run) -> dict:
             model_cfg.max_position_embeddings,
             f"at least seq_len + 1 = {seq_len + 1} (the prepared rows)",
         )
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * cfg.num_workers
+    # Fixed for the run at the MAX worker count: a smaller elastic group takes larger slices of the
+    # same global batch (BatchBalancer), so a step's math does not depend on the group size.
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * cfg.max_workers
     steps = cfg.steps if cfg.tokens == 0 else max(1, math.ceil(cfg.tokens / (global_batch * seq_len)))
     ds_config, notes = resolve_deepspeed_config(
         dict(run.deepspeed),
         device="cuda" if cfg.use_gpu else "cpu",
         has_moe=model_cfg.n_routed_experts > 0 and model_cfg.num_moe_layers > 0,
-        world_size=cfg.num_workers,
+        world_size=cfg.max_workers,  # re-fitted to the actual group size in each worker
         micro_batch_size=cfg.micro_batch_size,
         grad_accum=cfg.grad_accum,
         dtype=cfg.dtype,
@@ -243,6 +264,7 @@ def train(run) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from actors.teacher import start_teacher_pool, stop_teacher_pool
     from pipelines.dataset import read_prepared
     from pipelines.sampler import CurriculumSampler
 
@@ -286,6 +308,12 @@ def train(run) -> dict:
         "activation_ratio": p["activation_ratio"],
         "cpus_per_worker": 0.0,
     }
+    # [distill]: teacher actors start before the workers; their handles travel in the loop config
+    distill = getattr(run, "distill", None)
+    teachers = []
+    if distill is not None and distill.enabled:
+        teachers = start_teacher_pool(distill, student_vocab_size=run.model.vocab_size)
+    loop_config.update(distill=distill, teachers=teachers)
     cpus = 1.0 if cfg.use_gpu else _cpus_per_worker(cfg)
     loop_config["cpus_per_worker"] = cpus
     hetero = getattr(run, "hetero", None) or HeteroConfig()
@@ -320,6 +348,7 @@ def train(run) -> dict:
     finally:
         for actor in (sampler, mailbox):
             ray.kill(actor)
+        stop_teacher_pool(teachers)
     if box.get("user_error"):
         raise UserError(box["user_error"])
     # Ray's result carries the metrics of the newest checkpoint; a stopped run has none newer.
@@ -406,6 +435,7 @@ class _Worker:
 
         self.c = config
         self.cfg: TrainConfig = config["train"]
+        self.distiller = None  # dsv3ray.distill.Distiller when [distill] names a teacher
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = (
@@ -514,6 +544,20 @@ class _Worker:
         dist.broadcast(ids_G, src=0)
         return ids_G.cpu().numpy()
 
+    def _future_micro_batches(self, step: int) -> list[torch.Tensor]:
+        """This rank's micro-batches of a coming step under the current split, for the teachers (the
+        sampler answers a step the same until it is committed; if the split moves before that step,
+        the Distiller sees other rows and asks again)."""
+        import ray
+
+        ids_G = ray.get(self.c["sampler"].batch_for_step.remote(step, self.c["global_batch"]))
+        start, stop = self.balancer.bounds(self.rank)
+        mine = ids_G[start:stop]
+        return [
+            torch.from_numpy(self.train_NS[mine[a:b]].astype(np.int64))
+            for a, b in micro_slices(stop - start, self.cfg.grad_accum)
+        ]
+
     def _train_step(self, step: int) -> dict:
         from dsv3ray.engine import grads_are_finite, skip_step
 
@@ -525,6 +569,9 @@ class _Worker:
         mine = ids_G[start:stop]
         sums = torch.zeros(5, dtype=torch.float64)  # sample-weighted loss, ce, mtp, balance; non-finite
         losses_per_sample, load_LE = [], None
+        distill_metrics = {}
+        if self.distiller is not None:
+            self.distiller.prefetch(step, self.tokens, self._future_micro_batches)
         self.model.train()
         t0 = time.perf_counter()
         with CommTimer(sync_device=self.device.type == "cuda") as comm:  # time blocked in collectives
@@ -532,7 +579,9 @@ class _Worker:
                 ids = mine[a:b]
                 x_BS = self._batch(self.train_NS, ids)
                 out = self.engine(x_BS, labels_BS=x_BS)
-                loss = out.loss
+                loss, difficulty_B = out.loss, out.loss_per_sample
+                if self.distiller is not None:  # KD + CE in stage 1 (CE if labels are late), CE in stage 2
+                    loss, distill_metrics, difficulty_B = self.distiller.loss(step, self.tokens, m, out, x_BS)
                 if step in cfg.inject_nan_steps and self.rank == 0:
                     loss = loss * float("nan")  # test-only: a poisoned batch on one rank
                 # x n_micro * W * A / G: DeepSpeed's mean over ranks and micro steps = the global mean
@@ -548,7 +597,7 @@ class _Worker:
                     ],
                     dtype=torch.float64,
                 )
-                losses_per_sample.append(out.loss_per_sample.detach().float())
+                losses_per_sample.append(difficulty_B.detach().float().to(self.device))
                 load_LE = out.expert_load_LE if load_LE is None else load_LE + out.expert_load_LE
             # One MAX all-reduce inside: every rank takes the same skip decision.
             # Every rank must join the all-reduce, also one whose own loss was already non-finite.
@@ -585,6 +634,7 @@ class _Worker:
             "mtp": float(stats[2]),
             "balance": float(stats[3]),
             "load_LE": load_LE,
+            "distill": distill_metrics,
         }
 
     @torch.no_grad()
@@ -658,6 +708,12 @@ class _Worker:
         writer = MetricsWriter(Path(self.c["run_dir"]) / "tb" if self.rank == 0 else None)
         steps, seq_len = self.c["steps"], self.c["seq_len"]
         tokens_per_step = self.c["global_batch"] * seq_len
+        if self.c.get("teachers"):
+            from dsv3ray.distill import Distiller
+
+            self.distiller = Distiller(
+                self.c["distill"], self.c["teachers"], self.rank, tokens_per_step, steps
+            )
         consecutive_bad, last, eval_loss, first_ce_after_resume = 0, {}, None, None
         stopped, t_train, steps_timed = "", 0.0, 0
         step = start
@@ -707,6 +763,7 @@ class _Worker:
                         "train/tokens_per_s": tokens_per_step / dt,
                         "model/activation_ratio": self.c["activation_ratio"],
                         "moe/bias_norm": bias_norm(self.model),
+                        **r["distill"],
                     }
                 )
                 if self.rank == 0:
@@ -767,6 +824,7 @@ class _Worker:
             "stopped": stopped,
             "world_size": self.world,
             "ep_size": self.ep.ep_size,
+            **(self.distiller.summary() if self.distiller is not None else {}),
         }
         if self.rank == 0:
             ray.get(self.c["mailbox"].put.remote("summary", final))
@@ -774,6 +832,12 @@ class _Worker:
         # of the checkpoint a finished run was resumed from.
         if not stopped and step != start:
             self._save(step, last, final)
+        if not stopped and getattr(self.c.get("distill"), "save_as_teacher", False):
+            from dsv3ray.distill import TEACHER_EXPORT_DIR, export_model
+
+            export_model(
+                self.model, Path(self.c["run_dir"]) / TEACHER_EXPORT_DIR, self.ep, write=self.rank == 0
+            )
 
     def _count_start(self) -> int:
         """Times this run's worker group started (1 + restarts), counted from a marker file."""
