@@ -1,0 +1,393 @@
+"""Fault evidence (issue 9): a short training with a real worker kill, and a teacher kill during
+distillation; prints time lost, samples lost and samples repeated as one JSON line.
+
+1. Worker kill. `dsv3ray.train.train` on 2 workers (debug model, EP=2, CPU), once without faults
+   (the baseline) and once with `train.kill_at_step` (the last worker SIGKILLs its own process at
+   the start of that step; Ray Train's FailureConfig restarts the group from the last checkpoint).
+   From the run's outputs:
+   - kill time: the mtime of the fault marker the worker writes right before its SIGKILL;
+   - step times: TensorBoard event wall_time of `train/bad_steps` (rank 0 logs it every step,
+     after the step's update);
+   - time_lost_s = first step completed after recovery - kill (restart + rebuild + restore + one step);
+     setback_s = the step the run had reached at the kill, completed again - kill (adds the steps
+     recomputed since the checkpoint); wall_time_vs_no_fault = faulty run / baseline fit time;
+   - samples: the run is exactly one epoch (num_train = steps x global batch); the sampler ledger
+     saved in the final checkpoint gives the consumed ids: lost = expected ids - consumed,
+     repeated = ids committed twice (the ledger's duplicate count).
+2. Teacher kill, at the level of the Distiller / teacher pool API (`dsv3ray.distill.Distiller`,
+   `actors.teacher.start_teacher_pool`), with the training worker's step loop in miniature in
+   this process (student forward, KD-or-CE loss, AdamW, curriculum sampler draw/report/commit):
+   the teacher actor's process is SIGKILLed right after label requests were sent; Ray restarts the
+   actor and re-sends them. time_lost_s = kill -> first step trained on labels the restarted
+   teacher computed; fallback_batches = batches trained with CE while it was down (counted, not
+   lost); samples lost / repeated from the sampler ledger as above; baseline = same loop, no kill.
+   (`[distill]` is not wired into `dsv3ray.train` yet, hence this level; see "teacher_kill.level".)
+
+Full run on 2 shared CPU cores: about 2-4 minutes.
+
+    .venv/bin/python benchmarks/faults.py              # prints one JSON line
+    .venv/bin/python benchmarks/faults.py --quick      # shorter (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SEQ_LEN = 16
+VOCAB = 128
+MICRO_BATCH = 4
+NUM_WORKERS = 2
+SMALL = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=64, moe_impl="torch")
+
+
+# --- shared: the sampler ledger -> samples lost / repeated -----------------------------------------
+
+
+def ledger_counts(state: dict, expected_ids: np.ndarray) -> dict:
+    """Samples lost / repeated from a CurriculumSampler state_dict, for a run of exactly one epoch.
+
+    Epochs below `state["epoch"]` are closed: the sampler closes an epoch only once its bitmap
+    holds every id. Open epochs: the ids set in their bitmap.
+    """
+    n = int(state["num_samples"])
+    consumed = np.zeros(n, dtype=bool)
+    if int(state["epoch"]) >= 1:
+        consumed[:] = True  # epoch 0 closed: every id consumed
+    else:
+        bits = state["ledger"].get(0)
+        if bits is not None:
+            consumed = np.unpackbits(np.asarray(bits, dtype=np.uint8), count=n).astype(bool)
+    lost = np.setdiff1d(expected_ids, np.flatnonzero(consumed))
+    return {
+        "samples_expected": int(expected_ids.size),
+        "samples_committed": int(state["samples_drawn"]),
+        "samples_lost": int(lost.size),
+        "samples_repeated": int(state["duplicates"]),
+    }
+
+
+# --- 1. worker kill through dsv3ray.train ----------------------------------------------------------
+
+
+def _run_config(data: Path, run_dir: Path, steps: int, ckpt_every: int, kill_at: int):
+    from dsv3ray.runconfig import resolve_run_config
+
+    repo = Path(__file__).resolve().parents[1]
+    return resolve_run_config(
+        config=str(repo / "configs" / "debug.toml"),
+        overrides=[
+            f"model.vocab_size={VOCAB}",
+            "model.num_hidden_layers=2",
+            "model.max_position_embeddings=64",
+            f"train.num_workers={NUM_WORKERS}",
+            "train.ep_size=2",
+            f"train.micro_batch_size={MICRO_BATCH}",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "train.eval_batches=1",
+            f"data.prepared={data}",
+            f"train.run_dir={run_dir}",
+            f"train.steps={steps}",
+            f"train.checkpoint_every={ckpt_every}",
+            f"train.kill_at_step={kill_at}",
+            "train.max_failures=1",
+        ],
+    )
+
+
+def _step_wall_times(tb_dir: Path) -> list[list[tuple[float, int]]]:
+    """Per attempt (one event file each, oldest first): (wall_time, step) of every logged step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    attempts = []
+    for f in tb_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "train/bad_steps" in acc.Tags().get("scalars", []):
+            attempts.append(sorted((e.wall_time, e.step) for e in acc.Scalars("train/bad_steps")))
+    return sorted((a for a in attempts if a), key=lambda a: a[0][0])
+
+
+def worker_kill(work: Path, steps: int, ckpt_every: int, kill_at: int) -> dict:
+    from dsv3ray import checkpoint as ckpt
+    from dsv3ray.data import write_synthetic_prepared
+    from dsv3ray.train import train
+
+    global_batch = MICRO_BATCH * NUM_WORKERS
+    num_train = steps * global_batch  # the run is exactly one epoch: every id once
+    data = write_synthetic_prepared(work / "data", num_train, 8, SEQ_LEN, VOCAB)
+    expected = np.arange(num_train)
+
+    print(f"[faults] worker kill: baseline run ({steps} steps, no fault)", file=sys.stderr, flush=True)
+    base = train(_run_config(data, work / "run-baseline", steps, ckpt_every, 0))
+    (base_times,) = _step_wall_times(work / "run-baseline" / "tb")
+    print(
+        f"[faults] worker kill: run with SIGKILL of a worker at step {kill_at}", file=sys.stderr, flush=True
+    )
+    run_dir = work / "run-kill"
+    s = train(_run_config(data, run_dir, steps, ckpt_every, kill_at))
+    marker = run_dir / f".killed-step-{kill_at}"
+    assert marker.is_file(), f"no fault marker {marker}: the worker was not killed"
+    t_kill = marker.stat().st_mtime  # written by the worker right before it SIGKILLs itself
+    # The restarted group's rank 0 writes a new event file: its first step is the first after recovery.
+    attempts = _step_wall_times(run_dir / "tb")
+    assert len(attempts) == 2 and attempts[1][0][0] > t_kill, [(a[0], a[-1]) for a in attempts]
+    t_first, first_step = attempts[1][0]
+    assert first_step == s["resumed_from_step"] + 1, (first_step, s["resumed_from_step"])
+    reached = kill_at - 1  # the last step completed (on every rank: collectives) before the kill
+    t_reached = min(t for t, st in attempts[1] if st == reached)
+    # a normal step: median gap between consecutive steps of the baseline (warm-up step excluded)
+    gaps = [b[0] - a[0] for a, b in zip(base_times[1:], base_times[2:]) if b[1] == a[1] + 1]
+    normal_step = statistics.median(gaps) if gaps else float("nan")
+    ledger = ledger_counts(ckpt.load_train_state(s["checkpoint"])["sampler"], expected)
+    base_ledger = ledger_counts(ckpt.load_train_state(base["checkpoint"])["sampler"], expected)
+    assert base_ledger["samples_lost"] == 0 and base_ledger["samples_repeated"] == 0, base_ledger
+    return {
+        "kill": f"SIGKILL of worker rank {NUM_WORKERS - 1} process at the start of step {kill_at}",
+        "steps": steps,
+        "global_batch": global_batch,
+        "checkpoint_every": ckpt_every,
+        "restarts": s["restarts"],
+        "resumed_from_step": s["resumed_from_step"],
+        "first_step_after_recovery": first_step,
+        "time_lost_s": round(t_first - t_kill, 3),
+        "restart_overhead_s": round(t_first - t_kill - normal_step, 3),
+        "setback_s": round(t_reached - t_kill, 3),
+        "last_step_before_kill": reached,
+        "steps_recomputed": reached - s["resumed_from_step"],
+        "normal_step_s": round(normal_step, 4),
+        **ledger,
+        "wall_s": round(s["wall_s"], 2),
+        "baseline_wall_s": round(base["wall_s"], 2),
+        "wall_time_vs_no_fault": round(s["wall_s"] / base["wall_s"], 3),
+        "final_ce_loss": s.get("final_train_loss"),
+        "baseline_final_ce_loss": base.get("final_train_loss"),
+    }
+
+
+# --- 2. teacher kill through the Distiller / teacher pool API -------------------------------------
+
+
+def _distill_loop(data: Path, teacher_dir: Path, steps: int, kill_at: int | None, timeout_s: float) -> dict:
+    """The worker's distillation step loop in miniature; optionally SIGKILL the teacher at `kill_at`."""
+    import pyarrow.parquet as pq
+    import ray
+    import torch
+
+    from actors.teacher import start_teacher_pool, stop_teacher_pool
+    from dsv3ray.distill import DistillConfig, Distiller
+    from dsv3ray.model import ModelConfig, build_model
+    from pipelines.sampler import CurriculumSampler
+
+    table = pq.read_table(data / "train" / "part-00000.parquet")
+    rows_NS = np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)
+    rows_NS = rows_NS[np.argsort(table.column("sample_id").to_numpy())]
+    B = MICRO_BATCH * NUM_WORKERS
+    num_train = len(rows_NS)
+    assert num_train == steps * B, (num_train, steps, B)
+
+    torch.manual_seed(0)
+    student = build_model(ModelConfig.from_preset("debug", **SMALL))
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    cfg = DistillConfig(
+        teacher=str(teacher_dir),
+        k=8,
+        prefetch=2,
+        timeout_s=timeout_s,
+        teacher_num_cpus=0.5,
+        max_restarts=2,
+        max_task_retries=3,
+    )
+    sampler = CurriculumSampler(num_train, seed=0, total_samples=num_train)
+    (handle,) = start_teacher_pool(cfg, student_vocab_size=VOCAB)
+    tokens_per_step = B * SEQ_LEN
+    d = Distiller(cfg, [handle], rank=0, tokens_per_step=tokens_per_step, last_step=steps)
+
+    def fetch(step):
+        return [torch.from_numpy(rows_NS[sampler.batch_for_step(step, B)])]
+
+    pid0 = ray.get(handle.info.remote())["pid"]
+    done, t_kill, stale = [], None, set()  # done: (wall time, step, labelled, by the restarted teacher)
+    t0 = time.time()
+    try:
+        for step in range(1, steps + 1):
+            tokens = (step - 1) * tokens_per_step
+            d.prefetch(step, tokens, fetch)
+            if step == kill_at:
+                # requests for this step and the next are out: which are already answered?
+                refs = {k: p.ref for k, p in d.pending.items()}
+                ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
+                stale = {k for k, r in refs.items() if r in ready}  # labelled by the old process
+                t_kill = time.time()
+                os.kill(pid0, signal.SIGKILL)
+            ids = sampler.batch_for_step(step, B)
+            x_BS = torch.from_numpy(rows_NS[ids])
+            kd_before = d.counters["kd_batches"]
+            out = student(x_BS, labels_BS=x_BS)
+            loss, _, difficulty_B = d.loss(step, tokens, 0, out, x_BS)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sampler.report_losses(ids, difficulty_B.numpy())
+            sampler.commit(step)
+            labelled = d.counters["kd_batches"] > kd_before
+            fresh = t_kill is not None and labelled and (step, 0) not in stale
+            done.append((time.time(), step, labelled, fresh))
+        wall = time.time() - t0
+        pid1 = ray.get(handle.info.remote(), timeout=60)["pid"]
+    finally:
+        stop_teacher_pool([handle])
+    res = {
+        "steps": steps,
+        "kd_batches": d.counters["kd_batches"],
+        "fallback_batches": d.counters["fallback_batches"],
+        "timeouts": d.counters["timeouts"],
+        "teacher_errors": d.counters["teacher_errors"],
+        "batches_trained": len(done),
+        "wall_s": wall,
+        "label_wait_s": d.summary()["distill_wait_s"],
+        "ledger": ledger_counts(sampler.state_dict(), np.arange(num_train)),
+        "step_times": [t for t, *_ in done],
+    }
+    if kill_at is not None:
+        firsts = [(t, st) for t, st, _, fresh in done if fresh]
+        res.update(
+            teacher_restarted=pid1 != pid0,
+            first_labelled_step_after_restart=firsts[0][1] if firsts else None,
+            time_lost_s=(firsts[0][0] - t_kill) if firsts else None,
+            fallback_steps=[st for _, st, lab, _ in done if not lab],
+        )
+    return res
+
+
+def teacher_kill(work: Path, steps: int, kill_at: int, timeout_s: float) -> dict:
+    import torch
+
+    from dsv3ray.data import write_synthetic_prepared
+    from dsv3ray.distill import export_model
+    from dsv3ray.model import ModelConfig, build_model
+
+    data = write_synthetic_prepared(
+        work / "data-distill", steps * MICRO_BATCH * NUM_WORKERS, 8, SEQ_LEN, VOCAB
+    )
+    # The teacher as a HF directory (what distill.teacher names in a run): a restarted actor reloads
+    # it from there. (An InMemoryTeacher source this size goes to the object store as the actor's
+    # constructor argument; Ray frees it after creation and the restart then fails.)
+    torch.manual_seed(1)
+    teacher_dir = work / "teacher-hf"
+    export_model(build_model(ModelConfig.from_preset("debug", **SMALL, first_k_dense_replace=2)), teacher_dir)
+    print("[faults] teacher kill: baseline distillation loop (no fault)", file=sys.stderr, flush=True)
+    base = _distill_loop(data, teacher_dir, steps, None, timeout_s)
+    assert base["fallback_batches"] == 0 and base["ledger"]["samples_lost"] == 0, base
+    print(
+        f"[faults] teacher kill: SIGKILL of the teacher actor at step {kill_at}", file=sys.stderr, flush=True
+    )
+    r = _distill_loop(data, teacher_dir, steps, kill_at, timeout_s)
+    t = base["step_times"]
+    normal_step = statistics.median(np.diff(t[1:])) if len(t) > 2 else float("nan")
+    return {
+        "level": "Distiller + teacher pool API (dsv3ray.distill, actors.teacher) in a miniature step loop; "
+        "[distill] is not wired into dsv3ray.train",
+        "kill": f"SIGKILL of the teacher actor process at step {kill_at}, label requests in flight",
+        "teacher_source": "HF directory (reloaded by the restarted actor)",
+        "steps": steps,
+        "timeout_s": timeout_s,
+        "teacher_restarted": r["teacher_restarted"],
+        "first_labelled_step_after_restart": r["first_labelled_step_after_restart"],
+        "time_lost_s": None if r["time_lost_s"] is None else round(r["time_lost_s"], 3),
+        "fallback_batches": r["fallback_batches"],  # trained with CE: counted, not lost
+        "fallback_steps": r["fallback_steps"],
+        "kd_batches": r["kd_batches"],
+        "timeouts": r["timeouts"],
+        "teacher_errors": r["teacher_errors"],
+        "batches_lost": steps - r["batches_trained"],
+        "label_wait_s": r["label_wait_s"],  # time the student blocked on labels, whole run
+        "baseline_label_wait_s": base["label_wait_s"],
+        **r["ledger"],
+        "normal_step_s": round(normal_step, 4),
+        "wall_s": round(r["wall_s"], 2),
+        "baseline_wall_s": round(base["wall_s"], 2),
+        "wall_time_vs_no_fault": round(r["wall_s"] / base["wall_s"], 3),
+    }
+
+
+def check_no_stale_build_lock(max_age_s: float = 120.0) -> None:
+    """Workers JIT-load a DeepSpeed op (torch cpp_extension) under a lock file; a process killed while
+    holding it (e.g. a worker SIGKILLed during its build) leaves the file, and every later load on
+    this machine waits forever. Say so up front instead of hanging."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    for lock in root.glob("*/*/lock"):
+        age = time.time() - lock.stat().st_mtime
+        if age > max_age_s:
+            raise SystemExit(
+                f"stale torch extension build lock {lock} ({age:.0f}s old): training workers would wait on it "
+                "forever; if no build is running (no ninja process), remove it and re-run"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
+    ap.add_argument("--workdir", default="", help="keep the runs here (default: a temp dir, removed)")
+    ap.add_argument("--teacher-timeout", type=float, default=2.0, help="distill.timeout_s")
+    ap.add_argument("--skip", choices=["worker", "teacher"], default=None)
+    ap.add_argument("--verbose", action="store_true", help="forward the workers' logs")
+    args = ap.parse_args()
+
+    import ray
+
+    if args.skip != "worker":
+        check_no_stale_build_lock()
+    # steps, checkpoint_every, kill_at_step: checkpoints at 2, 4, ...; kill before step 6 -> resume
+    # from step 4, step 5 recomputed
+    w_steps, w_ckpt, w_kill = (8, 2, 6) if args.quick else (12, 2, 6)
+    t_steps, t_kill = (12, 4) if args.quick else (24, 6)
+    work = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="dsv3ray-faults-"))
+    work.mkdir(parents=True, exist_ok=True)
+    # Our own local Ray (never a shared `ray start` cluster): 2 workers + teacher/sampler headroom.
+    ray.init(
+        address="local",
+        num_cpus=NUM_WORKERS + 1,
+        num_gpus=0,
+        include_dashboard=False,
+        log_to_driver=args.verbose,
+        configure_logging=False,
+    )
+    out = {"benchmark": "faults", "device": "cpu", "cpu_count": os.cpu_count()}
+    t0 = time.perf_counter()
+    try:
+        if args.skip != "worker":
+            out["worker_kill"] = worker_kill(work, w_steps, w_ckpt, w_kill)
+        if args.skip != "teacher":
+            out["teacher_kill"] = teacher_kill(work, t_steps, t_kill, args.teacher_timeout)
+    finally:
+        ray.shutdown()
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    parts = [out[k] for k in ("worker_kill", "teacher_kill") if k in out]
+    out["samples_lost"] = sum(p["samples_lost"] for p in parts)
+    out["samples_repeated"] = sum(p["samples_repeated"] for p in parts)
+    out["ok"] = out["samples_lost"] == 0 and out["samples_repeated"] == 0
+    out["total_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
