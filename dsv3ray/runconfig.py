@@ -132,14 +132,20 @@ def _check_cross_sections(run: RunConfig) -> None:
     model, train = run.sections.get("model"), run.sections.get("train")
     if model is None or train is None:
         return
+    from dsv3ray.hetero import parse_num_workers
+
     ep = getattr(train, "ep_size", 1)
-    workers = getattr(train, "num_workers", 1)
-    if isinstance(workers, list | tuple):  # elastic (min, max)
-        workers = workers[0]
+    # Elastic [min, max]: ep_size must divide the max; a smaller group runs at the largest EP size
+    # it supports (hetero.elastic_ep_size), so the min needs no check.
+    lo, workers = parse_num_workers(getattr(train, "num_workers", 1))
     if model.n_routed_experts % ep:
         raise ConfigError("train.ep_size", ep, f"must divide model.n_routed_experts={model.n_routed_experts}")
     if workers % ep:
-        raise ConfigError("train.ep_size", ep, f"must divide train.num_workers={workers}")
+        raise ConfigError(
+            "train.ep_size",
+            ep,
+            f"must divide train.num_workers={workers}" + (" (the maximum)" if lo < workers else ""),
+        )
 
 
 def dump_toml(data: dict[str, Any]) -> str:

@@ -102,7 +102,10 @@ class TrainConfig:
         if self.max_workers % self.ep_size:
             # a smaller elastic world uses the largest EP size it supports (hetero.elastic_ep_size)
             raise ConfigError(
-                "train.ep_size", self.ep_size, f"must divide the maximum train.num_workers={self.max_workers}"
+                "train.ep_size",
+                self.ep_size,
+                f"must divide train.num_workers={self.max_workers}"
+                + (" (the maximum)" if self.elastic else ""),
             )
         if self.dtype not in DTYPES:
             raise ConfigError("train.dtype", self.dtype, " | ".join(DTYPES))
@@ -123,6 +126,24 @@ class TrainConfig:
     @property
     def elastic(self) -> bool:
         return self.min_workers != self.max_workers
+
+
+def ds_config_for_world(ds_config: dict, global_batch: int, world_size: int) -> dict:
+    """The DeepSpeed config for the group Ray actually started (elastic: <= max workers).
+
+    DeepSpeed asserts train_batch_size == micro x grad_accum x world. The global batch of the
+    run (G, sized for the max workers) stays fixed; each rank takes G / world samples per step
+    in grad_accum micro-batches. When that divides evenly DeepSpeed's micro size is exact and
+    train_batch_size = G (its sample counters match the run's); otherwise it is the largest
+    slice, rounded up: the numbers are nominal there, the loss weights (hetero.loss_weight) keep
+    the update equal to the mean over the G samples either way.
+    """
+    ds = dict(ds_config)
+    gas = int(ds["gradient_accumulation_steps"])
+    micro = max(1, math.ceil(global_batch / (gas * world_size)))
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["train_batch_size"] = micro * gas * world_size
+    return ds
 
 
 # --- driver --------------------------------------------------------------------------------------
@@ -454,10 +475,21 @@ class _Worker:
         np.random.seed(self.cfg.seed + self.rank)
         random.seed(self.cfg.seed + self.rank)
         mcfg = self.c["model"]
-        self.ep = create_expert_parallel(self.cfg.ep_size, mcfg.n_routed_experts)
+        # An elastic group may be smaller than the max the run was checked for: the largest EP
+        # size <= train.ep_size that this world and the routed experts support.
+        ep_size = elastic_ep_size(self.cfg.ep_size, self.world, mcfg.n_routed_experts)
+        self.ep = create_expert_parallel(ep_size, mcfg.n_routed_experts)
         model = build_model(mcfg, ep=self.ep)
         model.set_activation_checkpointing(self.cfg.activation_checkpointing)
-        self.engine, _, _ = build_engine(model, self.c["ds_config"], ep=self.ep)
+        ds_config = ds_config_for_world(self.c["ds_config"], self.c["global_batch"], self.world)
+        self.engine, _, _ = build_engine(model, ds_config, ep=self.ep)
+        if self.rank == 0 and (self.world != self.cfg.max_workers or ep_size != self.cfg.ep_size):
+            print(
+                f"[dsv3ray] {self.world} of max {self.cfg.max_workers} workers (train.num_workers = "
+                f"{self.cfg.num_workers}), EP size {ep_size}: each rank takes "
+                f"{self.c['global_batch'] / self.world:g} of the {self.c['global_batch']} samples per step",
+                flush=True,
+            )
         self.model = self.engine.module
         # This rank's slice of each global batch: proportional to measured throughput ([hetero]).
         self.balancer = BatchBalancer(
@@ -641,13 +673,16 @@ class _Worker:
     def _eval(self) -> float:
         cfg = self.cfg
         self.model.eval()
-        n = cfg.eval_batches * cfg.micro_batch_size * self.world
-        ids_all = np.arange(n) % len(self.eval_NS)  # the same held-out rows at every eval
-        per = cfg.eval_batches * cfg.micro_batch_size
-        mine = ids_all[self.rank * per : (self.rank + 1) * per]
+        # The same held-out rows at every eval, whatever the (elastic) group size: sized for the
+        # max workers, split over the actual ones; every rank runs eval_batches forwards (EP
+        # all-to-alls stay in lockstep), a smaller group in larger batches.
+        n = cfg.eval_batches * cfg.micro_batch_size * cfg.max_workers
+        ids_all = np.arange(n) % len(self.eval_NS)
+        lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
+        mine = ids_all[lo:hi]
         acc = torch.zeros(2, dtype=torch.float64)
-        for b in range(cfg.eval_batches):
-            ids = mine[b * cfg.micro_batch_size : (b + 1) * cfg.micro_batch_size]
+        for a, b in micro_slices(hi - lo, cfg.eval_batches) if cfg.eval_batches else []:
+            ids = mine[a:b]
             x_BS = self._batch(self.eval_NS, ids)
             out = self.model(x_BS, labels_BS=x_BS)
             acc += torch.tensor([float(out.loss_per_sample.sum()), len(ids)], dtype=torch.float64)
@@ -822,8 +857,10 @@ class _Worker:
             "first_ce_after_resume": first_ce_after_resume,
             "restarts": self._count_start(),
             "stopped": stopped,
-            "world_size": self.world,
+            "world_size": self.world,  # workers that ran (elastic: between min and max)
+            "num_workers": [self.cfg.min_workers, self.cfg.max_workers],
             "ep_size": self.ep.ep_size,
+            "global_batch": self.c["global_batch"],
             **(self.distiller.summary() if self.distiller is not None else {}),
         }
         if self.rank == 0:

@@ -9,7 +9,7 @@ from dsv3ray.config import section_from_dict
 from dsv3ray.data import build_table, check_prepared, write_synthetic_prepared
 from dsv3ray.errors import ConfigError, UserError
 from dsv3ray.runconfig import resolve_run_config
-from dsv3ray.train import TrainConfig, plan
+from dsv3ray.train import TrainConfig, ds_config_for_world, plan
 
 
 @pytest.mark.parametrize(
@@ -98,3 +98,75 @@ def test_cli_train_prints_one_line_and_exits_2(tmp_path, capsys):
     rc = main(["train", "--config", "configs/debug.toml", "--set", f"data.prepared={tmp_path / 'missing'}"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "dsv3ray train: error:" in err and "Traceback" not in err
+
+
+# --- elastic train.num_workers = [min, max] -------------------------------------------------------
+
+
+def test_num_workers_pair_accepted():
+    c = section_from_dict(TrainConfig, {"num_workers": [1, 4], "ep_size": 2}, "train")
+    assert (c.min_workers, c.max_workers, c.elastic) == (1, 4, True)
+    c = section_from_dict(TrainConfig, {"num_workers": 3}, "train")
+    assert (c.min_workers, c.max_workers, c.elastic) == (3, 3, False)
+
+
+@pytest.mark.parametrize(
+    "value, key",
+    [
+        ([2, 1], "train.num_workers"),  # min > max
+        ([0, 2], "train.num_workers"),
+        ([1, 2, 3], "train.num_workers"),
+        ([1], "train.num_workers"),
+        ("two", "train.num_workers"),
+        ([True, 2], "train.num_workers"),
+    ],
+)
+def test_num_workers_bad_pairs_one_line(value, key):
+    with pytest.raises(ConfigError) as e:
+        section_from_dict(TrainConfig, {"num_workers": value}, "train")
+    assert e.value.key == key and "\n" not in str(e.value)
+
+
+def test_elastic_ep_size_must_divide_max(tmp_path):
+    with pytest.raises(ConfigError, match=r"must divide train.num_workers=3 \(the maximum\)") as e:
+        section_from_dict(TrainConfig, {"num_workers": [2, 3], "ep_size": 2}, "train")
+    assert e.value.key == "train.ep_size"
+    # the cross-section rule in the run config: ep_size divides the max and the routed experts
+    run = _run(tmp_path, "train.num_workers=[1, 4]", "train.ep_size=4")
+    assert run.train.max_workers == 4
+    with pytest.raises(ConfigError, match="n_routed_experts"):
+        _run(tmp_path, "train.num_workers=[1, 6]", "train.ep_size=3")  # debug: 16 routed experts
+
+
+def test_cli_config_prints_num_workers_pair(capsys):
+    rc = main(["config", "--config", "configs/debug.toml", "--set", "train.num_workers=[1, 2]"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "num_workers = [1, 2]" in out
+    rc = main(["config", "--config", "configs/debug.toml", "--set", "train.num_workers=[3, 2]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "train.num_workers" in err
+
+
+def test_plan_elastic_global_batch_fixed_at_max(tmp_path):
+    data = write_synthetic_prepared(tmp_path / "d", num_train=16, num_eval=4, seq_len=8, vocab_size=64)
+    run = _run(tmp_path, f"data.prepared={data}", "train.num_workers=[1, 4]", "train.grad_accum=2")
+    p = plan(run)
+    assert p["global_batch"] == 4 * 2 * 4  # micro x grad_accum x MAX workers
+    assert p["ds_config"]["train_batch_size"] == 32
+
+
+@pytest.mark.parametrize(
+    "G, gas, world, micro, tbs",
+    [
+        (32, 2, 4, 4, 32),  # the max group: the configured micro-batch
+        (32, 2, 1, 16, 32),  # one worker takes the whole global batch, same train_batch_size
+        (12, 1, 2, 6, 12),
+        (3, 1, 2, 2, 4),  # uneven: nominal (largest slice); loss weights keep the math
+    ],
+)
+def test_ds_config_for_world(G, gas, world, micro, tbs):
+    ds = {"train_micro_batch_size_per_gpu": 99, "gradient_accumulation_steps": gas, "train_batch_size": 1}
+    out = ds_config_for_world(ds, G, world)
+    assert out["train_micro_batch_size_per_gpu"] == micro and out["train_batch_size"] == tbs
+    assert out["train_batch_size"] == micro * gas * world  # DeepSpeed's own assertion
+    assert ds["train_batch_size"] == 1  # the driver's config is not changed
