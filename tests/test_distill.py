@@ -500,3 +500,84 @@ def test_distilled_student_beats_ce_student_on_held_out_loss(one_thread):
 
     ce_only, distilled = train_student(False), train_student(True)
     assert distilled < ce_only - 0.5, (distilled, ce_only)
+
+
+# --- end to end: `dsv3ray train` with [distill] (Ray Train + DeepSpeed workers, teacher actor) ----
+
+
+@pytest.mark.slow
+def test_train_with_distill_section_two_stages(ray_local, tmp_path):
+    """A dense teacher (exported like a finished run) distills into the MoE student for 3 steps,
+    then the run switches to CE; the metrics reach TensorBoard and no batch fell back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dsv3ray.data import write_synthetic_prepared
+    from dsv3ray.runconfig import resolve_run_config
+    from dsv3ray.train import train
+
+    data = write_synthetic_prepared(tmp_path / "data", num_train=64, num_eval=8, seq_len=16, vocab_size=128)
+    common = [
+        "model.vocab_size=128",
+        "model.num_hidden_layers=2",
+        "model.max_position_embeddings=64",
+        f"data.prepared={data}",
+        "train.micro_batch_size=2",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        "train.checkpoint_every=0",
+    ]
+    torch.manual_seed(0)
+    teacher_run = resolve_run_config(
+        config="configs/distill_demo.toml", overrides=common + ["model.first_k_dense_replace=2"]
+    )
+    export_model(build_model(teacher_run.model), tmp_path / "teacher" / "hf")
+    run = resolve_run_config(
+        config="configs/distill_demo.toml",
+        overrides=common
+        + [
+            f"train.run_dir={tmp_path / 'student'}",
+            "train.num_workers=1",  # 2 workers x EP=2 passes too (checked by hand), at twice the time
+            "train.ep_size=1",
+            "train.steps=5",
+            f"distill.teacher={tmp_path / 'teacher'}",
+            "distill.kd_steps=4",
+            "distill.k=8",
+            "distill.timeout_s=120.0",
+            "distill.save_as_teacher=true",  # the student exports itself as a teacher
+        ],
+    )
+    summary = train(run)
+    assert summary["steps"] == 5
+    # rank 0's totals: 3 stage-1 steps x 1 micro-batch, each trained with KD or counted as fallback
+    assert summary["distill_kd_batches"] + summary["distill_fallback_batches"] == 3
+    assert summary["distill_fallback_batches"] == 0 and summary["distill_label_bytes_per_token"] == 8 * 6
+    (event_file,) = (tmp_path / "student" / "tb").glob("events.*")
+    acc = EventAccumulator(str(event_file))
+    acc.Reload()
+    stage = {e.step: e.value for e in acc.Scalars("distill/stage")}
+    assert stage == {1: 1.0, 2: 1.0, 3: 1.0, 4: 2.0, 5: 2.0}
+    kd = [e.value for e in acc.Scalars("distill/kd_loss")]
+    assert len(kd) == 3 and all(np.isfinite(kd))
+    assert acc.Scalars("distill/fallback_batches")[-1].value == 0
+    assert acc.Scalars("distill/kd_batches")[-1].value == 3  # rank 0: one micro-batch per step
+    # the student's own export (all 16 experts) loads as a teacher
+    worker = TeacherWorker(str(tmp_path / "student"), DistillConfig(teacher="s", k=4))
+    moe = worker.model.moe_layers()[0]
+    assert moe.experts.gate_up_proj.shape[0] == run.model.n_routed_experts
+    # ... and holds exactly the experts DeepSpeed checkpointed at the last step (one file per global expert)
+    from dsv3ray.checkpoint import list_checkpoints
+
+    exported = worker.model.state_dict()
+    files = sorted(
+        (list_checkpoints(tmp_path / "student")[-1][1] / "ds").rglob("layer_*_expert_*_model_states.pt")
+    )
+    assert len(files) == run.model.n_routed_experts * run.model.num_moe_layers
+    for f in files:
+        for key, saved in torch.load(f, weights_only=False).items():
+            # model.layers.{l}.mlp.experts.ds_moe.deepspeed_moe.experts.deepspeed_experts.{j}.{name}
+            owner, rest = key.split(".ds_moe.")
+            j, name = rest.rsplit(".", 2)[-2:]
+            assert torch.equal(exported[f"{owner}.{name}"][int(j)], saved), key
+    d = worker.label(np.zeros((1, 8), dtype=np.int32))
+    assert np.isfinite(d["logp_BPK"].astype(np.float32)).all() and np.isfinite(d["teacher_loss_B"]).all()
