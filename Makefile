@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format gpu-check clean
+.PHONY: install demo demo-distill test lint format gpu-check clean
 
 install: $(STAMP)
 
@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/dsv3ray demo
+	$(BIN)/dsv3ray demo $(if $(DEMO_CONFIG),--config $(DEMO_CONFIG))
+
+# two-stage distillation: a dense teacher, then the MoE student labelled by teacher actors
+demo-distill: install
+	$(BIN)/dsv3ray demo --config configs/distill_demo.toml
 
 test: install
 	$(BIN)/python -m pytest -q
