@@ -176,6 +176,27 @@ class TeacherKiller(threading.Thread):
         os.kill(self.pid, signal.SIGKILL)
 
 
+def teacher_numbers(ev: dict, t_kill: float, prefetch: int) -> dict:
+    """The teacher kill read from one attempt's events (rank 0's Distiller metrics per step)."""
+    done_before = [st for t, st, _ in ev["train/bad_steps"] if t <= t_kill]
+    s_k = max(done_before) if done_before else 0
+    # labels of steps < s_k + prefetch may have been asked of the old process before the kill;
+    # a labelled step from s_k + prefetch on was labelled by the restarted teacher
+    kd = [(t, st) for t, st, _ in ev.get("distill/kd_loss", []) if st >= s_k + prefetch]
+    fb = ev.get("distill/fallback_batches", [])  # cumulative count
+    fb_steps = [b[1] for a, b in zip(fb, fb[1:]) if b[2] > a[2]] + ([fb[0][1]] if fb and fb[0][2] > 0 else [])
+    waits = [v for _, st, v in ev.get("distill/wait_s", []) if st > s_k]
+    return {
+        "killed_after_step": s_k,
+        "first_labelled_step_after_restart": kd[0][1] if kd else None,
+        "time_lost_s": round(kd[0][0] - t_kill, 3) if kd else None,
+        # the part of it the student spent blocked on labels (the rest it kept training)
+        "label_wait_after_kill_s": round(sum(waits), 3),
+        "fallback_batches_rank0": int(fb[-1][2]) if fb else None,  # trained with CE: counted, not lost
+        "fallback_steps_rank0": sorted(fb_steps),
+    }
+
+
 def training_faults(work: Path, steps: int, ckpt_every: int, kill_at: int, timeout_s: float) -> dict:
     """Baseline run, then one run with a teacher kill (after the first checkpoint) and a worker kill."""
     import torch
@@ -249,29 +270,15 @@ def training_faults(work: Path, steps: int, ckpt_every: int, kill_at: int, timeo
     if killer.t_kill is None:
         teacher = {"error": killer.error}
     else:
-        ev = attempts[0]
-        tk = killer.t_kill
-        done_before = [st for t, st, _ in ev["train/bad_steps"] if t <= tk]
-        s_k = max(done_before) if done_before else 0
-        # labels of steps < s_k + prefetch may have been asked of the old process before the kill;
-        # a labelled step from s_k + prefetch on was labelled by the restarted teacher
-        kd = [(t, st) for t, st, _ in ev.get("distill/kd_loss", []) if st >= s_k + 2]
-        fb = ev.get("distill/fallback_batches", [])
-        fb_steps = [b[1] for a, b in zip(fb, fb[1:]) if b[2] > a[2]] + (
-            [fb[0][1]] if fb and fb[0][2] > 0 else []
-        )
         teacher = {
             "kill": "SIGKILL of the teacher actor process, label requests in flight",
-            "killed_after_step": s_k,
-            "first_labelled_step_after_restart": kd[0][1] if kd else None,
-            "time_lost_s": round(kd[0][0] - tk, 3) if kd else None,
-            "fallback_batches_rank0": int(fb[-1][2]) if fb else None,  # trained with CE: counted, not lost
-            "fallback_steps_rank0": sorted(fb_steps),
+            **teacher_numbers(attempts[0], killer.t_kill, prefetch=2),
             "kd_batches_rank0_last_attempt": s.get("distill_kd_batches"),
             "samples_lost": ledger["samples_lost"],
             "samples_repeated": ledger["samples_repeated"],
         }
-        if kd and kd[0][1] >= kill_at:
+        kd_step = teacher["first_labelled_step_after_restart"]
+        if kd_step is not None and kd_step >= kill_at:
             teacher["note"] = "the teacher recovered only after the worker kill: time_lost_s includes it"
     return {
         "level": "dsv3ray.train.train (Ray Train + DeepSpeed, [distill] on): one run, both faults",
