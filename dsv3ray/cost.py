@@ -152,7 +152,7 @@ def get_device(name: str, catalog: dict[str, DeviceSpec]) -> DeviceSpec:
 @dataclass
 class CostConfig:
     device: str = "H800"
-    num_devices: int = 0  # 0 = train.num_workers
+    num_devices: int = 0  # 0 = train.num_workers (the max of a [min, max] pair)
     ep_size: int = 0  # 0 = train.ep_size
     dtype: str = "bf16"  # compute dtype: which peak the MFU refers to, and bytes per param/activation
     tokens: float = 0.0  # token budget; 0 = the run's own (train.tokens, else steps * global batch)
@@ -482,7 +482,7 @@ def _layout(run, cost: CostConfig, cfg: ModelConfig) -> tuple[Layout, list[str]]
     raw = getattr(run, "raw", {}) or {}
     ds = dict(getattr(run, "deepspeed", None) or raw.get("deepspeed", {}) or {})
     zero = ds.get("zero_optimization", {}) or {}
-    num_devices = cost.num_devices or getattr(train, "num_workers", 1)
+    num_devices = cost.num_devices or getattr(train, "max_workers", 1)
     if isinstance(num_devices, list | tuple):  # elastic (min, max): price the max
         num_devices = num_devices[-1]
     ep = cost.ep_size or getattr(train, "ep_size", 1)
@@ -523,7 +523,7 @@ def _token_budget(run, cost: CostConfig, layout: Layout) -> tuple[float, str]:
     if train is not None and getattr(train, "tokens", 0):
         return float(train.tokens), "train.tokens"
     steps = getattr(train, "steps", 100)
-    workers = getattr(train, "num_workers", layout.num_devices)
+    workers = getattr(train, "max_workers", layout.num_devices)
     if isinstance(workers, list | tuple):
         workers = workers[-1]
     per_step = workers * layout.micro_batch_size * getattr(train, "grad_accum", 1) * layout.seq_len

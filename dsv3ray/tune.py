@@ -126,7 +126,7 @@ def routing_overrides(model_raw: dict[str, Any], n_experts: int, keep_ratio: flo
 
 def _trial_device(run) -> tuple[str, int]:
     device = run.cost.device if run.train.use_gpu else "CPU"
-    return device, run.train.num_workers
+    return device, run.train.max_workers
 
 
 def trial_metrics(run, summaries: list[dict[str, Any]], seq_len: int) -> dict[str, Any]:
@@ -341,9 +341,9 @@ def _max_concurrent(tcfg: TuneConfig, run) -> int:
 
     res = ray.cluster_resources()
     if run.train.use_gpu:
-        fit = int(res.get("GPU", 0) // run.train.num_workers)
+        fit = int(res.get("GPU", 0) // run.train.max_workers)
     else:  # one CPU per worker, one left for Ray Data reads and the sampler
-        fit = int((res.get("CPU", 1) - 1) // run.train.num_workers)
+        fit = int((res.get("CPU", 1) - 1) // run.train.max_workers)
     fit = max(1, fit)
     return min(fit, tcfg.max_concurrent) if tcfg.max_concurrent else fit
 
@@ -372,7 +372,7 @@ def sweep(run, output: str | None = None, train_fn=None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     tokens = _trial_tokens(tcfg, run)
     for e in tcfg.n_routed_experts:
-        if run.train.num_workers % run.train.ep_size or e % run.train.ep_size:
+        if run.train.max_workers % run.train.ep_size or e % run.train.ep_size:
             raise ConfigError(
                 "tune.n_routed_experts",
                 tcfg.n_routed_experts,

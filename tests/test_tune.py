@@ -176,7 +176,7 @@ def test_four_trial_sweep_on_cpu(tmp_path, ray_local):
         "tune.n_routed_experts=[4, 8]",
         "tune.keep_ratio=[0.2, 0.6]",
         "tune.tokens=1024",
-        "tune.rungs=2",
+        "tune.rungs=2",  # ASHA sees an intermediate result; each rung is one short resumed run
         "tune.lr=[3e-3, 3e-2]",
         "tune.max_concurrent=1",
     ]
@@ -202,9 +202,16 @@ def test_four_trial_sweep_on_cpu(tmp_path, ray_local):
     assert len(trials) == 4 and (out / "pareto.png").is_file()
     done = [r for r in rows if r["status"] == "TERMINATED"]
     assert done, rows
+    from dsv3ray.cost import RunningCost
+
     for r in done:
         assert math.isfinite(r["eval_loss"]) and r["eval_loss"] < math.log(256) and r["cost"] > 0
         assert Path(r["run_dir"]).is_dir()
+        # the cost is the cost model's price of the measured throughput (1 CPU worker)
+        spend = RunningCost("CPU", 1, run.cost).at(r["tokens"] / r["tokens_per_s"])
+        assert r["cost"] == pytest.approx(spend["total_cost"], rel=1e-6)
+        assert r["gpu_hours"] == pytest.approx(spend["gpu_hours"], rel=1e-6)
+        assert r["energy_kwh"] == pytest.approx(spend["energy_kwh"], rel=1e-6)
     failed = [r for r in rows if r["status"] == "ERROR"]
     assert len(failed) == 1 and failed[0]["error"] == "RuntimeError: injected trial failure"
     assert failed[0]["keep_ratio"] is not None and failed[0]["n_routed_experts"] in (4, 8)
