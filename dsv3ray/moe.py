@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3ray.errors import UserError
+from kernels.reference import route_ref
 
 if TYPE_CHECKING:  # the parallel engineer's module; used only through its contract
     from dsv3ray.parallel import ExpertParallel
@@ -39,37 +40,11 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 
 
-def route(
-    logits_TE: torch.Tensor,
-    bias_E: torch.Tensor,
-    top_k: int,
-    n_group: int,
-    topk_group: int,
-    norm_topk_prob: bool,
-    routed_scaling_factor: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sigmoid scores; biased, group-limited top-k selection; unbiased (normalized, scaled) weights.
-
-    Returns (weights_TK float32, experts_TK int64, counts_E int64). Gradients reach logits_TE
-    through weights_TK only; the selection is a discrete choice.
-    """
-    T, E = logits_TE.shape
-    scores_TE = logits_TE.float().sigmoid()
-    with torch.no_grad():
-        choice_TE = scores_TE + bias_E.float()  # the bias steers selection only
-        if n_group > 1:
-            choice_TGX = choice_TE.view(T, n_group, E // n_group)
-            group_score_TG = choice_TGX.topk(2, dim=-1).values.sum(-1)
-            keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
-            keep_TG.scatter_(1, group_score_TG.topk(topk_group, dim=-1).indices, True)
-            choice_TE = choice_TGX.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)
-        experts_TK = choice_TE.topk(top_k, dim=-1).indices
-    weights_TK = scores_TE.gather(1, experts_TK)
-    if norm_topk_prob:
-        weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
-    weights_TK = weights_TK * routed_scaling_factor
-    counts_E = torch.bincount(experts_TK.flatten(), minlength=E)
-    return weights_TK, experts_TK, counts_E
+# The torch router is the kernels package's reference router itself (one definition of the
+# routing math): sigmoid scores; biased, group-limited top-k selection (the bias steers selection
+# only); unbiased weights, normalized if norm_topk_prob, times routed_scaling_factor. Returns
+# (weights_TK float32, experts_TK int64, counts_E int64); gradients reach the logits via weights.
+route = route_ref
 
 
 def permute(
