@@ -138,6 +138,12 @@ def check_teacher_matches(path: str, student_vocab_size: int) -> None:
         )
 
 
+class TeacherPool(list):
+    """The teacher actors' handles (picklable), plus what their restarts need to stay loadable."""
+
+    source_ref = None
+
+
 def start_teacher_pool(
     cfg: DistillConfig,
     source: TeacherSource | None = None,
@@ -169,7 +175,13 @@ def start_teacher_pool(
         max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_task_retries,
     )(TeacherWorker)
-    handles = [actor_cls.remote(source, cfg) for _ in range(cfg.num_teachers)]
+    handles = TeacherPool()
+    if not isinstance(source, str):
+        # An in-memory teacher goes to the object store once and the pool keeps that reference
+        # alive: a restarted actor re-runs its constructor with the same argument, which Ray
+        # would otherwise have freed after the first construction.
+        handles.source_ref = source = ray.put(source)
+    handles.extend(actor_cls.remote(source, cfg) for _ in range(cfg.num_teachers))
     try:
         ray.get([h.info.remote() for h in handles], timeout=ready_timeout_s)
     except ray.exceptions.GetTimeoutError:
@@ -192,3 +204,5 @@ def stop_teacher_pool(handles: list) -> None:
 
     for h in handles:
         ray.kill(h, no_restart=True)
+    if isinstance(handles, TeacherPool):
+        handles.source_ref = None

@@ -582,7 +582,9 @@ def load_elastic(engine, ckpt_dir: str | Path, ep=None, load_optimizer_states: b
         raise UserError(
             f"{ckpt_dir} holds no elastic checkpoint ({root}/meta.json): resume it at its own worker and EP sizes"
         )
-    dense = torch.load(root / "dense.pt", map_location="cpu", weights_only=False)
+    from dsv3ray.checkpoint import load_state_file  # weights_only=True, numpy arrays allow-listed
+
+    dense = load_state_file(root / "dense.pt")
     model = engine.module
     experts = set(expert_parameters(model))
     E = meta["num_experts"]

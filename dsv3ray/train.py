@@ -516,6 +516,11 @@ class _Worker:
         reported = ray.train.get_checkpoint()
         if reported is not None:  # a restart after a failure, or Ray restoring this run directory
             path = ckpt.choose_checkpoint(reported.path, self.c["ckpt_root"])
+            # Ray registers a checkpoint only after its report is processed: a worker killed right
+            # after a complete write leaves a newer valid checkpoint on disk than the one Ray hands back.
+            newest = ckpt.latest_valid(self.c["ckpt_root"])
+            if newest is not None and (path is None or ckpt.validate(newest).step > ckpt.validate(path).step):
+                path = newest
         elif self.c["resume_from"]:
             path = ckpt.choose_checkpoint(self.c["resume_from"], None)
             if path is None:

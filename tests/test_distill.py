@@ -371,7 +371,11 @@ def _train_steps(distiller, student, opt, batches, steps, prefetch=True, fetch=N
 
 def test_killed_teacher_restarts_and_late_labels_fall_back_to_ce(ray_local):
     torch.manual_seed(6)
-    teacher = build_model(tiny_cfg(dense=True, num_hidden_layers=1, first_k_dense_replace=1))
+    # > 100 KiB of weights: the teacher travels through Ray's object store (not inlined), so the
+    # restart in 2) proves the pool keeps it alive for a re-run constructor
+    teacher = build_model(
+        tiny_cfg(dense=True, num_hidden_layers=1, first_k_dense_replace=1, intermediate_size=1024)
+    )
     cfg = DistillConfig(
         teacher="in-memory", k=4, prefetch=2, timeout_s=20.0, max_restarts=2, max_task_retries=3
     )
@@ -379,7 +383,8 @@ def test_killed_teacher_restarts_and_late_labels_fall_back_to_ce(ray_local):
         start_teacher_pool(
             DistillConfig(teacher="t", teacher_num_gpus=1.0), source=InMemoryTeacher.from_model(teacher)
         )
-    (handle,) = start_teacher_pool(cfg, source=InMemoryTeacher.from_model(teacher))
+    pool = start_teacher_pool(cfg, source=InMemoryTeacher.from_model(teacher))  # held for the run
+    (handle,) = pool
     try:
         student = build_model(tiny_cfg(dense=False, num_hidden_layers=1, first_k_dense_replace=0))
         opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
@@ -439,7 +444,7 @@ def test_killed_teacher_restarts_and_late_labels_fall_back_to_ce(ray_local):
         assert d.counters["teacher_errors"] > before["teacher_errors"] and set(d.dead) == {0}
         assert d.counters["kd_batches"] + d.counters["fallback_batches"] == 14
     finally:
-        stop_teacher_pool([handle])
+        stop_teacher_pool(pool)
 
 
 # --- evidence: distillation beats CE for the same student, data and steps -------------------------
