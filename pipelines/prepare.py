@@ -11,6 +11,7 @@ Every input record (a JSON line, a parquet row, a text file) ends in exactly one
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -217,8 +218,10 @@ def _init_ray():
     import ray
 
     if not ray.is_initialized():
-        # RAY_ADDRESS / `ray job submit` → that cluster; otherwise a local Ray on this machine
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        # RAY_ADDRESS / `ray job submit` → that cluster; otherwise a new local Ray on this machine
+        # (address="local": never a stale or foreign `ray start` cluster found in /tmp/ray)
+        address = None if os.environ.get("RAY_ADDRESS") else "local"
+        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
     return ray
 
 
