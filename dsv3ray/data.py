@@ -69,7 +69,7 @@ def check_prepared(path: str | Path, corrupt_shard: str = "fail") -> PreparedDat
     """Validate a prepared directory before any worker starts (user errors as one line)."""
     from pipelines.dataset import load_meta
 
-    d = Path(path)
+    d = Path(path).expanduser().resolve()  # absolute: Ray Tune trials and job workers run elsewhere
     if not (d / "meta.json").is_file():
         raise UserError(
             f"data.prepared={str(d)!r} is not a prepared directory (no meta.json): run `dsv3ray prepare` first or fix the path"

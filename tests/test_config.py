@@ -48,3 +48,13 @@ def test_errors_survive_pickling():
 def test_ep_size_must_divide_experts():
     with pytest.raises(ConfigError, match="train.ep_size"):
         resolve_run_config(preset="debug", overrides=["train.num_workers=6", "train.ep_size=6"])
+
+
+def test_prepared_dir_is_made_absolute(tmp_path, monkeypatch):
+    """Relative data.prepared works from trials/workers whose working directory differs (Ray Tune)."""
+    from dsv3ray.data import check_prepared, write_synthetic_prepared
+
+    write_synthetic_prepared(tmp_path / "d", num_train=16, num_eval=4, seq_len=8, vocab_size=32)
+    monkeypatch.chdir(tmp_path)
+    data = check_prepared("d")
+    assert data.dir.is_absolute() and data.dir == (tmp_path / "d").resolve()
