@@ -328,6 +328,9 @@ def train(run) -> dict:
         "global_batch": p["global_batch"],
         "activation_ratio": p["activation_ratio"],
         "cpus_per_worker": 0.0,
+        # running cost (GPU-hours, kWh, money so far) priced from the device catalog
+        "cost": getattr(run, "cost", None),
+        "cost_device": _cost_device(run),
     }
     # [distill]: teacher actors start before the workers; their handles travel in the loop config
     distill = getattr(run, "distill", None)
@@ -386,6 +389,7 @@ def train(run) -> dict:
         prepared=str(data.dir),
     )
     summary["sampler"] = sampler_stats
+    summary.update(_cost_summary(run, summary, p["seq_len"]))
     paths = write_report(run_dir, summary, run.to_dict() if hasattr(run, "to_dict") else {}, data.meta)
     summary["report"] = str(paths["md"])
     print(
@@ -395,6 +399,34 @@ def train(run) -> dict:
     if summary.get("stopped"):
         raise UserError(summary["stopped"])
     return summary
+
+
+def _cost_device(run) -> str:
+    """The catalog device a run's workers are priced as: CPU workers unless train.use_gpu."""
+    cost = getattr(run, "cost", None)
+    return cost.device if run.train.use_gpu and cost is not None else "CPU"
+
+
+def _cost_summary(run, summary: dict, seq_len: int) -> dict:
+    """MFU of the measured throughput and the run's spend (wall time x workers), for report.json."""
+    from dsv3ray.cost import RunningCost, throughput_report
+
+    workers = int(summary.get("world_size") or run.train.max_workers)
+    cost_cfg = getattr(run, "cost", None)
+    catalog = cost_cfg.catalog if cost_cfg is not None else ""
+    out = {"cost": RunningCost(_cost_device(run), workers, cost_cfg).at(float(summary["wall_s"]))}
+    if summary.get("tokens_per_s"):
+        t = throughput_report(
+            run.model,
+            seq_len,
+            float(summary["tokens_per_s"]),
+            workers,
+            _cost_device(run),
+            run.train.dtype,
+            catalog,
+        )
+        out.update(mfu=t["mfu"], flops_per_token=t["flops_per_token"], cost_device=t["device"])
+    return out
 
 
 def cli_train(run, args) -> int:
@@ -746,6 +778,10 @@ class _Worker:
         start = self._restore()
         dist.barrier()  # the sampler holds the checkpoint's ledger before anyone draws
         writer = MetricsWriter(Path(self.c["run_dir"]) / "tb" if self.rank == 0 else None)
+        from dsv3ray.cost import RunningCost
+
+        running_cost = RunningCost(self.c["cost_device"], self.world, self.c["cost"])
+        t_loop = time.perf_counter()  # spend of this (re)start of the worker group
         steps, seq_len = self.c["steps"], self.c["seq_len"]
         tokens_per_step = self.c["global_batch"] * seq_len
         if self.c.get("teachers"):
@@ -804,6 +840,7 @@ class _Worker:
                         "model/activation_ratio": self.c["activation_ratio"],
                         "moe/bias_norm": bias_norm(self.model),
                         **r["distill"],
+                        **{f"cost/{k}": v for k, v in running_cost.at(time.perf_counter() - t_loop).items()},
                     }
                 )
                 if self.rank == 0:

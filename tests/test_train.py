@@ -72,6 +72,15 @@ def test_train_ep2_then_resume_on_other_world_size_with_nan_faults(ray_local, tm
     rep = json.loads((run_dir / "report.json").read_text())
     assert rep["final_eval_loss"] == s["final_eval_loss"] and rep["beats_unigram"]
     assert (run_dir / "loss_curve.png").stat().st_size > 1000 and (run_dir / "report.md").is_file()
+    # running cost: grows step by step in TensorBoard; the report prices the run's wall time
+    gpu_h = [v for _, v in sc["cost/gpu_hours"]]
+    assert (
+        len(gpu_h) == 8 and all(b > a for a, b in zip(gpu_h, gpu_h[1:])) and sc["cost/total_cost"][-1][1] > 0
+    )
+    from dsv3ray.cost import RunningCost
+
+    spend = RunningCost("CPU", 2).at(rep["wall_s"])
+    assert rep["cost"]["gpu_hours"] == pytest.approx(spend["gpu_hours"]) and 0 < rep["mfu"] < 1
 
     # 2. same run directory, 1 worker, EP=1: resumes at step 8; the NaN at step 10 is skipped and
     # training goes on; two NaN steps in a row (13, 14) with max_bad_steps=2 stop the run.
