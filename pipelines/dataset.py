@@ -74,4 +74,4 @@ def read_prepared(
             log(f"[dsv3ray] {split}: skipped {len(skipped)} corrupt shard(s) of {len(shards)}")
         if not files:
             raise UserError(f"every {split} shard of {dir} is corrupt: re-run `dsv3ray prepare`")
-    return ray.data.read_parquet(list(files), columns=["sample_id", "input_ids"])
+    return ray.data.read_parquet(list(files)).select_columns(["sample_id", "input_ids"])
