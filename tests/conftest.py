@@ -30,3 +30,15 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def exact_fp32():
+    """Exact fp32 matmuls (no reduced-precision paths), one thread (tiny shapes, shared CPU), seed 0."""
+    prev, threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
+    torch.set_float32_matmul_precision("highest")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_float32_matmul_precision(prev)
+    torch.set_num_threads(threads)

@@ -6,13 +6,11 @@ Distributed parts run in fresh gloo processes (torch.multiprocessing, no Ray).""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from distributed import spawn
 
 from dsv3ray.engine import load_deepspeed_section, resolve_deepspeed_config
 from dsv3ray.errors import ConfigError, UserError
@@ -203,31 +201,6 @@ def test_deepspeed_moe_view_is_invisible_to_the_model_and_round_trips():
 
 
 # --- DeepSpeed engines in fresh processes -------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn, world_size: int, *args, backend: str = "gloo") -> None:
-    mp.spawn(_entry, args=(fn, world_size, _free_port(), backend, args), nprocs=world_size, join=True)
-
-
-def _entry(rank, fn, world_size, port, backend, args):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    fn(rank, world_size, *args)
 
 
 def _model_cfg():

@@ -4,14 +4,12 @@ updated weights as the 2:2 split (2 gloo processes, DeepSpeed engines, EP=2, ZeR
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from distributed import spawn
 
 from dsv3ray.config import section_from_dict
 from dsv3ray.errors import ConfigError, UserError
@@ -140,31 +138,6 @@ def test_config_placement_and_elastic_num_workers():
 
 
 # --- processes ------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn, world_size: int, *args) -> None:
-    mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
-
-
-def _entry(rank, fn, world_size, port, args):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    fn(rank, world_size, *args)
 
 
 SEQ, STEPS = 16, 2

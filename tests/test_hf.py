@@ -40,15 +40,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _setup():
-    prev, threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
-    torch.set_float32_matmul_precision("highest")
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_float32_matmul_precision(prev)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("exact_fp32")
 
 
 def _ours(cfg):

@@ -22,16 +22,7 @@ SMALL = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    # one thread: these models are tiny and the CPU is shared; exact fp32 matmuls
-    prev, threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
-    torch.set_float32_matmul_precision("highest")
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_float32_matmul_precision(prev)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("exact_fp32")
 
 
 # --- config -----------------------------------------------------------------------------------

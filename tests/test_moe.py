@@ -13,17 +13,7 @@ except ImportError:  # pragma: no cover - kernels not written yet
     kernels = None
 from dsv3ray.moe import MoE, SwiGLU, grouped_swiglu, moe_ops, permute, route, unpermute
 
-
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    # exact fp32 matmuls for the comparisons (no TF32-like reduced precision paths)
-    prev, threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
-    torch.set_float32_matmul_precision("highest")
-    torch.set_num_threads(1)  # tiny shapes on a shared CPU
-    torch.manual_seed(0)
-    yield
-    torch.set_float32_matmul_precision(prev)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("exact_fp32")
 
 
 def route_loop(logits_TE, bias_E, top_k, n_group, topk_group, norm, scale):

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed import spawn as _spawn
 
 from dsv3ray.errors import ConfigError
 from dsv3ray.parallel import ExpertParallel, check_ep_size, create_expert_parallel, mark_expert_params
@@ -16,32 +13,9 @@ from dsv3ray.parallel import ExpertParallel, check_ep_size, create_expert_parall
 D, E = 8, 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(fn, world_size: int, *args) -> None:
     """Run fn(rank, world_size, *args) in world_size fresh gloo processes; a worker failure fails the test."""
-    port = _free_port()
-    mp.spawn(_entry, args=(fn, world_size, port, args), nprocs=world_size, join=True)
-
-
-def _entry(rank, fn, world_size, port, args):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    _spawn(fn, world_size, *args, init="torch")
 
 
 def _rank_data(rank: int, tokens: list[int], K: int, skip_experts: tuple[int, ...]):
