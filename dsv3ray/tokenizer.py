@@ -3,10 +3,17 @@
 Byte-level means every string encodes (no unknown token) and decode(encode(s)) == s. Trained from
 an iterator of texts; saved as the standard `tokenizer.json`, which the prepared data directory
 carries so training, evaluation and export all use the same one.
+
+`encode_batch` has a fast path with the same result (`_ChunkCache`): the GPT-2 pre-tokenizer
+never lets a pre-token cross a single space that has non-space characters on both sides, so such
+a text is the concatenation of its space-separated chunks' encodings (" " + chunk after the first),
+and a chunk's token ids are cached. Texts with other whitespace next to a space take the library.
+Measured on 1.7 KB English documents, one core: 45 µs/doc warm vs 370 µs for the library.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -17,6 +24,80 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from dsv3ray.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
+
+
+class _ChunkCache:
+    """Token ids of space-separated chunks (int32 bytes), for tokenizers where that is exact.
+
+    Exact for a byte-level BPE with the GPT-2 split regex and no normalizer (what
+    `train_tokenizer` builds). Split a text at its spaces; if every chunk is non-empty and neither
+    starts nor ends with whitespace (so every space has non-whitespace on both sides), no
+    pre-token crosses a space (each pre-token after one starts with it) and the encoding is the
+    concatenation of encode(chunk_0), encode(" " + chunk_1), ... . Only such chunks are cached,
+    so a cache hit on every chunk proves the text qualifies. Added tokens (eos) are matched in
+    the raw text first: a chunk containing one is not cached. At most `max_entries` chunks are
+    kept per worker (cleared when full: memory stays bounded on any vocabulary of chunks).
+    """
+
+    def __init__(self, hf: _HFTokenizer, max_entries: int = 1 << 18):
+        self.hf = hf
+        added = [t.content for t in hf.get_added_tokens_decoder().values()]
+        self.added_in_chunk = [t for t in added if " " not in t]
+        self.added_spanning = [t for t in added if " " in t]  # checked on the whole text
+        self.first: dict[str, bytes] = {}
+        self.rest: dict[str, bytes] = {}
+        self.max_entries = max_entries
+
+    @staticmethod
+    def applies(hf: _HFTokenizer) -> bool:
+        spec = json.loads(hf.to_str())
+        pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+        return (
+            spec.get("normalizer") is None
+            and pre.get("type") == "ByteLevel"
+            and pre.get("use_regex", True)
+            and not pre.get("add_prefix_space", False)
+            and model.get("type") == "BPE"
+            and not model.get("dropout")
+            and spec.get("post_processor") is None
+        )
+
+    def _safe(self, chunk: str) -> bool:
+        return (
+            chunk != ""
+            and not chunk[0].isspace()
+            and not chunk[-1].isspace()
+            and not any(t in chunk for t in self.added_in_chunk)
+        )
+
+    def encode(self, text: str) -> np.ndarray | None:
+        """The ids of `text`, or None when the chunk rule does not apply to it."""
+        if any(t in text for t in self.added_spanning):
+            return None
+        chunks = text.split(" ")
+        try:
+            return self._lookup(chunks)
+        except KeyError:
+            if not self._fill(chunks):
+                return None
+            return self._lookup(chunks)
+
+    def _lookup(self, chunks: list[str]) -> np.ndarray:
+        body = b"".join(map(self.rest.__getitem__, chunks[1:]))
+        return np.frombuffer(self.first[chunks[0]] + body, dtype=np.int32)
+
+    def _fill(self, chunks: list[str]) -> bool:
+        if not all(map(self._safe, chunks)):
+            return False
+        if len(self.first) + len(self.rest) + len(chunks) > self.max_entries:
+            self.first.clear()
+            self.rest.clear()
+        todo = [(self.first, chunks[0], chunks[0])] if chunks[0] not in self.first else []
+        todo += [(self.rest, c, " " + c) for c in dict.fromkeys(chunks[1:]) if c not in self.rest]
+        encs = self.hf.encode_batch_fast([t for _, _, t in todo], add_special_tokens=False)
+        for (cache, key, _), enc in zip(todo, encs):
+            cache[key] = np.asarray(enc.ids, dtype=np.int32).tobytes()
+        return True
 
 
 class Tokenizer:
@@ -30,6 +111,7 @@ class Tokenizer:
                 f"tokenizer has no {EOS_TOKEN} token: train it with dsv3ray (prepare) or add the token"
             )
         self.eos_id = eos
+        self._chunks = _ChunkCache(hf) if _ChunkCache.applies(hf) else None
 
     @property
     def vocab_size(self) -> int:
@@ -39,9 +121,20 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """One int32 array per text (no eos appended)."""
-        encs = self.hf.encode_batch_fast(texts, add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+        """One int32 array per text (no eos appended); equal to the library's encode_batch."""
+        out: list = [None] * len(texts)
+        slow = list(range(len(texts)))
+        if self._chunks is not None:
+            slow = []
+            for i, text in enumerate(texts):
+                out[i] = self._chunks.encode(text)
+                if out[i] is None:
+                    slow.append(i)
+        if slow:
+            encs = self.hf.encode_batch_fast([texts[i] for i in slow], add_special_tokens=False)
+            for i, e in zip(slow, encs):
+                out[i] = np.asarray(e.ids, dtype=np.int32)
+        return out
 
     def decode(self, ids) -> str:
         return self.hf.decode(list(map(int, ids)), skip_special_tokens=False)

@@ -34,3 +34,35 @@ def test_load_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot be loaded"):
         Tokenizer.load(tmp_path / "bad.json")
+
+
+def test_chunk_cache_encodes_exactly_like_the_library():
+    """The fast path (space-separated chunks, cached) gives the library's ids on real documents,
+    normalized or not, and on fuzzed text full of the whitespace cases the rule must refuse."""
+    import random
+
+    from pipelines.clean import normalize_text
+    from pipelines.corpus import stdlib_documents
+
+    docs = [d["text"] for d, _ in zip(stdlib_documents(min_chars=50), range(1500))]
+    tok = train_tokenizer(docs[:500], vocab_size=2000)
+    assert tok._chunks is not None  # our byte-level BPE qualifies
+
+    def library(texts):
+        return [e.ids for e in tok.hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+    alphabet = list("  \t\n\r\x0b\x1c\x85\u00a0\u2003\u3000'sStrevld0129.,;:_-()abcxyzé日本🙂\u0301")
+    alphabet += [EOS_TOKEN, "'ll", "'re", " <|endoftext|> "]
+    rng = random.Random(0)
+    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(20_000)]
+    for texts in (docs, [normalize_text(d) for d in docs], fuzz):
+        assert [a.tolist() for a in tok.encode_batch(texts)] == library(texts)
+    fast = sum(tok._chunks.encode(t) is not None for t in (normalize_text(d) for d in docs))
+    assert fast == len(docs)  # normalized text always takes the fast path
+    assert 0.1 < sum(tok._chunks.encode(t) is not None for t in fuzz) / len(fuzz) < 0.9
+    small = Tokenizer(tok.hf)
+    small._chunks.max_entries = 50  # the cache is cleared when full: still exact
+    assert [a.tolist() for a in small.encode_batch(docs[:200])] == library(docs[:200])
+    assert len(small._chunks.first) + len(small._chunks.rest) <= 50 + max(
+        len(d.split(" ")) for d in docs[:200]
+    )
