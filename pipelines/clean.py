@@ -1,11 +1,12 @@
 """The per-document stages that run in parallel on Ray Data workers: normalize, length, the dedup
-keys, quality (fastText, perplexity) and domain scores. Pure functions of one document, so any
-number of workers give the same result; the order-dependent decisions (dedup, which needs what
-came before) are taken on the driver (pipelines.prepare).
+keys, quality (fastText, perplexity) and domain scores and their decisions, tokenizing. Pure
+functions of one document, so any number of workers give the same result; the order-dependent
+decision (dedup, which needs what came before) is taken on the driver (pipelines.prepare).
 
 `Cleaner` is a plain callable over pyarrow record tables (pipelines.readers.RECORD_SCHEMA); Ray
 Data runs it as an actor pool (`map_batches(Cleaner, ...)`): the fastText model loads once per
-actor. Output adds: words, text_hash, band_keys, quality, perplexity, domain and per-stage seconds.
+actor. Output adds: words, text_hash, band_keys, quality, perplexity, domain, per-stage seconds
+and, when the tokenizer is known up front, tokens / eval / pieces / truncated_tokens.
 """
 
 from __future__ import annotations
@@ -28,14 +29,35 @@ _TRAILING = re.compile(r" *\n *")
 _NEWLINES = re.compile(r"\n{3,}")
 
 MAX_MINHASH_CHARS = 1_000_000
-STAGES = ("normalize", "length", "dedup_keys", "quality", "perplexity", "domain")
+STAGES = ("normalize", "length", "quality", "perplexity", "domain", "dedup_keys", "tokenize")
 
 
 def normalize_text(text: str) -> str:
-    """NFC, no control characters, runs of spaces/tabs → one space, at most one blank line."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    """NFC, no control characters, runs of spaces/tabs → one space, at most one blank line.
+
+    Each rewrite runs only when a cheap C-level test (`in`, `isprintable`) says it can change
+    something; the result is the same as running every rewrite (tests compare both on fuzzed text).
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.isascii():  # ASCII is already NFC and has no C1/zero-width characters
         text = unicodedata.normalize("NFC", text)
+    # every _CONTROL character is non-printable; \n and \t are the only non-printables we keep
+    if not text.replace("\n", " ").replace("\t", " ").isprintable():
+        text = _CONTROL.sub("", text)
+    if "  " in text or "\t" in text or "\u00a0" in text or "\u3000" in text:
+        text = _SPACES.sub(" ", text)
+    if " \n" in text or "\n " in text:
+        text = _TRAILING.sub("\n", text)
+    if "\n\n\n" in text:
+        text = _NEWLINES.sub("\n\n", text)
+    return text.strip()
+
+
+def normalize_text_reference(text: str) -> str:
+    """Every rewrite, unconditionally: the definition `normalize_text` is tested against."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", text)
     text = _CONTROL.sub("", text)
     text = _SPACES.sub(" ", text)
     text = _TRAILING.sub("\n", text)
@@ -58,21 +80,25 @@ class CleanSettings:
     seed: int
     quality_model: bytes | None = None  # fastText .bin contents
     quality_label: str = "__label__good"
+    quality_threshold: float = 0.5
     unigram_lm: object | None = None  # pipelines.quality.UnigramLM
+    perplexity_threshold: float = float("inf")
     domain: object | None = None  # pipelines.domain.DomainFilter
-
-
-OUT_FIELDS = [
-    ("words", pa.int64()),
-    ("text_hash", pa.int64()),
-    ("band_keys", pa.list_(pa.int64())),
-    ("quality", pa.float32()),
-    ("perplexity", pa.float32()),
-    ("domain", pa.float32()),
-] + [(f"t_{s}", pa.float64()) for s in STAGES]
+    domain_threshold: float = 0.0
+    # set = tokenize here too (the tokenizer is known before the run): one pass, no clean shards
+    tokenizer_json: str | None = None
+    max_doc_tokens: int = 2048
+    eval_fraction: float = 0.0
+    truncate_tokens: bool = False
 
 
 class Cleaner:
+    """Per-document stages and decisions, in the order that saves the most work: length, quality,
+    perplexity, domain (each decided here: the scores and thresholds are per document), then the
+    dedup keys and, when a tokenizer is given, the tokens of what is still kept. Dedup itself
+    needs what came before and is decided on the driver. Rows that reached the score decisions
+    keep their text (kept or not: the driver samples them for the topic summary)."""
+
     def __init__(self, settings: CleanSettings):
         self.s = settings
         self.minhash = MinHasher(
@@ -83,6 +109,13 @@ class Cleaner:
             from pipelines.quality import load_scorer_from_bytes
 
             self.scorer = load_scorer_from_bytes(settings.quality_model, settings.quality_label)
+        self.tok = None
+        if settings.tokenizer_json is not None:
+            from tokenizers import Tokenizer as HF
+
+            from dsv3ray.tokenizer import Tokenizer
+
+            self.tok = Tokenizer(HF.from_str(settings.tokenizer_json))
 
     def __call__(self, table: pa.Table) -> pa.Table:
         s = self.s
@@ -90,7 +123,6 @@ class Cleaner:
         status = table.column("status").to_numpy(zero_copy_only=False).astype(np.int8)
         reason = table.column("reason").to_pylist()
         texts = table.column("text").to_pylist()
-        words = np.zeros(n, dtype=np.int64)
         timing = dict.fromkeys(STAGES, 0.0)
 
         t0 = time.perf_counter()
@@ -101,6 +133,7 @@ class Cleaner:
         timing["normalize"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        words = np.zeros(n, dtype=np.int64)
         for i in range(n):
             if status[i] != OK:
                 continue
@@ -109,40 +142,47 @@ class Cleaner:
                 status[i], reason[i] = DROP, ("empty" if words[i] == 0 else "too_short")
             elif len(texts[i]) > s.max_chars and s.oversize == "drop":
                 status[i], reason[i] = DROP, "too_long"
+        decided = status == OK  # rows that reach the score decisions carry their text out
         timing["length"] = time.perf_counter() - t0
 
-        ok = [i for i in range(n) if status[i] == OK]
+        def score(stage: str, fn, keep) -> np.ndarray:
+            """fn(texts of the rows still OK) → scores; rows whose score fails keep() are dropped."""
+            out = np.full(n, np.nan, dtype=np.float32)
+            t0 = time.perf_counter()
+            ok = np.flatnonzero(status == OK)
+            if ok.size:
+                out[ok] = fn([texts[i] for i in ok])
+                for i in ok[~keep(out[ok])]:
+                    status[i], reason[i] = DROP, DROP_REASONS[stage]
+            timing[stage] = time.perf_counter() - t0
+            return out
+
+        quality = perplexity = domain = np.full(n, np.nan, dtype=np.float32)
+        if self.scorer is not None:
+            quality = score("quality", self.scorer.scores, lambda q: q >= s.quality_threshold)
+        if s.unigram_lm is not None:
+            perplexity = score(
+                "perplexity", lambda ts: [s.unigram_lm.perplexity(t) for t in ts],
+                lambda p: p <= s.perplexity_threshold,
+            )  # fmt: skip
+        if s.domain is not None:
+            domain = score("domain", s.domain.similarity, lambda d: d >= s.domain_threshold)
+
+        ok = np.flatnonzero(status == OK)
         ok_texts = [texts[i] for i in ok]
-        text_hash = np.zeros(n, dtype=np.int64)
-        bands: list = [None] * n
         t0 = time.perf_counter()
-        for i, t in zip(ok, ok_texts):
-            text_hash[i] = text_hash64(t)
-            if s.dedup_near:
-                # near-dup keys from the first MAX_MINHASH_CHARS (bounded time/memory on huge docs)
-                bands[i] = self.minhash.band_keys(self.minhash.signature(t[:MAX_MINHASH_CHARS])).tolist()
+        text_hash = np.zeros(n, dtype=np.int64)
+        text_hash[ok] = [text_hash64(t) for t in ok_texts]
+        # near-dup keys (from the first MAX_MINHASH_CHARS: bounded time/memory on huge docs);
+        # rows that are not OK carry an empty list
+        keys_OB = np.zeros((ok.size, 0), dtype=np.int64)
+        if s.dedup_near and ok.size:
+            keys_OB = self.minhash.band_keys_batch(
+                self.minhash.signatures([t[:MAX_MINHASH_CHARS] for t in ok_texts])
+            )
+        bands = _lists(n, ok, keys_OB.shape[1], keys_OB.reshape(-1), pa.int64())
         timing["dedup_keys"] = time.perf_counter() - t0
 
-        quality = np.full(n, np.nan, dtype=np.float32)
-        t0 = time.perf_counter()
-        if self.scorer is not None and ok:
-            quality[ok] = self.scorer.scores(ok_texts)
-        timing["quality"] = time.perf_counter() - t0
-
-        ppl = np.full(n, np.nan, dtype=np.float32)
-        t0 = time.perf_counter()
-        if s.unigram_lm is not None and ok:
-            ppl[ok] = [s.unigram_lm.perplexity(t) for t in ok_texts]
-        timing["perplexity"] = time.perf_counter() - t0
-
-        dom = np.full(n, np.nan, dtype=np.float32)
-        t0 = time.perf_counter()
-        if s.domain is not None and ok:
-            dom[ok] = s.domain.similarity(ok_texts)
-        timing["domain"] = time.perf_counter() - t0
-
-        # dropped and quarantined rows carry no text downstream (memory; the reason is kept)
-        texts = [t if st == OK else None for t, st in zip(texts, status)]
         cols = {
             "source": table.column("source"),
             "line": table.column("line"),
@@ -150,17 +190,45 @@ class Cleaner:
             "reason": pa.array(reason, pa.string()),
             "excerpt": table.column("excerpt"),
             "t_read": table.column("t_read"),
-            "text": pa.array(texts, pa.large_string()),
+            # dropped before the decisions / quarantined rows carry no text (memory; the reason is kept)
+            "text": pa.array([t if d else None for t, d in zip(texts, decided)], pa.large_string()),
             "words": pa.array(words),
             "text_hash": pa.array(text_hash),
-            "band_keys": pa.array(bands, pa.list_(pa.int64())),
+            "band_keys": bands,
             "quality": pa.array(quality),
-            "perplexity": pa.array(ppl),
-            "domain": pa.array(dom),
+            "perplexity": pa.array(perplexity),
+            "domain": pa.array(domain),
         }
+        if self.tok is not None:
+            from pipelines.pack import tokenize_documents
+
+            t0 = time.perf_counter()
+            tk = tokenize_documents(
+                self.tok, ok_texts, text_hash[ok].tolist(), s.max_doc_tokens, s.eval_fraction,
+                s.truncate_tokens, s.max_chars,
+            )  # fmt: skip
+            sizes = np.diff(tk["tokens"].offsets.to_numpy())
+            cols["tokens"] = _lists(n, ok, sizes, tk["tokens"].values, pa.int32())
+            for key in ("eval", "pieces", "truncated_tokens"):
+                full = np.zeros(n, dtype=np.bool_ if key == "eval" else np.int64)
+                full[ok] = tk[key].to_numpy(zero_copy_only=False)
+                cols[key] = pa.array(full)
+            timing["tokenize"] = time.perf_counter() - t0
         for stage in STAGES:  # the batch's seconds on its first row, zeros elsewhere: sums are exact
             col = np.zeros(n, dtype=np.float64)
             if n:
                 col[0] = timing[stage]
             cols[f"t_{stage}"] = pa.array(col)
         return pa.table(cols)
+
+
+DROP_REASONS = {"quality": "low_quality", "perplexity": "high_perplexity", "domain": "off_domain"}
+
+
+def _lists(n: int, rows: np.ndarray, sizes, values, type_) -> pa.ListArray:
+    """A list column of n rows: rows[j] holds sizes[j] of `values` (in order), others are empty."""
+    lengths = np.zeros(n, dtype=np.int32)
+    lengths[rows] = sizes
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type_))

@@ -61,61 +61,152 @@ def lsh_params(num_perm: int, threshold: float) -> tuple[int, int]:
     return best[1], best[2]
 
 
+_SENTINEL = np.uint64(1 << 32)  # above every uint32 bin value: marks an empty bin
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer (a bijection of uint64 with full avalanche), wrapping mod 2^64."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
 class MinHasher:
-    """MinHash over word k-shingles with multiply-shift hashing (uint64, wraps mod 2^64)."""
+    """MinHash signatures of word k-shingles by one-permutation hashing with optimal densification.
+
+    Each shingle is hashed once (uint64, mixed): its high bits pick one of `num_perm` bins, its low
+    32 bits are the value, and a bin keeps its minimum (Li, Owen & Zhang 2012). An empty bin takes
+    the value of the first non-empty bin in its own fixed random order of the bins (Shrivastava
+    2017), so for any two documents P[sig_a[i] == sig_b[i]] = Jaccard(a, b), as with `num_perm`
+    independent permutations, at O(shingles + num_perm) per document instead of their product.
+    Documents are processed in batches: one numpy pass over their concatenated bytes.
+    """
+
+    MAX_PERM = 2048  # the densification table is num_perm² int16
 
     def __init__(self, num_perm: int = 128, shingle_words: int = 5, threshold: float = 0.8, seed: int = 0):
+        if not 1 <= num_perm <= self.MAX_PERM:
+            raise ValueError(f"num_perm must be in [1, {self.MAX_PERM}], got {num_perm}")
         rng = np.random.default_rng([seed, 0x5EED])
-        self.a_P = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
-        self.b_P = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+        self.salt = np.uint64(rng.integers(0, 2**63, dtype=np.uint64))
+        # borrow_PP[i] = the order in which empty bin i looks for a non-empty bin (itself excluded)
+        order = rng.random((num_perm, num_perm)).argsort(axis=1).astype(np.int16)
+        self.borrow_PP = np.array([o[o != i] for i, o in enumerate(order)], dtype=np.int16).reshape(
+            num_perm, num_perm - 1
+        )
         self.k = shingle_words
         self.bands, self.rows = lsh_params(num_perm, threshold)
         self.num_perm = num_perm
+        self._pow = np.ones(1, dtype=np.uint64)  # P^i, grown on demand
+        self._pinv = np.ones(1, dtype=np.uint64)  # P^-i
 
-    def shingles(self, text: str) -> np.ndarray:
-        """uint64 hashes of the word k-grams (lowercased), (S,), computed without a Python loop.
+    def _powers_upto(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._pow.size < n:
+            size = max(n, 2 * self._pow.size)
+            self._pow, self._pinv = _powers(_P, size), _powers(_PINV, size)
+        return self._pow, self._pinv
+
+    def shingles_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(uint64 shingle hashes (S,), owning document of each (S,) int64), in document order.
 
         Words = maximal runs of bytes that are ASCII letters/digits/underscore or non-ASCII (UTF-8
-        multibyte). A word's hash is its polynomial byte hash mod 2^64, read off prefix sums:
-        with C[i] = sum_{j<i} b_j P^-j (P odd, so invertible mod 2^64),
-        hash(b[s:e]) = P^(e-1) * (C[e] - C[s]).
+        multibyte), lowercased. A word's hash is its polynomial byte hash mod 2^64, read off prefix
+        sums: with C[i] = sum_{j<i} b_j P^-j (P odd, so invertible mod 2^64),
+        hash(b[s:e]) = P^(e-1) * (C[e] - C[s]). A shingle combines k consecutive words of one
+        document; a document with fewer than k words has one shingle of all its words, one with
+        no word the single shingle 0.
         """
-        b = np.frombuffer(text.lower().encode("utf-8", "surrogatepass"), dtype=np.uint8)
-        is_word = _WORD_BYTE[b]
-        if not is_word.any():
-            return np.zeros(1, dtype=np.uint64)
-        edges = np.flatnonzero(np.diff(np.concatenate([[False], is_word, [False]]).astype(np.int8)))
-        starts, ends = edges[0::2], edges[1::2]
+        parts = [t.lower().encode("utf-8", "surrogatepass") for t in texts]
+        b = np.frombuffer(b"\n".join(parts), dtype=np.uint8)  # "\n": no word spans two documents
         n = b.size
+        doc_start = np.cumsum([0] + [len(x) + 1 for x in parts[:-1]], dtype=np.int64)
+        is_word = np.zeros(n + 2, dtype=bool)
+        is_word[1:-1] = _WORD_BYTE[b]
+        edges = np.flatnonzero(is_word[1:] != is_word[:-1])
+        starts, ends = edges[0::2], edges[1::2]
+        pw, pinv = self._powers_upto(n + 1)
         with np.errstate(over="ignore"):
-            pinv_pow = _powers(_PINV, n)
             c = np.zeros(n + 1, dtype=np.uint64)
-            np.cumsum(b.astype(np.uint64) * pinv_pow, out=c[1:])
-            w_W = _powers(_P, n)[ends - 1] * (c[ends] - c[starts])
-            k = min(self.k, w_W.size)
-            s_S = np.zeros(w_W.size - k + 1, dtype=np.uint64)
-            for j in range(k):  # polynomial combination of the k word hashes, wrapping mod 2^64
-                s_S = s_S * np.uint64(0x100000001B3) + w_W[j : w_W.size - k + 1 + j]
-        return s_S
-
-    def signature(self, text: str, chunk: int = 1 << 15) -> np.ndarray:
-        """(num_perm,) uint32: min over shingles of the top 32 bits of a*s + b. Chunked: bounded memory."""
-        s_S = self.shingles(text)
-        sig_P = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
+            np.cumsum(pinv[:n] * b, out=c[1:])
+            w_W = pw[ends - 1] * (c[ends] - c[starts])
+        doc_W = np.searchsorted(doc_start, starts, side="right") - 1
+        words_D = np.bincount(doc_W, minlength=len(texts))
+        k = self.k
+        m = max(w_W.size - k + 1, 0)
         with np.errstate(over="ignore"):
-            for i in range(0, s_S.size, chunk):
-                h_CP = s_S[i : i + chunk, None] * self.a_P[None, :] + self.b_P[None, :]
-                np.minimum(sig_P, h_CP.min(axis=0), out=sig_P)
-        return (sig_P >> np.uint64(32)).astype(np.uint32)
+            s_S = np.zeros(m, dtype=np.uint64)
+            for j in range(k):  # polynomial combination of k consecutive word hashes, mod 2^64
+                s_S = s_S * np.uint64(_P) + w_W[j : j + m]
+        keep = doc_W[:m] == doc_W[k - 1 : k - 1 + m] if m else np.zeros(0, dtype=bool)
+        s_S, d_S = s_S[keep], doc_W[:m][keep]
+        short = np.flatnonzero(words_D < k)
+        if short.size:  # documents with fewer than k words: one shingle of what they have
+            first_D = np.concatenate([[0], np.cumsum(words_D)[:-1]])
+            extra = np.zeros(short.size, dtype=np.uint64)
+            with np.errstate(over="ignore"):
+                for j, d in enumerate(short):
+                    for w in w_W[first_D[d] : first_D[d] + words_D[d]]:
+                        extra[j] = extra[j] * np.uint64(_P) + w
+            s_S, d_S = np.concatenate([s_S, extra]), np.concatenate([d_S, short])
+            order = np.argsort(d_S, kind="stable")
+            s_S, d_S = s_S[order], d_S[order]
+        return s_S, d_S
+
+    def shingles(self, text: str) -> np.ndarray:
+        """The uint64 shingle hashes of one document."""
+        return self.shingles_batch([text])[0]
+
+    def signatures(self, texts: list[str], max_bytes: int = 128 << 10) -> np.ndarray:
+        """(len(texts), num_perm) uint32 signatures, computed over groups of documents of at most
+        ~max_bytes (bounded memory; 128 KiB groups stay in cache: ~1.5× faster than 1 MiB ones)."""
+        out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
+        i = 0
+        while i < len(texts):
+            j, size = i, 0
+            while j < len(texts) and (j == i or size + len(texts[j]) <= max_bytes):
+                size += len(texts[j])
+                j += 1
+            out[i:j] = self._signatures(texts[i:j])
+            i = j
+        return out
+
+    def _signatures(self, texts: list[str]) -> np.ndarray:
+        P = self.num_perm
+        s_S, d_S = self.shingles_batch(texts)
+        h_S = _mix64(s_S ^ self.salt)
+        bin_S = ((h_S >> np.uint64(32)) * np.uint64(P)) >> np.uint64(32)  # uniform in [0, P)
+        sig = np.full(len(texts) * P, _SENTINEL, dtype=np.uint64)
+        np.minimum.at(sig, d_S * P + bin_S.astype(np.int64), h_S & np.uint64(0xFFFFFFFF))
+        sig_DP = sig.reshape(len(texts), P)
+        d_E, i_E = np.nonzero(sig_DP == _SENTINEL)
+        if d_E.size and P > 1:  # optimal densification: first non-empty bin in bin i's own order
+            cand_EC = self.borrow_PP[i_E].astype(np.int64)
+            full_EC = sig_DP[d_E[:, None], cand_EC] != _SENTINEL
+            src_E = cand_EC[np.arange(d_E.size), full_EC.argmax(axis=1)]
+            sig_DP[d_E, i_E] = sig_DP[d_E, src_E]
+        return sig_DP.astype(np.uint32)
+
+    def signature(self, text: str) -> np.ndarray:
+        """(num_perm,) uint32 signature of one document."""
+        return self.signatures([text])[0]
+
+    def band_keys_batch(self, sig_DP: np.ndarray) -> np.ndarray:
+        """(D, bands) int64: a hash of each band's rows, salted by the band index."""
+        rows_DBR = sig_DP.reshape(sig_DP.shape[0], self.bands, self.rows).astype(np.uint64)
+        with np.errstate(over="ignore"):
+            h_DB = np.broadcast_to(
+                np.arange(self.bands, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15), rows_DBR.shape[:2]
+            ).copy()
+            for r in range(self.rows):
+                h_DB = (h_DB ^ rows_DBR[:, :, r]) * np.uint64(0x100000001B3)
+        return h_DB.view(np.int64)
 
     def band_keys(self, sig_P: np.ndarray) -> np.ndarray:
-        """(bands,) int64: a hash of each band's rows, salted by the band index."""
-        rows_BR = sig_P.reshape(self.bands, self.rows).astype(np.uint64)
-        with np.errstate(over="ignore"):
-            h_B = np.arange(self.bands, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-            for r in range(self.rows):
-                h_B = (h_B ^ rows_BR[:, r]) * np.uint64(0x100000001B3)
-        return h_B.view(np.int64)
+        """(bands,) int64 band keys of one signature."""
+        return self.band_keys_batch(sig_P[None])[0]
 
     @staticmethod
     def jaccard(sig1: np.ndarray, sig2: np.ndarray) -> float:
@@ -123,7 +214,10 @@ class MinHasher:
 
 
 class SeenSet:
-    """A set of int64 keys in one numpy array (linear probing, doubles past load 1/2)."""
+    """A set of int64 keys in one numpy array (linear probing, doubles past load 1/2).
+
+    Batched: `contains_many` / `add_many` probe all keys of a batch at once (vectorized); the
+    single-key `in` / `add` are the same table."""
 
     _EMPTY = np.int64(0)  # key 0 is remapped to 1 (a 2^-64 collision, harmless)
 
@@ -136,37 +230,64 @@ class SeenSet:
     def nbytes(self) -> int:
         return self.table.nbytes
 
-    def _slot(self, key: int) -> tuple[int, bool]:
+    @staticmethod
+    def _fix(keys) -> np.ndarray:
+        keys = np.asarray(keys, dtype=np.int64)
+        return np.where(keys == 0, np.int64(1), keys)
+
+    def _home(self, keys: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            h = keys.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        return ((h >> np.uint64(20)) & np.uint64(self.table.size - 1)).astype(np.int64)
+
+    def _probe(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(slot, found) per key: the key's slot, or the first empty slot of its probe sequence."""
+        slots = self._home(keys)
+        found = np.zeros(keys.size, dtype=bool)
+        active = np.arange(keys.size)
         mask = self.table.size - 1
-        i = ((key * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> 20 & mask
-        table = self.table
-        while True:
-            v = table[i]
-            if v == 0:
-                return i, False
-            if v == key:
-                return i, True
-            i = (i + 1) & mask
+        while active.size:
+            v = self.table[slots[active]]
+            hit = v == keys[active]
+            found[active[hit]] = True
+            active = active[~hit & (v != 0)]
+            slots[active] = (slots[active] + 1) & mask
+        return slots, found
+
+    def contains_many(self, keys) -> np.ndarray:
+        return self._probe(self._fix(keys))[1]
+
+    def add_many(self, keys) -> None:
+        keys = np.unique(self._fix(keys))
+        keys = keys[~self._probe(keys)[1]]
+        while (self.count + keys.size) * 2 > self.table.size:
+            self._grow()
+        slots = self._home(keys)
+        mask = self.table.size - 1
+        while keys.size:  # every key walks to the first free slot; one winner per contested slot
+            free = self.table[slots] == 0
+            cand = np.flatnonzero(free)
+            _, first = np.unique(slots[cand], return_index=True)
+            won = cand[first]
+            self.table[slots[won]] = keys[won]
+            placed = np.zeros(keys.size, dtype=bool)
+            placed[won] = True
+            keys, slots = keys[~placed], slots[~placed]
+            taken = self.table[slots] != 0
+            slots[taken] = (slots[taken] + 1) & mask
+        self.count += int(np.count_nonzero(self.table)) - self.count
 
     def __contains__(self, key: int) -> bool:
-        return self._slot(int(key) or 1)[1]
+        return bool(self.contains_many([int(key)])[0])
 
     def add(self, key: int) -> None:
-        key = int(key) or 1
-        i, found = self._slot(key)
-        if found:
-            return
-        self.table[i] = key
-        self.count += 1
-        if self.count * 2 > self.table.size:
-            self._grow()
+        self.add_many([int(key)])
 
     def _grow(self) -> None:
         old = self.table[self.table != 0]
         self.table = np.zeros(self.table.size * 2, dtype=np.int64)
         self.count = 0
-        for key in old.tolist():
-            self.add(key)
+        self.add_many(old)
 
 
 class Deduplicator:
@@ -177,18 +298,41 @@ class Deduplicator:
         self.exact_seen = SeenSet()
         self.band_seen = SeenSet()
 
+    def check_batch(self, text_hash_N, band_keys_NB) -> list[str]:
+        """Per document, in order: '' if new (and remembered), else 'duplicate_exact' or
+        'near_duplicate'. The tables are probed once for the whole batch; documents of the same
+        batch are compared through small Python sets."""
+        h_N = SeenSet._fix(text_hash_N).reshape(-1)
+        k_NB = SeenSet._fix(band_keys_NB)
+        k_NB = k_NB.reshape(h_N.size, k_NB.size // max(h_N.size, 1))
+        seen_exact = self.exact_seen.contains_many(h_N) if self.exact else np.zeros(h_N.size, bool)
+        seen_band = (
+            self.band_seen.contains_many(k_NB.reshape(-1)).reshape(k_NB.shape).any(axis=1)
+            if self.near and k_NB.size
+            else np.zeros(h_N.size, bool)
+        )
+        new_exact: set[int] = set()
+        new_bands: set[int] = set()
+        out = []
+        for h, keys, in_exact, in_band in zip(h_N.tolist(), k_NB.tolist(), seen_exact, seen_band):
+            if self.exact and (in_exact or h in new_exact):
+                out.append("duplicate_exact")
+            elif self.near and (in_band or not new_bands.isdisjoint(keys)):
+                out.append("near_duplicate")
+            else:
+                out.append("")
+                new_exact.add(h)
+                new_bands.update(keys)
+        if self.exact and new_exact:
+            self.exact_seen.add_many(list(new_exact))
+        if self.near and new_bands:
+            self.band_seen.add_many(list(new_bands))
+        return out
+
     def check(self, text_hash: int, band_keys) -> str:
-        """'' if new (and remember it), else 'duplicate_exact' or 'near_duplicate'."""
-        if self.exact and text_hash in self.exact_seen:
-            return "duplicate_exact"
-        if self.near and band_keys is not None and any(k in self.band_seen for k in band_keys):
-            return "near_duplicate"
-        if self.exact:
-            self.exact_seen.add(text_hash)
-        if self.near and band_keys is not None:
-            for k in band_keys:
-                self.band_seen.add(k)
-        return ""
+        """One document: check_batch of one."""
+        keys = np.asarray(band_keys if band_keys is not None else [], dtype=np.int64)
+        return self.check_batch([text_hash], keys[None])[0]
 
     @property
     def nbytes(self) -> int:

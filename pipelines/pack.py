@@ -28,6 +28,39 @@ def is_eval(text_hash: int, eval_fraction: float) -> bool:
     return (text_hash % _EVAL_BUCKETS) < eval_fraction * _EVAL_BUCKETS
 
 
+def tokenize_documents(
+    tok: Tokenizer,
+    texts: list[str],
+    hashes: list[int],
+    max_doc_tokens: int,
+    eval_fraction: float,
+    truncate: bool,
+    max_chars: int = 1 << 20,
+) -> dict[str, pa.Array]:
+    """Documents → columns tokens (list<int32>, eos last), eval, pieces, truncated_tokens."""
+    ids = tok.encode_batch([t[:max_chars] for t in texts])
+    for i, t in enumerate(texts):  # oversized documents: encoded in whitespace-aligned chunks
+        if len(t) > max_chars:
+            ids[i] = np.concatenate(tok.encode_batch(chunk_text(t, max_chars)))
+    n = len(ids)
+    sizes = np.fromiter((a.size for a in ids), dtype=np.int64, count=n)
+    pieces = np.maximum(1, -(-sizes // max_doc_tokens))
+    cut = np.maximum(0, sizes - max_doc_tokens) if truncate else np.zeros(n, dtype=np.int64)
+    keep = sizes - cut
+    flat = np.empty(int(keep.sum()) + n, dtype=np.int32)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(keep + 1, out=offsets[1:])
+    for i, a in enumerate(ids):  # each document's (kept) tokens, then eos
+        flat[offsets[i] : offsets[i + 1] - 1] = a[: keep[i]]
+    flat[offsets[1:] - 1] = tok.eos_id
+    return {
+        "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        "eval": pa.array([is_eval(h, eval_fraction) for h in hashes], pa.bool_()),
+        "pieces": pa.array(pieces, pa.int64()),
+        "truncated_tokens": pa.array(cut, pa.int64()),
+    }
+
+
 class Tokenize:
     """Ray Data UDF: clean-text shards (text, text_hash) → (tokens list<int32>, eval bool, pieces)."""
 
@@ -58,28 +91,12 @@ class Tokenize:
                 yield self.tokenize(pa.Table.from_batches([batch]))
 
     def tokenize(self, table: pa.Table) -> pa.Table:
-        texts = table.column("text").to_pylist()
-        hashes = table.column("text_hash").to_pylist()
-        ids = self.tok.encode_batch([t[: self.max_chars] for t in texts])
-        for i, t in enumerate(texts):  # oversized documents: encoded in whitespace-aligned chunks
-            if len(t) > self.max_chars:
-                ids[i] = np.concatenate(self.tok.encode_batch(chunk_text(t, self.max_chars)))
-        eos = np.array([self.tok.eos_id], dtype=np.int32)
-        tokens, pieces, cut = [], [], []
-        for arr in ids:
-            pieces.append(max(1, -(-arr.size // self.max_doc_tokens)))
-            cut.append(max(0, arr.size - self.max_doc_tokens) if self.truncate else 0)
-            if self.truncate:
-                arr = arr[: self.max_doc_tokens]
-            tokens.append(np.concatenate([arr, eos]))
         return pa.table(
-            {
-                "tokens": pa.array(tokens, pa.list_(pa.int32())),
-                "eval": pa.array([is_eval(h, self.eval_fraction) for h in hashes]),
-                "pieces": pa.array(pieces, pa.int64()),
-                "truncated_tokens": pa.array(cut, pa.int64()),
-            }
-        )
+            tokenize_documents(
+                self.tok, table.column("text").to_pylist(), table.column("text_hash").to_pylist(),
+                self.max_doc_tokens, self.eval_fraction, self.truncate, self.max_chars,
+            )
+        )  # fmt: skip
 
 
 _CUT = re.compile(r"(?<=[^\s]) (?=[^\s])")  # a single space between two non-spaces
@@ -109,30 +126,42 @@ class ShardWriter:
         self.dir = out_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rows_per_shard = rows_per_shard
-        self.buffer: list[np.ndarray] = []
+        self.buffer: list[np.ndarray] = []  # (rows, row length) blocks
+        self.buffered = 0
         self.num_rows = 0
         self.shards = 0
 
     def add(self, row: np.ndarray) -> None:
-        self.buffer.append(row)
-        if len(self.buffer) >= self.rows_per_shard:
-            self.flush()
+        self.add_rows(row[None])
+
+    def add_rows(self, rows_RL: np.ndarray) -> None:
+        """Rows of equal length (R, L); shards are cut at exactly rows_per_shard rows."""
+        while rows_RL.shape[0]:
+            take = min(self.rows_per_shard - self.buffered, rows_RL.shape[0])
+            self.buffer.append(rows_RL[:take])
+            self.buffered += take
+            rows_RL = rows_RL[take:]
+            if self.buffered >= self.rows_per_shard:
+                self.flush()
 
     def flush(self) -> None:
         if not self.buffer:
             return
-        n = len(self.buffer)
+        rows_NL = np.concatenate(self.buffer).astype(np.int32)
+        n, length = rows_NL.shape
         ids = np.arange(self.num_rows, self.num_rows + n, dtype=np.int64)
-        flat = np.concatenate(self.buffer).astype(np.int32)
-        offsets = np.arange(0, flat.size + 1, flat.size // n, dtype=np.int32)
+        offsets = np.arange(0, n * length + 1, length, dtype=np.int32)
         table = pa.table(
-            {"sample_id": ids, "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))},
+            {
+                "sample_id": ids,
+                "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(rows_NL.reshape(-1))),
+            },
             schema=ROW_SCHEMA,
         )
         pq.write_table(table, self.dir / f"part-{self.shards:05d}.parquet")
         self.shards += 1
         self.num_rows += n
-        self.buffer = []
+        self.buffer, self.buffered = [], 0
 
 
 class Packer:
@@ -153,8 +182,7 @@ class Packer:
             return
         stream = np.concatenate(self.pending)
         whole = (stream.size // self.row_len) * self.row_len
-        for start in range(0, whole, self.row_len):
-            self.writer.add(stream[start : start + self.row_len])
+        self.writer.add_rows(stream[:whole].reshape(-1, self.row_len))
         if self.counts_V is not None and whole:
             self.counts_V += np.bincount(stream[:whole], minlength=self.counts_V.size)[: self.counts_V.size]
         self.tokens += whole

@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
@@ -28,6 +29,7 @@ from dsv3ray.tokenizer import Tokenizer, train_tokenizer
 from pipelines.readers import OK
 
 OVERSIZE_RULES = ("drop", "split")
+BLOCK_BYTES = 4 << 20  # Ray Data block size while preparing
 
 
 @dataclass
@@ -178,6 +180,55 @@ class _CleanTextWriter:
                     used += len(text)
 
 
+class _Reservoir:
+    """A uniform sample of at most `size` (text[:4000], kept, reason) of the offered rows."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.rng, self.seen = size, random.Random(seed), 0
+        self.items: list[tuple[str, bool, str]] = []
+
+    def offer(self, texts: pa.ChunkedArray, rows, kept, reason) -> None:
+        for i in rows:
+            self.seen += 1
+            j = len(self.items) if len(self.items) < self.size else self.rng.randrange(self.seen)
+            if j < self.size:  # only sampled rows become Python strings
+                item = (texts[int(i)].as_py()[:4000], bool(kept[i]), "" if kept[i] else reason[i])
+                if j == len(self.items):
+                    self.items.append(item)
+                else:
+                    self.items[j] = item
+
+
+class _Packing:
+    """Kept documents' tokens → the train / eval packers, in input order, a batch at a time."""
+
+    def __init__(self, cfg: PrepareConfig, tok: Tokenizer, out: Path):
+        from pipelines.pack import Packer, ShardWriter
+
+        self.packers = {
+            "train": Packer(cfg.seq_len, ShardWriter(out / "train", cfg.rows_per_shard), tok.vocab_size),
+            "eval": Packer(cfg.seq_len, ShardWriter(out / "eval", cfg.rows_per_shard)),
+        }
+        self.docs: Counter = Counter()
+        self.pieces = self.truncated = 0
+        self.seconds = 0.0
+
+    def add(self, table: pa.Table, kept: np.ndarray) -> None:
+        """table: tokens (list<int32>, eos last), eval, pieces, truncated_tokens; kept: rows to pack."""
+        t0 = time.perf_counter()
+        if kept.any():
+            is_eval = table.column("eval").to_numpy(zero_copy_only=False)
+            tokens = table.column("tokens").combine_chunks()
+            self.pieces += int(table.column("pieces").to_numpy()[kept].sum())
+            self.truncated += int(table.column("truncated_tokens").to_numpy()[kept].sum())
+            for split, mask in (("train", kept & ~is_eval), ("eval", kept & is_eval)):
+                if mask.any():
+                    self.docs[split] += int(mask.sum())
+                    flat = tokens.filter(pa.array(mask)).flatten().to_numpy(zero_copy_only=False)
+                    self.packers[split].add(flat)
+        self.seconds += time.perf_counter() - t0
+
+
 def _load_models(cfg: PrepareConfig, log) -> dict:
     """Model payloads for the workers: fastText bytes, unigram LM, domain filter."""
     from pipelines.quality import QualityScorer, UnigramLM, default_quality_model, reference_texts
@@ -244,7 +295,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     """
     from pipelines.clean import STAGES, Cleaner, CleanSettings
     from pipelines.dedup import Deduplicator
-    from pipelines.pack import Packer, ShardWriter, Tokenize, unigram_entropy
+    from pipelines.pack import Tokenize, unigram_entropy
     from pipelines.readers import QUARANTINE, expand_inputs, plan_work
 
     cfg = cfg or PrepareConfig()
@@ -255,11 +306,17 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     models = _load_models(cfg, log)
     ray = _init_ray()
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
+    saved = (
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
+        ctx.target_max_block_size,
+    )  # fmt: skip
     # order is part of the result: which duplicate survives, which rows pack together
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # small blocks stream: the driver decides and packs while the workers clean (the default
+    # 128 MiB would hand it whole work items at once, and hold them in memory)
+    ctx.target_max_block_size = BLOCK_BYTES
     # the driver only decides dedup and packs (light): one cleaning/tokenizing actor per CPU
     workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     settings = CleanSettings(
@@ -267,8 +324,16 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         dedup_exact=cfg.dedup_exact, dedup_near=cfg.dedup_near, minhash_perms=cfg.minhash_perms,
         shingle_words=cfg.shingle_words, near_threshold=cfg.near_threshold, seed=cfg.seed,
         quality_model=models["quality_model"], quality_label=cfg.quality_label,
-        unigram_lm=models["unigram_lm"], domain=models["domain"],
+        quality_threshold=cfg.quality_threshold, unigram_lm=models["unigram_lm"],
+        perplexity_threshold=cfg.perplexity_threshold, domain=models["domain"],
+        domain_threshold=cfg.domain_threshold, max_doc_tokens=cfg.max_doc_tokens,
+        eval_fraction=cfg.eval_fraction, truncate_tokens=cfg.truncate_tokens,
     )  # fmt: skip
+    # a known tokenizer: tokenize in the cleaning pass (one pass); else train one on the kept text
+    fused = cfg.tokenizer is not None
+    if fused:
+        tok = Tokenizer.load(cfg.tokenizer)
+        settings.tokenizer_json = tok.hf.to_str()
     report: dict = {
         "inputs": [str(f) for f in files],
         "files": {"count": len(files), "empty": [str(f) for f in files if _size(f) == 0]},
@@ -293,70 +358,57 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(items)))),
         )  # fmt: skip
         dedup = Deduplicator(cfg.dedup_exact, cfg.dedup_near)
-        clean = _CleanTextWriter(out / "_clean")  # shards = the units of pass 2's parallelism
+        clean = None if fused else _CleanTextWriter(out / "_clean")  # pass 2's units of parallelism
+        packing = _Packing(cfg, tok, out) if fused else None
         stage_s = dict.fromkeys(("read", *STAGES), 0.0)  # summed worker seconds (all workers)
         t_dedup = 0.0
-        rng = random.Random(cfg.seed)
-        sample: list[tuple[str, bool, str]] = []  # reservoir for the topic summary
+        topics = _Reservoir(1000, cfg.seed)  # documents that reached the decisions, for the topic summary
         progress = _Progress("clean", log)
         (out / "quarantine").mkdir()
         with open(out / "quarantine" / "records.jsonl", "w", encoding="utf-8") as qf:
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for stage in ("read", *STAGES):
                     stage_s[stage] += pa.compute.sum(table.column(f"t_{stage}")).as_py() or 0.0
-                cols = {
-                    k: table.column(k).to_pylist()
-                    for k in (
-                        "source",
-                        "line",
-                        "status",
-                        "reason",
-                        "excerpt",
-                        "text",
-                        "text_hash",
-                        "band_keys",
-                    )
-                }
-                quality = table.column("quality").to_numpy(zero_copy_only=False)
-                ppl = table.column("perplexity").to_numpy(zero_copy_only=False)
-                dom = table.column("domain").to_numpy(zero_copy_only=False)
-                for i in range(table.num_rows):
-                    report["input_records"] += 1
-                    status, reason, text = cols["status"][i], cols["reason"][i], cols["text"][i]
-                    if status == QUARANTINE:
-                        report["quarantined"] += 1
-                        report["quarantine_reasons"][reason] += 1
-                        rec = {"source": cols["source"][i], "line": cols["line"][i], "reason": reason}
-                        qf.write(
-                            json.dumps({**rec, "excerpt": cols["excerpt"][i]}, ensure_ascii=False) + "\n"
-                        )
-                        continue
-                    if status == OK:
-                        t0 = time.perf_counter()
-                        reason = dedup.check(cols["text_hash"][i], cols["band_keys"][i])
-                        t_dedup += time.perf_counter() - t0
-                        if reason:
-                            pass
-                        elif cfg.quality and not quality[i] >= cfg.quality_threshold:
-                            reason = "low_quality"
-                        elif cfg.perplexity and not ppl[i] <= cfg.perplexity_threshold:
-                            reason = "high_perplexity"
-                        elif models["domain"] is not None and not dom[i] >= cfg.domain_threshold:
-                            reason = "off_domain"
-                    if status == OK and not reason:
-                        report["kept"] += 1
-                        clean.add(text, cols["text_hash"][i])
+                n = table.num_rows
+                report["input_records"] += n
+                status = table.column("status").to_numpy(zero_copy_only=False)
+                reason = table.column("reason").to_pylist()
+                for i in np.flatnonzero(status == QUARANTINE):
+                    report["quarantined"] += 1
+                    report["quarantine_reasons"][reason[i]] += 1
+                    rec = {k: table.column(k)[i].as_py() for k in ("source", "line", "reason", "excerpt")}
+                    qf.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                # dedup, in input order, over what the workers kept
+                t0 = time.perf_counter()
+                ok = np.flatnonzero(status == OK)
+                # OK rows hold the same number of band keys each (0 with near-dedup off), others none
+                keys = table.column("band_keys").combine_chunks().values.to_numpy()
+                kept = np.zeros(n, dtype=bool)
+                verdicts = dedup.check_batch(table.column("text_hash").to_numpy()[ok], keys)
+                for i, r in zip(ok.tolist(), verdicts):
+                    if r:
+                        reason[i] = r
                     else:
-                        report["dropped"][reason] += 1
-                    if text is not None:  # a reservoir of documents that reached the decisions
-                        item = (text[:4000], not reason, reason)
-                        seen = report["kept"] + sum(report["dropped"].values())
-                        if len(sample) < 1000:
-                            sample.append(item)
-                        elif (j := rng.randrange(seen)) < 1000:
-                            sample[j] = item
+                        kept[i] = True
+                t_dedup += time.perf_counter() - t0
+                report["kept"] += int(kept.sum())
+                for i in np.flatnonzero((status != QUARANTINE) & ~kept):
+                    report["dropped"][reason[i]] += 1
+                has_text = table.column("text").is_valid().to_numpy(zero_copy_only=False)
+                topics.offer(table.column("text"), np.flatnonzero(has_text), kept, reason)
+                if fused:
+                    packing.add(table, kept)
+                elif kept.any():
+                    mask = pa.array(kept)
+                    for text, h in zip(
+                        table.column("text").filter(mask).to_pylist(),
+                        table.column("text_hash").filter(mask).to_pylist(),
+                    ):
+                        clean.add(text, h)
                 progress.tick(report["input_records"], f", kept {report['kept']:,}")
-        clean.flush()
+        sample = topics.items
+        if clean is not None:
+            clean.flush()
         pass1_s = time.perf_counter() - t_pass1
         for stage in ("read", *STAGES):
             report["stages"][stage] = {"seconds": round(stage_s[stage], 3)}
@@ -382,9 +434,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
 
         # ---- tokenizer
         t0 = time.perf_counter()
-        if cfg.tokenizer is not None:
-            tok = Tokenizer.load(cfg.tokenizer)
-        else:
+        if not fused:
             log(f"prepare: training a {cfg.vocab_size}-token byte-level BPE on the kept text")
             tok = train_tokenizer(clean.iter_texts(cfg.tokenizer_train_chars), cfg.vocab_size)
         tok.save(out / "tokenizer.json")
@@ -393,42 +443,36 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
             "vocab_size": tok.vocab_size,
         }
 
-        # ---- pass 2: tokenize (workers) → pack (driver, in order)
+        # ---- pass 2 (tokenizer trained above): tokenize (workers) → pack (driver, in order)
         t0 = time.perf_counter()
-        ds2 = ray.data.from_items(
-            [{"path": str(p)} for p in clean.files], override_num_blocks=len(clean.files)
-        )
-        ds2 = ds2.map_batches(
-            Tokenize, batch_size=1, batch_format="pyarrow",
-            fn_constructor_kwargs={
-                "tokenizer_json": tok.hf.to_str(), "max_doc_tokens": cfg.max_doc_tokens,
-                "eval_fraction": cfg.eval_fraction, "truncate": cfg.truncate_tokens, "max_chars": cfg.max_chars,
-            },
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(clean.files)))),
-        )  # fmt: skip
-        packers = {
-            "train": Packer(cfg.seq_len, ShardWriter(out / "train", cfg.rows_per_shard), tok.vocab_size),
-            "eval": Packer(cfg.seq_len, ShardWriter(out / "eval", cfg.rows_per_shard)),
-        }
-        docs = Counter()
-        pieces = truncated = 0
-        progress = _Progress("tokenize", log)
-        for table in ds2.iter_batches(batch_size=None, batch_format="pyarrow"):
-            tokens = table.column("tokens")
-            evals = table.column("eval").to_pylist()
-            pieces += pa.compute.sum(table.column("pieces")).as_py() or 0
-            truncated += pa.compute.sum(table.column("truncated_tokens")).as_py() or 0
-            for i in range(table.num_rows):
-                split = "eval" if evals[i] else "train"
-                docs[split] += 1
-                packers[split].add(tokens[i].values.to_numpy(zero_copy_only=False))
-            progress.tick(sum(docs.values()))
+        if not fused:
+            ds2 = ray.data.from_items(
+                [{"path": str(p)} for p in clean.files], override_num_blocks=len(clean.files)
+            )
+            ds2 = ds2.map_batches(
+                Tokenize, batch_size=1, batch_format="pyarrow",
+                fn_constructor_kwargs={
+                    "tokenizer_json": tok.hf.to_str(), "max_doc_tokens": cfg.max_doc_tokens,
+                    "eval_fraction": cfg.eval_fraction, "truncate": cfg.truncate_tokens,
+                    "max_chars": cfg.max_chars,
+                },
+                compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(clean.files)))),
+            )  # fmt: skip
+            packing = _Packing(cfg, tok, out)
+            progress = _Progress("tokenize", log)
+            for table in ds2.iter_batches(batch_size=None, batch_format="pyarrow"):
+                packing.add(table, np.ones(table.num_rows, dtype=bool))
+                progress.tick(sum(packing.docs.values()))
+        packers, docs = packing.packers, packing.docs
         tail = {split: p.finish() for split, p in packers.items()}
-        tok_s = time.perf_counter() - t0
+        # fused: the workers' tokenize seconds + the driver's packing; else pass 2's wall time
+        tok_s = stage_s["tokenize"] + packing.seconds if fused else time.perf_counter() - t0
         report["stages"]["tokenize_pack"] = {
             "seconds": round(tok_s, 3),
             "docs_per_s": round(sum(docs.values()) / max(tok_s, 1e-9), 1),
+            "fused_with_clean_pass": fused,
         }
+        truncated, pieces = packing.truncated, packing.pieces
         num_train, num_eval = packers["train"].writer.num_rows, packers["eval"].writer.num_rows
         report["tokens"] = {
             "train": packers["train"].tokens,
@@ -457,9 +501,13 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         }
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         report["meta"] = meta
-        shutil.rmtree(out / "_clean")
+        if clean is not None:
+            shutil.rmtree(out / "_clean")
     finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+        (
+            ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
+            ctx.target_max_block_size,
+        ) = saved  # fmt: skip
     _write_report(out, report, t_all)
     log(summary(report))
     return report

@@ -240,7 +240,7 @@ def _read_jsonl(f, src: str, max_bytes: int, end: int = -1, lineno: int = 0) -> 
             yield from _read_json_array(f, raw, src, max_bytes)
             return
         first = False
-        if not raw.strip():
+        if raw.isspace():
             yield (src, lineno, DROP, "blank_line", "", None)
             continue
         yield _parse_json_record(raw, src, lineno)
@@ -268,10 +268,11 @@ def _record_from_obj(obj, src: str, lineno: int, line: str) -> tuple:
     text = obj["text"]
     if not isinstance(text, str):
         return (src, lineno, QUARANTINE, "text_not_string", _excerpt(line), None)
-    try:
-        text.encode("utf-8")  # lone surrogates from \ud800 escapes are not text
-    except UnicodeEncodeError:
-        return (src, lineno, QUARANTINE, "invalid_utf8", _excerpt(repr(text)), None)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")  # lone surrogates from \ud800 escapes are not text
+        except UnicodeEncodeError:
+            return (src, lineno, QUARANTINE, "invalid_utf8", _excerpt(repr(text)), None)
     return (src, lineno, OK, "", "", text)
 
 

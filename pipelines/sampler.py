@@ -12,7 +12,11 @@ pure function of (state, step): `batch_for_step` is idempotent (all ranks may as
 matter (ids are global; the trainer slices the global batch).
 
 Protocol per step: ids = batch_for_step(step, B); ...train...; report_losses(ids, losses);
-commit(step). A step asked for but not committed (crash) is drawn again after restore.
+commit(step). A step may be asked for ahead (the trainer asks for step s+1 before training step s,
+so the draw overlaps the compute): its ids are held while pending, and `state_dict` keeps the
+pending draws, so a resume answers them as the run did (a draw made while step s was pending
+cannot be recomputed once s is committed). A step first asked for after the checkpoint (crash) is
+drawn again after restore.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class CurriculumSampler:
         self.last_step = -1  # last committed step
         self.duplicates = 0  # ids committed twice in one epoch: must stay 0
         self._pending: dict[int, list[tuple[int, np.ndarray]]] = {}  # step -> [(epoch, ids)]
+        self._restored: set[int] = set()  # pending steps that came from load_state_dict
 
     @property
     def _nbytes(self) -> int:
@@ -68,11 +73,17 @@ class CurriculumSampler:
         if step in self._pending:
             parts = self._pending[step]
             got = sum(ids.size for _, ids in parts)
-            if got != global_batch:
+            if got == global_batch:
+                return np.concatenate([ids for _, ids in parts])
+            if step not in self._restored:
                 raise ValueError(
                     f"step {step} was drawn with global batch {got}, now asked for {global_batch}"
                 )
-            return np.concatenate([ids for _, ids in parts])
+            # resumed with another global batch: the checkpoint's draws ahead no longer fit; their
+            # ids were never committed, so they return to the pool and the steps are drawn anew
+            for s in self._restored:
+                self._pending.pop(s, None)
+            self._restored.clear()
         rng = np.random.default_rng([self.seed, step])
         weights_N = self.controller.weights(self._progress())
         parts, need, epoch = [], global_batch, self.epoch
@@ -106,6 +117,7 @@ class CurriculumSampler:
         """Mark the ids of `step` consumed (call once the step's update is durable)."""
         if step not in self._pending:
             raise ValueError(f"commit({step}): that step was not drawn (or is already committed)")
+        self._restored.discard(step)
         for epoch, ids in self._pending.pop(step):
             bits = self.ledger.setdefault(epoch, np.zeros(self._nbytes, dtype=np.uint8))
             consumed = np.unpackbits(bits, count=self.num_samples).astype(bool)
@@ -134,7 +146,7 @@ class CurriculumSampler:
         }
 
     def state_dict(self) -> dict:
-        """Everything a resume needs (pending, uncommitted steps are not saved: they are redrawn)."""
+        """Everything a resume needs, including the steps drawn ahead and not yet committed."""
         return {
             "num_samples": self.num_samples,
             "seed": self.seed,
@@ -145,6 +157,9 @@ class CurriculumSampler:
             "last_step": self.last_step,
             "duplicates": self.duplicates,
             "controller": self.controller.state_dict(),
+            "pending": {
+                int(step): [(int(e), ids.copy()) for e, ids in parts] for step, parts in self._pending.items()
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -161,4 +176,8 @@ class CurriculumSampler:
         self.last_step = int(state["last_step"])
         self.duplicates = int(state["duplicates"])
         self.controller.load_state_dict(state["controller"])
-        self._pending = {}
+        self._pending = {  # absent in checkpoints written before draws ahead were kept
+            int(step): [(int(e), np.asarray(ids, dtype=np.int64).copy()) for e, ids in parts]
+            for step, parts in state.get("pending", {}).items()
+        }
+        self._restored = set(self._pending)

@@ -19,7 +19,7 @@ os.environ.setdefault("DSV3RAY_CACHE", str(Path(tempfile.gettempdir()) / "dsv3ra
 
 from dsv3ray.config import section_from_dict  # noqa: E402
 from dsv3ray.errors import ConfigError, UserError  # noqa: E402
-from pipelines.clean import Cleaner, CleanSettings, normalize_text  # noqa: E402
+from pipelines.clean import Cleaner, CleanSettings, normalize_text, normalize_text_reference  # noqa: E402
 from pipelines.corpus import stdlib_documents, write_demo_corpus  # noqa: E402
 from pipelines.dedup import Deduplicator, MinHasher, SeenSet, lsh_params  # noqa: E402
 from pipelines.domain import DomainFilter, topic_summary  # noqa: E402
@@ -116,6 +116,14 @@ def test_readers_every_bad_input_gets_an_outcome(tmp_path):
 
 def test_normalize():
     assert normalize_text("e\u0301t\u00e9\x00\x07  a\t\tb \r\n\n\n\nc  ") == "\u00e9t\u00e9 a b\n\nc"
+    # the fast path (rewrites only where a C-level test says they change something) = every rewrite
+    alphabet = list(
+        " \t\n\r abZ.,\x00\x07\x0b\x1f\x7f\x85\x9f\u00a0\u3000\u200b\u2028\u2029\ufeff\u0301e\u00e9\u2003🙂"
+    )
+    rng = random.Random(0)
+    for _ in range(20_000):
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        assert normalize_text(t) == normalize_text_reference(t), repr(t)
 
 
 def test_minhash_lsh_and_seen_set(docs):
@@ -136,12 +144,74 @@ def test_minhash_lsh_and_seen_set(docs):
         s.add(int(k))
     assert all(int(k) in s for k in keys[:2500]) and not any(int(k) in s for k in keys[2500:])
     assert s.count == 2500 and s.table.size >= 5000  # grew, load <= 1/2
+    # batched probes/inserts (vectorized linear probing) = a Python set, with colliding small keys
+    rng = np.random.default_rng(1)
+    s, ref = SeenSet(capacity=16), set()
+    for _ in range(100):
+        add = rng.integers(-40, 40, size=rng.integers(0, 30))
+        query = rng.integers(-50, 50, size=40)
+        assert s.contains_many(query).tolist() == [(int(q) or 1) in ref for q in query]
+        s.add_many(add)
+        ref |= {int(k) or 1 for k in add}
+        assert s.count == len(ref) and s.count * 2 <= s.table.size
     d = Deduplicator(exact=True, near=True)
     ka, kn, ko = (mh.band_keys(x).tolist() for x in (sa, sn, so))
     assert [d.check(1, ka), d.check(1, ko), d.check(2, kn), d.check(3, ko)] == [
         "",
         "duplicate_exact",
         "near_duplicate",
+        "",
+    ]
+
+
+def test_minhash_estimates_jaccard_and_batches(docs):
+    # one-permutation hashing + optimal densification: P[sig_a[i] == sig_b[i]] = Jaccard, also
+    # for short documents with many empty bins; the mean over seeds must sit on the true value
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(5000)]
+    for n, shared in ((300, 200), (12, 9)):  # ~300 shingles for 128 bins; 8 shingles: bins mostly empty
+        a = [vocab[j] for j in rng.integers(0, 5000, n)]
+        b = a[:shared] + [vocab[j] for j in rng.integers(0, 5000, n - shared)]
+        sa, sb = (set(MinHasher(128, 5).shingles(" ".join(x)).tolist()) for x in (a, b))
+        true = len(sa & sb) / len(sa | sb)
+        est = [MinHasher(128, 5, 0.8, seed).signatures([" ".join(a), " ".join(b)]) for seed in range(200)]
+        assert np.mean([MinHasher.jaccard(x, y) for x, y in est]) == pytest.approx(true, abs=0.02)
+    mh = MinHasher(64, 5, 0.8)
+    texts = docs[:50] + ["", "one two", "!!! ???", "Ünïcödé wörds " * 10]
+    batch = mh.signatures(texts)
+    assert all(np.array_equal(batch[i], mh.signature(t)) for i, t in enumerate(texts))
+    assert np.array_equal(mh.signatures(texts, max_bytes=500), batch)  # grouping does not matter
+    keys = mh.band_keys_batch(batch)
+    assert keys.shape == (len(texts), mh.bands) and np.array_equal(keys[3], mh.band_keys(batch[3]))
+
+
+def test_dedup_batches_equal_one_by_one():
+    def reference(hashes, keys):  # the rule, one document at a time, with Python sets
+        exact, bands, out = set(), set(), []
+        for h, ks in zip(hashes, keys):
+            h, ks = h or 1, [k or 1 for k in ks]
+            if h in exact:
+                out.append("duplicate_exact")
+            elif any(k in bands for k in ks):
+                out.append("near_duplicate")
+            else:
+                out.append("")
+                exact.add(h)
+                bands.update(ks)
+        return out
+
+    rng = np.random.default_rng(0)
+    d, hashes, keys, got = Deduplicator(exact=True, near=True), [], [], []
+    for _ in range(60):  # small key ranges: duplicates inside a batch and across batches
+        n = int(rng.integers(0, 40))
+        h, k = rng.integers(0, 80, size=n), rng.integers(0, 500, size=(n, 4))
+        got += d.check_batch(h, k)
+        hashes += h.tolist()
+        keys += k.tolist()
+    assert got == reference(hashes, keys) and {"", "near_duplicate", "duplicate_exact"} == set(got)
+    assert Deduplicator(exact=True, near=False).check_batch([5, 5, 6], np.zeros((3, 0))) == [
+        "",
+        "duplicate_exact",
         "",
     ]
 
