@@ -70,34 +70,49 @@ class _ChunkCache:
             and not any(t in chunk for t in self.added_in_chunk)
         )
 
+    def encode_many(self, texts: list[str]) -> list[np.ndarray | None]:
+        """The ids of each text, or None where the chunk rule does not apply. The chunks missing
+        from the cache are encoded in one library call for the whole batch."""
+        out: list[np.ndarray | None] = [None] * len(texts)
+        chunks: dict[int, list[str]] = {}
+        for i, text in enumerate(texts):
+            if any(t in text for t in self.added_spanning):
+                continue
+            parts = text.split(" ")
+            try:
+                out[i] = self._lookup(parts)
+            except KeyError:
+                if all(map(self._safe, parts)):
+                    chunks[i] = parts
+        if chunks:
+            self._fill(chunks.values())
+            for i, parts in chunks.items():
+                out[i] = self._lookup(parts)
+        return out
+
     def encode(self, text: str) -> np.ndarray | None:
-        """The ids of `text`, or None when the chunk rule does not apply to it."""
-        if any(t in text for t in self.added_spanning):
-            return None
-        chunks = text.split(" ")
-        try:
-            return self._lookup(chunks)
-        except KeyError:
-            if not self._fill(chunks):
-                return None
-            return self._lookup(chunks)
+        return self.encode_many([text])[0]
 
     def _lookup(self, chunks: list[str]) -> np.ndarray:
         body = b"".join(map(self.rest.__getitem__, chunks[1:]))
         return np.frombuffer(self.first[chunks[0]] + body, dtype=np.int32)
 
-    def _fill(self, chunks: list[str]) -> bool:
-        if not all(map(self._safe, chunks)):
-            return False
-        if len(self.first) + len(self.rest) + len(chunks) > self.max_entries:
+    def _missing(self, docs) -> tuple[set[str], set[str]]:
+        first = {c[0] for c in docs if c[0] not in self.first}
+        rest = {x for c in docs for x in c[1:] if x not in self.rest}
+        return first, rest
+
+    def _fill(self, docs) -> None:
+        docs = list(docs)
+        first, rest = self._missing(docs)
+        if len(self.first) + len(self.rest) + len(first) + len(rest) > self.max_entries:
             self.first.clear()
             self.rest.clear()
-        todo = [(self.first, chunks[0], chunks[0])] if chunks[0] not in self.first else []
-        todo += [(self.rest, c, " " + c) for c in dict.fromkeys(chunks[1:]) if c not in self.rest]
+            first, rest = self._missing(docs)
+        todo = [(self.first, c, c) for c in sorted(first)] + [(self.rest, c, " " + c) for c in sorted(rest)]
         encs = self.hf.encode_batch_fast([t for _, _, t in todo], add_special_tokens=False)
         for (cache, key, _), enc in zip(todo, encs):
             cache[key] = np.asarray(enc.ids, dtype=np.int32).tobytes()
-        return True
 
 
 class Tokenizer:
@@ -125,11 +140,8 @@ class Tokenizer:
         out: list = [None] * len(texts)
         slow = list(range(len(texts)))
         if self._chunks is not None:
-            slow = []
-            for i, text in enumerate(texts):
-                out[i] = self._chunks.encode(text)
-                if out[i] is None:
-                    slow.append(i)
+            out = self._chunks.encode_many(texts)
+            slow = [i for i, ids in enumerate(out) if ids is None]
         if slow:
             encs = self.hf.encode_batch_fast([texts[i] for i in slow], add_special_tokens=False)
             for i, e in zip(slow, encs):
