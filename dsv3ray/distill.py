@@ -523,17 +523,23 @@ class Distiller:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters only; the stage itself is recomputed from the restored step/tokens."""
+        """The run totals (counters, waits, label bytes) and the difficulty baseline, as plain ints
+        and floats (the training checkpoint loads with weights_only=True); the stage itself is
+        recomputed from the restored step/tokens, queued requests are asked again."""
         return {
-            "counters": dict(self.counters),
-            "wait_s": self._wait_s,
-            "teacher_ce_ema": self.teacher_ce_ema,
+            "counters": {k: int(v) for k, v in self.counters.items()},
+            "wait_s": float(self._wait_s),
+            "teacher_ce_ema": None if self.teacher_ce_ema is None else float(self.teacher_ce_ema),
+            "label_bytes": int(self._label_bytes),
+            "label_tokens": int(self._label_tokens),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.counters.update(state.get("counters", {}))
+        self.counters.update({k: int(v) for k, v in state.get("counters", {}).items()})
         self._wait_s = float(state.get("wait_s", 0.0))
         self.teacher_ce_ema = state.get("teacher_ce_ema")
+        self._label_bytes = int(state.get("label_bytes", 0))
+        self._label_tokens = int(state.get("label_tokens", 0))
 
 
 # ---------------------------------------------------------------------------------------------

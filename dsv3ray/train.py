@@ -455,6 +455,24 @@ def _kill_once(run_dir: str, what: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def gather_distiller_states(distiller, world: int) -> list[dict] | None:
+    """Every rank's Distiller counters, for rank 0 to save (collective: all ranks call it)."""
+    if distiller is None:
+        return None
+    states = [None] * world
+    dist.all_gather_object(states, distiller.state_dict())
+    return states
+
+
+def restore_distiller(distiller, state: dict, rank: int) -> None:
+    """This rank's Distiller counters from a checkpoint's run state, so the run totals (KD batches,
+    CE fallbacks, timeouts, ...) continue across a restart; a rank the checkpoint did not have
+    (a larger elastic group) starts at 0."""
+    saved = state.get("distiller")
+    if distiller is not None and saved and rank < len(saved) and saved[rank] is not None:
+        distiller.load_state_dict(saved[rank])
+
+
 class Mailbox:
     """Worker -> driver values that are not checkpoint metrics (the final summary, a user error)."""
 
@@ -596,6 +614,8 @@ class _Worker:
         self.bad_total = state["bad_steps"]
         self.resume_ce = state.get("last_ce")
         self.resumed_from = state["step"]
+        self.spent_before = dict(state.get("spent") or {})
+        restore_distiller(self.distiller, state, self.rank)
         return int(state["step"])
 
     # -- one step --
@@ -734,6 +754,7 @@ class _Worker:
         import ray.train
 
         tmp = Path(tempfile.mkdtemp(prefix=f"dsv3ray-ckpt-{step}-r{self.rank}-"))
+        distill_states = gather_distiller_states(self.distiller, self.world)  # collective
         try:
             self.engine.save_checkpoint(str(tmp / "ds"), tag="step", save_latest=True)
             # + a layout-free copy (model + optimizer by global expert id) for another DP/EP size
@@ -749,6 +770,8 @@ class _Worker:
                     "last_ce": last.get("ce"),
                     "balancer": self.balancer.state_dict(),
                     "sampler": ray.get(self.c["sampler"].state_dict.remote()),
+                    "distiller": distill_states,  # one per rank, None without [distill]
+                    "spent": self._spent(),  # running cost so far, continued on resume
                 }
                 ckpt.save_train_state(tmp, state)
             if self.cfg.kill_in_checkpoint_step == step and self.rank == self.world - 1:
@@ -774,14 +797,6 @@ class _Worker:
                 f.write(f"{os.getpid()}\n")
         self._build()
         self._load_data()
-        self.tokens, self.bad_total, self.resume_ce, self.resumed_from = 0, 0, None, 0
-        start = self._restore()
-        dist.barrier()  # the sampler holds the checkpoint's ledger before anyone draws
-        writer = MetricsWriter(Path(self.c["run_dir"]) / "tb" if self.rank == 0 else None)
-        from dsv3ray.cost import RunningCost
-
-        running_cost = RunningCost(self.c["cost_device"], self.world, self.c["cost"])
-        t_loop = time.perf_counter()  # spend of this (re)start of the worker group
         steps, seq_len = self.c["steps"], self.c["seq_len"]
         tokens_per_step = self.c["global_batch"] * seq_len
         if self.c.get("teachers"):
@@ -790,6 +805,15 @@ class _Worker:
             self.distiller = Distiller(
                 self.c["distill"], self.c["teachers"], self.rank, tokens_per_step, steps
             )
+        self.tokens, self.bad_total, self.resume_ce, self.resumed_from = 0, 0, None, 0
+        self.spent_before = {}
+        start = self._restore()  # also restores the Distiller's counters and the spend so far
+        dist.barrier()  # the sampler holds the checkpoint's ledger before anyone draws
+        writer = MetricsWriter(Path(self.c["run_dir"]) / "tb" if self.rank == 0 else None)
+        from dsv3ray.cost import RunningCost
+
+        self.running_cost = RunningCost(self.c["cost_device"], self.world, self.c["cost"])
+        self.t_loop = time.perf_counter()  # spend of this (re)start of the worker group
         consecutive_bad, last, eval_loss, first_ce_after_resume = 0, {}, None, None
         stopped, t_train, steps_timed = "", 0.0, 0
         step = start
@@ -840,7 +864,7 @@ class _Worker:
                         "model/activation_ratio": self.c["activation_ratio"],
                         "moe/bias_norm": bias_norm(self.model),
                         **r["distill"],
-                        **{f"cost/{k}": v for k, v in running_cost.at(time.perf_counter() - t_loop).items()},
+                        **{f"cost/{k}": v for k, v in self._spent().items()},
                     }
                 )
                 if self.rank == 0:
@@ -917,6 +941,12 @@ class _Worker:
             export_model(
                 self.model, Path(self.c["run_dir"]) / TEACHER_EXPORT_DIR, self.ep, write=self.rank == 0
             )
+
+    def _spent(self) -> dict[str, float]:
+        """GPU-hours, kWh, money so far: this (re)start's time priced at its world size, plus what
+        the checkpoint it resumed from had spent (time between that checkpoint and a crash is lost)."""
+        now = self.running_cost.at(time.perf_counter() - self.t_loop)
+        return {k: v + float(self.spent_before.get(k, 0.0)) for k, v in now.items()}
 
     def _count_start(self) -> int:
         """Times this run's worker group started (1 + restarts), counted from a marker file."""

@@ -513,9 +513,8 @@ def test_distilled_student_beats_ce_student_on_held_out_loss(one_thread):
 @pytest.mark.slow
 def test_train_with_distill_section_two_stages(ray_local, tmp_path):
     """A dense teacher (exported like a finished run) distills into the MoE student for 3 steps,
-    then the run switches to CE; the metrics reach TensorBoard and no batch fell back."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+    then the run switches to CE; the metrics reach TensorBoard and no batch fell back. The worker
+    dies before step 3 and resumes from the step-2 checkpoint: the counters go on from it."""
     from dsv3ray.data import write_synthetic_prepared
     from dsv3ray.runconfig import resolve_run_config
     from dsv3ray.train import train
@@ -550,22 +549,25 @@ def test_train_with_distill_section_two_stages(ray_local, tmp_path):
             "distill.k=8",
             "distill.timeout_s=120.0",
             "distill.save_as_teacher=true",  # the student exports itself as a teacher
+            "train.checkpoint_every=2",
+            "train.kill_at_step=3",  # SIGKILL before step 3; Ray Train restarts from step 2
+            "train.max_failures=1",
         ],
     )
     summary = train(run)
-    assert summary["steps"] == 5
-    # rank 0's totals: 3 stage-1 steps x 1 micro-batch, each trained with KD or counted as fallback
+    assert summary["steps"] == 5 and summary["restarts"] == 1 and summary["resumed_from_step"] == 2
+    # rank 0's totals over both attempts (2 KD steps restored from the checkpoint + step 3):
+    # 3 stage-1 steps x 1 micro-batch, each trained with KD or counted as fallback
     assert summary["distill_kd_batches"] + summary["distill_fallback_batches"] == 3
     assert summary["distill_fallback_batches"] == 0 and summary["distill_label_bytes_per_token"] == 8 * 6
-    (event_file,) = (tmp_path / "student" / "tb").glob("events.*")
-    acc = EventAccumulator(str(event_file))
-    acc.Reload()
-    stage = {e.step: e.value for e in acc.Scalars("distill/stage")}
-    assert stage == {1: 1.0, 2: 1.0, 3: 1.0, 4: 2.0, 5: 2.0}
-    kd = [e.value for e in acc.Scalars("distill/kd_loss")]
+    from dsv3ray.metrics import read_scalars
+
+    sc = read_scalars(tmp_path / "student" / "tb")  # both attempts' event files
+    assert dict(sc["distill/stage"]) == {1: 1.0, 2: 1.0, 3: 1.0, 4: 2.0, 5: 2.0}
+    kd = [v for _, v in sc["distill/kd_loss"]]
     assert len(kd) == 3 and all(np.isfinite(kd))
-    assert acc.Scalars("distill/fallback_batches")[-1].value == 0
-    assert acc.Scalars("distill/kd_batches")[-1].value == 3  # rank 0: one micro-batch per step
+    assert sc["distill/fallback_batches"][-1][1] == 0
+    assert dict(sc["distill/kd_batches"])[3] == 3  # rank 0: one micro-batch per step, after the restart
     # the student's own export (all 16 experts) loads as a teacher
     worker = TeacherWorker(str(tmp_path / "student"), DistillConfig(teacher="s", k=4))
     moe = worker.model.moe_layers()[0]

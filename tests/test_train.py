@@ -108,6 +108,9 @@ def test_train_ep2_then_resume_on_other_world_size_with_nan_faults(ray_local, tm
     bad = dict(sc["train/bad_steps"])
     assert bad[9] == 0 and bad[10] == 1 and bad[11] == 1 and bad[14] == 3
     assert 10 not in dict(sc["train/ce_loss"]) and 11 in dict(sc["train/ce_loss"])
+    # the running cost goes on from the step-8 checkpoint's (2 workers x 8 steps), not from 0
+    gpu_h = dict(sc["cost/gpu_hours"])
+    assert gpu_h[9] > gpu_h[8] and all(gpu_h[s + 1] > gpu_h[s] for s in range(8, 14)), gpu_h
     # the last good checkpoint (step 12, written by the 1-worker run) stays the newest valid one
     newest = ck.latest_valid(run_dir / "checkpoints")
     assert newest.name == "step_00000012" and ck.validate(newest).world_size == 1
