@@ -117,11 +117,24 @@ class PrepareConfig:
 # the pipeline
 
 
-def _read_udf(batch, max_record_bytes: int, batch_size: int):
-    """Ray Data UDF (generator): a table of file paths → record tables."""
-    from pipelines.readers import read_files_batches
+class _ReadClean:
+    """Ray Data actor UDF: a table of work items (one) → cleaned record tables of ~batch_size rows.
 
-    yield from read_files_batches(batch.to_pylist(), max_record_bytes, batch_size)
+    Reading inside the cleaning actor keeps one task per work item, so the items spread over the
+    actors. (A separate read map op fused with the cleaner is fed input rows in bundles of the
+    cleaner's batch size: 512 work items in one task, one busy actor.)"""
+
+    def __init__(self, settings, max_record_bytes: int, batch_size: int):
+        from pipelines.clean import Cleaner
+
+        self.cleaner = Cleaner(settings)
+        self.max_record_bytes, self.batch_size = max_record_bytes, batch_size
+
+    def __call__(self, items: pa.Table):
+        from pipelines.readers import read_files_batches
+
+        for table in read_files_batches(items.to_pylist(), self.max_record_bytes, self.batch_size):
+            yield self.cleaner(table)
 
 
 class _Progress:
@@ -293,7 +306,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     An input "corpus:stdlib" (or "corpus:stdlib:BYTES") stands for the built-in demo corpus
     (pipelines.corpus), written to DIR/_corpus/ first.
     """
-    from pipelines.clean import STAGES, Cleaner, CleanSettings
+    from pipelines.clean import STAGES, CleanSettings
     from pipelines.dedup import Deduplicator
     from pipelines.pack import Tokenize, unigram_entropy
     from pipelines.readers import QUARANTINE, expand_inputs, plan_work
@@ -350,12 +363,11 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         items = plan_work(files, cfg.split_bytes)
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         ds = ds.map_batches(
-            _read_udf, batch_size=1, batch_format="pyarrow",
-            fn_kwargs={"max_record_bytes": cfg.max_record_bytes, "batch_size": cfg.batch_size},
-        )  # fmt: skip
-        ds = ds.map_batches(
-            Cleaner, fn_constructor_kwargs={"settings": settings}, batch_size=cfg.batch_size,
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(items)))),
+            _ReadClean, batch_size=1, batch_format="pyarrow",
+            fn_constructor_kwargs={
+                "settings": settings, "max_record_bytes": cfg.max_record_bytes, "batch_size": cfg.batch_size,
+            },
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(items)))),
         )  # fmt: skip
         dedup = Deduplicator(cfg.dedup_exact, cfg.dedup_near)
         clean = None if fused else _CleanTextWriter(out / "_clean")  # pass 2's units of parallelism
