@@ -1,10 +1,12 @@
-"""`ray job submit --working-dir . -- dsv3ray train ...` against a real head on loopback.
+"""`ray job submit --working-dir . -- dsv3ray train ...` (then `dsv3ray tune ...`) against a real
+head on loopback.
 
 The head runs `ray start --head --block` in its own session, so the finally kills exactly the
 processes this test started (never `ray stop`, which would stop every Ray on the machine).
 Ray 2.60 heads use token auth; `ray job submit` needs RAY_AUTH_MODE=token to send the token.
 """
 
+import csv
 import os
 import signal
 import socket
@@ -48,11 +50,23 @@ prepared = "{data}"
 """
 
 
-def test_ray_job_submit_trains_on_a_cluster(tmp_path):
+TUNE_TOML = """
+[tune]
+num_samples = 1
+n_routed_experts = [4, 8]
+keep_ratio = [0.25, 0.5]
+tokens = 128
+rungs = 1
+max_concurrent = 1
+"""
+
+
+def test_ray_job_submit_trains_and_tunes_on_a_cluster(tmp_path):
     data = write_synthetic_prepared(tmp_path / "data", num_train=32, num_eval=4, seq_len=16, vocab_size=128)
     wd = tmp_path / "wd"
     wd.mkdir()
     (wd / "job.toml").write_text(JOB_TOML.format(run=tmp_path / "run", data=data))
+    (wd / "tune.toml").write_text(JOB_TOML.format(run=tmp_path / "trials", data=data) + TUNE_TOML)
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ['PATH']}",
@@ -76,20 +90,32 @@ def test_ray_job_submit_trains_on_a_cluster(tmp_path):
         while not _listening(agent) and time.monotonic() - t0 < 60:
             time.sleep(0.5)
         t_agent = time.monotonic() - t0
-        for _ in range(3):  # the agent may listen a moment before it registers with the head
-            r = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
-                 "--", "dsv3ray", "train", "--config", "job.toml"],
-                cwd=wd, env=env, capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
-            out = r.stdout + r.stderr
-            if "No available agent" not in out:
-                break
-            time.sleep(3)
-        print(f"agent up after {t_agent:.0f}s, job done after {time.monotonic() - t0:.0f}s")
-        assert r.returncode == 0 and "succeeded" in out, out[-3000:]
+
+        def submit(*command: str) -> str:
+            for _ in range(3):  # the agent may listen a moment before it registers with the head
+                r = subprocess.run(
+                    [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                     "--working-dir", ".", "--", *command],
+                    cwd=wd, env=env, capture_output=True, text=True, timeout=300,
+                )  # fmt: skip
+                out = r.stdout + r.stderr
+                if "No available agent" not in out:
+                    break
+                time.sleep(3)
+            assert r.returncode == 0 and "succeeded" in out, out[-3000:]
+            return out
+
+        out = submit("dsv3ray", "train", "--config", "job.toml")
+        print(f"agent up after {t_agent:.0f}s, train job done after {time.monotonic() - t0:.0f}s")
         assert "[dsv3ray] done: 2 steps" in out
         assert (tmp_path / "run" / "report.json").is_file()
+        # a sweep as a job: its trials run on the same cluster, the outputs land where it was told
+        submit("dsv3ray", "tune", "--config", "tune.toml", "--output", str(tmp_path / "sweep"))
+        print(f"tune job done after {time.monotonic() - t0:.0f}s")
+        with (tmp_path / "sweep" / "trials.csv").open() as f:
+            trials = list(csv.DictReader(f))
+        assert len(trials) == 1 and all(t["status"] == "TERMINATED" for t in trials), trials
+        assert (tmp_path / "sweep" / "pareto.png").is_file()
     finally:
         _kill_group(head)
 
