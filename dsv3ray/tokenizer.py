@@ -60,6 +60,8 @@ class _ChunkCache:
             and model.get("type") == "BPE"
             and not model.get("dropout")
             and spec.get("post_processor") is None
+            and spec.get("truncation") is None  # the library would cut or pad whole texts
+            and spec.get("padding") is None
         )
 
     def _safe(self, chunk: str) -> bool:

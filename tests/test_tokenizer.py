@@ -66,3 +66,9 @@ def test_chunk_cache_encodes_exactly_like_the_library():
     assert len(small._chunks.first) + len(small._chunks.rest) <= 50 + max(
         len(d.split(" ")) for d in docs[:200]
     )
+    from tokenizers import Tokenizer as HF
+
+    cut = HF.from_str(tok.hf.to_str())
+    cut.enable_truncation(max_length=5)
+    assert Tokenizer(cut)._chunks is None  # whole-text options: the library path only
+    assert [len(a) for a in Tokenizer(cut).encode_batch(docs[:3])] == [5, 5, 5]
