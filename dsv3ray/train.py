@@ -507,6 +507,7 @@ class _Worker:
         self.c = config
         self.cfg: TrainConfig = config["train"]
         self.distiller = None  # dsv3ray.distill.Distiller when [distill] names a teacher
+        self._next_ids: dict = {}  # rank 0: step -> ObjectRef of its global batch, asked one step ahead
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = (
@@ -624,12 +625,26 @@ class _Worker:
         return torch.from_numpy(table_NS[ids].astype(np.int64)).to(self.device)
 
     def _draw(self, step: int) -> np.ndarray:
+        """The global batch of `step`: rank 0 gets it from the sampler and broadcasts it.
+
+        Rank 0 also asks for step + 1 here, before this step computes, and takes the answer at the
+        next step, so the sampler's round trip overlaps the compute instead of adding to it. The
+        draw stays deterministic: the sampler runs one caller's requests in order, so step s + 1 is
+        always drawn after commit(s - 1) and before commit(s) (while s is pending), at a fresh
+        start and after a restore alike; a checkpoint keeps such pending draws (sampler state_dict).
+        """
         import ray
 
         G = self.c["global_batch"]
         ids_G = torch.empty(G, dtype=torch.int64, device=self.device)
         if self.rank == 0:
-            ids_G.copy_(torch.from_numpy(ray.get(self.c["sampler"].batch_for_step.remote(step, G))))
+            sampler = self.c["sampler"]
+            ref = self._next_ids.pop(step, None)
+            if ref is None:  # the first step after a (re)start
+                ref = sampler.batch_for_step.remote(step, G)
+            if step < self.c["steps"]:
+                self._next_ids = {step + 1: sampler.batch_for_step.remote(step + 1, G)}
+            ids_G.copy_(torch.from_numpy(ray.get(ref)))
         dist.broadcast(ids_G, src=0)
         return ids_G.cpu().numpy()
 

@@ -127,3 +127,52 @@ def test_errors():
         s.batch_for_step(0, 4)
     with pytest.raises(ValueError, match="same prepared data"):
         CurriculumSampler(11, seed=0).load_state_dict(s.state_dict())
+
+
+def run_ahead(sampler, steps, batch, start=0, last_step=30):
+    """The trainer's protocol: step s+1 is asked for before step s trains, then s commits (the
+    run's last step asks for none). Returns the ids of each step."""
+    out = []
+    for step in range(start, start + steps):
+        ids = sampler.batch_for_step(step, batch)
+        if step < last_step:
+            sampler.batch_for_step(step + 1, batch)  # drawn while `step` is pending
+        sampler.report_losses(ids, loss_of(ids) + np.sin(step + ids))  # changing losses: the
+        sampler.commit(step)  # weights depend on which steps were reported before a draw
+        out.append(ids)
+    return out
+
+
+def test_draws_ahead_resume_in_the_same_order_and_exactly_once(tmp_path):
+    """A checkpoint taken between steps holds the step drawn ahead; a resume answers it as the run
+    did (it cannot be recomputed: it was drawn before the checkpoint's step was committed), through
+    the trainer's weights_only state file; a resume with another global batch redraws it."""
+    from dsv3ray import checkpoint as ck
+
+    batch, cfg = 96, CurriculumConfig(warmup_fraction=0.0)  # weighted from the first reported loss
+    a = CurriculumSampler(N, seed=5, curriculum_cfg=cfg, total_samples=3 * N)
+    head = run_ahead(a, 10, batch)  # step 10 was asked for while step 9 trained
+    ck.save_train_state(tmp_path, {"sampler": a.state_dict()})
+    tail_a = run_ahead(a, 21, batch, start=10)
+
+    b = CurriculumSampler(N, seed=5, curriculum_cfg=cfg, total_samples=3 * N)
+    b.load_state_dict(ck.load_train_state(tmp_path)["sampler"])
+    tail_b = run_ahead(b, 21, batch, start=10)
+    for x, y in zip(tail_a, tail_b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    flat = np.concatenate(head + tail_b)
+    assert flat.size // N == 2  # (the third epoch is under way)
+    for e in range(2):  # batches straddle epochs; each epoch has every id exactly once
+        np.testing.assert_array_equal(np.sort(flat[e * N : (e + 1) * N]), np.arange(N))
+    assert b.stats()["duplicates"] == 0
+
+    c = CurriculumSampler(N, seed=5, curriculum_cfg=cfg, total_samples=3 * N)
+    c.load_state_dict(ck.load_train_state(tmp_path)["sampler"])
+    tail_c = run_ahead(c, 20, 100, start=10, last_step=29)  # another global batch: step 10 drawn anew
+    assert tail_c[0].size == 100
+    flat = np.concatenate(head + tail_c)
+    for e in range(2):
+        np.testing.assert_array_equal(np.sort(flat[e * N : (e + 1) * N]), np.arange(N))
+    assert c.stats()["duplicates"] == 0
+    with pytest.raises(ValueError, match="global batch 100"):  # a draw of this run stays strict
+        c.batch_for_step(30, 100), c.batch_for_step(30, 50)
