@@ -2,12 +2,19 @@
 
 `init="deepspeed"` sets up torch.distributed through `deepspeed.init_distributed` (what the engine
 tests need), `init="torch"` through a plain gloo/nccl process group. A failing rank fails the test.
+
+The ranks meet through a file in a fresh temporary directory (`init_method="file://..."`), not a
+TCP port: a port picked free and closed before rank 0 binds it could be taken in between by another
+test or process on the machine (a flaky EADDRINUSE in full-suite runs).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -21,11 +28,23 @@ def free_port() -> int:
 
 def spawn(fn, world_size: int, *args, backend: str = "gloo", init: str = "deepspeed") -> None:
     assert init in ("deepspeed", "torch"), init
-    mp.spawn(_entry, args=(fn, world_size, free_port(), backend, init, args), nprocs=world_size, join=True)
+    rendezvous = Path(tempfile.mkdtemp(prefix="dsv3ray-dist-"))
+    try:
+        init_method = (rendezvous / "store").as_uri()  # the file must not exist yet: rank 0 creates it
+        mp.spawn(
+            _entry,
+            args=(fn, world_size, init_method, free_port(), backend, init, args),
+            nprocs=world_size,
+            join=True,
+        )
+    finally:
+        shutil.rmtree(rendezvous, ignore_errors=True)
 
 
-def _entry(rank, fn, world_size, port, backend, init, args):
+def _entry(rank, fn, world_size, init_method, port, backend, init, args):
     os.environ.update(
+        # Nothing binds MASTER_PORT (the ranks meet through the file); DeepSpeed's CPU shared-memory
+        # collectives only name their segments after it, so it stays distinct per spawn.
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),
@@ -36,10 +55,16 @@ def _entry(rank, fn, world_size, port, backend, init, args):
     if init == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+        )
         fn(rank, world_size, *args)
         return
-    torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
+    torch.distributed.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
     finally:
