@@ -31,15 +31,31 @@ def _bucket(word: str, dim: int) -> int:
     return zlib.crc32(word.encode("utf-8", "surrogatepass")) % dim
 
 
+_BUCKETS: dict[int, dict[str, int]] = {}  # dim -> word -> bucket (words repeat: hash each once)
+_MAX_CACHED_WORDS = 1 << 20
+
+
+def _buckets(words: list[str], dim: int) -> list[int]:
+    cache = _BUCKETS.setdefault(dim, {})
+    try:
+        return [cache[w] for w in words]
+    except KeyError:
+        if len(cache) > _MAX_CACHED_WORDS:
+            cache.clear()
+        for w in words:
+            if w not in cache:
+                cache[w] = _bucket(w, dim)
+        return [cache[w] for w in words]
+
+
 def tf_vectors(texts: list[str], dim: int) -> np.ndarray:
     """(n, dim) float32 of 1 + log(count) per hashed word (0 where absent)."""
     out = np.zeros((len(texts), dim), dtype=np.float32)
     for i, t in enumerate(texts):
-        counts = Counter(_bucket(w, dim) for w in words_of(t))
-        if counts:
-            idx = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-            c = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
-            out[i, idx] = 1.0 + np.log(c)
+        b = _buckets(words_of(t), dim)
+        if b:
+            idx, c = np.unique(np.array(b, dtype=np.int64), return_counts=True)
+            out[i, idx] = 1.0 + np.log(c.astype(np.float32))
     return out
 
 
