@@ -257,25 +257,24 @@ class SeenSet:
     def contains_many(self, keys) -> np.ndarray:
         return self._probe(self._fix(keys))[1]
 
-    def add_many(self, keys) -> None:
-        keys = np.unique(self._fix(keys))
-        keys = keys[~self._probe(keys)[1]]
+    def add_many(self, keys, _new: bool = False) -> None:
+        """Insert keys (any order, repeats and present ones allowed; `_new`: distinct and absent)."""
+        if not _new:
+            keys = np.unique(self._fix(keys))
+            keys = keys[~self._probe(keys)[1]]
         while (self.count + keys.size) * 2 > self.table.size:
             self._grow()
+        self.count += keys.size  # distinct and absent: each takes a slot
         slots = self._home(keys)
         mask = self.table.size - 1
         while keys.size:  # every key walks to the first free slot; one winner per contested slot
             free = self.table[slots] == 0
-            cand = np.flatnonzero(free)
-            _, first = np.unique(slots[cand], return_index=True)
-            won = cand[first]
-            self.table[slots[won]] = keys[won]
+            self.table[slots[free]] = keys[free]  # contested slot: one of the writes lands
             placed = np.zeros(keys.size, dtype=bool)
-            placed[won] = True
+            placed[free] = self.table[slots[free]] == keys[free]
             keys, slots = keys[~placed], slots[~placed]
             taken = self.table[slots] != 0
             slots[taken] = (slots[taken] + 1) & mask
-        self.count += int(np.count_nonzero(self.table)) - self.count
 
     def __contains__(self, key: int) -> bool:
         return bool(self.contains_many([int(key)])[0])
@@ -287,7 +286,7 @@ class SeenSet:
         old = self.table[self.table != 0]
         self.table = np.zeros(self.table.size * 2, dtype=np.int64)
         self.count = 0
-        self.add_many(old)
+        self.add_many(old, _new=True)
 
 
 class Deduplicator:
