@@ -113,8 +113,9 @@ class Cleaner:
         if settings.tokenizer_json is not None:
             from tokenizers import Tokenizer as HF
 
-            from dsv3ray.tokenizer import Tokenizer
+            from dsv3ray.tokenizer import Tokenizer, single_threaded
 
+            single_threaded()
             self.tok = Tokenizer(HF.from_str(settings.tokenizer_json))
 
     def __call__(self, table: pa.Table) -> pa.Table:

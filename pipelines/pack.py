@@ -74,6 +74,9 @@ class Tokenize:
     ):
         from tokenizers import Tokenizer as HF
 
+        from dsv3ray.tokenizer import single_threaded
+
+        single_threaded()  # one actor per CPU
         self.tok = Tokenizer(HF.from_str(tokenizer_json))
         self.max_doc_tokens = max_doc_tokens
         self.eval_fraction = eval_fraction
