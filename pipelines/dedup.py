@@ -183,9 +183,15 @@ class MinHasher:
         sig_DP = sig.reshape(len(texts), P)
         d_E, i_E = np.nonzero(sig_DP == _SENTINEL)
         if d_E.size and P > 1:  # optimal densification: first non-empty bin in bin i's own order
-            cand_EC = self.borrow_PP[i_E].astype(np.int64)
-            full_EC = sig_DP[d_E[:, None], cand_EC] != _SENTINEL
-            src_E = cand_EC[np.arange(d_E.size), full_EC.argmax(axis=1)]
+            src_E = np.empty(d_E.size, dtype=np.int64)
+            todo = np.arange(d_E.size)
+            for t in range(P - 1):  # round t: the t-th choice of the bins still unresolved
+                cand = self.borrow_PP[i_E[todo], t].astype(np.int64)
+                full = sig_DP[d_E[todo], cand] != _SENTINEL
+                src_E[todo[full]] = cand[full]
+                todo = todo[~full]
+                if not todo.size:  # every document has a non-empty bin: all resolve
+                    break
             sig_DP[d_E, i_E] = sig_DP[d_E, src_E]
         return sig_DP.astype(np.uint32)
 
