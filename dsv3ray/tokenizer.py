@@ -84,8 +84,11 @@ class _ChunkCache:
             parts = text.split(" ")
             try:
                 out[i] = self._lookup(parts)
-            except KeyError:
-                if all(map(self._safe, parts)):
+            except KeyError:  # cached chunks are known safe: check the others
+                first, rest = self.first, self.rest
+                if (parts[0] in first or self._safe(parts[0])) and all(
+                    self._safe(p) for p in parts[1:] if p not in rest
+                ):
                     chunks[i] = parts
         if chunks:
             self._fill(chunks.values())
@@ -112,10 +115,25 @@ class _ChunkCache:
             self.first.clear()
             self.rest.clear()
             first, rest = self._missing(docs)
-        todo = [(self.first, c, c) for c in sorted(first)] + [(self.rest, c, " " + c) for c in sorted(rest)]
-        encs = self.hf.encode_batch_fast([t for _, _, t in todo], add_special_tokens=False)
-        for (cache, key, _), enc in zip(todo, encs):
-            cache[key] = np.asarray(enc.ids, dtype=np.int32).tobytes()
+        first = sorted(first)
+        for key, enc in zip(first, self.hf.encode_batch_fast(first, add_special_tokens=False)):
+            self.first[key] = np.asarray(enc.ids, dtype=np.int32).tobytes()
+        if rest:
+            rest = sorted(rest)
+            self.rest.update(zip(rest, self._encode_spaced(rest)))
+
+    def _encode_spaced(self, chunks: list[str]) -> list[bytes]:
+        """The ids of " " + c for each chunk, from one library call over "x c_1 c_2 ..." (by the
+        same rule no token crosses a space), split at the chunks' character offsets: one call
+        instead of one per chunk (the library's per-call cost dominates a short chunk)."""
+        enc = self.hf.encode("x " + " ".join(chunks), add_special_tokens=False)
+        ids = np.asarray(enc.ids, dtype=np.int32)
+        ends = np.fromiter((e for _, e in enc.offsets), dtype=np.int64, count=len(ids))
+        # chunk j's region starts at its leading space: 1, then + 1 + len(chunk) each
+        starts = np.cumsum([1] + [1 + len(c) for c in chunks[:-1]], dtype=np.int64)
+        owner = np.searchsorted(starts, ends - 1, side="right") - 1  # -1 = the dummy "x"
+        cuts = np.searchsorted(owner, np.arange(len(chunks) + 1), side="left")
+        return [ids[cuts[j] : cuts[j + 1]].tobytes() for j in range(len(chunks))]
 
 
 class Tokenizer:
