@@ -283,6 +283,27 @@ def test_cleaner_stages(docs):
     assert out["t_normalize"][0] > 0 and out["t_normalize"][1:] == [0.0] * 4  # batch seconds on row 0
     assert np.isnan(out["quality"]).all()  # stage off: no score
 
+    # decisions on the worker: quality below threshold dropped (text kept for the topic sample, no
+    # dedup keys, no tokens); with a tokenizer, kept rows carry their tokens + eos
+    from dsv3ray.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(docs[:50], vocab_size=400)
+    junk = " ".join(["zzz qqq"] * 40)
+    s2 = CleanSettings(
+        normalize=True, min_words=32, max_chars=10**6, oversize="split", dedup_exact=True, dedup_near=True,
+        minhash_perms=64, shingle_words=5, near_threshold=0.8, seed=0,
+        quality_model=default_quality_model().read_bytes(), quality_threshold=0.5,
+        tokenizer_json=tok.hf.to_str(), max_doc_tokens=4096, eval_fraction=0.0,
+    )  # fmt: skip
+    rows = [("f", 1, OK, "", "", docs[1]), ("f", 2, OK, "", "", junk), ("f", 3, OK, "", "", "short")]
+    out = Cleaner(s2)(records_table(rows)).to_pydict()
+    assert out["reason"] == ["", "low_quality", "too_short"] and out["status"] == [OK, DROP, DROP]
+    assert out["quality"][0] >= 0.5 > out["quality"][1] and np.isnan(out["quality"][2])
+    assert out["text"][:2] == [normalize_text(docs[1]), junk] and out["text"][2] is None
+    assert out["tokens"][0] == tok.encode(normalize_text(docs[1])) + [tok.eos_id]
+    assert out["tokens"][1:] == [[], []] and out["band_keys"][1:] == [[], []]
+    assert out["pieces"] == [-(-(len(out["tokens"][0]) - 1) // 4096), 0, 0] and out["eval"] == [False] * 3
+
 
 def test_packer_rows_and_entropy(tmp_path):
     w = ShardWriter(tmp_path / "train", rows_per_shard=3)
