@@ -321,6 +321,9 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     _clear_outputs(out)
     files = expand_inputs(_demo_inputs(list(inputs), out, log))
     models = _load_models(cfg, log)
+    # a known tokenizer: tokenize in the cleaning pass (one pass); else train one on the kept text
+    fused = cfg.tokenizer is not None
+    tok = Tokenizer.load(cfg.tokenizer) if fused else None  # a bad path: one line, before Ray starts
     ray = _init_ray()
     ctx = ray.data.DataContext.get_current()
     saved = (
@@ -346,10 +349,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         domain_threshold=cfg.domain_threshold, max_doc_tokens=cfg.max_doc_tokens,
         eval_fraction=cfg.eval_fraction, truncate_tokens=cfg.truncate_tokens,
     )  # fmt: skip
-    # a known tokenizer: tokenize in the cleaning pass (one pass); else train one on the kept text
-    fused = cfg.tokenizer is not None
     if fused:
-        tok = Tokenizer.load(cfg.tokenizer)
         settings.tokenizer_json = tok.hf.to_str()
     report: dict = {
         "inputs": [str(f) for f in files],

@@ -197,6 +197,8 @@ def test_user_errors(ray_local, tmp_path):
         prepare([str(tmp_path / "junk.jsonl")], tmp_path / "o", PrepareConfig(**SMALL))
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["input_records"] == 6 and report["quarantined"] == 5 and accounting_holds(report)
+    with pytest.raises(UserError, match="tokenizer file .*nope.json does not exist"):
+        prepare([str(tmp_path / "junk.jsonl")], tmp_path / "o", PrepareConfig(**SMALL, tokenizer="nope.json"))
     with pytest.raises(UserError, match="quality_model"):
         prepare(
             [str(tmp_path / "junk.jsonl")], tmp_path / "o", PrepareConfig(**SMALL, quality_model="nope.bin")
