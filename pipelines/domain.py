@@ -139,10 +139,10 @@ def topic_summary(samples: list[tuple[str, bool, str]], k: int, seed: int = 0, t
     x = _normalize(tf * idf)
     _, assign = kmeans(x, k, seed)
     # map buckets back to words seen in the sample (the most frequent word wins a bucket)
+    counts = Counter(w for t in texts for w in words_of(t))
     vocab: dict[int, Counter] = {}
-    for t in texts:
-        for w in words_of(t):
-            vocab.setdefault(_bucket(w, dim), Counter())[w] += 1
+    for w, b in zip(counts, _buckets(list(counts), dim)):
+        vocab.setdefault(b, Counter())[w] = counts[w]
     out = []
     for j in sorted(set(assign.tolist())):
         members = np.flatnonzero(assign == j)
