@@ -6,7 +6,7 @@ Peak memory (driver + Ray workers, sampled RSS) is measured at two input sizes: 
 stays flat as the input grows. Inputs are unique English documents recombined, with a seeded RNG,
 from the sentences of the stdlib docs corpus (no download).
 
-    .venv/bin/python benchmarks/prepare.py [--docs 4000] [--cpus 2]
+    .venv/bin/python benchmarks/prepare.py [--docs 4000] [--cpus 2] [--batch-size N]
 
 Prints one JSON line: {"ratio": end to end, "steady_state_ratio": the extra documents of the big run
 over its extra seconds (fixed start-up costs cancel), "pipeline_docs_per_s_per_core",
@@ -78,7 +78,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=4000, help="documents of the larger run (the smaller is 1/4)")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs given to the local Ray")
+    ap.add_argument("--batch-size", type=int, default=None, help="prepare.batch_size (default: its default)")
     args = ap.parse_args(argv)
+    if args.batch_size is None:
+        from pipelines.prepare import PrepareConfig
+
+        args.batch_size = PrepareConfig.batch_size
 
     import ray
 
@@ -103,7 +108,7 @@ def main(argv=None) -> int:
         log_to_driver=False,
         configure_logging=False,
     )
-    cfg = PrepareConfig(seq_len=512, tokenizer=str(tmp / "tok.json"), batch_size=512)
+    cfg = PrepareConfig(seq_len=512, tokenizer=str(tmp / "tok.json"), batch_size=args.batch_size)
     # warm-up run: worker processes and actor imports are a fixed cost, not throughput
     (tmp / "warm.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs[:200]))
     prepare([str(tmp / "warm.jsonl")], tmp / "out_warm", cfg, log=lambda _: None)
@@ -136,6 +141,7 @@ def main(argv=None) -> int:
         "fasttext_docs_per_s": round(ft_rate, 1),
         "docs": args.docs,
         "cpus": args.cpus,
+        "batch_size": args.batch_size,
         "wall_s": {str(k): v["wall_s"] for k, v in runs.items()},
         "peak_rss_mb": {str(k): round(v["peak_rss_mb"], 1) for k, v in runs.items()},
         "memory_growth": round(big["peak_rss_mb"] / small["peak_rss_mb"], 3),
