@@ -119,11 +119,31 @@ class Cleaner:
             self.tok = Tokenizer(HF.from_str(settings.tokenizer_json))
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        s = self.s
-        n = table.num_rows
+        """A RECORD_SCHEMA table → the cleaned table."""
         status = table.column("status").to_numpy(zero_copy_only=False).astype(np.int8)
-        reason = table.column("reason").to_pylist()
-        texts = table.column("text").to_pylist()
+        passthrough = {k: table.column(k) for k in ("source", "line", "excerpt", "t_read")}
+        return self._clean(
+            status, table.column("reason").to_pylist(), table.column("text").to_pylist(), passthrough
+        )
+
+    def clean_rows(self, rows: list[tuple], read_seconds: float) -> pa.Table:
+        """Reader rows (source, line, status, reason, excerpt, text) → the cleaned table, without
+        building the record table first (the reading actor hands its rows straight over)."""
+        source, line, status, reason, excerpt, texts = (list(c) for c in zip(*rows)) if rows else [[]] * 6
+        t_read = np.zeros(len(rows), dtype=np.float64)
+        if rows:
+            t_read[0] = read_seconds
+        passthrough = {
+            "source": pa.array(source, pa.string()),
+            "line": pa.array(line, pa.int64()),
+            "excerpt": pa.array(excerpt, pa.string()),
+            "t_read": pa.array(t_read),
+        }
+        return self._clean(np.array(status, dtype=np.int8), reason, texts, passthrough)
+
+    def _clean(self, status: np.ndarray, reason: list, texts: list, passthrough: dict) -> pa.Table:
+        s = self.s
+        n = len(texts)
         timing = dict.fromkeys(STAGES, 0.0)
 
         t0 = time.perf_counter()
@@ -185,12 +205,12 @@ class Cleaner:
         timing["dedup_keys"] = time.perf_counter() - t0
 
         cols = {
-            "source": table.column("source"),
-            "line": table.column("line"),
+            "source": passthrough["source"],
+            "line": passthrough["line"],
             "status": pa.array(status, pa.int8()),
             "reason": pa.array(reason, pa.string()),
-            "excerpt": table.column("excerpt"),
-            "t_read": table.column("t_read"),
+            "excerpt": passthrough["excerpt"],
+            "t_read": passthrough["t_read"],
             # dropped before the decisions / quarantined rows carry no text (memory; the reason is kept)
             "text": pa.array([t if d else None for t, d in zip(texts, decided)], pa.large_string()),
             "words": pa.array(words),

@@ -135,10 +135,10 @@ class _ReadClean:
         self.max_record_bytes, self.batch_size = max_record_bytes, batch_size
 
     def __call__(self, items: pa.Table):
-        from pipelines.readers import read_files_batches
+        from pipelines.readers import read_files_rows
 
-        for table in read_files_batches(items.to_pylist(), self.max_record_bytes, self.batch_size):
-            yield self.cleaner(table)
+        for rows, seconds in read_files_rows(items.to_pylist(), self.max_record_bytes, self.batch_size):
+            yield self.cleaner.clean_rows(rows, seconds)
 
 
 class _Progress:

@@ -372,10 +372,10 @@ def records_table(rows: list[tuple], read_seconds: float = 0.0) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=RECORD_SCHEMA)
 
 
-def read_files_batches(
+def read_files_rows(
     items: list[dict], max_record_bytes: int, batch_size: int, max_batch_bytes: int = 64 << 20
 ):
-    """Record tables of about `batch_size` rows (fewer when the texts are large) for work items."""
+    """(rows, read seconds) of about `batch_size` records (fewer when the texts are large)."""
     for item in items:
         rows, size = [], 0
         t0 = time.perf_counter()  # reading time only: the clock restarts when the consumer returns
@@ -385,8 +385,8 @@ def read_files_batches(
             rows.append(rec)
             size += len(rec[5]) if rec[5] else 0
             if len(rows) >= batch_size or size >= max_batch_bytes:
-                yield records_table(rows, time.perf_counter() - t0)
+                yield rows, time.perf_counter() - t0
                 rows, size = [], 0
                 t0 = time.perf_counter()
         if rows:
-            yield records_table(rows, time.perf_counter() - t0)
+            yield rows, time.perf_counter() - t0

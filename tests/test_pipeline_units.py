@@ -277,6 +277,8 @@ def test_cleaner_stages(docs):
         ("f", 5, OK, "", "", "\x00\x01   "),
     ]
     out = Cleaner(s)(records_table(rows)).to_pydict()
+    same = [k for k in out if not k.startswith("t_")]  # the reading actor's path: the same table
+    assert str(Cleaner(s).clean_rows(rows, 0.0).select(same).to_pydict()) == str({k: out[k] for k in same})
     assert out["status"] == [OK, DROP, DROP, QUARANTINE, DROP]
     assert out["reason"] == ["", "too_short", "too_long", "malformed_json", "empty"]
     assert out["text"][1:] == [None] * 4 and len(out["band_keys"][0]) == MinHasher(64, 5, 0.8).bands
