@@ -132,25 +132,16 @@ def test_teacher_loads_from_a_run_directory_export(tmp_path):
 
 
 def test_demo_config_resolves_for_teacher_and_student():
-    """configs/distill_demo.toml is the student's run; the teacher's run = it + the overrides in its header."""
+    """configs/distill_demo.toml is the student's run; the teacher's run = it + the overrides
+    `make demo-distill` passes (dsv3ray.demo.TEACHER_OVERRIDES, also in the config's header)."""
     from dsv3ray.runconfig import resolve_run_config
 
     student = resolve_run_config(config="configs/distill_demo.toml")
     assert student.distill.enabled and student.model.num_moe_layers > 0
     assert student.data.prepared == "runs/distill-teacher/data"  # the teacher's tokenizer and data
-    teacher = resolve_run_config(
-        config="configs/distill_demo.toml",
-        overrides=[
-            f"model.first_k_dense_replace={student.model.num_hidden_layers}",
-            "train.ep_size=1",
-            'distill.teacher=""',
-            "distill.save_as_teacher=true",
-            'data.prepared=""',
-            'data.inputs=["corpus:stdlib:2000000"]',
-            "train.name=distill-teacher",
-            "train.run_dir=runs/distill-teacher",
-        ],
-    )
+    from dsv3ray.demo import TEACHER_OVERRIDES
+
+    teacher = resolve_run_config(config="configs/distill_demo.toml", overrides=list(TEACHER_OVERRIDES))
     assert not teacher.distill.enabled and teacher.distill.save_as_teacher
     assert teacher.model.num_moe_layers == 0  # dense: every layer an MLP
     assert teacher.model.vocab_size == student.model.vocab_size == student.prepare.vocab_size
