@@ -362,7 +362,8 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         "stages": {},
     }
     try:
-        # ---- pass 1: read → validate → normalize → length → keys/scores (workers) → decisions (driver)
+        # ---- pass 1: read → validate → normalize → length → scores and their decisions → dedup keys
+        # (→ tokens when the tokenizer is given) on the workers; dedup decisions and packing on the driver
         t_pass1 = time.perf_counter()
         items = plan_work(files, cfg.split_bytes)
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
