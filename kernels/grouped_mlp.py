@@ -301,10 +301,10 @@ def _launch_wgrad(a_NP, b_NQ, offsets_E, dtype, cfg):
 
 class _GroupedSwiGLUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, gate_up_proj_E2ID, down_proj_EDI, offsets_E):
+    def forward(ctx, x_ND, gate_up_proj_E2ID, down_proj_EDI, offsets_E, tiles=None):
         E, D, I = down_proj_EDI.shape
         N = x_ND.shape[0]
-        cfg = _blocks(x_ND.device, N, E, x_ND.dtype)
+        cfg = {**_blocks(x_ND.device, N, E, x_ND.dtype), **(tiles or {})}
         tiles_gu = _tile_table(offsets_E, N, cfg["gate_up"][0])
         tiles_mm = tiles_gu if cfg["mm"][0] == cfg["gate_up"][0] else _tile_table(offsets_E, N, cfg["mm"][0])
         gu_NJ, h_NI = _launch_gate_up(x_ND, gate_up_proj_E2ID, tiles_gu, cfg)
@@ -328,13 +328,23 @@ class _GroupedSwiGLUFn(torch.autograd.Function):
         dx_ND = _launch_mm(dgu_NJ, w1_EJD, w1_EJD.stride(), D, tiles_mm, cfg)
         dw2_EDI = _launch_wgrad(dy_ND, h_NI, offsets_E, w2_EDI.dtype, cfg)
         dw1_EJD = _launch_wgrad(dgu_NJ, x_ND, offsets_E, w1_EJD.dtype, cfg)
-        return dx_ND, dw1_EJD, dw2_EDI, None
+        return dx_ND, dw1_EJD, dw2_EDI, None, None
 
 
 def grouped_swiglu(
-    x_ND: torch.Tensor, gate_up_proj_E2ID: torch.Tensor, down_proj_EDI: torch.Tensor, offsets_E: torch.Tensor
+    x_ND: torch.Tensor,
+    gate_up_proj_E2ID: torch.Tensor,
+    down_proj_EDI: torch.Tensor,
+    offsets_E: torch.Tensor,
+    tiles: dict | None = None,
 ) -> torch.Tensor:
-    """Triton grouped SwiGLU experts over expert-sorted rows; grads to x and both weights."""
+    """Triton grouped SwiGLU experts over expert-sorted rows; grads to x and both weights.
+
+    `tiles` replaces the default tile sizes of some kernels: {"gate_up" | "mm": (BLOCK_M, BLOCK_N,
+    BLOCK_K, {"warps", "stages"}), "wgrad": (BLOCK_P, BLOCK_Q, BLOCK_K, {...})} (the values
+    `_blocks` picks; `benchmarks/grouped_mlp_tiles.py` times the candidates on a GPU)."""
+    if tiles is not None and not set(tiles) <= {"gate_up", "mm", "wgrad"}:
+        raise ValueError(f"grouped_swiglu: tiles keys must be gate_up, mm, wgrad; got {sorted(tiles)}")
     E, J, D = gate_up_proj_E2ID.shape
     if down_proj_EDI.shape != (E, D, J // 2) or J % 2:
         raise ValueError(
@@ -351,5 +361,5 @@ def grouped_swiglu(
             f"{x_ND.dtype}, {gate_up_proj_E2ID.dtype}, {down_proj_EDI.dtype}"
         )
     return _GroupedSwiGLUFn.apply(
-        x_ND.contiguous(), gate_up_proj_E2ID, down_proj_EDI, offsets_E.to(torch.int32).contiguous()
+        x_ND.contiguous(), gate_up_proj_E2ID, down_proj_EDI, offsets_E.to(torch.int32).contiguous(), tiles
     )

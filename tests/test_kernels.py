@@ -267,6 +267,26 @@ def test_grouped_swiglu_torch_cpu_path_matches_reference(N, D, I, E, mode, dtype
     _check_grouped_swiglu(N, D, I, E, dtype, mode, fn=grouped_swiglu_torch)
 
 
+def test_grouped_swiglu_with_other_tiles():
+    """Tile sizes given by the caller (what benchmarks/grouped_mlp_tiles.py sweeps) change the
+    tiling, not the result: small and odd-shaped tiles, rows split across many tiles per expert."""
+    one = {"warps": 4, "stages": 1}
+    tiles = {"gate_up": (16, 32, 32, one), "mm": (32, 16, 64, one), "wgrad": (32, 16, 16, one)}
+
+    def fn(*a):
+        return grouped_swiglu(*a, tiles=tiles)
+
+    _check_grouped_swiglu(200, 100, 40, 3, torch.float32, "random", fn=fn)
+    import triton
+
+    x, w1, w2 = (torch.zeros(*shape, device=DEV) for shape in ((4, 8), (2, 6, 8), (2, 8, 3)))
+    offsets = torch.tensor([2, 4], dtype=torch.int32, device=DEV)
+    with pytest.raises(triton.errors.TritonError, match="power of 2"):  # the tiles reach the launch
+        grouped_swiglu(x, w1, w2, offsets, tiles={"gate_up": (24, 16, 16, one)})
+    with pytest.raises(ValueError, match="tiles keys"):
+        grouped_swiglu(x, w1, w2, offsets, tiles={"gateup": None})
+
+
 def test_tile_table_with_surplus_tiles_matches_python():
     """The GPU launch sizes the grid without a host sync (cdiv(N, BLOCK_M) + E tiles): real tiles
     first, expert after expert, then empty ones. Checked here against a Python walk of the offsets."""
@@ -417,3 +437,19 @@ def test_gpu_grouped_swiglu_full_grid(dtype, N, D, I, E, mode):
 def test_gpu_seed_shape_bf16_fp32(dtype):
     """The benchmark's shape (4096 tokens, hidden 1024, 128 experts, top-8 rows)."""
     _check_grouped_swiglu(4096 * 8, 1024, 344, 128, dtype)
+
+
+def test_tile_sweep_script_runs(capsys):
+    """benchmarks/grouped_mlp_tiles.py (run on a GPU to pick tiles) works end to end on tiny shapes."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import grouped_mlp_tiles
+
+    assert grouped_mlp_tiles.main(["--smoke", "--top-k", "2"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["stage"] for x in lines] == ["rows", "rows", "wgrad", "best"]
+    assert all(x["ms"] > 0 for x in lines[:3]) and lines[-1]["best_ms"] == min(x["ms"] for x in lines[:3])
+    assert set(lines[-1]["tiles"]) >= {"gate_up", "mm"}
