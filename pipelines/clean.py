@@ -3,10 +3,11 @@ keys, quality (fastText, perplexity) and domain scores and their decisions, toke
 functions of one document, so any number of workers give the same result; the order-dependent
 decision (dedup, which needs what came before) is taken on the driver (pipelines.prepare).
 
-`Cleaner` is a plain callable over pyarrow record tables (pipelines.readers.RECORD_SCHEMA); Ray
-Data runs it as an actor pool (`map_batches(Cleaner, ...)`): the fastText model loads once per
-actor. Output adds: words, text_hash, band_keys, quality, perplexity, domain, per-stage seconds
-and, when the tokenizer is known up front, tokens / eval / pieces / truncated_tokens.
+`Cleaner.clean_rows` takes the reader's rows (pipelines.readers.read_records) and returns a
+pyarrow table; it lives in the reading actor of `dsv3ray prepare` (one per CPU; the fastText model
+loads once per actor). Columns: source, line, status, reason, excerpt, text, words, text_hash,
+band_keys, quality, perplexity, domain, per-stage seconds and, when the tokenizer is known up
+front, tokens / eval / pieces / truncated_tokens.
 """
 
 from __future__ import annotations
@@ -118,32 +119,16 @@ class Cleaner:
             single_threaded()
             self.tok = Tokenizer(HF.from_str(settings.tokenizer_json))
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        """A RECORD_SCHEMA table → the cleaned table."""
-        status = table.column("status").to_numpy(zero_copy_only=False).astype(np.int8)
-        passthrough = {k: table.column(k) for k in ("source", "line", "excerpt", "t_read")}
-        return self._clean(
-            status, table.column("reason").to_pylist(), table.column("text").to_pylist(), passthrough
-        )
-
-    def clean_rows(self, rows: list[tuple], read_seconds: float) -> pa.Table:
-        """Reader rows (source, line, status, reason, excerpt, text) → the cleaned table, without
-        building the record table first (the reading actor hands its rows straight over)."""
+    def clean_rows(self, rows: list[tuple], read_seconds: float = 0.0) -> pa.Table:
+        """Reader rows (source, line, status, reason, excerpt, text) → the cleaned table;
+        `read_seconds` (the batch's reading time) goes on the first row of t_read."""
         source, line, status, reason, excerpt, texts = (list(c) for c in zip(*rows)) if rows else [[]] * 6
-        t_read = np.zeros(len(rows), dtype=np.float64)
-        if rows:
-            t_read[0] = read_seconds
-        passthrough = {
-            "source": pa.array(source, pa.string()),
-            "line": pa.array(line, pa.int64()),
-            "excerpt": pa.array(excerpt, pa.string()),
-            "t_read": pa.array(t_read),
-        }
-        return self._clean(np.array(status, dtype=np.int8), reason, texts, passthrough)
-
-    def _clean(self, status: np.ndarray, reason: list, texts: list, passthrough: dict) -> pa.Table:
+        status = np.array(status, dtype=np.int8)
         s = self.s
         n = len(texts)
+        t_read = np.zeros(n, dtype=np.float64)
+        if n:
+            t_read[0] = read_seconds
         timing = dict.fromkeys(STAGES, 0.0)
 
         t0 = time.perf_counter()
@@ -205,12 +190,12 @@ class Cleaner:
         timing["dedup_keys"] = time.perf_counter() - t0
 
         cols = {
-            "source": passthrough["source"],
-            "line": passthrough["line"],
+            "source": pa.array(source, pa.string()),
+            "line": pa.array(line, pa.int64()),
             "status": pa.array(status, pa.int8()),
             "reason": pa.array(reason, pa.string()),
-            "excerpt": passthrough["excerpt"],
-            "t_read": passthrough["t_read"],
+            "excerpt": pa.array(excerpt, pa.string()),
+            "t_read": pa.array(t_read),
             # dropped before the decisions / quarantined rows carry no text (memory; the reason is kept)
             "text": pa.array([t if d else None for t, d in zip(texts, decided)], pa.large_string()),
             "words": pa.array(words),

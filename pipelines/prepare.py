@@ -122,7 +122,7 @@ class PrepareConfig:
 
 
 class _ReadClean:
-    """Ray Data actor UDF: a table of work items (one) → cleaned record tables of ~batch_size rows.
+    """Ray Data actor UDF: a table of work items (one) → cleaned tables of ~batch_size rows each.
 
     Reading inside the cleaning actor keeps one task per work item, so the items spread over the
     actors. (A separate read map op fused with the cleaner is fed input rows in bundles of the

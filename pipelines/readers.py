@@ -27,18 +27,6 @@ from dsv3ray.errors import UserError
 OK, DROP, QUARANTINE = 0, 1, 2  # record status codes
 EXCERPT_CHARS = 200
 
-RECORD_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("line", pa.int64()),
-        ("status", pa.int8()),
-        ("reason", pa.string()),
-        ("excerpt", pa.string()),  # the start of a quarantined record, for a human
-        ("text", pa.large_string()),  # large_string: a single document may be tens of MB
-        ("t_read", pa.float64()),  # seconds spent reading the batch, on its first row
-    ]
-)
-
 _JSONL = {".jsonl", ".ndjson", ".json"}
 _TEXT = {".txt", ".text", ".md", ".rst"}
 
@@ -359,17 +347,6 @@ def _read_parquet(path: Path, src: str) -> Iterator[tuple]:
                     yield (src, row, OK, "", "", value)
     except (pa.ArrowException, OSError) as e:
         yield (src, row + 1, QUARANTINE, "corrupt_parquet", str(e)[:EXCERPT_CHARS], None)
-
-
-def records_table(rows: list[tuple], read_seconds: float = 0.0) -> pa.Table:
-    """Rows → a RECORD_SCHEMA table; `t_read` holds the batch's read seconds on its first row."""
-    fields = [f for f in RECORD_SCHEMA if f.name != "t_read"]
-    cols = list(zip(*rows)) if rows else [[] for _ in fields]
-    t_read = [0.0] * len(rows)
-    if rows:
-        t_read[0] = read_seconds
-    arrays = [pa.array(c, type=f.type) for c, f in zip(cols, fields)] + [pa.array(t_read, pa.float64())]
-    return pa.Table.from_arrays(arrays, schema=RECORD_SCHEMA)
 
 
 def read_files_rows(

@@ -32,7 +32,7 @@ from pipelines.quality import (  # noqa: E402
     default_quality_model,
     synth_junk,
 )
-from pipelines.readers import DROP, OK, QUARANTINE, expand_inputs, read_records, records_table  # noqa: E402
+from pipelines.readers import DROP, OK, QUARANTINE, expand_inputs, read_records  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -276,9 +276,9 @@ def test_cleaner_stages(docs):
         ("f", 4, QUARANTINE, "malformed_json", "{", None),
         ("f", 5, OK, "", "", "\x00\x01   "),
     ]
-    out = Cleaner(s)(records_table(rows)).to_pydict()
-    same = [k for k in out if not k.startswith("t_")]  # the reading actor's path: the same table
-    assert str(Cleaner(s).clean_rows(rows, 0.0).select(same).to_pydict()) == str({k: out[k] for k in same})
+    out = Cleaner(s).clean_rows(rows, read_seconds=0.25).to_pydict()
+    assert out["source"] == ["f"] * 5 and out["line"] == [1, 2, 3, 4, 5] and out["excerpt"][3] == "{"
+    assert out["t_read"] == [0.25, 0, 0, 0, 0]
     assert out["status"] == [OK, DROP, DROP, QUARANTINE, DROP]
     assert out["reason"] == ["", "too_short", "too_long", "malformed_json", "empty"]
     assert out["text"][1:] == [None] * 4 and len(out["band_keys"][0]) == MinHasher(64, 5, 0.8).bands
@@ -298,7 +298,7 @@ def test_cleaner_stages(docs):
         tokenizer_json=tok.hf.to_str(), max_doc_tokens=4096, eval_fraction=0.0,
     )  # fmt: skip
     rows = [("f", 1, OK, "", "", docs[1]), ("f", 2, OK, "", "", junk), ("f", 3, OK, "", "", "short")]
-    out = Cleaner(s2)(records_table(rows)).to_pydict()
+    out = Cleaner(s2).clean_rows(rows).to_pydict()
     assert out["reason"] == ["", "low_quality", "too_short"] and out["status"] == [OK, DROP, DROP]
     assert out["quality"][0] >= 0.5 > out["quality"][1] and np.isnan(out["quality"][2])
     assert out["text"][:2] == [normalize_text(docs[1]), junk] and out["text"][2] is None
