@@ -27,27 +27,58 @@ from dsv3ray.errors import UserError
 EOS_TOKEN = "<|endoftext|>"
 
 
-class _ChunkCache:
-    """Token ids of space-separated chunks (int32 bytes), for tokenizers where that is exact.
+_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
+_K_LEN, _K_MIX = np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x9E3779B97F4A7C15)  # odd multipliers
 
-    Exact for a byte-level BPE with the GPT-2 split regex and no normalizer (what
+
+class _ChunkCache:
+    """Token ids of space-separated chunks, for tokenizers where that is exact; batch lookups in numpy.
+
+    The rule. Exact for a byte-level BPE with the GPT-2 split regex and no normalizer (what
     `train_tokenizer` builds). Split a text at its spaces; if every chunk is non-empty and neither
     starts nor ends with whitespace (so every space has non-whitespace on both sides), no
     pre-token crosses a space (each pre-token after one starts with it) and the encoding is the
     concatenation of encode(chunk_0), encode(" " + chunk_1), ... . Only such chunks are cached,
     so a cache hit on every chunk proves the text qualifies. Added tokens (eos) are matched in
-    the raw text first: a chunk containing one is not cached. At most `max_entries` chunks are
-    kept per worker (cleared when full: memory stays bounded on any vocabulary of chunks).
+    the raw text first: a chunk containing one is not cached.
+
+    The table. A batch's texts are joined into one UTF-8 buffer with a space between texts (UTF-8
+    never has byte 0x20 inside a character, so the chunks are the byte runs between spaces) and
+    all its chunks are looked up at once. A chunk of at most 16 bytes is keyed exactly by (its
+    length, whether it starts its text, its first 8 bytes, its last 8 bytes), read as unaligned
+    uint64 words, in an open-addressing table of entry numbers; the entries' ids sit end to end
+    in one int32 array. Longer chunks (2-5% of English chunks) are keyed by their bytes in a dict. Chunks
+    missing from the cache are checked against the rule and encoded in one library call per
+    batch. At most `max_entries` chunks are kept: the cache empties when a batch's new chunks
+    would pass that bound, and a batch whose new chunks alone pass it takes the library.
     """
+
+    SHORT = 16  # bytes: the first 8 and the last 8 cover the chunk
 
     def __init__(self, hf: _HFTokenizer, max_entries: int = 1 << 18):
         self.hf = hf
         added = [t.content for t in hf.get_added_tokens_decoder().values()]
         self.added_in_chunk = [t for t in added if " " not in t]
         self.added_spanning = [t for t in added if " " in t]  # checked on the whole text
-        self.first: dict[str, bytes] = {}
-        self.rest: dict[str, bytes] = {}
         self.max_entries = max_entries
+        bits = max(4, (2 * max_entries - 1).bit_length())  # load <= 1/2
+        self._shift = np.uint64(64 - bits)
+        self._slots = np.full(1 << bits, -1, dtype=np.int32)
+        self._clear()
+
+    def _clear(self) -> None:
+        self._slots.fill(-1)
+        cap = min(self.max_entries, 1 << 12)
+        self._lenf = np.zeros(cap, dtype=np.int64)  # 2 * length + (starts its text)
+        self._head = np.zeros(cap, dtype=np.uint64)
+        self._tail = np.zeros(cap, dtype=np.uint64)
+        self._off = np.zeros(cap + 1, dtype=np.int64)  # entry j's ids: ids[off[j] : off[j + 1]]
+        self._ids = np.zeros(4 * cap, dtype=np.int32)
+        self._long: tuple[dict, dict] = ({}, {})  # [starts its text] chunk bytes -> entry
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
 
     @staticmethod
     def applies(hf: _HFTokenizer) -> bool:
@@ -73,56 +104,172 @@ class _ChunkCache:
             and not any(t in chunk for t in self.added_in_chunk)
         )
 
-    def encode_many(self, texts: list[str]) -> list[np.ndarray | None]:
-        """The ids of each text, or None where the chunk rule does not apply. The chunks missing
-        from the cache are encoded in one library call for the whole batch."""
-        out: list[np.ndarray | None] = [None] * len(texts)
-        chunks: dict[int, list[str]] = {}
-        for i, text in enumerate(texts):
-            if any(t in text for t in self.added_spanning):
-                continue
-            parts = text.split(" ")
-            try:
-                out[i] = self._lookup(parts)
-            except KeyError:  # cached chunks are known safe: check the others
-                first, rest = self.first, self.rest
-                if (parts[0] in first or self._safe(parts[0])) and all(
-                    self._safe(p) for p in parts[1:] if p not in rest
-                ):
-                    chunks[i] = parts
-        if chunks:
-            self._fill(chunks.values())
-            for i, parts in chunks.items():
-                out[i] = self._lookup(parts)
-        return out
-
     def encode(self, text: str) -> np.ndarray | None:
         return self.encode_many([text])[0]
 
-    def _lookup(self, chunks: list[str]) -> np.ndarray:
-        body = b"".join(map(self.rest.__getitem__, chunks[1:]))
-        return np.frombuffer(self.first[chunks[0]] + body, dtype=np.int32)
+    def encode_many(self, texts: list[str]) -> list[np.ndarray | None]:
+        """The ids of each text, or None where the chunk rule does not apply."""
+        flat, offsets, ok = self.encode_flat(texts)
+        return [flat[offsets[i] : offsets[i + 1]] if ok[i] else None for i in range(len(texts))]
 
-    def _missing(self, docs) -> tuple[set[str], set[str]]:
-        first = {c[0] for c in docs if c[0] not in self.first}
-        rest = {x for c in docs for x in c[1:] if x not in self.rest}
-        return first, rest
+    def encode_flat(self, texts: list[str], _retry: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids of the texts end to end (int32), offsets (n + 1), ok (n)): text i is
+        ids[offsets[i] : offsets[i + 1]] where ok[i]; a text that is not ok has no ids here."""
+        n = len(texts)
+        ok = np.ones(n, dtype=bool)
+        if not n:
+            return np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64), ok
+        if self.added_spanning:
+            ok &= [not any(a in t for a in self.added_spanning) for t in texts]
+        parts = [t.encode("utf-8", "surrogatepass") for t in texts]
+        joined = b" ".join(parts)
+        buf = np.frombuffer(joined + bytes(8), dtype=np.uint8)  # 8: a key word read past the end
+        size = len(joined)
+        text_start = np.zeros(n, dtype=np.int64)
+        np.cumsum([len(p) + 1 for p in parts[:-1]], out=text_start[1:])
+        spaces = np.flatnonzero(buf[:size] == 32)
+        starts = np.concatenate(([0], spaces + 1))
+        ends = np.concatenate((spaces, [size]))
+        text_end = np.append(text_start[1:] - 1, size)  # the joining space, or the end
+        per_doc = np.searchsorted(spaces, text_end) - np.searchsorted(spaces, text_start) + 1  # chunks
+        doc = np.repeat(np.arange(n), per_doc)
+        lens = ends - starts
+        ok[doc[lens == 0]] = False  # an empty chunk: a space at an end or next to another
+        lenf = 2 * lens + (starts == text_start[doc])
+        words = np.ndarray((buf.size - 7,), dtype="<u8", buffer=buf, strides=(1,))  # unaligned
+        head = words[starts] & _MASKS[np.minimum(lens, 8)]
+        tail = words[np.maximum(ends - 8, 0)]
+        tail[lens <= 8] = 0
+        entry = self._probe(lenf, head, tail)
+        long = np.flatnonzero(lens > self.SHORT)  # never in the table (their length): the dicts
+        if long.size:
+            got = [
+                self._long[f].get(joined[a:b], -1)
+                for a, b, f in zip(starts[long].tolist(), ends[long].tolist(), (lenf[long] & 1).tolist())
+            ]
+            entry[long] = got
+        missing = np.flatnonzero((entry < 0) & ok[doc])
+        if missing.size:
+            added = self._add(missing, joined, starts, ends, lenf, head, tail, doc, ok)
+            if added is None:  # the cache emptied: every entry found above is gone
+                if _retry:
+                    return self.encode_flat(texts, _retry=False)
+                ok[doc[missing]] = False  # new chunks alone exceed max_entries: the library
+            else:
+                entry[missing] = added
+        good = ok[doc]
+        e = entry[good]
+        count = self._off[e + 1] - self._off[e]
+        ends_c = np.cumsum(count)
+        total = int(ends_c[-1]) if ends_c.size else 0
+        src = np.arange(total) + np.repeat(self._off[e] - (ends_c - count), count)
+        per_text = np.bincount(doc[good], weights=count, minlength=n).astype(np.int64)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(per_text, out=offsets[1:])
+        return self._ids[src], offsets, ok
 
-    def _fill(self, docs) -> None:
-        docs = list(docs)
-        first, rest = self._missing(docs)
-        if len(self.first) + len(self.rest) + len(first) + len(rest) > self.max_entries:
-            self.first.clear()
-            self.rest.clear()
-            first, rest = self._missing(docs)
-        first = sorted(first)
-        for key, enc in zip(first, self.hf.encode_batch_fast(first, add_special_tokens=False)):
-            self.first[key] = np.asarray(enc.ids, dtype=np.int32).tobytes()
-        if rest:
-            rest = sorted(rest)
-            self.rest.update(zip(rest, self._encode_spaced(rest)))
+    def _hash_slots(self, lenf, head, tail) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            h = (((lenf.astype(np.uint64) * _K_LEN) ^ head) * _K_MIX ^ tail) * _K_MIX
+        return (h >> self._shift).astype(np.int64)
 
-    def _encode_spaced(self, chunks: list[str]) -> list[bytes]:
+    def _probe(self, lenf, head, tail) -> np.ndarray:
+        """Entry number of each (lenf, head, tail) key, -1 where absent (linear probing)."""
+        pos = self._hash_slots(lenf, head, tail)
+        entry = self._slots[pos].astype(np.int64)  # round one over every key, without indirection
+        hit = (self._head[entry] == head) & (self._tail[entry] == tail) & (self._lenf[entry] == lenf)
+        hit &= entry >= 0  # (entry -1 read the last entry: its comparison is discarded here)
+        entry[~hit] = -1
+        active = np.flatnonzero(~hit & (self._slots[pos] >= 0))
+        mask = self._slots.size - 1
+        pos[active] = (pos[active] + 1) & mask
+        while active.size:
+            e = self._slots[pos[active]]
+            used = e >= 0
+            active, e = active[used], e[used]
+            hit = (
+                (self._head[e] == head[active])
+                & (self._tail[e] == tail[active])
+                & (self._lenf[e] == lenf[active])
+            )
+            entry[active[hit]] = e[hit]
+            active = active[~hit]
+            pos[active] = (pos[active] + 1) & mask
+        return entry
+
+    def _add(self, missing, joined, starts, ends, lenf, head, tail, doc, ok) -> np.ndarray | None:
+        """Encode and cache the distinct chunks at `missing`; their entries (-1 where a chunk
+        breaks the rule: its texts get ok=False), or None when the cache had to empty."""
+        keys = np.stack([lenf[missing].astype(np.uint64), head[missing], tail[missing]], axis=1)
+        long = lenf[missing] > 2 * self.SHORT + 1
+        keys[long, 1] = missing[long].astype(np.uint64)  # long chunks: distinct here, by position
+        _, pick, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        at = missing[pick]  # one occurrence of each distinct chunk
+        raw = [joined[starts[i] : ends[i]] for i in at.tolist()]
+        texts = [r.decode("utf-8", "surrogatepass") for r in raw]
+        safe = np.fromiter(map(self._safe, texts), dtype=bool, count=len(texts))
+        if self.size + int(safe.sum()) > self.max_entries:
+            self._clear()
+            return None
+        new = np.full(at.size, -1, dtype=np.int64)
+        first_chunk = (lenf[at] & 1).astype(bool)
+        for is_first in (True, False):
+            sel = np.flatnonzero(safe & (first_chunk == is_first))
+            if not sel.size:
+                continue
+            chunks = [texts[j] for j in sel]
+            if is_first:
+                encs = self.hf.encode_batch_fast(chunks, add_special_tokens=False)
+                ids = [np.asarray(enc.ids, dtype=np.int32) for enc in encs]
+            else:
+                ids = self._encode_spaced(chunks)
+            new[sel] = self._append(at[sel], ids, [raw[j] for j in sel], lenf, head, tail)
+        result = new[inverse.reshape(-1)]
+        ok[doc[missing[result < 0]]] = False
+        return result
+
+    def _append(self, at, ids: list[np.ndarray], raw: list[bytes], lenf, head, tail) -> np.ndarray:
+        """Store entries for the chunks at positions `at` (token ids, bytes); their numbers."""
+        m = len(ids)
+        first = self.size
+        if first + m > self._lenf.size:
+            cap = min(self.max_entries, max(first + m, 2 * self._lenf.size))
+            self._lenf, self._head, self._tail = (
+                np.resize(a, cap) for a in (self._lenf, self._head, self._tail)
+            )
+            self._off = np.resize(self._off, cap + 1)
+        sizes = np.fromiter((a.size for a in ids), dtype=np.int64, count=m)
+        base = self._off[first]
+        need = base + int(sizes.sum())
+        if need > self._ids.size:
+            self._ids = np.resize(self._ids, max(need, 2 * self._ids.size))
+        self._ids[base:need] = np.concatenate(ids)
+        np.cumsum(sizes, out=self._off[first + 1 : first + m + 1])
+        self._off[first + 1 : first + m + 1] += base
+        numbers = np.arange(first, first + m)
+        short = lenf[at] <= 2 * self.SHORT + 1
+        self._lenf[numbers] = np.where(short, lenf[at], -1)  # long: never matched by a probe
+        self._head[numbers] = head[at]
+        self._tail[numbers] = tail[at]
+        for j in np.flatnonzero(~short).tolist():
+            self._long[int(lenf[at[j]]) & 1][raw[j]] = first + j
+        self.size += m
+        self._insert(numbers[short])
+        return numbers
+
+    def _insert(self, numbers: np.ndarray) -> None:
+        """Put entries (absent and distinct) into the slot table."""
+        pos = self._hash_slots(self._lenf[numbers], self._head[numbers], self._tail[numbers])
+        mask = self._slots.size - 1
+        while numbers.size:  # each walks to the first free slot; one winner per contested slot
+            free = self._slots[pos] < 0
+            self._slots[pos[free]] = numbers[free]
+            placed = np.zeros(numbers.size, dtype=bool)
+            placed[free] = self._slots[pos[free]] == numbers[free]
+            numbers, pos = numbers[~placed], pos[~placed]
+            pos = (pos + 1) & mask
+
+    def _encode_spaced(self, chunks: list[str]) -> list[np.ndarray]:
         """The ids of " " + c for each chunk, from one library call over "x c_1 c_2 ..." (by the
         same rule no token crosses a space), split at the chunks' character offsets: one call
         instead of one per chunk (the library's per-call cost dominates a short chunk)."""
@@ -133,7 +280,7 @@ class _ChunkCache:
         starts = np.cumsum([1] + [1 + len(c) for c in chunks[:-1]], dtype=np.int64)
         owner = np.searchsorted(starts, ends - 1, side="right") - 1  # -1 = the dummy "x"
         cuts = np.searchsorted(owner, np.arange(len(chunks) + 1), side="left")
-        return [ids[cuts[j] : cuts[j + 1]].tobytes() for j in range(len(chunks))]
+        return [ids[cuts[j] : cuts[j + 1]] for j in range(len(chunks))]
 
 
 class Tokenizer:
@@ -158,16 +305,30 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """One int32 array per text (no eos appended); equal to the library's encode_batch."""
-        out: list = [None] * len(texts)
-        slow = list(range(len(texts)))
+        flat, offsets = self.encode_flat(texts)
+        return [flat[offsets[i] : offsets[i + 1]] for i in range(len(texts))]
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids end to end (int32) and their offsets (n + 1, int64): text i is
+        flat[offsets[i] : offsets[i + 1]]; equal to the library's encode_batch."""
+        n = len(texts)
         if self._chunks is not None:
-            out = self._chunks.encode_many(texts)
-            slow = [i for i, ids in enumerate(out) if ids is None]
-        if slow:
-            encs = self.hf.encode_batch_fast([texts[i] for i in slow], add_special_tokens=False)
-            for i, e in zip(slow, encs):
-                out[i] = np.asarray(e.ids, dtype=np.int32)
-        return out
+            flat, offsets, ok = self._chunks.encode_flat(texts)
+            if ok.all():
+                return flat, offsets
+        else:
+            flat, offsets, ok = (
+                np.zeros(0, dtype=np.int32),
+                np.zeros(n + 1, dtype=np.int64),
+                np.zeros(n, bool),
+            )
+        pieces = [flat[offsets[i] : offsets[i + 1]] for i in range(n)]
+        slow = np.flatnonzero(~ok)
+        for i, e in zip(slow, self.hf.encode_batch_fast([texts[i] for i in slow], add_special_tokens=False)):
+            pieces[i] = np.asarray(e.ids, dtype=np.int32)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum([p.size for p in pieces], out=offsets[1:])
+        return (np.concatenate(pieces) if pieces else flat), offsets
 
     def decode(self, ids) -> str:
         return self.hf.decode(list(map(int, ids)), skip_special_tokens=False)

@@ -28,6 +28,11 @@ def is_eval(text_hash: int, eval_fraction: float) -> bool:
     return (text_hash % _EVAL_BUCKETS) < eval_fraction * _EVAL_BUCKETS
 
 
+def eval_mask(text_hash_N: np.ndarray, eval_fraction: float) -> np.ndarray:
+    """`is_eval` of each int64 hash (numpy's % on integers takes the divisor's sign, as Python's)."""
+    return (text_hash_N % _EVAL_BUCKETS) < eval_fraction * _EVAL_BUCKETS
+
+
 def tokenize_documents(
     tok: Tokenizer,
     texts: list[str],
@@ -38,24 +43,31 @@ def tokenize_documents(
     max_chars: int = 1 << 20,
 ) -> dict[str, pa.Array]:
     """Documents → columns tokens (list<int32>, eos last), eval, pieces, truncated_tokens."""
-    ids = tok.encode_batch([t[:max_chars] for t in texts])
-    for i, t in enumerate(texts):  # oversized documents: encoded in whitespace-aligned chunks
-        if len(t) > max_chars:
-            ids[i] = np.concatenate(tok.encode_batch(chunk_text(t, max_chars)))
-    n = len(ids)
-    sizes = np.fromiter((a.size for a in ids), dtype=np.int64, count=n)
+    flat, offsets = tok.encode_flat([t[:max_chars] for t in texts])  # t[:max_chars] is t when short
+    big = [i for i, t in enumerate(texts) if len(t) > max_chars]
+    if big:  # oversized documents: encoded in whitespace-aligned chunks
+        docs = [flat[offsets[i] : offsets[i + 1]] for i in range(len(texts))]
+        for i in big:
+            docs[i] = np.concatenate(tok.encode_batch(chunk_text(texts[i], max_chars)))
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum([d.size for d in docs], out=offsets[1:])
+        flat = np.concatenate(docs) if docs else flat
+    n = len(texts)
+    sizes = np.diff(offsets)
     pieces = np.maximum(1, -(-sizes // max_doc_tokens))
     cut = np.maximum(0, sizes - max_doc_tokens) if truncate else np.zeros(n, dtype=np.int64)
-    keep = sizes - cut
-    flat = np.empty(int(keep.sum()) + n, dtype=np.int32)
-    offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(keep + 1, out=offsets[1:])
-    for i, a in enumerate(ids):  # each document's (kept) tokens, then eos
-        flat[offsets[i] : offsets[i + 1] - 1] = a[: keep[i]]
-    flat[offsets[1:] - 1] = tok.eos_id
+    if cut.any():  # keep each document's first max_doc_tokens
+        position = np.arange(flat.size) - np.repeat(offsets[:-1], sizes)
+        flat = flat[position < max_doc_tokens]
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(sizes - cut, out=offsets[1:])
+    tokens = np.insert(flat, offsets[1:], np.int32(tok.eos_id))  # eos after each document
+    hashes_N = np.asarray(hashes, dtype=np.int64)
     return {
-        "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
-        "eval": pa.array([is_eval(h, eval_fraction) for h in hashes], pa.bool_()),
+        "tokens": pa.ListArray.from_arrays(
+            pa.array(offsets + np.arange(n + 1), pa.int32()), pa.array(tokens)
+        ),
+        "eval": pa.array(eval_mask(hashes_N, eval_fraction), pa.bool_()),
         "pieces": pa.array(pieces, pa.int64()),
         "truncated_tokens": pa.array(cut, pa.int64()),
     }

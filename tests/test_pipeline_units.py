@@ -138,6 +138,23 @@ def test_minhash_lsh_and_seen_set(docs):
     big = ("lorem ipsum dolor " * 200_000).strip()  # 600k words: chunked, bounded memory
     assert mh.signature(big).shape == (128,)
 
+    # words: runs of letters/digits/_ or non-ASCII, case-folded (ASCII bytewise, the rest by str.lower)
+    assert np.array_equal(
+        mh.shingles("Hello, WORLD! foo_bar 42 ÉCOLE naïve (x)"),
+        mh.shingles("hello world foo_bar 42 école NAÏVE x"),
+    )
+    assert np.array_equal(
+        mh.shingles("Hello, WORLD! Zz ab-cd @ef"), mh.shingles("hello world zz ab cd ef")
+    )  # ASCII
+    assert not np.array_equal(mh.shingles("a b c d e"), mh.shingles("a b c d f"))
+    # each distinct word its own hash: lengths across the 8/16-byte key words and the long path
+    rng = random.Random(2)
+    vocab = sorted({"".join(rng.choice("ab_é") for _ in range(rng.randint(1, 40))) for _ in range(3000)})
+    one = MinHasher(16, shingle_words=1)
+    shingles = one.shingles(" ".join(vocab))
+    assert len(shingles) == len(vocab) == len(set(shingles.tolist()))
+    assert np.array_equal(shingles, np.concatenate([one.shingles(w) for w in vocab]))
+
     s = SeenSet(capacity=16)
     keys = np.random.default_rng(0).integers(-(2**63), 2**63 - 1, size=5000)
     for k in keys[:2500]:
@@ -325,6 +342,28 @@ def test_packer_rows_and_entropy(tmp_path):
     assert unigram_entropy(np.array([5, 5, 0])) == pytest.approx(np.log(2))
     hashes = np.random.default_rng(1).integers(-(2**63), 2**63 - 1, size=100_000).tolist()
     assert sum(is_eval(h, 0.1) for h in hashes) == pytest.approx(10_000, rel=0.05)
+    from pipelines.pack import eval_mask
+
+    assert eval_mask(np.array(hashes), 0.1).tolist() == [is_eval(h, 0.1) for h in hashes]
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_tokenize_documents_matches_one_document_at_a_time(docs, truncate):
+    """The batch (flat ids, vectorized truncation and eos) equals the rule applied per document."""
+    from dsv3ray.tokenizer import train_tokenizer
+    from pipelines.pack import is_eval, tokenize_documents
+
+    tok = train_tokenizer(docs[:50], vocab_size=500)
+    texts = [docs[0], "", "a", " two  spaces ", docs[1] * 3, docs[2], "x" * 200]
+    hashes = [-(2**62), 3, 999_999, -5, 2**40 + 7, 0, 123_456]
+    out = tokenize_documents(tok, texts, hashes, 40, 0.3, truncate, max_chars=250)
+    for i, text in enumerate(texts):
+        ids = tok.encode(text)
+        kept = ids[:40] if truncate else ids
+        assert out["tokens"][i].as_py() == kept + [tok.eos_id], i
+        assert out["pieces"][i].as_py() == max(1, -(-len(ids) // 40))
+        assert out["truncated_tokens"][i].as_py() == len(ids) - len(kept)
+        assert out["eval"][i].as_py() == is_eval(hashes[i], 0.3)
 
 
 def test_prepare_config_checks():

@@ -60,15 +60,53 @@ def test_chunk_cache_encodes_exactly_like_the_library():
     fast = sum(tok._chunks.encode(t) is not None for t in (normalize_text(d) for d in docs))
     assert fast == len(docs)  # normalized text always takes the fast path
     assert 0.1 < sum(tok._chunks.encode(t) is not None for t in fuzz) / len(fuzz) < 0.9
+    from dsv3ray.tokenizer import _ChunkCache
+
     small = Tokenizer(tok.hf)
-    small._chunks.max_entries = 50  # the cache is cleared when full: still exact
+    small._chunks = _ChunkCache(tok.hf, max_entries=50)  # bounded: empties when full, still exact
+    for i in range(0, 200, 10):  # some batches fit, some empty the cache, some take the library
+        assert [a.tolist() for a in small.encode_batch(docs[i : i + 10])] == library(docs[i : i + 10])
+        assert len(small._chunks) <= 50
     assert [a.tolist() for a in small.encode_batch(docs[:200])] == library(docs[:200])
-    assert len(small._chunks.first) + len(small._chunks.rest) <= 50 + max(
-        len(d.split(" ")) for d in docs[:200]
-    )
     from tokenizers import Tokenizer as HF
 
     cut = HF.from_str(tok.hf.to_str())
     cut.enable_truncation(max_length=5)
     assert Tokenizer(cut)._chunks is None  # whole-text options: the library path only
     assert [len(a) for a in Tokenizer(cut).encode_batch(docs[:3])] == [5, 5, 5]
+
+
+def test_chunk_table_keys_are_exact_at_every_length():
+    """Chunks that share their first and last bytes (and lengths 7-9, 15-17, 30+: the key's word
+    boundaries and the long-chunk dict), repeated within and across batches, as a text's first
+    chunk or a later one, in a table small enough to probe and to empty: the library's ids."""
+    import random
+
+    docs = [d for d, _ in zip(_stdlib_texts(), range(300))]
+    tok = train_tokenizer(docs, vocab_size=600)
+    from dsv3ray.tokenizer import _ChunkCache
+
+    rng = random.Random(1)
+    stems = ["ab", "aé", "日本", "x" * 7]
+    words = [
+        rng.choice(stems) + "".join(rng.choice("abé.") for _ in range(n)) + rng.choice(stems)
+        for n in [0, 1, 3, 4, 5, 6, 11, 12, 13, 14, 20, 30, 40] * 30
+    ]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) for _ in range(600)]
+    library = [e.ids for e in tok.hf.encode_batch_fast(texts, add_special_tokens=False)]
+    for max_entries in (1 << 18, 700):
+        tok._chunks = _ChunkCache(tok.hf, max_entries=max_entries)
+        for i in range(0, len(texts), 50):
+            flat, offsets = tok.encode_flat(texts[i : i + 50])
+            got = [flat[offsets[j] : offsets[j + 1]].tolist() for j in range(len(offsets) - 1)]
+            assert got == library[i : i + 50]
+            assert len(tok._chunks) <= max_entries
+        assert all(ids is not None for ids in tok._chunks.encode_many(texts[:50]))  # all on the fast path
+    assert tok.encode_flat([])[1].tolist() == [0]
+
+
+def _stdlib_texts():
+    from pipelines.corpus import stdlib_documents
+
+    for d in stdlib_documents(min_chars=50):
+        yield d["text"]
