@@ -168,10 +168,13 @@ class _ChunkCache:
         np.cumsum(per_text, out=offsets[1:])
         return self._ids[src], offsets, ok
 
-    def _hash_slots(self, lenf, head, tail) -> np.ndarray:
+    @staticmethod
+    def _hash64(lenf, head, tail) -> np.ndarray:
         with np.errstate(over="ignore"):
-            h = (((lenf.astype(np.uint64) * _K_LEN) ^ head) * _K_MIX ^ tail) * _K_MIX
-        return (h >> self._shift).astype(np.int64)
+            return (((lenf.astype(np.uint64) * _K_LEN) ^ head) * _K_MIX ^ tail) * _K_MIX
+
+    def _hash_slots(self, lenf, head, tail) -> np.ndarray:
+        return (self._hash64(lenf, head, tail) >> self._shift).astype(np.int64)
 
     def _probe(self, lenf, head, tail) -> np.ndarray:
         """Entry number of each (lenf, head, tail) key, -1 where absent (linear probing)."""
@@ -200,11 +203,18 @@ class _ChunkCache:
     def _add(self, missing, joined, starts, ends, lenf, head, tail, doc, ok) -> np.ndarray | None:
         """Encode and cache the distinct chunks at `missing`; their entries (-1 where a chunk
         breaks the rule: its texts get ok=False), or None when the cache had to empty."""
-        keys = np.stack([lenf[missing].astype(np.uint64), head[missing], tail[missing]], axis=1)
-        long = lenf[missing] > 2 * self.SHORT + 1
-        keys[long, 1] = missing[long].astype(np.uint64)  # long chunks: distinct here, by position
-        _, pick, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        # distinct chunks by a 64-bit hash of the key (a 1-D sort), then checked: an occurrence
+        # whose key differs from its group's (a hash collision) is not served from this batch
+        m_lenf, m_head, m_tail = lenf[missing], head[missing], tail[missing]
+        hv = self._hash64(m_lenf, m_head, m_tail)
+        long = m_lenf > 2 * self.SHORT + 1
+        hv[long] = missing[long].astype(np.uint64) | np.uint64(1 << 63)  # long: each on its own
+        _, pick, inverse = np.unique(hv, return_index=True, return_inverse=True)
         at = missing[pick]  # one occurrence of each distinct chunk
+        rep = at[inverse]
+        clash = (
+            (m_lenf != lenf[rep]) | (m_head != head[rep]) | (m_tail != tail[rep]) | (long & (missing != rep))
+        )
         raw = [joined[starts[i] : ends[i]] for i in at.tolist()]
         texts = [r.decode("utf-8", "surrogatepass") for r in raw]
         safe = np.fromiter(map(self._safe, texts), dtype=bool, count=len(texts))
@@ -224,7 +234,8 @@ class _ChunkCache:
             else:
                 ids = self._encode_spaced(chunks)
             new[sel] = self._append(at[sel], ids, [raw[j] for j in sel], lenf, head, tail)
-        result = new[inverse.reshape(-1)]
+        result = new[inverse]
+        result[clash] = -1
         ok[doc[missing[result < 0]]] = False
         return result
 
