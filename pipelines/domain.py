@@ -9,6 +9,7 @@ than every example keep the cost per document fixed however many examples are gi
 
 from __future__ import annotations
 
+import itertools
 import re
 import zlib
 from collections import Counter
@@ -48,11 +49,12 @@ def _buckets(words: list[str], dim: int) -> list[int]:
         return [cache[w] for w in words]
 
 
-def tf_vectors(texts: list[str], dim: int) -> np.ndarray:
-    """(n, dim) float32 of 1 + log(count) per hashed word (0 where absent)."""
+def tf_vectors(texts: list[str], dim: int, words: list[list[str]] | None = None) -> np.ndarray:
+    """(n, dim) float32 of 1 + log(count) per hashed word (0 where absent); `words`: the texts'
+    words_of, when the caller has them already."""
     out = np.zeros((len(texts), dim), dtype=np.float32)
     for i, t in enumerate(texts):
-        b = _buckets(words_of(t), dim)
+        b = _buckets(words[i] if words is not None else words_of(t), dim)
         if b:
             idx, c = np.unique(np.array(b, dtype=np.int64), return_counts=True)
             out[i, idx] = 1.0 + np.log(c.astype(np.float32))
@@ -76,12 +78,17 @@ def kmeans(x_ND: np.ndarray, k: int, seed: int = 0, iters: int = 20) -> tuple[np
         centers.append(int(rng.choice(n, p=d / d.sum())) if d.sum() > 0 else int(rng.integers(n)))
     c_KD = x_ND[centers].copy()
     assign = np.zeros(n, dtype=np.int64)
+    previous = None
     for _ in range(iters):
         assign = np.argmax(x_ND @ c_KD.T, axis=1)
-        for j in range(k):
-            members = x_ND[assign == j]
-            if len(members):
-                c_KD[j] = members.sum(axis=0)
+        if previous is not None and np.array_equal(assign, previous):
+            break  # converged: the centroids, hence every later step, would repeat
+        previous = assign
+        onehot_NK = np.zeros((n, k), dtype=x_ND.dtype)
+        onehot_NK[np.arange(n), assign] = 1
+        sums_KD = onehot_NK.T @ x_ND  # members' sums in one product (no per-cluster row copies)
+        filled = onehot_NK.any(axis=0)  # an empty cluster keeps its centroid
+        c_KD[filled] = sums_KD[filled]
         c_KD = _normalize(c_KD)
     return c_KD, assign
 
@@ -133,13 +140,14 @@ def topic_summary(samples: list[tuple[str, bool, str]], k: int, seed: int = 0, t
     if not samples:
         return []
     texts = [s[0] for s in samples]
+    words = [words_of(t) for t in texts]
     dim = 1 << 12
-    tf = tf_vectors(texts, dim)
+    tf = tf_vectors(texts, dim, words)
     idf = np.log((1 + len(texts)) / (1 + (tf > 0).sum(axis=0))) + 1.0
     x = _normalize(tf * idf)
     _, assign = kmeans(x, k, seed)
     # map buckets back to words seen in the sample (the most frequent word wins a bucket)
-    counts = Counter(w for t in texts for w in words_of(t))
+    counts = Counter(itertools.chain.from_iterable(words))
     vocab: dict[int, Counter] = {}
     for w, b in zip(counts, _buckets(list(counts), dim)):
         vocab.setdefault(b, Counter())[w] = counts[w]

@@ -280,6 +280,37 @@ def test_domain_filter_and_topics(all_docs):
     assert sum(c["kept"] + sum(c["dropped"].values()) for c in topics) == 120
 
 
+def test_kmeans_equals_the_per_cluster_loop():
+    """Centroid sums as one product, an empty cluster keeping its centroid, and the stop once
+    assignments repeat: the same result as summing each cluster's rows for every iteration."""
+    from pipelines.domain import _normalize, kmeans
+
+    def reference(x, k, seed, iters=20):
+        rng = np.random.default_rng(seed)
+        centers = [int(rng.integers(len(x)))]
+        for _ in range(1, k):
+            d = np.maximum(1.0 - (x @ x[centers].T).max(axis=1), 0) ** 2
+            centers.append(
+                int(rng.choice(len(x), p=d / d.sum())) if d.sum() > 0 else int(rng.integers(len(x)))
+            )
+        c = x[centers].copy()
+        for _ in range(iters):
+            assign = np.argmax(x @ c.T, axis=1)
+            for j in range(k):
+                if (assign == j).any():
+                    c[j] = x[assign == j].sum(axis=0)
+            c = _normalize(c)
+        return c, assign
+
+    rng = np.random.default_rng(0)
+    for n, k in ((200, 5), (30, 12), (7, 7)):  # many clusters for few points: some stay empty
+        x = _normalize(np.abs(rng.normal(size=(n, 16))) ** 3)
+        c, assign = kmeans(x, k, seed=3)
+        c_ref, assign_ref = reference(x, k, seed=3)
+        assert np.array_equal(assign, assign_ref)
+        np.testing.assert_allclose(c, c_ref, rtol=1e-5, atol=1e-6)
+
+
 def test_cleaner_stages(docs):
     s = CleanSettings(
         normalize=True, min_words=32, max_chars=2000, oversize="drop", dedup_exact=True, dedup_near=True,
