@@ -344,10 +344,12 @@ class Deduplicator:
                 out.append("")
                 new_exact.add(h)
                 new_bands.update(keys)
+        # the new keys are distinct (sets) and absent (a document is new only when none of its
+        # keys was in the table): inserted without another probe
         if self.exact and new_exact:
-            self.exact_seen.add_many(list(new_exact))
+            self.exact_seen.add_many(np.fromiter(new_exact, np.int64, len(new_exact)), _new=True)
         if self.near and new_bands:
-            self.band_seen.add_many(list(new_bands))
+            self.band_seen.add_many(np.fromiter(new_bands, np.int64, len(new_bands)), _new=True)
         return out
 
     def check(self, text_hash: int, band_keys) -> str:
