@@ -233,6 +233,18 @@ def test_dedup_batches_equal_one_by_one():
     ]
 
 
+def test_one_line_is_the_whitespace_regex():
+    import re
+
+    from pipelines.quality import one_line
+
+    alphabet = list(" \t\n\r\x0b\x0c\x1c\x1f\x85\u00a0\u2003\u3000\u200b ab.é日")
+    rng = random.Random(3)
+    for _ in range(20_000):
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))
+        assert one_line(t) == re.sub(r"\s+", " ", t).strip(), repr(t)
+
+
 def test_quality_default_model_and_perplexity(docs):
     path = default_quality_model()
     assert default_quality_model() == path  # cached
