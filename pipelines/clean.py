@@ -48,10 +48,11 @@ def normalize_text(text: str) -> str:
         text = _CONTROL.sub("", text)
     if "  " in text or "\t" in text or "\u00a0" in text or "\u3000" in text:
         text = _SPACES.sub(" ", text)
-    if " \n" in text or "\n " in text:
-        text = _TRAILING.sub("\n", text)
-    if "\n\n\n" in text:
-        text = _NEWLINES.sub("\n\n", text)
+    if "\n" in text:  # (memchr-fast; the two-character searches below are not)
+        if " \n" in text or "\n " in text:
+            text = _TRAILING.sub("\n", text)
+        if "\n\n\n" in text:
+            text = _NEWLINES.sub("\n\n", text)
     return text.strip()
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
 from collections import Counter
@@ -198,22 +197,29 @@ class _CleanTextWriter:
 
 
 class _Reservoir:
-    """A uniform sample of at most `size` (text[:4000], kept, reason) of the offered rows."""
+    """A uniform sample of at most `size` (text[:4000], kept, reason) of the offered rows
+    (Algorithm R, its draws made per batch in numpy: row t replaces a slot j < size, j uniform
+    in [0, t), once the sample is full)."""
 
     def __init__(self, size: int, seed: int):
-        self.size, self.rng, self.seen = size, random.Random(seed), 0
+        self.size, self.rng, self.seen = size, np.random.default_rng([seed, 0x5A4D]), 0
         self.items: list[tuple[str, bool, str]] = []
 
     def offer(self, texts: pa.ChunkedArray, rows, kept, reason) -> None:
-        for i in rows:
-            self.seen += 1
-            j = len(self.items) if len(self.items) < self.size else self.rng.randrange(self.seen)
-            if j < self.size:  # only sampled rows become Python strings
-                item = (texts[int(i)].as_py()[:4000], bool(kept[i]), "" if kept[i] else reason[i])
-                if j == len(self.items):
-                    self.items.append(item)
-                else:
-                    self.items[j] = item
+        rows = np.asarray(rows, dtype=np.int64)
+
+        def item(i: int) -> tuple[str, bool, str]:  # only sampled rows become Python strings
+            return texts[i].as_py()[:4000], bool(kept[i]), "" if kept[i] else reason[i]
+
+        fill = min(max(self.size - len(self.items), 0), rows.size)
+        self.items += [item(int(i)) for i in rows[:fill]]
+        rest = rows[fill:]
+        if rest.size:
+            t = self.seen + fill + 1 + np.arange(rest.size)  # rows offered so far, this one included
+            slot = (self.rng.random(rest.size) * t).astype(np.int64)
+            for r, j in zip(rest[slot < self.size].tolist(), slot[slot < self.size].tolist()):
+                self.items[j] = item(r)
+        self.seen += rows.size
 
 
 class _Packing:

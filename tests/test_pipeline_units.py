@@ -292,6 +292,25 @@ def test_domain_filter_and_topics(all_docs):
     assert sum(c["kept"] + sum(c["dropped"].values()) for c in topics) == 120
 
 
+def test_topic_reservoir_is_uniform_and_batch_independent():
+    from pipelines.prepare import _Reservoir
+
+    n, size = 2000, 50
+    texts = pa.chunked_array([pa.array([f"doc {i}" for i in range(n)])])
+    kept, reason = np.ones(n, dtype=bool), [""] * n
+
+    def sample(seed, cuts):
+        r = _Reservoir(size, seed)
+        for a, b in zip([0, *cuts], [*cuts, n]):
+            r.offer(texts, np.arange(a, b), kept, reason)
+        return [int(t.split()[1]) for t, _, _ in r.items]
+
+    assert sample(7, [10, 30, 1000]) == sample(7, [1500]) and len(sample(7, [])) == size
+    hits = np.bincount(np.concatenate([sample(seed, [100, 700]) for seed in range(400)]), minlength=n)
+    # each row is in the sample with probability size / n = 2.5%: 10 per 400 runs, early and late alike
+    assert abs(hits[: n // 2].mean() - 10) < 0.6 and abs(hits[n // 2 :].mean() - 10) < 0.6
+
+
 def test_kmeans_equals_the_per_cluster_loop():
     """Centroid sums as one product, an empty cluster keeping its centroid, and the stop once
     assignments repeat: the same result as summing each cluster's rows for every iteration."""
