@@ -4,11 +4,12 @@ Byte-level means every string encodes (no unknown token) and decode(encode(s)) =
 an iterator of texts; saved as the standard `tokenizer.json`, which the prepared data directory
 carries so training, evaluation and export all use the same one.
 
-`encode_batch` has a fast path with the same result (`_ChunkCache`): the GPT-2 pre-tokenizer
-never lets a pre-token cross a single space that has non-space characters on both sides, so such
-a text is the concatenation of its space-separated chunks' encodings (" " + chunk after the first),
-and a chunk's token ids are cached. Texts with other whitespace next to a space take the library.
-Measured on 1.7 KB English documents, one core: 45 µs/doc warm vs 370 µs for the library.
+`encode_batch` / `encode_flat` have a fast path with the same result (`_ChunkCache`): the GPT-2
+pre-tokenizer never lets a pre-token cross a single space that has non-space characters on both
+sides, so such a text is the concatenation of its space-separated chunks' encodings (" " + chunk
+after the first), and a chunk's token ids are cached (looked up for a whole batch in numpy). Texts
+with other whitespace next to a space take the library. Measured on 1.7 KB English documents, one
+core, batches of 1,024: 28 µs/doc warm (51 while the cache fills) vs 370 µs for the library.
 """
 
 from __future__ import annotations
