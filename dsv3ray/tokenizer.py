@@ -48,13 +48,16 @@ class _ChunkCache:
     all its chunks are looked up at once. A chunk of at most 16 bytes is keyed exactly by (its
     length, whether it starts its text, its first 8 bytes, its last 8 bytes), read as unaligned
     uint64 words, in an open-addressing table of entry numbers; the entries' ids sit end to end
-    in one int32 array. Longer chunks (2-5% of English chunks) are keyed by their bytes in a dict. Chunks
-    missing from the cache are checked against the rule and encoded in one library call per
-    batch. At most `max_entries` chunks are kept: the cache empties when a batch's new chunks
-    would pass that bound, and a batch whose new chunks alone pass it takes the library.
+    in one int32 array. Longer chunks (2-5% of English chunks) are keyed by their bytes in a
+    dict; a text with a chunk over MAX_CHUNK bytes takes the library (the cache's bytes stay
+    bounded). Chunks missing from the cache are checked against the rule and encoded in one
+    library call per batch. At most `max_entries` chunks are kept: the cache empties when a
+    batch's new chunks would pass that bound, and a batch whose new chunks alone pass it takes
+    the library.
     """
 
     SHORT = 16  # bytes: the first 8 and the last 8 cover the chunk
+    MAX_CHUNK = 256  # bytes: a text with a longer chunk (a blob, not words) takes the library
 
     def __init__(self, hf: _HFTokenizer, max_entries: int = 1 << 18):
         self.hf = hf
@@ -136,6 +139,7 @@ class _ChunkCache:
         doc = np.repeat(np.arange(n), per_doc)
         lens = ends - starts
         ok[doc[lens == 0]] = False  # an empty chunk: a space at an end or next to another
+        ok[doc[lens > self.MAX_CHUNK]] = False  # not cached (bounded memory): the library
         lenf = 2 * lens + (starts == text_start[doc])
         words = np.ndarray((buf.size - 7,), dtype="<u8", buffer=buf, strides=(1,))  # unaligned
         head = words[starts] & _MASKS[np.minimum(lens, 8)]

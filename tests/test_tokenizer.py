@@ -103,6 +103,11 @@ def test_chunk_table_keys_are_exact_at_every_length():
             assert len(tok._chunks) <= max_entries
         assert all(ids is not None for ids in tok._chunks.encode_many(texts[:50]))  # all on the fast path
     assert tok.encode_flat([])[1].tolist() == [0]
+    blob = "ab" * 200  # one 400-byte chunk: the library, not the cache
+    tok._chunks = _ChunkCache(tok.hf)
+    texts = [f"x {blob} y", "x y"]
+    assert tok._chunks.encode_many(texts)[0] is None and len(tok._chunks) == 2  # "x" and " y"
+    assert [a.tolist() for a in tok.encode_batch(texts)] == [tok.encode(t) for t in texts]
 
 
 def _stdlib_texts():
