@@ -1,0 +1,25 @@
+"""benchmarks/prepare.py (the data pipeline benchmark) runs end to end on a small input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(300)
+def test_prepare_benchmark_runs_and_reports(tmp_path):
+    # its own process: the benchmark starts and stops a local Ray of its own
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "prepare.py"), "--docs", "800"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["docs"] == 800 and out["target"] == ">= 0.5"
+    assert out["fasttext_docs_per_s"] > 0 and 0 < out["ratio"] < 5 and out["pipeline_docs_per_s_per_core"] > 0
+    assert set(out["wall_s"]) == {"200", "800"} and out["memory_growth"] > 0
+    assert set(out["us_per_doc_per_core"]) >= {"read", "normalize", "quality", "dedup_keys", "tokenize"}
