@@ -103,6 +103,13 @@ def test_chunk_table_keys_are_exact_at_every_length():
             assert len(tok._chunks) <= max_entries
         assert all(ids is not None for ids in tok._chunks.encode_many(texts[:50]))  # all on the fast path
     assert tok.encode_flat([])[1].tolist() == [0]
+    tok._chunks = _ChunkCache(tok.hf)
+    tok._chunks.GROUP_CHARS = 60  # many groups, texts longer than a group, empty texts at the edges
+    mixed = ["", *texts[:40], "", " ", texts[0] * 5]
+    flat, offsets = tok.encode_flat(mixed)
+    assert [flat[offsets[j] : offsets[j + 1]].tolist() for j in range(len(mixed))] == [
+        tok.encode(t) for t in mixed
+    ]
     blob = "ab" * 200  # one 400-byte chunk: the library, not the cache
     tok._chunks = _ChunkCache(tok.hf)
     texts = [f"x {blob} y", "x y"]
