@@ -109,14 +109,6 @@ class _ChunkCache:
             and not any(t in chunk for t in self.added_in_chunk)
         )
 
-    def encode(self, text: str) -> np.ndarray | None:
-        return self.encode_many([text])[0]
-
-    def encode_many(self, texts: list[str]) -> list[np.ndarray | None]:
-        """The ids of each text, or None where the chunk rule does not apply."""
-        flat, offsets, ok = self.encode_flat(texts)
-        return [flat[offsets[i] : offsets[i + 1]] if ok[i] else None for i in range(len(texts))]
-
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids of the texts end to end (int32), offsets (n + 1), ok (n)): text i is
         ids[offsets[i] : offsets[i + 1]] where ok[i]; a text that is not ok has no ids here.

@@ -24,12 +24,9 @@ ROW_SCHEMA = pa.schema([("sample_id", pa.int64()), ("input_ids", pa.list_(pa.int
 _EVAL_BUCKETS = 1_000_000
 
 
-def is_eval(text_hash: int, eval_fraction: float) -> bool:
-    return (text_hash % _EVAL_BUCKETS) < eval_fraction * _EVAL_BUCKETS
-
-
 def eval_mask(text_hash_N: np.ndarray, eval_fraction: float) -> np.ndarray:
-    """`is_eval` of each int64 hash (numpy's % on integers takes the divisor's sign, as Python's)."""
+    """Which documents go to eval, by their int64 text hash: hash mod 10^6 below the fraction
+    (numpy's % on integers takes the divisor's sign, as Python's: negative hashes included)."""
     return (text_hash_N % _EVAL_BUCKETS) < eval_fraction * _EVAL_BUCKETS
 
 

@@ -23,7 +23,7 @@ from pipelines.clean import Cleaner, CleanSettings, normalize_text, normalize_te
 from pipelines.corpus import stdlib_documents, write_demo_corpus  # noqa: E402
 from pipelines.dedup import Deduplicator, MinHasher, SeenSet, lsh_params  # noqa: E402
 from pipelines.domain import DomainFilter, topic_summary  # noqa: E402
-from pipelines.pack import Packer, ShardWriter, is_eval, unigram_entropy  # noqa: E402
+from pipelines.pack import Packer, ShardWriter, eval_mask, unigram_entropy  # noqa: E402
 from pipelines.prepare import PrepareConfig  # noqa: E402
 from pipelines.quality import (  # noqa: E402
     QualityScorer,
@@ -403,17 +403,21 @@ def test_packer_rows_and_entropy(tmp_path):
     assert all(len(r) == 8 for r in rows) and np.array_equal(np.concatenate(rows), flat[: 8 * w.num_rows])
     assert unigram_entropy(np.array([5, 5, 0])) == pytest.approx(np.log(2))
     hashes = np.random.default_rng(1).integers(-(2**63), 2**63 - 1, size=100_000).tolist()
-    assert sum(is_eval(h, 0.1) for h in hashes) == pytest.approx(10_000, rel=0.05)
-    from pipelines.pack import eval_mask
+    mask = eval_mask(np.array(hashes), 0.1)
+    assert mask.sum() == pytest.approx(10_000, rel=0.05)
+    assert mask.tolist() == [_is_eval(h, 0.1) for h in hashes]
 
-    assert eval_mask(np.array(hashes), 0.1).tolist() == [is_eval(h, 0.1) for h in hashes]
+
+def _is_eval(text_hash: int, eval_fraction: float) -> bool:
+    """The eval rule for one document, in Python integers (the reference for eval_mask)."""
+    return (text_hash % 1_000_000) < eval_fraction * 1_000_000
 
 
 @pytest.mark.parametrize("truncate", [False, True])
 def test_tokenize_documents_matches_one_document_at_a_time(docs, truncate):
     """The batch (flat ids, vectorized truncation and eos) equals the rule applied per document."""
     from dsv3ray.tokenizer import train_tokenizer
-    from pipelines.pack import is_eval, tokenize_documents
+    from pipelines.pack import tokenize_documents
 
     tok = train_tokenizer(docs[:50], vocab_size=500)
     texts = [docs[0], "", "a", " two  spaces ", docs[1] * 3, docs[2], "x" * 200]
@@ -425,7 +429,7 @@ def test_tokenize_documents_matches_one_document_at_a_time(docs, truncate):
         assert out["tokens"][i].as_py() == kept + [tok.eos_id], i
         assert out["pieces"][i].as_py() == max(1, -(-len(ids) // 40))
         assert out["truncated_tokens"][i].as_py() == len(ids) - len(kept)
-        assert out["eval"][i].as_py() == is_eval(hashes[i], 0.3)
+        assert out["eval"][i].as_py() == _is_eval(hashes[i], 0.3)
 
 
 def test_prepare_config_checks():
