@@ -24,12 +24,9 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv3ray.errors import UserError
+from dsv3ray.runtable import RunTable, keys, padded
 
 EOS_TOKEN = "<|endoftext|>"
-
-
-_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
-_K_LEN, _K_MIX = np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x9E3779B97F4A7C15)  # odd multipliers
 
 
 class _ChunkCache:
@@ -45,18 +42,14 @@ class _ChunkCache:
 
     The table. A batch's texts are joined into one UTF-8 buffer with a space between texts (UTF-8
     never has byte 0x20 inside a character, so the chunks are the byte runs between spaces) and
-    all its chunks are looked up at once. A chunk of at most 16 bytes is keyed exactly by (its
-    length, whether it starts its text, its first 8 bytes, its last 8 bytes), read as unaligned
-    uint64 words, in an open-addressing table of entry numbers; the entries' ids sit end to end
-    in one int32 array. Longer chunks (2-5% of English chunks) are keyed by their bytes in a
-    dict; a text with a chunk over MAX_CHUNK bytes takes the library (the cache's bytes stay
-    bounded). Chunks missing from the cache are checked against the rule and encoded in one
-    library call per batch. At most `max_entries` chunks are kept: the cache empties when a
-    batch's new chunks would pass that bound, and a batch whose new chunks alone pass it takes
-    the library.
+    all its chunks are looked up at once in a `dsv3ray.runtable.RunTable`, keyed by the chunk's
+    bytes and whether it starts its text; an entry's ids sit end to end in one int32 array. A
+    text with a chunk over MAX_CHUNK bytes takes the library (the cache's bytes stay bounded).
+    Chunks missing from the cache are checked against the rule and encoded in one library call
+    per batch. At most `max_entries` chunks are kept: the cache empties when a batch's new chunks
+    would pass that bound, and a batch whose new chunks alone pass it takes the library.
     """
 
-    SHORT = 16  # bytes: the first 8 and the last 8 cover the chunk
     MAX_CHUNK = 256  # bytes: a text with a longer chunk (a blob, not words) takes the library
     GROUP_CHARS = 256 << 10  # texts looked up together
 
@@ -65,25 +58,17 @@ class _ChunkCache:
         added = [t.content for t in hf.get_added_tokens_decoder().values()]
         self.added_in_chunk = [t for t in added if " " not in t]
         self.added_spanning = [t for t in added if " " in t]  # checked on the whole text
-        self.max_entries = max_entries
-        bits = max(4, (2 * max_entries - 1).bit_length())  # load <= 1/2
-        self._shift = np.uint64(64 - bits)
-        self._slots = np.full(1 << bits, -1, dtype=np.int32)
+        self.table = RunTable(max_entries)
         self._clear()
 
     def _clear(self) -> None:
-        self._slots.fill(-1)
-        cap = min(self.max_entries, 1 << 12)
-        self._lenf = np.zeros(cap, dtype=np.int64)  # 2 * length + (starts its text)
-        self._head = np.zeros(cap, dtype=np.uint64)
-        self._tail = np.zeros(cap, dtype=np.uint64)
+        self.table.clear()
+        cap = min(self.table.max_entries, 1 << 12)
         self._off = np.zeros(cap + 1, dtype=np.int64)  # entry j's ids: ids[off[j] : off[j + 1]]
         self._ids = np.zeros(4 * cap, dtype=np.int32)
-        self._long: tuple[dict, dict] = ({}, {})  # [starts its text] chunk bytes -> entry
-        self.size = 0
 
     def __len__(self) -> int:
-        return self.size
+        return self.table.size
 
     @staticmethod
     def applies(hf: _HFTokenizer) -> bool:
@@ -140,7 +125,7 @@ class _ChunkCache:
             ok &= [not any(a in t for a in self.added_spanning) for t in texts]
         parts = [t.encode("utf-8", "surrogatepass") for t in texts]
         joined = b" ".join(parts)
-        buf = np.frombuffer(joined + bytes(8), dtype=np.uint8)  # 8: a key word read past the end
+        buf = padded(joined)
         size = len(joined)
         text_start = np.zeros(n, dtype=np.int64)
         np.cumsum([len(p) + 1 for p in parts[:-1]], out=text_start[1:])
@@ -153,19 +138,8 @@ class _ChunkCache:
         lens = ends - starts
         ok[doc[lens == 0]] = False  # an empty chunk: a space at an end or next to another
         ok[doc[lens > self.MAX_CHUNK]] = False  # not cached (bounded memory): the library
-        lenf = 2 * lens + (starts == text_start[doc])
-        words = np.ndarray((buf.size - 7,), dtype="<u8", buffer=buf, strides=(1,))  # unaligned
-        head = words[starts] & _MASKS[np.minimum(lens, 8)]
-        tail = words[np.maximum(ends - 8, 0)]
-        tail[lens <= 8] = 0
-        entry = self._probe(lenf, head, tail)
-        long = np.flatnonzero(lens > self.SHORT)  # never in the table (their length): the dicts
-        if long.size:
-            got = [
-                self._long[f].get(joined[a:b], -1)
-                for a, b, f in zip(starts[long].tolist(), ends[long].tolist(), (lenf[long] & 1).tolist())
-            ]
-            entry[long] = got
+        lenf, head, tail = keys(buf, starts, ends, starts == text_start[doc])
+        entry = self.table.lookup(joined, starts, ends, lenf, head, tail)
         missing = np.flatnonzero((entry < 0) & ok[doc])
         if missing.size:
             added = self._add(missing, joined, starts, ends, lenf, head, tail, doc, ok)
@@ -186,57 +160,14 @@ class _ChunkCache:
         np.cumsum(per_text, out=offsets[1:])
         return self._ids[src], offsets, ok
 
-    @staticmethod
-    def _hash64(lenf, head, tail) -> np.ndarray:
-        with np.errstate(over="ignore"):
-            return (((lenf.astype(np.uint64) * _K_LEN) ^ head) * _K_MIX ^ tail) * _K_MIX
-
-    def _hash_slots(self, lenf, head, tail) -> np.ndarray:
-        return (self._hash64(lenf, head, tail) >> self._shift).astype(np.int64)
-
-    def _probe(self, lenf, head, tail) -> np.ndarray:
-        """Entry number of each (lenf, head, tail) key, -1 where absent (linear probing)."""
-        pos = self._hash_slots(lenf, head, tail)
-        entry = self._slots[pos].astype(np.int64)  # round one over every key, without indirection
-        hit = (self._head[entry] == head) & (self._tail[entry] == tail) & (self._lenf[entry] == lenf)
-        hit &= entry >= 0  # (entry -1 read the last entry: its comparison is discarded here)
-        entry[~hit] = -1
-        active = np.flatnonzero(~hit & (self._slots[pos] >= 0))
-        mask = self._slots.size - 1
-        pos[active] = (pos[active] + 1) & mask
-        while active.size:
-            e = self._slots[pos[active]]
-            used = e >= 0
-            active, e = active[used], e[used]
-            hit = (
-                (self._head[e] == head[active])
-                & (self._tail[e] == tail[active])
-                & (self._lenf[e] == lenf[active])
-            )
-            entry[active[hit]] = e[hit]
-            active = active[~hit]
-            pos[active] = (pos[active] + 1) & mask
-        return entry
-
     def _add(self, missing, joined, starts, ends, lenf, head, tail, doc, ok) -> np.ndarray | None:
         """Encode and cache the distinct chunks at `missing`; their entries (-1 where a chunk
         breaks the rule: its texts get ok=False), or None when the cache had to empty."""
-        # distinct chunks by a 64-bit hash of the key (a 1-D sort), then checked: an occurrence
-        # whose key differs from its group's (a hash collision) is not served from this batch
-        m_lenf, m_head, m_tail = lenf[missing], head[missing], tail[missing]
-        hv = self._hash64(m_lenf, m_head, m_tail)
-        long = m_lenf > 2 * self.SHORT + 1
-        hv[long] = missing[long].astype(np.uint64) | np.uint64(1 << 63)  # long: each on its own
-        _, pick, inverse = np.unique(hv, return_index=True, return_inverse=True)
-        at = missing[pick]  # one occurrence of each distinct chunk
-        rep = at[inverse]
-        clash = (
-            (m_lenf != lenf[rep]) | (m_head != head[rep]) | (m_tail != tail[rep]) | (long & (missing != rep))
-        )
+        at, inverse, clash = self.table.distinct(missing, lenf, head, tail)
         raw = [joined[starts[i] : ends[i]] for i in at.tolist()]
         texts = [r.decode("utf-8", "surrogatepass") for r in raw]
         safe = np.fromiter(map(self._safe, texts), dtype=bool, count=len(texts))
-        if self.size + int(safe.sum()) > self.max_entries:
+        if self.table.size + int(safe.sum()) > self.table.max_entries:
             self._clear()
             return None
         new = np.full(at.size, -1, dtype=np.int64)
@@ -259,44 +190,19 @@ class _ChunkCache:
 
     def _append(self, at, ids: list[np.ndarray], raw: list[bytes], lenf, head, tail) -> np.ndarray:
         """Store entries for the chunks at positions `at` (token ids, bytes); their numbers."""
-        m = len(ids)
-        first = self.size
-        if first + m > self._lenf.size:
-            cap = min(self.max_entries, max(first + m, 2 * self._lenf.size))
-            self._lenf, self._head, self._tail = (
-                np.resize(a, cap) for a in (self._lenf, self._head, self._tail)
-            )
-            self._off = np.resize(self._off, cap + 1)
-        sizes = np.fromiter((a.size for a in ids), dtype=np.int64, count=m)
+        first = self.table.size
+        numbers = self.table.append(at, raw, lenf, head, tail)
+        if self.table.size + 1 > self._off.size:
+            self._off = np.resize(self._off, max(self.table.size + 1, 2 * self._off.size))
+        sizes = np.fromiter((a.size for a in ids), dtype=np.int64, count=len(ids))
         base = self._off[first]
         need = base + int(sizes.sum())
         if need > self._ids.size:
             self._ids = np.resize(self._ids, max(need, 2 * self._ids.size))
         self._ids[base:need] = np.concatenate(ids)
-        np.cumsum(sizes, out=self._off[first + 1 : first + m + 1])
-        self._off[first + 1 : first + m + 1] += base
-        numbers = np.arange(first, first + m)
-        short = lenf[at] <= 2 * self.SHORT + 1
-        self._lenf[numbers] = np.where(short, lenf[at], -1)  # long: never matched by a probe
-        self._head[numbers] = head[at]
-        self._tail[numbers] = tail[at]
-        for j in np.flatnonzero(~short).tolist():
-            self._long[int(lenf[at[j]]) & 1][raw[j]] = first + j
-        self.size += m
-        self._insert(numbers[short])
+        np.cumsum(sizes, out=self._off[first + 1 : self.table.size + 1])
+        self._off[first + 1 : self.table.size + 1] += base
         return numbers
-
-    def _insert(self, numbers: np.ndarray) -> None:
-        """Put entries (absent and distinct) into the slot table."""
-        pos = self._hash_slots(self._lenf[numbers], self._head[numbers], self._tail[numbers])
-        mask = self._slots.size - 1
-        while numbers.size:  # each walks to the first free slot; one winner per contested slot
-            free = self._slots[pos] < 0
-            self._slots[pos[free]] = numbers[free]
-            placed = np.zeros(numbers.size, dtype=bool)
-            placed[free] = self._slots[pos[free]] == numbers[free]
-            numbers, pos = numbers[~placed], pos[~placed]
-            pos = (pos + 1) & mask
 
     def _encode_spaced(self, chunks: list[str]) -> list[np.ndarray]:
         """The ids of " " + c for each chunk, from one library call over "x c_1 c_2 ..." (by the

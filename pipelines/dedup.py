@@ -18,9 +18,10 @@ import hashlib
 
 import numpy as np
 
+from dsv3ray.runtable import MASKS as _MASKS  # low n bytes
+
 _P = 0x100000001B3  # odd
 _K1, _K2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)  # odd multipliers
-_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [(1 << 64) - 1], dtype=np.uint64)  # low n bytes
 
 
 def _powers(base: int, n: int) -> np.ndarray:

@@ -120,7 +120,9 @@ def default_quality_model(seed: int = 0) -> Path:
 
 
 class QualityScorer:
-    """P(label) per text with a fastText model (from a path or the model file's bytes)."""
+    """P(label) per text with a fastText model (from a path or the model file's bytes): fastText's
+    predict batched in numpy (pipelines.ftpredict) where it covers the model, fastText's own
+    otherwise."""
 
     def __init__(self, model_path: str | Path, label: str = GOOD):
         from fasttext.FastText import _FastText
@@ -137,8 +139,17 @@ class QualityScorer:
                 f"quality model {model_path} has no label {label!r} (labels: {self.model.get_labels()}): "
                 "set prepare.quality_label"
             )
+        from pipelines.ftpredict import batch_predictor
 
-    def scores(self, texts: list[str]) -> list[float]:
+        self.batch = batch_predictor(self.model, label)
+
+    def scores(self, texts: list[str]):
+        if self.batch is not None:
+            return self.batch.scores(texts, MAX_PREDICT_CHARS)
+        return self.fasttext_scores(texts)
+
+    def fasttext_scores(self, texts: list[str]) -> list[float]:
+        """fastText's own predict, one text at a time (the reference and the benchmark's limit)."""
         # f.multilinePredict returns wrong probabilities under NumPy 2: one predict call per text
         predict, label = self.model.f.predict, self.label
         out = []

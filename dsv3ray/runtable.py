@@ -1,0 +1,149 @@
+"""Entry numbers of short byte strings, looked up a whole batch at a time in numpy.
+
+The words of a batch of texts are byte runs of one joined UTF-8 buffer (`starts`, `ends`). Their
+lookups are what the tokenizer's chunk cache (dsv3ray.tokenizer) and the batched fastText predict
+(pipelines.ftpredict) spend their time on; a Python dict costs ~60 ns per word for the str
+objects and their hashes, this a few ns. The owner keeps its values per entry number.
+
+A key is a byte string plus one flag bit (the tokenizer marks a text's first chunk). Strings of at
+most SHORT = 16 bytes are keyed exactly by (2 * length + flag, their first 8 bytes, their last 8
+bytes), read as unaligned little-endian uint64 words, in an open-addressing table (linear probing,
+load at most 1/2) of entry numbers; longer ones by their bytes in one dict per flag. Lookups,
+the distinct misses of a batch (a 1-D sort of a 64-bit hash of the key, checked against the key)
+and insertions are whole-batch numpy operations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [(1 << 64) - 1], dtype=np.uint64)  # low n bytes
+_K_LEN, _K_MIX = np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x9E3779B97F4A7C15)  # odd multipliers
+SHORT = 16  # bytes: the first 8 and the last 8 cover the string
+
+
+def padded(joined: bytes) -> np.ndarray:
+    """The buffer as uint8 with 8 bytes of padding (a key word is read past the last byte)."""
+    return np.frombuffer(joined + bytes(8), dtype=np.uint8)
+
+
+def keys(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, flag) -> tuple[np.ndarray, ...]:
+    """(lenf, head, tail) of the runs buf[starts:ends] of a `padded` buffer; flag: 0/1 per run."""
+    lens = ends - starts
+    lenf = 2 * lens + flag
+    words = np.ndarray((buf.size - 7,), dtype="<u8", buffer=buf, strides=(1,))  # unaligned
+    head = words[starts] & MASKS[np.minimum(lens, 8)]
+    tail = words[np.maximum(ends - 8, 0)]
+    tail[lens <= 8] = 0
+    return lenf, head, tail
+
+
+class RunTable:
+    """Entry numbers 0..size-1 of distinct keys; at most `max_entries` of them."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        bits = max(4, (2 * max_entries - 1).bit_length())  # load <= 1/2
+        self._shift = np.uint64(64 - bits)
+        self._slots = np.full(1 << bits, -1, dtype=np.int32)
+        self.clear()
+
+    def clear(self) -> None:
+        self._slots.fill(-1)
+        cap = min(self.max_entries, 1 << 12)
+        self._lenf = np.zeros(cap, dtype=np.int64)  # -1 for long entries: never matched by a probe
+        self._head = np.zeros(cap, dtype=np.uint64)
+        self._tail = np.zeros(cap, dtype=np.uint64)
+        self._long: tuple[dict, dict] = ({}, {})  # [flag] string bytes -> entry
+        self.size = 0
+
+    @staticmethod
+    def _hash64(lenf, head, tail) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return (((lenf.astype(np.uint64) * _K_LEN) ^ head) * _K_MIX ^ tail) * _K_MIX
+
+    def _hash_slots(self, lenf, head, tail) -> np.ndarray:
+        return (self._hash64(lenf, head, tail) >> self._shift).astype(np.int64)
+
+    def lookup(self, joined: bytes, starts, ends, lenf, head, tail) -> np.ndarray:
+        """Entry number of each run, -1 where absent."""
+        entry = self._probe(lenf, head, tail)
+        long = np.flatnonzero(lenf > 2 * SHORT + 1)  # never in the table (their length): the dicts
+        if long.size:
+            entry[long] = [
+                self._long[f].get(joined[a:b], -1)
+                for a, b, f in zip(starts[long].tolist(), ends[long].tolist(), (lenf[long] & 1).tolist())
+            ]
+        return entry
+
+    def _probe(self, lenf, head, tail) -> np.ndarray:
+        pos = self._hash_slots(lenf, head, tail)
+        entry = self._slots[pos].astype(np.int64)  # round one over every key, without indirection
+        hit = (self._head[entry] == head) & (self._tail[entry] == tail) & (self._lenf[entry] == lenf)
+        hit &= entry >= 0  # (entry -1 read the last entry: its comparison is discarded here)
+        entry[~hit] = -1
+        active = np.flatnonzero(~hit & (self._slots[pos] >= 0))
+        mask = self._slots.size - 1
+        pos[active] = (pos[active] + 1) & mask
+        while active.size:
+            e = self._slots[pos[active]]
+            used = e >= 0
+            active, e = active[used], e[used]
+            hit = (
+                (self._head[e] == head[active])
+                & (self._tail[e] == tail[active])
+                & (self._lenf[e] == lenf[active])
+            )
+            entry[active[hit]] = e[hit]
+            active = active[~hit]
+            pos[active] = (pos[active] + 1) & mask
+        return entry
+
+    @classmethod
+    def distinct(cls, missing, lenf, head, tail) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The distinct keys among the runs at `missing`: (at: one run of each, inverse: which of
+        them each missing run is, clash: runs whose key differs from their group's — a hash
+        collision; the caller does not serve those from this batch)."""
+        m_lenf, m_head, m_tail = lenf[missing], head[missing], tail[missing]
+        hv = cls._hash64(m_lenf, m_head, m_tail)
+        long = m_lenf > 2 * SHORT + 1
+        hv[long] = missing[long].astype(np.uint64) | np.uint64(1 << 63)  # long: each on its own
+        _, pick, inverse = np.unique(hv, return_index=True, return_inverse=True)
+        at = missing[pick]
+        rep = at[inverse]
+        clash = (
+            (m_lenf != lenf[rep]) | (m_head != head[rep]) | (m_tail != tail[rep]) | (long & (missing != rep))
+        )
+        return at, inverse, clash
+
+    def append(self, at, raw: list[bytes], lenf, head, tail) -> np.ndarray:
+        """New entries for the distinct, absent runs at `at` (their bytes `raw`); their numbers."""
+        m = len(at)
+        first = self.size
+        assert first + m <= self.max_entries
+        if first + m > self._lenf.size:
+            cap = min(self.max_entries, max(first + m, 2 * self._lenf.size))
+            self._lenf, self._head, self._tail = (
+                np.resize(a, cap) for a in (self._lenf, self._head, self._tail)
+            )
+        numbers = np.arange(first, first + m)
+        short = lenf[at] <= 2 * SHORT + 1
+        self._lenf[numbers] = np.where(short, lenf[at], -1)
+        self._head[numbers] = head[at]
+        self._tail[numbers] = tail[at]
+        for j in np.flatnonzero(~short).tolist():
+            self._long[int(lenf[at[j]]) & 1][raw[j]] = first + j
+        self.size += m
+        self._insert(numbers[short])
+        return numbers
+
+    def _insert(self, numbers: np.ndarray) -> None:
+        pos = self._hash_slots(self._lenf[numbers], self._head[numbers], self._tail[numbers])
+        mask = self._slots.size - 1
+        while numbers.size:  # each walks to the first free slot; one winner per contested slot
+            free = self._slots[pos] < 0
+            self._slots[pos[free]] = numbers[free]
+            placed = np.zeros(numbers.size, dtype=bool)
+            placed[free] = self._slots[pos[free]] == numbers[free]
+            numbers, pos = numbers[~placed], pos[~placed]
+            pos = (pos + 1) & mask

@@ -1,0 +1,268 @@
+"""fastText's supervised `predict` for a batch of documents, in numpy: the same scores, ~5x cheaper.
+
+fastText scores a line as softmax(wo · mean(wi[ids])) where `ids` are the line's words that are in
+the vocabulary (with their character n-grams when the model has them) followed by one hashed
+bucket per word n-gram. Every id's row contributes linearly, so `wi · woᵀ` (the logits of each
+row) is computed once at load and a document costs a lookup per word and a gather-sum of
+L-label rows (L = 2 for a quality model), instead of fastText re-reading each document byte by
+byte through a C++ stream, hashing every word and averaging `dim`-wide vectors.
+
+The rules of fastText 0.9.2's `Dictionary::getLine` + `Model::predict` are kept exactly: words
+split on ' ', \\n, \\r, \\t, \\v, \\f, \\0; a token that starts with the label prefix is skipped
+(no row, no n-gram); a literal `</s>` token counts and ends the line; out-of-vocabulary words add
+only their character n-grams (none when maxn = 0) but still take part in word n-grams, hashed
+with FNV-1a (signed bytes) and mixed as `h = h * 116049371 + h'` in 64 bits; the score of a label
+is `exp(log(p + 1e-5))`, i.e. p + 1e-5; a line with no ids gets no prediction (score 0).
+fastText sums in float32 in line order, this in float64: scores agree to ~1e-6 (tests compare
+both on fuzzed text). Models this does not cover (hierarchical softmax, one-vs-all / negative
+sampling with fastText's tabulated sigmoid, quantized) keep fastText's own predict.
+
+Shapes: W = words of the batch, N = documents, L = labels, V = vocabulary rows cached.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dsv3ray.runtable import RunTable, keys, padded
+
+EOS = "</s>"
+_MIX = np.uint64(116049371)
+_SHORT = 64  # words up to this many bytes are hashed column-wise in numpy, longer ones in Python
+
+
+def fnv1a_reference(word: bytes) -> int:
+    """fastText's Dictionary::hash: 32-bit FNV-1a over a word's UTF-8 bytes read as signed chars."""
+    h = 2166136261
+    for b in word:
+        h = ((h ^ (b | 0xFFFFFF00 if b >= 128 else b)) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+def fnv1a_signed(enc: list[bytes]) -> np.ndarray:
+    """fnv1a_reference of each word, sign-extended from int32 to 64 bits as fastText's n-gram mix
+    reads it (`uint64_t h = int32 hash`); returns uint64 [len(enc)]."""
+    lens = np.fromiter(map(len, enc), np.int64, len(enc))
+    h = np.full(len(enc), 2166136261, dtype=np.uint32)
+    short = np.flatnonzero(lens <= _SHORT)
+    if short.size:
+        # words sorted longest first: at byte j the words still going are a prefix of that order
+        order = short[np.argsort(-lens[short], kind="stable")]
+        buf = np.frombuffer(b"".join(enc[i] for i in order), np.uint8).astype(np.uint32)
+        starts = np.zeros(order.size, np.int64)
+        np.cumsum(lens[order][:-1], out=starts[1:])
+        alive = np.bincount(lens[order], minlength=_SHORT + 1)[::-1].cumsum()[::-1]  # alive[j]: len >= j
+        hs = h[order]
+        for j in range(1, int(lens[order[0]]) + 1):
+            k = alive[j]
+            c = buf[starts[:k] + (j - 1)]
+            c = np.where(c >= 128, c | np.uint32(0xFFFFFF00), c)
+            hs[:k] = (hs[:k] ^ c) * np.uint32(16777619)
+        h[order] = hs
+    for i in np.flatnonzero(lens > _SHORT):
+        h[i] = fnv1a_reference(enc[i])
+    return h.view(np.int32).astype(np.int64).view(np.uint64)
+
+
+def batch_predictor(model, label: str):
+    """A BatchPredictor for this fastText model, or None when its predict is not covered here."""
+    a = model.f.getArgs()
+    if model.is_quantized() or a.model.name != "supervised" or a.loss.name != "softmax":
+        return None
+    try:
+        words = model.get_words(on_unicode_error="strict")
+    except UnicodeDecodeError:
+        return None
+    return BatchPredictor(model, words, label)
+
+
+class BatchPredictor:
+    """fastText's score of one label per document, a batch of documents at a time.
+
+    A batch's texts are joined into one UTF-8 buffer; its words are the runs between separator
+    bytes, looked up at once in a `dsv3ray.runtable.RunTable`. A word's entry (its ids' logits
+    summed, how many ids, its FNV hash, whether it is a label token) is made the first time it is
+    seen and kept; at most `max_entries` (then the table empties: bounded memory on any corpus).
+    Words over MAX_WORD bytes are not kept (computed where they occur).
+    """
+
+    MAX_WORD = 256  # bytes
+    GROUP_CHARS = 256 << 10  # texts looked up together (their per-word arrays stay in cache)
+
+    def __init__(self, model, words: list[str], label: str, max_entries: int = 1 << 20):
+        a = model.f.getArgs()
+        self.label_id = model.get_labels().index(label)
+        self.prefix, self.n, self.bucket = a.label, a.wordNgrams, np.uint64(a.bucket)
+        self.model, self.subwords = model, a.maxn > 0
+        self.vocab = {w: i for i, w in enumerate(words)}
+        self.nwords = len(words)
+        wi, wo = model.get_input_matrix(), model.get_output_matrix()
+        wi, wo = wi.astype(np.float64), wo.astype(np.float64)
+        L = wo.shape[0]
+        if L == 2:  # softmax of two = sigmoid of the margin, linear in the rows: one column
+            self.row_logits = wi @ (wo[self.label_id] - wo[1 - self.label_id])  # [R]
+        else:
+            self.row_logits = wi @ wo.T  # [R, L]
+        self.table = RunTable(min(max_entries, max(1 << 10, (256 << 20) // (8 * L))))  # <= 256 MB of logits
+        self._clear()
+
+    def _clear(self) -> None:
+        self.table.clear()
+        self.logits_V = np.zeros((0,) + self.row_logits.shape[1:])
+        self.count_V = np.zeros(0, np.int64)
+        self.hash_V = np.zeros(0, np.uint64)
+        self.skip_V = np.zeros(0, np.bool_)
+
+    def _values(self, raw: list[bytes]):
+        """(logits, number of ids, hash, is a label token), one each per word given as bytes."""
+        logits_M = np.zeros((len(raw),) + self.row_logits.shape[1:])
+        count_M = np.zeros(len(raw), np.int64)
+        skip_M = np.zeros(len(raw), np.bool_)
+        for i, r in enumerate(raw):
+            w = r.decode("utf-8", "surrogatepass")
+            if w.startswith(self.prefix):
+                skip_M[i] = True  # a label token: no row, no word n-gram
+            elif self.subwords:  # the word's id (if any) and its character n-grams' rows
+                ids = np.asarray(self.model.get_subwords(w)[1], np.int64)
+                logits_M[i] = self.row_logits[ids].sum(0)
+                count_M[i] = ids.size
+            elif (wid := self.vocab.get(w, -1)) >= 0:
+                logits_M[i] = self.row_logits[wid]
+                count_M[i] = 1
+        return logits_M, count_M, fnv1a_signed(raw), skip_M
+
+    def scores(self, texts: list[str], max_chars: int) -> np.ndarray:
+        """fastText's score of the label per text, float32 [N] (0 where fastText predicts nothing)."""
+        out, i = [], 0
+        while i < len(texts) or not out:
+            j, size = i, 0
+            while j < len(texts) and (j == i or size + len(texts[j]) <= self.GROUP_CHARS):
+                size += len(texts[j])
+                j += 1
+            out.append(self._scores(texts[i:j], max_chars))
+            i = j
+        return np.concatenate(out)
+
+    def _scores(self, texts: list[str], max_chars: int) -> np.ndarray:
+        N = len(texts)
+        parts = [t[:max_chars].encode("utf-8", "surrogatepass") for t in texts]
+        joined = b" ".join(parts)
+        buf = padded(joined)
+        starts, ends = _words(joined, buf)
+        text_start = np.zeros(N, np.int64)
+        np.cumsum([len(p) + 1 for p in parts[:-1]], out=text_start[1:])
+        doc_W = np.searchsorted(text_start, starts, side="right") - 1
+        lenf, head, tail = keys(buf, starts, ends, 0)
+        eos = np.flatnonzero((lenf == 2 * len(EOS)) & (head == _EOS_KEY))
+        if eos.size:  # fastText's line ends at a literal </s> token (which counts)
+            first = np.full(N, doc_W.size, np.int64)
+            np.minimum.at(first, doc_W[eos], eos)
+            keep = np.arange(doc_W.size) <= first[doc_W]
+            starts, ends, doc_W, lenf, head, tail = (a[keep] for a in (starts, ends, doc_W, lenf, head, tail))
+        code_W = self.table.lookup(joined, starts, ends, lenf, head, tail)
+        kept = ends - starts <= self.MAX_WORD
+        missing = np.flatnonzero((code_W < 0) & kept)
+        if missing.size:
+            at, inverse, clash = self.table.distinct(missing, lenf, head, tail)
+            if self.table.size + at.size <= self.table.max_entries:
+                raw = [joined[starts[i] : ends[i]] for i in at.tolist()]
+                values = self._values(raw)
+                numbers = self.table.append(at, raw, lenf, head, tail)
+                self.logits_V, self.count_V, self.hash_V, self.skip_V = (
+                    np.concatenate([old, new])
+                    for old, new in zip((self.logits_V, self.count_V, self.hash_V, self.skip_V), values)
+                )
+                code_W[missing] = numbers[inverse]
+                kept[missing[clash]] = False  # a hash clash in this batch: computed where it occurs
+            elif self.table.size and at.size <= self.table.max_entries:
+                self._clear()  # full: start again (every entry found above is gone)
+                return self._scores(texts, max_chars)
+            else:
+                kept[missing] = False  # more new words than the table holds: computed where they occur
+        code = np.where(kept, code_W, 0)
+        arrays = (self.logits_V, self.count_V, self.hash_V, self.skip_V)
+        if self.table.size:  # (np.take: 2-D fancy indexing is ~8x slower)
+            logits_W, count_W, hash_W, skip_W = (np.take(a, code, axis=0) for a in arrays)
+        else:  # nothing kept: every word is computed below
+            logits_W, count_W, hash_W, skip_W = (
+                np.zeros((code.size,) + a.shape[1:], a.dtype) for a in arrays
+            )
+        other = np.flatnonzero(~kept)
+        if other.size:  # long words (and clashes): their values here, not kept
+            vals = self._values([joined[starts[i] : ends[i]] for i in other.tolist()])
+            for arr, v in zip((logits_W, count_W, hash_W, skip_W), vals):
+                arr[other] = v
+        if skip_W.any():
+            keep = ~skip_W
+            logits_W, count_W, hash_W, doc_W = logits_W[keep], count_W[keep], hash_W[keep], doc_W[keep]
+        return self._combine(N, doc_W, logits_W, count_W, hash_W)
+
+    def _combine(self, N, doc_W, logits_W, count_W, hash_W) -> np.ndarray:
+        """Scores from each document's words (in order): their rows, then the word n-grams'."""
+        sum_N = np.zeros((N,) + logits_W.shape[1:])
+        _add_per_doc(sum_N, doc_W, logits_W)
+        count_N = np.bincount(doc_W, weights=count_W, minlength=N)
+        # word n-grams: h(i..i+k) = h(i..i+k-1) * 116049371 + h(i+k), inside one document
+        W = doc_W.size
+        mix = hash_W
+        for k in range(1, self.n):
+            m = W - k
+            if m <= 0:
+                break
+            mix = mix[:m] * _MIX + hash_W[k:]
+            same = doc_W[:m] == doc_W[k:]
+            bucket_G = (mix[same] % self.bucket).astype(np.int64)
+            _add_per_doc(sum_N, doc_W[:m][same], np.take(self.row_logits, self.nwords + bucket_G, axis=0))
+            count_N += np.bincount(doc_W[:m][same], minlength=N)
+        out = np.zeros(N, np.float32)
+        has = count_N > 0
+        z = sum_N[has] / (count_N[has] if sum_N.ndim == 1 else count_N[has, None])
+        if sum_N.ndim == 1:
+            p = 1.0 / (1.0 + np.exp(-z))
+        else:
+            z -= z.max(1, keepdims=True)
+            e = np.exp(z)
+            p = e[:, self.label_id] / e.sum(1)
+        out[has] = p + 1e-5  # fastText reports exp(log(p + 1e-5))
+        return out
+
+
+# str.split's separators beyond ASCII (one_line rewrites them to spaces before fastText reads the line)
+UNICODE_SPACES = "\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+_SPACE2 = np.array(
+    [int.from_bytes(c.encode(), "big") for c in UNICODE_SPACES if len(c.encode()) == 2], np.uint32
+)
+_SPACE3 = np.array(
+    [int.from_bytes(c.encode(), "big") for c in UNICODE_SPACES if len(c.encode()) == 3], np.uint32
+)
+_EOS_KEY = np.uint64(int.from_bytes(EOS.encode(), "little"))
+
+
+def _words(joined: bytes, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the words fastText reads in `one_line` of each text: runs between the
+    bytes fastText splits at (space, \\t \\n \\v \\f \\r, \\0), \\x1c-\\x1f and the UTF-8 encodings of
+    UNICODE_SPACES (str.split splits there, so one_line turns them into spaces)."""
+    size = len(joined)
+    c = buf[:size]
+    sep = ((c - np.uint8(9)) < 5) | ((c - np.uint8(28)) < 5) | (c == 0)
+    if not joined.isascii():
+        lead = np.flatnonzero((c == 0xC2) | ((c - np.uint8(0xE1)) < 3))  # the spaces' first bytes
+        if lead.size:
+            b = [buf[lead + i].astype(np.uint32) for i in range(3)]
+            two = lead[np.isin((b[0] << 8) | b[1], _SPACE2)]
+            three = lead[np.isin((b[0] << 16) | (b[1] << 8) | b[2], _SPACE3)]
+            for i in range(3):
+                sep[three + i] = True
+            sep[two] = sep[two + 1] = True
+    is_word = np.zeros(size + 2, dtype=bool)
+    is_word[1:-1] = ~sep
+    edges = np.flatnonzero(is_word[1:] != is_word[:-1])
+    return edges[0::2], edges[1::2]
+
+
+def _add_per_doc(sum_N: np.ndarray, doc_G: np.ndarray, rows_G: np.ndarray):
+    """sum_N[doc_G[g]] += rows_G[g]; doc_G is sorted (rows come in document order)."""
+    if doc_G.size == 0:
+        return
+    starts = np.flatnonzero(np.r_[True, doc_G[1:] != doc_G[:-1]])
+    sum_N[doc_G[starts]] += np.add.reduceat(rows_G, starts, axis=0)
