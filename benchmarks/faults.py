@@ -444,20 +444,6 @@ def teacher_kill(work: Path, steps: int, kill_at: int, timeout_s: float) -> dict
     }
 
 
-def check_no_stale_build_lock(max_age_s: float = 120.0) -> None:
-    """Workers JIT-load a DeepSpeed op (torch cpp_extension) under a lock file; a process killed while
-    holding it (e.g. a worker SIGKILLed during its build) leaves the file, and every later load on
-    this machine waits forever. Say so up front instead of hanging."""
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    for lock in root.glob("*/*/lock"):
-        age = time.time() - lock.stat().st_mtime
-        if age > max_age_s:
-            raise SystemExit(
-                f"stale torch extension build lock {lock} ({age:.0f}s old): training workers would wait on it "
-                "forever; if no build is running (no ninja process), remove it and re-run"
-            )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
@@ -473,7 +459,9 @@ def main() -> None:
 
     import ray
 
-    check_no_stale_build_lock()
+    from dsv3ray.engine import clear_stale_build_locks
+
+    clear_stale_build_locks()  # (the workers do it too; here before any of them waits)
     # steps, checkpoint_every, kill_at_step: checkpoints every 2 steps; the teacher dies right after
     # step 2's checkpoint; the worker at the start of step kill_at (resume from the last checkpoint)
     steps, ckpt_every, kill_at = (10, 2, 8) if args.quick else (12, 2, 9)

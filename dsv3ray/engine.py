@@ -331,6 +331,33 @@ def attach_deepspeed_moe(model: torch.nn.Module, ep: ExpertParallel) -> int:
     return len(owners)
 
 
+STALE_BUILD_LOCK_S = 600.0  # the op DeepSpeed JIT-builds on CPU takes well under a minute
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove DeepSpeed op build locks older than `max_age_s`; the paths removed.
+
+    `deepspeed.init_distributed` JIT-builds an op (torch cpp_extension) under a lock file that the
+    builder removes when done; a process killed while holding it (a worker SIGKILLed during its
+    build) leaves the file, and every later start on this machine waits on it forever. A build
+    takes well under a minute, so a lock that old is one nobody will remove."""
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # (torch's own rule)
+    removed = []
+    for lock in Path(root).glob("*/deepspeed_*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                print(f"dsv3ray: removed a stale DeepSpeed op build lock {lock} (left by a killed build)")
+        except FileNotFoundError:  # another worker removed it first
+            pass
+    return removed
+
+
 def _init_distributed(backend: str) -> None:
     """DeepSpeed needs a process group even for one process: create a 1-rank one if none exists."""
     import deepspeed
@@ -344,6 +371,7 @@ def _init_distributed(backend: str) -> None:
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
     if not ds_dist.is_initialized():
+        clear_stale_build_locks()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 

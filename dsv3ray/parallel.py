@@ -139,6 +139,9 @@ def _ensure_deepspeed_comm() -> None:
     import deepspeed.comm as ds_dist
 
     if not ds_dist.is_initialized():
+        from dsv3ray.engine import clear_stale_build_locks
+
+        clear_stale_build_locks()
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 
 

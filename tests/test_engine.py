@@ -430,3 +430,25 @@ def _cuda_seed_worker(rank, world_size, ckpt_dir):
 @pytest.mark.gpu
 def test_seed_config_as_written_on_cuda(tmp_path):
     spawn(_cuda_seed_worker, 1, str(tmp_path / "ckpt"), backend="nccl")
+
+
+def test_stale_deepspeed_build_lock_is_removed_fresh_one_kept(tmp_path, monkeypatch):
+    """A lock left by a killed build would make every later start wait forever; a fresh one is a
+    build in progress (another worker) and stays."""
+    import os
+    import time
+
+    from dsv3ray.engine import STALE_BUILD_LOCK_S, clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py311_cpu" / "deepspeed_other" / "lock"
+    other = tmp_path / "py311_cpu" / "not_deepspeed" / "lock"
+    for f in (stale, fresh, other):
+        f.parent.mkdir(parents=True)
+        f.touch()
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    assert clear_stale_build_locks() == [stale]
+    assert not stale.exists() and fresh.exists() and other.exists()
