@@ -138,11 +138,11 @@ class _ChunkCache:
         lens = ends - starts
         ok[doc[lens == 0]] = False  # an empty chunk: a space at an end or next to another
         ok[doc[lens > self.MAX_CHUNK]] = False  # not cached (bounded memory): the library
-        lenf, head, tail = keys(buf, starts, ends, starts == text_start[doc])
-        entry = self.table.lookup(joined, starts, ends, lenf, head, tail)
+        key = keys(buf, starts, ends, starts == text_start[doc])
+        entry = self.table.lookup(joined, starts, ends, key)
         missing = np.flatnonzero((entry < 0) & ok[doc])
         if missing.size:
-            added = self._add(missing, joined, starts, ends, lenf, head, tail, doc, ok)
+            added = self._add(missing, joined, starts, ends, key, doc, ok)
             if added is None:  # the cache emptied: every entry found above is gone
                 if _retry:
                     return self._encode_group(texts, _retry=False)
@@ -160,10 +160,10 @@ class _ChunkCache:
         np.cumsum(per_text, out=offsets[1:])
         return self._ids[src], offsets, ok
 
-    def _add(self, missing, joined, starts, ends, lenf, head, tail, doc, ok) -> np.ndarray | None:
+    def _add(self, missing, joined, starts, ends, key, doc, ok) -> np.ndarray | None:
         """Encode and cache the distinct chunks at `missing`; their entries (-1 where a chunk
         breaks the rule: its texts get ok=False), or None when the cache had to empty."""
-        at, inverse, clash = self.table.distinct(missing, lenf, head, tail)
+        at, inverse, clash = self.table.distinct(joined, starts, ends, missing, key)
         raw = [joined[starts[i] : ends[i]] for i in at.tolist()]
         texts = [r.decode("utf-8", "surrogatepass") for r in raw]
         safe = np.fromiter(map(self._safe, texts), dtype=bool, count=len(texts))
@@ -171,7 +171,7 @@ class _ChunkCache:
             self._clear()
             return None
         new = np.full(at.size, -1, dtype=np.int64)
-        first_chunk = (lenf[at] & 1).astype(bool)
+        first_chunk = (key[0][at] & 1).astype(bool)
         for is_first in (True, False):
             sel = np.flatnonzero(safe & (first_chunk == is_first))
             if not sel.size:
@@ -182,16 +182,16 @@ class _ChunkCache:
                 ids = [np.asarray(enc.ids, dtype=np.int32) for enc in encs]
             else:
                 ids = self._encode_spaced(chunks)
-            new[sel] = self._append(at[sel], ids, [raw[j] for j in sel], lenf, head, tail)
+            new[sel] = self._append(at[sel], ids, [raw[j] for j in sel], key)
         result = new[inverse]
         result[clash] = -1
         ok[doc[missing[result < 0]]] = False
         return result
 
-    def _append(self, at, ids: list[np.ndarray], raw: list[bytes], lenf, head, tail) -> np.ndarray:
+    def _append(self, at, ids: list[np.ndarray], raw: list[bytes], key) -> np.ndarray:
         """Store entries for the chunks at positions `at` (token ids, bytes); their numbers."""
         first = self.table.size
-        numbers = self.table.append(at, raw, lenf, head, tail)
+        numbers = self.table.append(at, raw, key)
         if self.table.size + 1 > self._off.size:
             self._off = np.resize(self._off, max(self.table.size + 1, 2 * self._off.size))
         sizes = np.fromiter((a.size for a in ids), dtype=np.int64, count=len(ids))

@@ -152,22 +152,23 @@ class BatchPredictor:
         text_start = np.zeros(N, np.int64)
         np.cumsum([len(p) + 1 for p in parts[:-1]], out=text_start[1:])
         doc_W = np.searchsorted(text_start, starts, side="right") - 1
-        lenf, head, tail = keys(buf, starts, ends, 0)
-        eos = np.flatnonzero((lenf == 2 * len(EOS)) & (head == _EOS_KEY))
+        key = keys(buf, starts, ends, 0)
+        eos = np.flatnonzero((key[0] == 2 * len(EOS)) & (key[1] == _EOS_KEY))
         if eos.size:  # fastText's line ends at a literal </s> token (which counts)
             first = np.full(N, doc_W.size, np.int64)
             np.minimum.at(first, doc_W[eos], eos)
             keep = np.arange(doc_W.size) <= first[doc_W]
-            starts, ends, doc_W, lenf, head, tail = (a[keep] for a in (starts, ends, doc_W, lenf, head, tail))
-        code_W = self.table.lookup(joined, starts, ends, lenf, head, tail)
+            starts, ends, doc_W = starts[keep], ends[keep], doc_W[keep]
+            key = tuple(k[keep] for k in key)
+        code_W = self.table.lookup(joined, starts, ends, key)
         kept = ends - starts <= self.MAX_WORD
         missing = np.flatnonzero((code_W < 0) & kept)
         if missing.size:
-            at, inverse, clash = self.table.distinct(missing, lenf, head, tail)
+            at, inverse, clash = self.table.distinct(joined, starts, ends, missing, key)
             if self.table.size + at.size <= self.table.max_entries:
                 raw = [joined[starts[i] : ends[i]] for i in at.tolist()]
                 values = self._values(raw)
-                numbers = self.table.append(at, raw, lenf, head, tail)
+                numbers = self.table.append(at, raw, key)
                 self.logits_V, self.count_V, self.hash_V, self.skip_V = (
                     np.concatenate([old, new])
                     for old, new in zip((self.logits_V, self.count_V, self.hash_V, self.skip_V), values)

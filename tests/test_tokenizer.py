@@ -77,7 +77,7 @@ def test_chunk_cache_encodes_exactly_like_the_library():
 
 
 def test_chunk_table_keys_are_exact_at_every_length():
-    """Chunks that share their first and last bytes (and lengths 7-9, 15-17, 30+: the key's word
+    """Chunks that share their first and last bytes (and lengths 7-9, 15-17, 23-25, 30+: the key's word
     boundaries and the long-chunk dict), repeated within and across batches, as a text's first
     chunk or a later one, in a table small enough to probe and to empty: the library's ids."""
     import random
