@@ -401,6 +401,8 @@ def test_packer_rows_and_entropy(tmp_path):
     flat = np.concatenate([np.concatenate([d, [0]]) for d in docs])
     rows = table.column("input_ids").to_pylist()
     assert all(len(r) == 8 for r in rows) and np.array_equal(np.concatenate(rows), flat[: 8 * w.num_rows])
+    ids_chunk = pq.ParquetFile(tmp_path / "train" / "part-00000.parquet").metadata.row_group(0).column(1)
+    assert "BYTE_STREAM_SPLIT" in ids_chunk.encodings and ids_chunk.compression == "ZSTD"
     assert unigram_entropy(np.array([5, 5, 0])) == pytest.approx(np.log(2))
     hashes = np.random.default_rng(1).integers(-(2**63), 2**63 - 1, size=100_000).tolist()
     mask = eval_mask(np.array(hashes), 0.1)
