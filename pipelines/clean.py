@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -80,15 +80,17 @@ class CleanSettings:
     shingle_words: int
     near_threshold: float
     seed: int
-    quality_model: bytes | None = None  # fastText .bin contents
+    # (payloads out of repr: Ray Data formats the UDF's constructor kwargs when it plans a run,
+    # ~0.1 s of start-up for the model's megabytes)
+    quality_model: bytes | None = field(default=None, repr=False)  # fastText .bin contents
     quality_label: str = "__label__good"
     quality_threshold: float = 0.5
-    unigram_lm: object | None = None  # pipelines.quality.UnigramLM
+    unigram_lm: object | None = field(default=None, repr=False)  # pipelines.quality.UnigramLM
     perplexity_threshold: float = float("inf")
-    domain: object | None = None  # pipelines.domain.DomainFilter
+    domain: object | None = field(default=None, repr=False)  # pipelines.domain.DomainFilter
     domain_threshold: float = 0.0
     # set = tokenize here too (the tokenizer is known before the run): one pass, no clean shards
-    tokenizer_json: str | None = None
+    tokenizer_json: str | None = field(default=None, repr=False)
     max_doc_tokens: int = 2048
     eval_fraction: float = 0.0
     truncate_tokens: bool = False

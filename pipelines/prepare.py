@@ -222,6 +222,17 @@ class _Reservoir:
         self.seen += rows.size
 
 
+def _rows_flat(offsets: np.ndarray, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The values of the list rows where mask, end to end (a list array's offsets and values; numpy:
+    pyarrow's filter + flatten cost ~4 ms a batch)."""
+    rows = np.flatnonzero(mask)
+    if rows.size == mask.size:
+        return values[offsets[0] : offsets[-1]]
+    sizes = offsets[rows + 1] - offsets[rows]
+    ends = np.cumsum(sizes)
+    return values[np.arange(int(ends[-1])) + np.repeat(offsets[rows] - (ends - sizes), sizes)]
+
+
 class _Packing:
     """Kept documents' tokens → the train / eval packers, in input order, a batch at a time."""
 
@@ -242,13 +253,14 @@ class _Packing:
         if kept.any():
             is_eval = table.column("eval").to_numpy(zero_copy_only=False)
             tokens = table.column("tokens").combine_chunks()
+            offsets = tokens.offsets.to_numpy()  # (into .values, which ignores a slice's offset)
+            values = tokens.values.to_numpy()
             self.pieces += int(table.column("pieces").to_numpy()[kept].sum())
             self.truncated += int(table.column("truncated_tokens").to_numpy()[kept].sum())
             for split, mask in (("train", kept & ~is_eval), ("eval", kept & is_eval)):
                 if mask.any():
                     self.docs[split] += int(mask.sum())
-                    flat = tokens.filter(pa.array(mask)).flatten().to_numpy(zero_copy_only=False)
-                    self.packers[split].add(flat)
+                    self.packers[split].add(_rows_flat(offsets, values, mask))
         self.seconds += time.perf_counter() - t0
 
 

@@ -492,3 +492,26 @@ def test_big_jsonl_is_read_in_ranges_with_exact_line_numbers(tmp_path):
     ]
     assert got == list(read_records(p, 1 << 20))  # same records, same line numbers as one reader
     assert sum(r[3] == "malformed_json" for r in got) == 52 and got[97][1] == 98
+
+
+def test_rows_flat_equals_pyarrow_filter():
+    """The packer's row selection (numpy) against pyarrow's filter + flatten, sliced arrays included."""
+    from pipelines.prepare import _rows_flat
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(300):
+        n = int(rng.integers(1, 30))
+        arr = pa.array(
+            [rng.integers(0, 100, rng.integers(0, 6)).astype(np.int32) for _ in range(n)],
+            pa.list_(pa.int32()),
+        )
+        a, b = sorted(rng.integers(0, n + 1, 2).tolist())
+        arr = arr.slice(a, b - a) if b > a else arr
+        mask = rng.random(len(arr)) < 0.6
+        mask[0] |= rng.random() < 0.3  # sometimes every row
+        if mask.any():
+            want = arr.filter(pa.array(mask)).flatten().to_numpy(zero_copy_only=False)
+            assert np.array_equal(_rows_flat(arr.offsets.to_numpy(), arr.values.to_numpy(), mask), want)
+            checked += 1
+    assert checked > 200
