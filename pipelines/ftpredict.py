@@ -108,10 +108,24 @@ class BatchPredictor:
 
     def _clear(self) -> None:
         self.table.clear()
-        self.logits_V = np.zeros((0,) + self.row_logits.shape[1:])
-        self.count_V = np.zeros(0, np.int64)
-        self.hash_V = np.zeros(0, np.uint64)
-        self.skip_V = np.zeros(0, np.bool_)
+        cap = 1 << 10  # grown by doubling (amortized: a batch's new words do not copy the table)
+        # per entry: logits summed over its ids, number of ids, FNV hash, label token
+        self.values_V = (
+            np.zeros((cap,) + self.row_logits.shape[1:]),
+            np.zeros(cap, np.int64),
+            np.zeros(cap, np.uint64),
+            np.zeros(cap, np.bool_),
+        )
+
+    def _store(self, first: int, values) -> None:
+        """Entries first.. (just appended to the table) get `values`."""
+        end = first + len(values[1])
+        cap = self.values_V[1].size
+        if end > cap:
+            cap = max(end, 2 * cap)
+            self.values_V = tuple(np.resize(a, (cap,) + a.shape[1:]) for a in self.values_V)
+        for a, v in zip(self.values_V, values):
+            a[first:end] = v
 
     def _values(self, raw: list[bytes]):
         """(logits, number of ids, hash, is a label token), one each per word given as bytes."""
@@ -167,12 +181,8 @@ class BatchPredictor:
             at, inverse, clash = self.table.distinct(joined, starts, ends, missing, key)
             if self.table.size + at.size <= self.table.max_entries:
                 raw = [joined[starts[i] : ends[i]] for i in at.tolist()]
-                values = self._values(raw)
                 numbers = self.table.append(at, raw, key)
-                self.logits_V, self.count_V, self.hash_V, self.skip_V = (
-                    np.concatenate([old, new])
-                    for old, new in zip((self.logits_V, self.count_V, self.hash_V, self.skip_V), values)
-                )
+                self._store(int(numbers[0]), self._values(raw))
                 code_W[missing] = numbers[inverse]
                 kept[missing[clash]] = False  # a hash clash in this batch: computed where it occurs
             elif self.table.size and at.size <= self.table.max_entries:
@@ -180,14 +190,9 @@ class BatchPredictor:
                 return self._scores(texts, max_chars)
             else:
                 kept[missing] = False  # more new words than the table holds: computed where they occur
-        code = np.where(kept, code_W, 0)
-        arrays = (self.logits_V, self.count_V, self.hash_V, self.skip_V)
-        if self.table.size:  # (np.take: 2-D fancy indexing is ~8x slower)
-            logits_W, count_W, hash_W, skip_W = (np.take(a, code, axis=0) for a in arrays)
-        else:  # nothing kept: every word is computed below
-            logits_W, count_W, hash_W, skip_W = (
-                np.zeros((code.size,) + a.shape[1:], a.dtype) for a in arrays
-            )
+        code = np.where(kept, code_W, 0)  # (entry 0 read for the others: overwritten below)
+        # (np.take: 2-D fancy indexing is ~8x slower)
+        logits_W, count_W, hash_W, skip_W = (np.take(a, code, axis=0) for a in self.values_V)
         other = np.flatnonzero(~kept)
         if other.size:  # long words (and clashes): their values here, not kept
             vals = self._values([joined[starts[i] : ends[i]] for i in other.tolist()])
