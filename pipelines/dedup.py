@@ -323,7 +323,7 @@ class Deduplicator:
     def check_batch(self, text_hash_N, band_keys_NB) -> list[str]:
         """Per document, in order: '' if new (and remembered), else 'duplicate_exact' or
         'near_duplicate'. The tables are probed once for the whole batch; documents of the same
-        batch are compared through small Python sets."""
+        batch that share a key are compared through small Python sets, in order."""
         h_N = SeenSet._fix(text_hash_N).reshape(-1)
         k_NB = SeenSet._fix(band_keys_NB)
         k_NB = k_NB.reshape(h_N.size, k_NB.size // max(h_N.size, 1))
@@ -333,18 +333,34 @@ class Deduplicator:
             if self.near and k_NB.size
             else np.zeros(h_N.size, bool)
         )
+        # Only documents that share a key with another document of this batch depend on the
+        # decisions before them: those go through the sequential rule (Python sets, in order); a
+        # document whose keys are all unique in the batch is decided by the tables alone.
+        N, B = k_NB.shape
+        shared = np.zeros(N, dtype=bool)
+        for on, cols in ((self.exact, h_N[:, None]), (self.near and B > 0, k_NB)):
+            if on and N > 1:
+                flat = cols.reshape(-1)
+                _, inv, cnt = np.unique(flat, return_inverse=True, return_counts=True)
+                shared |= (cnt[inv] > 1).reshape(cols.shape).any(axis=1)
+        in_exact = self.exact & seen_exact
+        in_band = self.near & seen_band
+        out = np.where(in_exact, "duplicate_exact", np.where(in_band, "near_duplicate", "")).tolist()
         new_exact: set[int] = set()
         new_bands: set[int] = set()
-        out = []
-        for h, keys, in_exact, in_band in zip(h_N.tolist(), k_NB.tolist(), seen_exact, seen_band):
-            if self.exact and (in_exact or h in new_exact):
-                out.append("duplicate_exact")
-            elif self.near and (in_band or not new_bands.isdisjoint(keys)):
-                out.append("near_duplicate")
+        for i in np.flatnonzero(shared & ~in_exact).tolist():  # the rule, in order
+            h, keys = int(h_N[i]), k_NB[i].tolist()
+            if self.exact and h in new_exact:
+                out[i] = "duplicate_exact"
+            elif in_band[i] or (self.near and not new_bands.isdisjoint(keys)):
+                out[i] = "near_duplicate"
             else:
-                out.append("")
+                out[i] = ""
                 new_exact.add(h)
                 new_bands.update(keys)
+        fresh = np.flatnonzero(~shared & ~in_exact & ~in_band)  # unique in the batch and new
+        new_exact.update(h_N[fresh].tolist())
+        new_bands.update(k_NB[fresh].reshape(-1).tolist())
         # the new keys are distinct (sets) and absent (a document is new only when none of its
         # keys was in the table): inserted without another probe
         if self.exact and new_exact:

@@ -223,14 +223,12 @@ class _Reservoir:
 
 
 def _rows_flat(offsets: np.ndarray, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The values of the list rows where mask, end to end (a list array's offsets and values; numpy:
-    pyarrow's filter + flatten cost ~4 ms a batch)."""
-    rows = np.flatnonzero(mask)
-    if rows.size == mask.size:
-        return values[offsets[0] : offsets[-1]]
-    sizes = offsets[rows + 1] - offsets[rows]
-    ends = np.cumsum(sizes)
-    return values[np.arange(int(ends[-1])) + np.repeat(offsets[rows] - (ends - sizes), sizes)]
+    """The values of the list rows where mask, end to end (a list array's offsets and values).
+    As slices of the runs of selected rows: a batch's train rows are all but its few eval rows,
+    so a handful of copies (pyarrow's filter + flatten cost ~4 ms a batch, an index array ~1)."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
+    first, last = edges[0::2], edges[1::2]  # runs of selected rows [first, last)
+    return np.concatenate([values[offsets[a] : offsets[b]] for a, b in zip(first.tolist(), last.tolist())])
 
 
 class _Packing:
@@ -402,8 +400,8 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         (out / "quarantine").mkdir()
         with open(out / "quarantine" / "records.jsonl", "w", encoding="utf-8") as qf:
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for stage in ("read", *STAGES):
-                    stage_s[stage] += pa.compute.sum(table.column(f"t_{stage}")).as_py() or 0.0
+                for stage in ("read", *STAGES):  # (numpy: a pyarrow compute call costs ~0.2 ms)
+                    stage_s[stage] += float(table.column(f"t_{stage}").to_numpy().sum())
                 n = table.num_rows
                 report["input_records"] += n
                 status = table.column("status").to_numpy(zero_copy_only=False)

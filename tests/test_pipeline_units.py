@@ -202,30 +202,48 @@ def test_minhash_estimates_jaccard_and_batches(docs):
     assert keys.shape == (len(texts), mh.bands) and np.array_equal(keys[3], mh.band_keys(batch[3]))
 
 
-def test_dedup_batches_equal_one_by_one():
+@pytest.mark.parametrize("exact,near", [(True, True), (True, False), (False, True)])
+def test_dedup_batches_equal_one_by_one(exact, near):
     def reference(hashes, keys):  # the rule, one document at a time, with Python sets
-        exact, bands, out = set(), set(), []
+        seen, bands, out = set(), set(), []
         for h, ks in zip(hashes, keys):
             h, ks = h or 1, [k or 1 for k in ks]
-            if h in exact:
+            if exact and h in seen:
                 out.append("duplicate_exact")
-            elif any(k in bands for k in ks):
+            elif near and any(k in bands for k in ks):
                 out.append("near_duplicate")
             else:
                 out.append("")
-                exact.add(h)
+                seen.add(h)
                 bands.update(ks)
         return out
 
     rng = np.random.default_rng(0)
-    d, hashes, keys, got = Deduplicator(exact=True, near=True), [], [], []
-    for _ in range(60):  # small key ranges: duplicates inside a batch and across batches
+    d, hashes, keys, got = Deduplicator(exact=exact, near=near), [], [], []
+    for i in range(120):
         n = int(rng.integers(0, 40))
-        h, k = rng.integers(0, 80, size=n), rng.integers(0, 500, size=(n, 4))
+        if i % 2:  # small key ranges: many duplicates inside a batch and across batches
+            h, k = rng.integers(0, 80, size=n), rng.integers(0, 500, size=(n, 4))
+        else:  # mostly unique keys, a few repeated from earlier batches or within this one
+            h, k = rng.integers(0, 1 << 40, size=n), rng.integers(0, 1 << 40, size=(n, 4))
+            for j in np.flatnonzero(rng.random(n) < 0.2):
+                src = int(rng.integers(0, len(hashes) + j)) if hashes or j else None
+                if src is not None:
+                    old_h, old_k = (
+                        (hashes[src], keys[src])
+                        if src < len(hashes)
+                        else (h[src - len(hashes)], k[src - len(hashes)])
+                    )
+                    if rng.random() < 0.5:
+                        h[j] = old_h
+                    k[j, int(rng.integers(0, 4))] = old_k[int(rng.integers(0, 4))]
         got += d.check_batch(h, k)
         hashes += h.tolist()
         keys += k.tolist()
-    assert got == reference(hashes, keys) and {"", "near_duplicate", "duplicate_exact"} == set(got)
+    assert got == reference(hashes, keys)
+    assert {""} | ({"duplicate_exact"} if exact else set()) | ({"near_duplicate"} if near else set()) == set(
+        got
+    )
     assert Deduplicator(exact=True, near=False).check_batch([5, 5, 6], np.zeros((3, 0))) == [
         "",
         "duplicate_exact",
