@@ -23,6 +23,21 @@ _K_LEN, _K_MIX = np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x9E3779B97F4A7C15)  #
 SHORT = 24  # bytes: words 0-8, 8-16 and the last 8 cover the string
 
 
+def text_groups(texts: list[str], max_chars: int) -> list[tuple[int, int]]:
+    """Consecutive ranges [i, j) of texts holding about `max_chars` characters each (a longer text
+    alone); at least one range, empty for no texts. Batch lookups go a group at a time: their
+    per-word arrays stay in cache."""
+    out, i = [], 0
+    while i < len(texts) or not out:
+        j, size = i, 0
+        while j < len(texts) and (j == i or size + len(texts[j]) <= max_chars):
+            size += len(texts[j])
+            j += 1
+        out.append((i, j))
+        i = j
+    return out
+
+
 def padded(joined: bytes) -> np.ndarray:
     """The buffer as uint8 with 8 bytes of padding (a key word is read past the last byte)."""
     return np.frombuffer(joined + bytes(8), dtype=np.uint8)

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv3ray.errors import UserError
-from dsv3ray.runtable import RunTable, keys, padded
+from dsv3ray.runtable import RunTable, keys, padded, text_groups
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -99,14 +99,7 @@ class _ChunkCache:
         ids[offsets[i] : offsets[i + 1]] where ok[i]; a text that is not ok has no ids here.
         Looked up in groups of about GROUP_CHARS characters: their per-chunk arrays stay in cache
         (measured 15-20% faster per document than groups of 1,024 1.7 KB documents)."""
-        parts, i = [], 0
-        while i < len(texts) or not parts:
-            j, size = i, 0
-            while j < len(texts) and (j == i or size + len(texts[j]) <= self.GROUP_CHARS):
-                size += len(texts[j])
-                j += 1
-            parts.append(self._encode_group(texts[i:j]))
-            i = j
+        parts = [self._encode_group(texts[i:j]) for i, j in text_groups(texts, self.GROUP_CHARS)]
         if len(parts) == 1:
             return parts[0]
         flats, offs, oks = zip(*parts)

@@ -19,6 +19,7 @@ import hashlib
 import numpy as np
 
 from dsv3ray.runtable import MASKS as _MASKS  # low n bytes
+from dsv3ray.runtable import text_groups
 
 _P = 0x100000001B3  # odd
 _K1, _K2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)  # odd multipliers
@@ -180,14 +181,9 @@ class MinHasher:
         """(len(texts), num_perm) uint32 signatures, computed over groups of documents of at most
         ~max_bytes (bounded memory; 128 KiB groups stay in cache: ~1.5× faster than 1 MiB ones)."""
         out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
-        i = 0
-        while i < len(texts):
-            j, size = i, 0
-            while j < len(texts) and (j == i or size + len(texts[j]) <= max_bytes):
-                size += len(texts[j])
-                j += 1
-            out[i:j] = self._signatures(texts[i:j])
-            i = j
+        for i, j in text_groups(texts, max_bytes):
+            if j > i:
+                out[i:j] = self._signatures(texts[i:j])
         return out
 
     def _signatures(self, texts: list[str]) -> np.ndarray:

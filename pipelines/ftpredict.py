@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dsv3ray.runtable import RunTable, keys, padded
+from dsv3ray.runtable import RunTable, keys, padded, text_groups
 
 EOS = "</s>"
 _MIX = np.uint64(116049371)
@@ -147,15 +147,8 @@ class BatchPredictor:
 
     def scores(self, texts: list[str], max_chars: int) -> np.ndarray:
         """fastText's score of the label per text, float32 [N] (0 where fastText predicts nothing)."""
-        out, i = [], 0
-        while i < len(texts) or not out:
-            j, size = i, 0
-            while j < len(texts) and (j == i or size + len(texts[j]) <= self.GROUP_CHARS):
-                size += len(texts[j])
-                j += 1
-            out.append(self._scores(texts[i:j], max_chars))
-            i = j
-        return np.concatenate(out)
+        groups = text_groups(texts, self.GROUP_CHARS)
+        return np.concatenate([self._scores(texts[i:j], max_chars) for i, j in groups])
 
     def _scores(self, texts: list[str], max_chars: int) -> np.ndarray:
         N = len(texts)
