@@ -231,6 +231,7 @@ def plan(run) -> dict:
                 "train.resume", cfg.resume, '"auto", "never" or an existing checkpoint directory'
             )
         resume_from = str(p)
+    spent_before = _spent_before_start(cfg, ckpt_root, resume_from)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not run.data.prepared:
         _init_ray(cfg)  # preparing raw inputs runs on Ray Data: start (or join) Ray first
@@ -268,6 +269,7 @@ def plan(run) -> dict:
         "run_dir": str(run_dir),
         "ckpt_root": str(ckpt_root),
         "resume_from": resume_from,
+        "spent_before": spent_before,  # the spend of the checkpoint the first start resumes from
         "data": data,
         "seq_len": seq_len,
         "global_batch": global_batch,
@@ -389,7 +391,7 @@ def train(run) -> dict:
         prepared=str(data.dir),
     )
     summary["sampler"] = sampler_stats
-    summary.update(_cost_summary(run, summary, p["seq_len"]))
+    summary.update(_cost_summary(run, summary, p["seq_len"], p["spent_before"]))
     paths = write_report(run_dir, summary, run.to_dict() if hasattr(run, "to_dict") else {}, data.meta)
     summary["report"] = str(paths["md"])
     print(
@@ -407,14 +409,35 @@ def _cost_device(run) -> str:
     return cost.device if run.train.use_gpu and cost is not None else "CPU"
 
 
-def _cost_summary(run, summary: dict, seq_len: int) -> dict:
-    """MFU of the measured throughput and the run's spend (wall time x workers), for report.json."""
+def _spent_before_start(cfg, ckpt_root: Path, resume_from: str | None) -> dict[str, float]:
+    """What the checkpoint this invocation starts from had spent (earlier invocations of the run,
+    carried in its state), {} for a fresh start. The same choice of checkpoint as the workers'
+    first start (`_restore`); time after that checkpoint in an earlier invocation is not in it."""
+    if resume_from:
+        path = ckpt.choose_checkpoint(resume_from, None)
+    elif cfg.resume == "auto":
+        path = ckpt.choose_checkpoint(None, ckpt_root)
+    else:
+        path = None
+    if path is None:
+        return {}
+    return {k: float(v) for k, v in (ckpt.load_train_state(path).get("spent") or {}).items()}
+
+
+def _cost_summary(run, summary: dict, seq_len: int, spent_before: dict[str, float]) -> dict:
+    """MFU of the measured throughput and the run's spend, for report.json: this invocation's wall
+    time x workers (start-up and restarts included) plus what the run had spent before it."""
     from dsv3ray.cost import RunningCost, throughput_report
 
     workers = int(summary.get("world_size") or run.train.max_workers)
     cost_cfg = getattr(run, "cost", None)
     catalog = cost_cfg.catalog if cost_cfg is not None else ""
-    out = {"cost": RunningCost(_cost_device(run), workers, cost_cfg).at(float(summary["wall_s"]))}
+    this = RunningCost(_cost_device(run), workers, cost_cfg).at(float(summary["wall_s"]))
+    out = {
+        "cost": {k: v + spent_before.get(k, 0.0) for k, v in this.items()},
+        "cost_this_invocation": this,
+        "cost_before_resume": spent_before or None,
+    }
     if summary.get("tokens_per_s"):
         t = throughput_report(
             run.model,

@@ -81,6 +81,7 @@ def test_train_ep2_then_resume_on_other_world_size_with_nan_faults(ray_local, tm
 
     spend = RunningCost("CPU", 2).at(rep["wall_s"])
     assert rep["cost"]["gpu_hours"] == pytest.approx(spend["gpu_hours"]) and 0 < rep["mfu"] < 1
+    assert rep["cost_before_resume"] is None and rep["cost_this_invocation"] == rep["cost"]
 
     # 2. same run directory, 1 worker, EP=1: resumes at step 8; the NaN at step 10 is skipped and
     # training goes on; two NaN steps in a row (13, 14) with max_bad_steps=2 stop the run.
@@ -111,6 +112,13 @@ def test_train_ep2_then_resume_on_other_world_size_with_nan_faults(ray_local, tm
     # the running cost goes on from the step-8 checkpoint's (2 workers x 8 steps), not from 0
     gpu_h = dict(sc["cost/gpu_hours"])
     assert gpu_h[9] > gpu_h[8] and all(gpu_h[s + 1] > gpu_h[s] for s in range(8, 14)), gpu_h
+    # the report's spend: the step-8 checkpoint's (the first invocation) + this invocation's wall
+    # time on 1 worker
+    before = ck.load_train_state(run_dir / "checkpoints" / "step_00000008")["spent"]
+    assert rep["cost_before_resume"] == pytest.approx(before) and before["gpu_hours"] > 0
+    this = RunningCost("CPU", 1).at(rep["wall_s"])
+    assert rep["cost_this_invocation"] == pytest.approx(this)
+    assert rep["cost"]["total_cost"] == pytest.approx(before["total_cost"] + this["total_cost"])
     # the last good checkpoint (step 12, written by the 1-worker run) stays the newest valid one
     newest = ck.latest_valid(run_dir / "checkpoints")
     assert newest.name == "step_00000012" and ck.validate(newest).world_size == 1
