@@ -335,7 +335,7 @@ class Deduplicator:
         N, B = k_NB.shape
         shared = np.zeros(N, dtype=bool)
         for on, cols in ((self.exact, h_N[:, None]), (self.near and B > 0, k_NB)):
-            if on and N > 1:
+            if on and N:  # (also a key repeated inside one document: in no set yet)
                 flat = cols.reshape(-1)
                 _, inv, cnt = np.unique(flat, return_inverse=True, return_counts=True)
                 shared |= (cnt[inv] > 1).reshape(cols.shape).any(axis=1)
@@ -355,14 +355,15 @@ class Deduplicator:
                 new_exact.add(h)
                 new_bands.update(keys)
         fresh = np.flatnonzero(~shared & ~in_exact & ~in_band)  # unique in the batch and new
-        new_exact.update(h_N[fresh].tolist())
-        new_bands.update(k_NB[fresh].reshape(-1).tolist())
-        # the new keys are distinct (sets) and absent (a document is new only when none of its
-        # keys was in the table): inserted without another probe
-        if self.exact and new_exact:
-            self.exact_seen.add_many(np.fromiter(new_exact, np.int64, len(new_exact)), _new=True)
-        if self.near and new_bands:
-            self.band_seen.add_many(np.fromiter(new_bands, np.int64, len(new_bands)), _new=True)
+        # the new keys are distinct (fresh documents' keys are unique in the batch, so in no set)
+        # and absent (a document is new only when none of its keys was in the table): inserted
+        # without another probe
+        if self.exact:
+            keys = np.concatenate([h_N[fresh], np.fromiter(new_exact, np.int64, len(new_exact))])
+            self.exact_seen.add_many(keys, _new=True)
+        if self.near:
+            keys = np.concatenate([k_NB[fresh].reshape(-1), np.fromiter(new_bands, np.int64, len(new_bands))])
+            self.band_seen.add_many(keys, _new=True)
         return out
 
     def check(self, text_hash: int, band_keys) -> str:

@@ -216,7 +216,7 @@ def test_dedup_batches_equal_one_by_one(exact, near):
                 out.append("")
                 seen.add(h)
                 bands.update(ks)
-        return out
+        return out, seen, bands
 
     rng = np.random.default_rng(0)
     d, hashes, keys, got = Deduplicator(exact=exact, near=near), [], [], []
@@ -240,10 +240,17 @@ def test_dedup_batches_equal_one_by_one(exact, near):
         got += d.check_batch(h, k)
         hashes += h.tolist()
         keys += k.tolist()
-    assert got == reference(hashes, keys)
+    want, seen, bands = reference(hashes, keys)
+    assert got == want
+    # the tables hold exactly the kept documents' keys, each once (repeats inside a document too)
+    assert d.exact_seen.count == (len(seen) if exact else 0) and d.band_seen.count == (
+        len(bands) if near else 0
+    )
     assert {""} | ({"duplicate_exact"} if exact else set()) | ({"near_duplicate"} if near else set()) == set(
         got
     )
+    one = Deduplicator(exact=True, near=True)  # a one-document batch repeating a key
+    assert one.check_batch([5], [[7, 7, 8, 9]]) == [""] and one.band_seen.count == 3
     assert Deduplicator(exact=True, near=False).check_batch([5, 5, 6], np.zeros((3, 0))) == [
         "",
         "duplicate_exact",
