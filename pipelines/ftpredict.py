@@ -1,4 +1,4 @@
-"""fastText's supervised `predict` for a batch of documents, in numpy: the same scores, ~5x cheaper.
+"""fastText's supervised `predict` for a batch of documents, in numpy: the same scores, ~half the cost.
 
 fastText scores a line as softmax(wo · mean(wi[ids])) where `ids` are the line's words that are in
 the vocabulary (with their character n-grams when the model has them) followed by one hashed
@@ -7,14 +7,16 @@ row) is computed once at load and a document costs a lookup per word and a gathe
 L-label rows (L = 2 for a quality model), instead of fastText re-reading each document byte by
 byte through a C++ stream, hashing every word and averaging `dim`-wide vectors.
 
-The rules of fastText 0.9.2's `Dictionary::getLine` + `Model::predict` are kept exactly: words
-split on ' ', \\n, \\r, \\t, \\v, \\f, \\0; a token that starts with the label prefix is skipped
+The rules of fastText 0.9.2's `Dictionary::getLine` + `Model::predict` on `one_line(text)` are
+kept exactly: words split on ' ', \\n, \\r, \\t, \\v, \\f, \\0 and where `str.split` splits
+(one_line's rewrite); a token that starts with the label prefix is skipped
 (no row, no n-gram); a literal `</s>` token counts and ends the line; out-of-vocabulary words add
 only their character n-grams (none when maxn = 0) but still take part in word n-grams, hashed
 with FNV-1a (signed bytes) and mixed as `h = h * 116049371 + h'` in 64 bits; the score of a label
 is `exp(log(p + 1e-5))`, i.e. p + 1e-5; a line with no ids gets no prediction (score 0).
 fastText sums in float32 in line order, this in float64: scores agree to ~1e-6 (tests compare
-both on fuzzed text). Models this does not cover (hierarchical softmax, one-vs-all / negative
+both on fuzzed text). Measured on 1.7 KB documents, one core: 43-47 µs per document for fastText's
+predict, 22 batched (warm). Models this does not cover (hierarchical softmax, one-vs-all / negative
 sampling with fastText's tabulated sigmoid, quantized) keep fastText's own predict.
 
 Shapes: W = words of the batch, N = documents, L = labels, V = vocabulary rows cached.
