@@ -66,6 +66,11 @@ def fnv1a_signed(enc: list[bytes]) -> np.ndarray:
     return h.view(np.int32).astype(np.int64).view(np.uint64)
 
 
+MAX_INPUT_MATRIX_BYTES = (
+    1 << 30
+)  # fastText's binding copies the input matrix out: larger models keep its predict
+
+
 def batch_predictor(model, label: str):
     """A BatchPredictor for this fastText model, or None when its predict is not covered here."""
     a = model.f.getArgs()
@@ -74,6 +79,8 @@ def batch_predictor(model, label: str):
     try:
         words = model.get_words(on_unicode_error="strict")
     except UnicodeDecodeError:
+        return None
+    if (len(words) + a.bucket) * a.dim * 4 > MAX_INPUT_MATRIX_BYTES:
         return None
     return BatchPredictor(model, words, label)
 
@@ -98,13 +105,15 @@ class BatchPredictor:
         self.model, self.subwords = model, a.maxn > 0
         self.vocab = {w: i for i, w in enumerate(words)}
         self.nwords = len(words)
-        wi, wo = model.get_input_matrix(), model.get_output_matrix()
-        wi, wo = wi.astype(np.float64), wo.astype(np.float64)
+        wi, wo = model.get_input_matrix(), model.get_output_matrix().astype(np.float64)
         L = wo.shape[0]
-        if L == 2:  # softmax of two = sigmoid of the margin, linear in the rows: one column
-            self.row_logits = wi @ (wo[self.label_id] - wo[1 - self.label_id])  # [R]
-        else:
-            self.row_logits = wi @ wo.T  # [R, L]
+        # softmax of two = sigmoid of the margin, linear in the rows: one column
+        proj = (wo[self.label_id] - wo[1 - self.label_id]) if L == 2 else wo.T  # [dim] or [dim, L]
+        step = 1 << 16  # rows at a time in float64 (no float64 copy of the whole matrix)
+        self.row_logits = np.concatenate(
+            [wi[i : i + step].astype(np.float64) @ proj for i in range(0, wi.shape[0], step)]
+        )  # [R] or [R, L]
+        del wi
         self.table = RunTable(min(max_entries, max(1 << 10, (256 << 20) // (8 * L))))  # <= 256 MB of logits
         self._clear()
 

@@ -277,7 +277,8 @@ def _load_models(cfg: PrepareConfig, log) -> dict:
                 raise UserError(
                     f"prepare.quality_model {path} does not exist: train one with `dsv3ray quality train` or unset it"
                 )
-        QualityScorer(path, cfg.quality_label)  # a bad file or label: one line here, not a worker traceback
+        # a bad file or label: one line here, not a worker traceback
+        QualityScorer(path, cfg.quality_label, batched=False)
         out["quality_model"] = path.read_bytes()
         out["quality_model_path"] = str(path)
     if cfg.perplexity:

@@ -124,7 +124,7 @@ class QualityScorer:
     predict batched in numpy (pipelines.ftpredict) where it covers the model, fastText's own
     otherwise."""
 
-    def __init__(self, model_path: str | Path, label: str = GOOD):
+    def __init__(self, model_path: str | Path, label: str = GOOD, batched: bool = True):
         from fasttext.FastText import _FastText
 
         try:  # = fasttext.load_model without its stderr warning on every worker
@@ -141,7 +141,7 @@ class QualityScorer:
             )
         from pipelines.ftpredict import batch_predictor
 
-        self.batch = batch_predictor(self.model, label)
+        self.batch = batch_predictor(self.model, label) if batched else None
 
     def scores(self, texts: list[str]):
         if self.batch is not None:

@@ -139,3 +139,12 @@ def test_word_hash_and_separators():
     assert fnv1a_signed(enc).tolist() == want
     assert fnv1a_reference(b"a") == (2166136261 ^ 97) * 16777619 % (1 << 32)
     assert set(UNICODE_SPACES) == {chr(c) for c in range(128, 0x110000) if chr(c).isspace()}
+
+
+def test_models_too_big_to_copy_keep_fasttexts_predict(monkeypatch, texts):
+    import pipelines.ftpredict as ftp
+
+    monkeypatch.setattr(ftp, "MAX_INPUT_MATRIX_BYTES", 1 << 20)  # the default model is ~7.7 MB
+    scorer = QualityScorer(default_quality_model())
+    assert scorer.batch is None and scorer.scores(texts[:20]) == scorer.fasttext_scores(texts[:20])
+    assert QualityScorer(default_quality_model(), batched=False).batch is None
