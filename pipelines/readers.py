@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -235,6 +236,18 @@ def _read_jsonl(f, src: str, max_bytes: int, end: int = -1, lineno: int = 0) -> 
 
 
 def _parse_json_record(raw: bytes, src: str, lineno: int) -> tuple:
+    """One jsonl line → a reader row. orjson parses the bytes (and checks their UTF-8) ~3x faster
+    than decode + json.loads; whatever orjson refuses (malformed, invalid UTF-8, and what only
+    Python's json accepts: NaN, 1e500, lone surrogate escapes, integers over 64 bits, nesting over
+    1024) goes through the json path, so every line gets the same outcome as with json alone."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _parse_json_record_json(raw, src, lineno)
+    return _record_from_obj(obj, src, lineno, raw)
+
+
+def _parse_json_record_json(raw: bytes, src: str, lineno: int) -> tuple:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -248,7 +261,7 @@ def _parse_json_record(raw: bytes, src: str, lineno: int) -> tuple:
     return _record_from_obj(obj, src, lineno, line)
 
 
-def _record_from_obj(obj, src: str, lineno: int, line: str) -> tuple:
+def _record_from_obj(obj, src: str, lineno: int, line: str | bytes) -> tuple:
     if not isinstance(obj, dict):
         return (src, lineno, QUARANTINE, "not_an_object", _excerpt(line), None)
     if "text" not in obj or obj["text"] is None:

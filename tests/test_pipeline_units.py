@@ -540,3 +540,49 @@ def test_rows_flat_equals_pyarrow_filter():
             assert np.array_equal(_rows_flat(arr.offsets.to_numpy(), arr.values.to_numpy(), mask), want)
             checked += 1
     assert checked > 200
+
+
+def test_jsonl_lines_parse_as_with_json_alone():
+    """orjson first, Python's json for whatever orjson refuses: every line gets the outcome the
+    json-only path gives (text, quarantine reason and excerpt)."""
+    from pipelines.readers import _parse_json_record, _parse_json_record_json
+
+    lines = [
+        b'{"text": "hello world"}', b'{"id": 3, "text": "caf\\u00e9 \xc3\xa9"}', b'{"text": "a", "text": "b"}',
+        b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "tab\there"}', b'{"text": "x"} trailing', b'{"text": "\\u0000"}',
+        b'{"text": "x", "n": NaN}', b'{"text": "x", "n": 1e500}', b'{"text": "x", "n": 123456789012345678901234567890}',
+        b'{"text": "\\ud800"}', b'{"text": "\\ud83d\\ude00"}', b'{"text": "bad \xff utf8"}', b'[1, 2]', b'"just a string"',
+        b'{"no_text": 1}', b'{"text": null}', b'{"text": 5}', b'{"text": "' + b"\xe6\x97\xa5" * 300 + b'"}',
+        b"[" * 1100 + b"]" * 1100, b'{"a": ' * 1050 + b"1" + b"}" * 1050, b'{"text": "ok"}\r\n', b"{", b"",
+    ]  # fmt: skip
+    rng = random.Random(5)
+    alphabet = [
+        b'{"text": "',
+        b'"}',
+        b"\\",
+        b"u",
+        b"d8",
+        b"00",
+        b"\xc3",
+        b"\xa9",
+        b"a",
+        b" ",
+        b",",
+        b":",
+        b"1",
+        b"e9",
+    ]
+    lines += [b"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(3000)]
+    outcomes = set()
+    for i, raw in enumerate(lines):
+        want = _parse_json_record_json(raw, "f", i)
+        assert _parse_json_record(raw, "f", i) == want, raw[:80]
+        outcomes.add(want[3])
+    assert {
+        "",
+        "malformed_json",
+        "invalid_utf8",
+        "json_too_deep",
+        "not_an_object",
+        "missing_text",
+    } <= outcomes
