@@ -24,6 +24,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from dsv3ray.errors import UserError
 
 RECIPE_VERSION = "q2"
@@ -143,10 +145,11 @@ class QualityScorer:
 
         self.batch = batch_predictor(self.model, label) if batched else None
 
-    def scores(self, texts: list[str]):
+    def scores(self, texts: list[str]) -> np.ndarray:
+        """P(label) per text, float32 (0 where fastText predicts nothing), whichever path scores."""
         if self.batch is not None:
             return self.batch.scores(texts, MAX_PREDICT_CHARS)
-        return self.fasttext_scores(texts)
+        return np.asarray(self.fasttext_scores(texts), dtype=np.float32)
 
     def fasttext_scores(self, texts: list[str]) -> list[float]:
         """fastText's own predict, one text at a time (the reference and the benchmark's limit)."""

@@ -121,7 +121,7 @@ def test_three_labels_and_uncovered_losses(tmp_path, texts):
             got = scorer.scores(texts[400:1400])
             np.testing.assert_allclose(got, ref, atol=2e-6)
         else:  # fastText's own predict
-            assert scorer.scores(texts[:5]) == scorer.fasttext_scores(texts[:5])
+            assert np.array_equal(scorer.scores(texts[:5]), np.float32(scorer.fasttext_scores(texts[:5])))
 
 
 def test_word_hash_and_separators():
@@ -146,5 +146,7 @@ def test_models_too_big_to_copy_keep_fasttexts_predict(monkeypatch, texts):
 
     monkeypatch.setattr(ftp, "MAX_INPUT_MATRIX_BYTES", 1 << 20)  # the default model is ~7.7 MB
     scorer = QualityScorer(default_quality_model())
-    assert scorer.batch is None and scorer.scores(texts[:20]) == scorer.fasttext_scores(texts[:20])
+    assert scorer.batch is None and np.array_equal(
+        scorer.scores(texts[:20]), np.float32(scorer.fasttext_scores(texts[:20]))
+    )
     assert QualityScorer(default_quality_model(), batched=False).batch is None
