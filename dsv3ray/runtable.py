@@ -12,6 +12,10 @@ table (linear probing, load at most 1/2) of entry numbers; longer ones by their 
 per flag (a dict lookup costs ~0.7 µs a word here, a table lookup a few ns). Lookups,
 the distinct misses of a batch (a 1-D sort of a 64-bit hash of the key, checked against the key)
 and insertions are whole-batch numpy operations.
+
+`SpaceChunks` cuts a batch of texts into their space-separated chunks (the unit the tokenizer's
+cache and pipelines.chunkpass key on); `Ragged` keeps an owner's variable-length values per entry
+(a chunk's token ids, its words) and gathers a sequence of entries' values end to end.
 """
 
 from __future__ import annotations
@@ -184,3 +188,87 @@ class RunTable:
             placed[free] = self._slots[pos[free]] == numbers[free]
             numbers, pos = numbers[~placed], pos[~placed]
             pos = (pos + 1) & mask
+
+
+class Ragged:
+    """Per entry, a row of variable length in each of several parallel arrays (e.g. a chunk's
+    token ids); rows are appended in entry order and a sequence of entries' rows is gathered end
+    to end in one numpy pass. `shapes[i]` is column i's per-item shape (() for scalars)."""
+
+    def __init__(self, dtypes: tuple, shapes: tuple | None = None):
+        self.dtypes = dtypes
+        self.shapes = shapes or ((),) * len(dtypes)
+        self.clear()
+
+    def clear(self) -> None:
+        self.off = np.zeros(1 << 12, dtype=np.int64)  # entry j's items: [off[j], off[j + 1])
+        self.cols = [np.zeros((1 << 14,) + s, dtype=d) for d, s in zip(self.dtypes, self.shapes)]
+        self.size = 0
+
+    def append(self, first: int, sizes: np.ndarray, items: list[np.ndarray]) -> None:
+        """Rows of entries first, first + 1, ... (`first` = the entries so far): sizes[j] items
+        of each column in `items` (all rows end to end)."""
+        assert first == self.size
+        end = first + sizes.size
+        if end + 1 > self.off.size:
+            self.off = np.resize(self.off, max(end + 1, 2 * self.off.size))
+        base = self.off[first]
+        need = base + int(sizes.sum())
+        if need > self.cols[0].shape[0]:
+            cap = max(need, 2 * self.cols[0].shape[0])
+            self.cols = [np.resize(c, (cap,) + c.shape[1:]) for c in self.cols]
+        for c, v in zip(self.cols, items):
+            c[base:need] = v
+        np.cumsum(sizes, out=self.off[first + 1 : end + 1])
+        self.off[first + 1 : end + 1] += base
+        self.size = end
+
+    def gather(self, entries: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(items per entry given, each column's rows of those entries end to end)."""
+        start = self.off[entries]
+        count = self.off[entries + 1] - start
+        if (count == 1).all():  # one item each (common: a chunk's one word): no index arithmetic
+            return count, [np.take(c, start, axis=0) for c in self.cols]
+        src = ranges(start, count)
+        return count, [np.take(c, src, axis=0) for c in self.cols]
+
+
+def ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """The indices start[0] .. start[0] + count[0] - 1, then start[1] .. and so on, end to end."""
+    ends = np.cumsum(count)
+    total = int(ends[-1]) if ends.size else 0
+    return np.arange(total) + np.repeat(start - (ends - count), count)
+
+
+class SpaceChunks:
+    """A batch's texts joined into one UTF-8 buffer with a space between texts, cut at every space
+    (UTF-8 never has byte 0x20 inside a character, so the chunks are the byte runs between
+    spaces). starts/ends: each chunk's bytes in `joined`; doc: its text; first: it starts its
+    text; text_start: each text's first byte; bad_doc: texts with an empty chunk (a space at an
+    end or next to another) or one over `max_chunk` bytes."""
+
+    def __init__(self, texts: list[str], max_chunk: int):
+        n = len(texts)
+        parts = [t.encode("utf-8", "surrogatepass") for t in texts]
+        self.n = n
+        self.joined = b" ".join(parts)
+        self.buf = padded(self.joined)
+        size = len(self.joined)
+        self.text_start = np.zeros(n, dtype=np.int64)
+        np.cumsum([len(p) + 1 for p in parts[:-1]], out=self.text_start[1:])
+        self.text_bytes = np.fromiter(map(len, parts), np.int64, n)
+        spaces = np.flatnonzero(self.buf[:size] == 32)
+        self.starts = np.concatenate(([0], spaces + 1)) if n else spaces  # (no text: no chunk)
+        self.ends = np.concatenate((spaces, [size])) if n else spaces
+        text_end = self.text_start + self.text_bytes  # the joining space, or the end
+        per_doc = np.searchsorted(spaces, text_end) - np.searchsorted(spaces, self.text_start) + 1
+        self.doc = np.repeat(np.arange(n), per_doc)
+        self.first = self.starts == self.text_start[self.doc]
+        lens = self.ends - self.starts
+        self.bad_doc = np.zeros(n, dtype=bool)
+        self.bad_doc[self.doc[(lens == 0) | (lens > max_chunk)]] = True
+
+    def raw(self, at: np.ndarray) -> list[bytes]:
+        """The bytes of the chunks at positions `at`."""
+        j, s, e = self.joined, self.starts, self.ends
+        return [j[s[i] : e[i]] for i in at.tolist()]

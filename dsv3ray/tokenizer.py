@@ -24,7 +24,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv3ray.errors import UserError
-from dsv3ray.runtable import RunTable, keys, padded, text_groups
+from dsv3ray.runtable import Ragged, RunTable, SpaceChunks, keys, text_groups
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -59,13 +59,12 @@ class _ChunkCache:
         self.added_in_chunk = [t for t in added if " " not in t]
         self.added_spanning = [t for t in added if " " in t]  # checked on the whole text
         self.table = RunTable(max_entries)
+        self.ids = Ragged((np.int32,))
         self._clear()
 
     def _clear(self) -> None:
         self.table.clear()
-        cap = min(self.table.max_entries, 1 << 12)
-        self._off = np.zeros(cap + 1, dtype=np.int64)  # entry j's ids: ids[off[j] : off[j + 1]]
-        self._ids = np.zeros(4 * cap, dtype=np.int32)
+        self.ids.clear()
 
     def __len__(self) -> int:
         return self.table.size
@@ -94,6 +93,32 @@ class _ChunkCache:
             and not any(t in chunk for t in self.added_in_chunk)
         )
 
+    def spanning_ok(self, texts: list[str]) -> np.ndarray:
+        """Per text: it holds no added token with a space in it (those are matched on the whole text)."""
+        ok = np.ones(len(texts), dtype=bool)
+        if self.added_spanning:
+            ok &= [not any(a in t for a in self.added_spanning) for t in texts]
+        return ok
+
+    def encode_chunks(self, chunks: list[str], first: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(safe: the rule holds for the chunk, the token ids of each safe chunk (of " " + chunk
+        unless first[j]; empty for the others)), from two library calls."""
+        safe = np.fromiter(map(self._safe, chunks), dtype=bool, count=len(chunks))
+        ids = [np.zeros(0, np.int32)] * len(chunks)
+        for is_first in (True, False):
+            sel = np.flatnonzero(safe & (first == is_first)).tolist()
+            if not sel:
+                continue
+            some = [chunks[j] for j in sel]
+            if is_first:
+                encs = self.hf.encode_batch_fast(some, add_special_tokens=False)
+                got = [np.asarray(enc.ids, dtype=np.int32) for enc in encs]
+            else:
+                got = self._encode_spaced(some)
+            for j, g in zip(sel, got):
+                ids[j] = g
+        return safe, ids
+
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids of the texts end to end (int32), offsets (n + 1), ok (n)): text i is
         ids[offsets[i] : offsets[i + 1]] where ok[i]; a text that is not ok has no ids here.
@@ -111,91 +136,52 @@ class _ChunkCache:
         self, texts: list[str], _retry: bool = True
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = len(texts)
-        ok = np.ones(n, dtype=bool)
         if not n:
-            return np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64), ok
-        if self.added_spanning:
-            ok &= [not any(a in t for a in self.added_spanning) for t in texts]
-        parts = [t.encode("utf-8", "surrogatepass") for t in texts]
-        joined = b" ".join(parts)
-        buf = padded(joined)
-        size = len(joined)
-        text_start = np.zeros(n, dtype=np.int64)
-        np.cumsum([len(p) + 1 for p in parts[:-1]], out=text_start[1:])
-        spaces = np.flatnonzero(buf[:size] == 32)
-        starts = np.concatenate(([0], spaces + 1))
-        ends = np.concatenate((spaces, [size]))
-        text_end = np.append(text_start[1:] - 1, size)  # the joining space, or the end
-        per_doc = np.searchsorted(spaces, text_end) - np.searchsorted(spaces, text_start) + 1  # chunks
-        doc = np.repeat(np.arange(n), per_doc)
-        lens = ends - starts
-        ok[doc[lens == 0]] = False  # an empty chunk: a space at an end or next to another
-        ok[doc[lens > self.MAX_CHUNK]] = False  # not cached (bounded memory): the library
-        key = keys(buf, starts, ends, starts == text_start[doc])
-        entry = self.table.lookup(joined, starts, ends, key)
+            return np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64), np.ones(0, dtype=bool)
+        ch = SpaceChunks(texts, self.MAX_CHUNK)
+        ok = self.spanning_ok(texts) & ~ch.bad_doc
+        doc = ch.doc
+        key = keys(ch.buf, ch.starts, ch.ends, ch.first)
+        entry = self.table.lookup(ch.joined, ch.starts, ch.ends, key)
         missing = np.flatnonzero((entry < 0) & ok[doc])
         if missing.size:
-            added = self._add(missing, joined, starts, ends, key, doc, ok)
+            added = self._add(missing, ch, key)
             if added is None:  # the cache emptied: every entry found above is gone
                 if _retry:
                     return self._encode_group(texts, _retry=False)
                 ok[doc[missing]] = False  # new chunks alone exceed max_entries: the library
             else:
                 entry[missing] = added
+                ok[doc[missing[added < 0]]] = False
         good = ok[doc]
-        e = entry[good]
-        count = self._off[e + 1] - self._off[e]
-        ends_c = np.cumsum(count)
-        total = int(ends_c[-1]) if ends_c.size else 0
-        src = np.arange(total) + np.repeat(self._off[e] - (ends_c - count), count)
+        count, (ids,) = self.ids.gather(entry[good])
         per_text = np.bincount(doc[good], weights=count, minlength=n).astype(np.int64)
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(per_text, out=offsets[1:])
-        return self._ids[src], offsets, ok
+        return ids, offsets, ok
 
-    def _add(self, missing, joined, starts, ends, key, doc, ok) -> np.ndarray | None:
+    def _add(self, missing, ch: SpaceChunks, key) -> np.ndarray | None:
         """Encode and cache the distinct chunks at `missing`; their entries (-1 where a chunk
-        breaks the rule: its texts get ok=False), or None when the cache had to empty."""
-        at, inverse, clash = self.table.distinct(joined, starts, ends, missing, key)
-        raw = [joined[starts[i] : ends[i]] for i in at.tolist()]
+        breaks the rule or its key clashed), or None when the cache had to empty."""
+        at, inverse, clash = self.table.distinct(ch.joined, ch.starts, ch.ends, missing, key)
+        raw = ch.raw(at)
         texts = [r.decode("utf-8", "surrogatepass") for r in raw]
-        safe = np.fromiter(map(self._safe, texts), dtype=bool, count=len(texts))
+        safe, ids = self.encode_chunks(texts, ch.first[at])
         if self.table.size + int(safe.sum()) > self.table.max_entries:
             self._clear()
             return None
+        sel = np.flatnonzero(safe)
         new = np.full(at.size, -1, dtype=np.int64)
-        first_chunk = (key[0][at] & 1).astype(bool)
-        for is_first in (True, False):
-            sel = np.flatnonzero(safe & (first_chunk == is_first))
-            if not sel.size:
-                continue
-            chunks = [texts[j] for j in sel]
-            if is_first:
-                encs = self.hf.encode_batch_fast(chunks, add_special_tokens=False)
-                ids = [np.asarray(enc.ids, dtype=np.int32) for enc in encs]
-            else:
-                ids = self._encode_spaced(chunks)
-            new[sel] = self._append(at[sel], ids, [raw[j] for j in sel], key)
+        first = self.table.size
+        new[sel] = self.table.append(at[sel], [raw[j] for j in sel.tolist()], key)
+        self.ids.append(
+            first,
+            np.fromiter((ids[j].size for j in sel.tolist()), np.int64, sel.size),
+            [np.concatenate([ids[j] for j in sel.tolist()] or [np.zeros(0, np.int32)])],
+        )
         result = new[inverse]
         result[clash] = -1
-        ok[doc[missing[result < 0]]] = False
         return result
-
-    def _append(self, at, ids: list[np.ndarray], raw: list[bytes], key) -> np.ndarray:
-        """Store entries for the chunks at positions `at` (token ids, bytes); their numbers."""
-        first = self.table.size
-        numbers = self.table.append(at, raw, key)
-        if self.table.size + 1 > self._off.size:
-            self._off = np.resize(self._off, max(self.table.size + 1, 2 * self._off.size))
-        sizes = np.fromiter((a.size for a in ids), dtype=np.int64, count=len(ids))
-        base = self._off[first]
-        need = base + int(sizes.sum())
-        if need > self._ids.size:
-            self._ids = np.resize(self._ids, max(need, 2 * self._ids.size))
-        self._ids[base:need] = np.concatenate(ids)
-        np.cumsum(sizes, out=self._off[first + 1 : self.table.size + 1])
-        self._off[first + 1 : self.table.size + 1] += base
-        return numbers
 
     def _encode_spaced(self, chunks: list[str]) -> list[np.ndarray]:
         """The ids of " " + c for each chunk, from one library call over "x c_1 c_2 ..." (by the

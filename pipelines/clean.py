@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from dsv3ray.runtable import ranges
 from pipelines.dedup import MinHasher, text_hash64
 from pipelines.readers import DROP, OK
 
@@ -30,7 +31,7 @@ _TRAILING = re.compile(r" *\n *")
 _NEWLINES = re.compile(r"\n{3,}")
 
 MAX_MINHASH_CHARS = 1_000_000
-STAGES = ("normalize", "length", "quality", "perplexity", "domain", "dedup_keys", "tokenize")
+STAGES = ("normalize", "length", "chunks", "quality", "perplexity", "domain", "dedup_keys", "tokenize")
 
 
 def normalize_text(text: str) -> str:
@@ -121,6 +122,14 @@ class Cleaner:
 
             single_threaded()
             self.tok = Tokenizer(HF.from_str(settings.tokenizer_json))
+        from pipelines.chunkpass import ChunkPass
+        from pipelines.quality import MAX_PREDICT_CHARS
+
+        # one lookup per space-separated chunk serves tokens, fastText and MinHash (pipelines.chunkpass)
+        self.chunks = ChunkPass(
+            self.tok, self.scorer.batch if self.scorer is not None else None,
+            self.minhash if settings.dedup_near else None, MAX_PREDICT_CHARS, MAX_MINHASH_CHARS,
+        )  # fmt: skip
 
     def clean_rows(self, rows: list[tuple], read_seconds: float = 0.0) -> pa.Table:
         """Reader rows (source, line, status, reason, excerpt, text) → the cleaned table;
@@ -154,28 +163,55 @@ class Cleaner:
         decided = status == OK  # rows that reach the score decisions carry their text out
         timing["length"] = time.perf_counter() - t0
 
+        # the chunks of what is still kept, looked up once for the stages below (pipelines.chunkpass)
+        t0 = time.perf_counter()
+        looked = np.flatnonzero(status == OK)
+        lk = self.chunks.lookup([texts[i] for i in looked]) if self.chunks.active and looked.size else None
+        at = np.full(n, -1, dtype=np.int64)  # row -> its place in the lookup
+        at[looked] = np.arange(looked.size)
+        timing["chunks"] = time.perf_counter() - t0
+
+        def served(rows: np.ndarray, from_chunks, fallback):
+            """from_chunks(lookup, wanted) -> (values, done) for the rows the lookup covers,
+            fallback(rows) for the others; the values of `rows`, in order."""
+            if lk is None:
+                return fallback(rows)
+            want = np.zeros(lk.n, dtype=bool)
+            want[at[rows]] = True
+            values, done = from_chunks(lk, want)
+            out, rest = values[at[rows]], np.flatnonzero(~done[at[rows]])
+            if rest.size:
+                out[rest] = fallback(rows[rest])
+            return out
+
         def score(stage: str, fn, keep) -> np.ndarray:
-            """fn(texts of the rows still OK) → scores; rows whose score fails keep() are dropped."""
+            """fn(rows still OK) → their scores; rows whose score fails keep() are dropped."""
             out = np.full(n, np.nan, dtype=np.float32)
             t0 = time.perf_counter()
             ok = np.flatnonzero(status == OK)
             if ok.size:
-                out[ok] = fn([texts[i] for i in ok])
+                out[ok] = fn(ok)
                 for i in ok[~keep(out[ok])]:
                     status[i], reason[i] = DROP, DROP_REASONS[stage]
             timing[stage] = time.perf_counter() - t0
             return out
 
+        def of_texts(fn):
+            return lambda rows: fn([texts[i] for i in rows])
+
         quality = perplexity = domain = np.full(n, np.nan, dtype=np.float32)
         if self.scorer is not None:
-            quality = score("quality", self.scorer.scores, lambda q: q >= s.quality_threshold)
+            quality = score(
+                "quality", lambda rows: served(rows, self.chunks.quality, of_texts(self.scorer.scores)),
+                lambda q: q >= s.quality_threshold,
+            )  # fmt: skip
         if s.unigram_lm is not None:
             perplexity = score(
-                "perplexity", lambda ts: [s.unigram_lm.perplexity(t) for t in ts],
+                "perplexity", of_texts(lambda ts: [s.unigram_lm.perplexity(t) for t in ts]),
                 lambda p: p <= s.perplexity_threshold,
             )  # fmt: skip
         if s.domain is not None:
-            domain = score("domain", s.domain.similarity, lambda d: d >= s.domain_threshold)
+            domain = score("domain", of_texts(s.domain.similarity), lambda d: d >= s.domain_threshold)
 
         ok = np.flatnonzero(status == OK)
         ok_texts = [texts[i] for i in ok]
@@ -186,9 +222,11 @@ class Cleaner:
         # rows that are not OK carry an empty list
         keys_OB = np.zeros((ok.size, 0), dtype=np.int64)
         if s.dedup_near and ok.size:
-            keys_OB = self.minhash.band_keys_batch(
-                self.minhash.signatures([t[:MAX_MINHASH_CHARS] for t in ok_texts])
-            )
+            sigs = served(
+                ok, self.chunks.signatures,
+                of_texts(lambda ts: self.minhash.signatures([t[:MAX_MINHASH_CHARS] for t in ts])),
+            )  # fmt: skip
+            keys_OB = self.minhash.band_keys_batch(sigs)
         bands = _lists(n, ok, keys_OB.shape[1], keys_OB.reshape(-1), pa.int64())
         timing["dedup_keys"] = time.perf_counter() - t0
 
@@ -214,7 +252,7 @@ class Cleaner:
             t0 = time.perf_counter()
             tk = tokenize_documents(
                 self.tok, ok_texts, text_hash[ok].tolist(), s.max_doc_tokens, s.eval_fraction,
-                s.truncate_tokens, s.max_chars,
+                s.truncate_tokens, s.max_chars, encoded=self._encoded(lk, at[ok], ok_texts),
             )  # fmt: skip
             sizes = np.diff(tk["tokens"].offsets.to_numpy())
             cols["tokens"] = _lists(n, ok, sizes, tk["tokens"].values, pa.int32())
@@ -229,6 +267,26 @@ class Cleaner:
                 col[0] = timing[stage]
             cols[f"t_{stage}"] = pa.array(col)
         return pa.table(cols)
+
+    def _encoded(self, lk, at: np.ndarray, texts: list[str]):
+        """The token ids of texts[i][:max_chars] (their places `at` in the lookup), as
+        (flat, offsets): from the chunks where the lookup covers a text, the tokenizer's
+        encode_flat for the others; None without a lookup."""
+        if lk is None:
+            return None
+        want = np.zeros(lk.n, dtype=bool)
+        want[at] = True
+        flat, offsets, done = self.chunks.tokens(lk, want)
+        start, count = offsets[at], offsets[at + 1] - offsets[at]
+        rest = np.flatnonzero(~done[at])
+        if rest.size:  # their ids after the chunks' ones
+            r_flat, r_off = self.tok.encode_flat([texts[i][: self.s.max_chars] for i in rest.tolist()])
+            start[rest], count[rest] = flat.size + r_off[:-1], np.diff(r_off)
+            flat = np.concatenate([flat, r_flat])
+            flat = flat[ranges(start, count)]
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(count, out=offsets[1:])
+        return flat, offsets
 
 
 DROP_REASONS = {"quality": "low_quality", "perplexity": "high_perplexity", "domain": "off_domain"}

@@ -115,6 +115,11 @@ class MinHasher:
         hash mod 2^64. A shingle combines k consecutive words of one document; a document with
         fewer than k words has one shingle of all its words, one with no word the single shingle 0.
         """
+        w_W, words_D = self.words_batch(texts)
+        return self.shingles_from_words(w_W, words_D)
+
+    def words_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(uint64 hash of each word of the texts, in order (W,), words per text (N,))."""
         # ASCII letters are folded below (bytewise); str.lower only where there is more to fold
         parts = [(t if t.isascii() else t.lower()).encode("utf-8", "surrogatepass") for t in texts]
         joined = b"\n".join(parts)  # "\n": no word spans two documents
@@ -131,7 +136,11 @@ class MinHasher:
         starts, ends = edges[0::2], edges[1::2]
         w_W = self._word_hashes(b, starts, ends)
         words_D = np.diff(np.searchsorted(starts, doc_start), append=starts.size)
-        doc_W = np.repeat(np.arange(len(texts)), words_D)
+        return w_W, words_D
+
+    def shingles_from_words(self, w_W: np.ndarray, words_D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """shingles_batch from the texts' word hashes (words_batch)."""
+        doc_W = np.repeat(np.arange(words_D.size), words_D)
         k = self.k
         m = max(w_W.size - k + 1, 0)
         with np.errstate(over="ignore"):
@@ -187,13 +196,16 @@ class MinHasher:
         return out
 
     def _signatures(self, texts: list[str]) -> np.ndarray:
+        return self.signatures_from_shingles(len(texts), *self.shingles_batch(texts))
+
+    def signatures_from_shingles(self, n: int, s_S: np.ndarray, d_S: np.ndarray) -> np.ndarray:
+        """(n, num_perm) uint32 signatures of n documents from their shingles (shingles_batch)."""
         P = self.num_perm
-        s_S, d_S = self.shingles_batch(texts)
         h_S = _mix64(s_S ^ self.salt)
         bin_S = ((h_S >> np.uint64(32)) * np.uint64(P)) >> np.uint64(32)  # uniform in [0, P)
-        sig = np.full(len(texts) * P, _SENTINEL, dtype=np.uint64)
+        sig = np.full(n * P, _SENTINEL, dtype=np.uint64)
         np.minimum.at(sig, d_S * P + bin_S.astype(np.int64), h_S & np.uint64(0xFFFFFFFF))
-        sig_DP = sig.reshape(len(texts), P)
+        sig_DP = sig.reshape(n, P)
         d_E, i_E = np.nonzero(sig_DP == _SENTINEL)
         if d_E.size and P > 1:  # optimal densification: first non-empty bin in bin i's own order
             src_E = np.empty(d_E.size, dtype=np.int64)

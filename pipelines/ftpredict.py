@@ -156,6 +156,21 @@ class BatchPredictor:
                 count_M[i] = 1
         return logits_M, count_M, fnv1a_signed(raw), skip_M
 
+    def chunk_words(self, chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """The words of each chunk (space-free runs of text: pipelines.chunkpass), for scoring a
+        text from its chunks' words: (usable: the chunk has no label token and no `</s>` (those
+        change the line's words: such texts are scored by `scores`), words per chunk, (logits,
+        number of ids, hash) of each word, chunks end to end)."""
+        joined = b" ".join(chunks)
+        starts, ends = _words(joined, padded(joined))
+        chunk_start = np.cumsum([0] + [len(c) + 1 for c in chunks[:-1]], dtype=np.int64)
+        words_C = np.diff(np.searchsorted(starts, chunk_start), append=starts.size)
+        raw = [joined[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+        logits, count, hash_, skip = self._values(raw)
+        bad = skip | np.fromiter((r == _EOS_BYTES for r in raw), bool, len(raw))
+        usable = np.bincount(np.repeat(np.arange(len(chunks)), words_C)[bad], minlength=len(chunks)) == 0
+        return usable, words_C, (logits, count, hash_)
+
     def scores(self, texts: list[str], max_chars: int) -> np.ndarray:
         """fastText's score of the label per text, float32 [N] (0 where fastText predicts nothing)."""
         groups = text_groups(texts, self.GROUP_CHARS)
@@ -205,10 +220,11 @@ class BatchPredictor:
         if skip_W.any():
             keep = ~skip_W
             logits_W, count_W, hash_W, doc_W = logits_W[keep], count_W[keep], hash_W[keep], doc_W[keep]
-        return self._combine(N, doc_W, logits_W, count_W, hash_W)
+        return self.combine(N, doc_W, logits_W, count_W, hash_W)
 
-    def _combine(self, N, doc_W, logits_W, count_W, hash_W) -> np.ndarray:
-        """Scores from each document's words (in order): their rows, then the word n-grams'."""
+    def combine(self, N, doc_W, logits_W, count_W, hash_W) -> np.ndarray:
+        """Scores of N documents from their words' values, in order (doc_W: each word's document,
+        sorted): their rows, then the word n-grams'."""
         sum_N = np.zeros((N,) + logits_W.shape[1:])
         _add_per_doc(sum_N, doc_W, logits_W)
         count_N = np.bincount(doc_W, weights=count_W, minlength=N)
@@ -245,7 +261,8 @@ _SPACE2 = np.array(
 _SPACE3 = np.array(
     [int.from_bytes(c.encode(), "big") for c in UNICODE_SPACES if len(c.encode()) == 3], np.uint32
 )
-_EOS_KEY = np.uint64(int.from_bytes(EOS.encode(), "little"))
+_EOS_BYTES = EOS.encode()
+_EOS_KEY = np.uint64(int.from_bytes(_EOS_BYTES, "little"))
 
 
 def _words(joined: bytes, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -38,9 +38,14 @@ def tokenize_documents(
     eval_fraction: float,
     truncate: bool,
     max_chars: int = 1 << 20,
+    encoded: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, pa.Array]:
-    """Documents → columns tokens (list<int32>, eos last), eval, pieces, truncated_tokens."""
-    flat, offsets = tok.encode_flat([t[:max_chars] for t in texts])  # t[:max_chars] is t when short
+    """Documents → columns tokens (list<int32>, eos last), eval, pieces, truncated_tokens.
+    `encoded`: the (flat, offsets) of tok.encode_flat([t[:max_chars] for t in texts]) when the
+    caller has them."""
+    flat, offsets = encoded or tok.encode_flat(
+        [t[:max_chars] for t in texts]
+    )  # t[:max_chars] is t when short
     big = [i for i, t in enumerate(texts) if len(t) > max_chars]
     if big:  # oversized documents: encoded in whitespace-aligned chunks
         docs = [flat[offsets[i] : offsets[i + 1]] for i in range(len(texts))]

@@ -23,4 +23,11 @@ def test_prepare_benchmark_runs_and_reports(tmp_path):
     assert out["fasttext_docs_per_s"] > 0 and 0 < out["ratio"] < 5 and out["pipeline_docs_per_s_per_core"] > 0
     assert out["fasttext_all_cores_docs_per_s_per_core"] > 0 and 0 < out["ratio_vs_fasttext_all_cores"] < 5
     assert set(out["wall_s"]) == {"200", "800"} and out["memory_growth"] > 0
-    assert set(out["us_per_doc_per_core"]) >= {"read", "normalize", "quality", "dedup_keys", "tokenize"}
+    assert set(out["us_per_doc_per_core"]) >= {
+        "read",
+        "normalize",
+        "chunks",
+        "quality",
+        "dedup_keys",
+        "tokenize",
+    }

@@ -1,13 +1,14 @@
 """RunTable (dsv3ray/runtable.py) against a Python dict: strings that differ only in their first,
 middle or last 8 bytes, in their length (around 8/9, 16/17, 24/25) or in their flag get distinct
-entries, and every lookup returns the entry of exactly that string."""
+entries, and every lookup returns the entry of exactly that string. Ragged rows gather as
+Python slices would; SpaceChunks cuts texts at every space."""
 
 import random
 
 import numpy as np
 import pytest
 
-from dsv3ray.runtable import SHORT, RunTable, keys, padded
+from dsv3ray.runtable import SHORT, Ragged, RunTable, SpaceChunks, keys, padded, ranges
 
 
 def _runs(words: list[bytes]):
@@ -50,3 +51,35 @@ def test_runtable_matches_a_dict(crowded):
             reference.update(zip(distinct, numbers.tolist()))
             assert [distinct[j] for j in inverse] == [(batch[i], int(flags[i])) for i in missing]
     assert table.size == len(reference) and any(len(w) > SHORT for w, _ in reference)
+
+
+def test_ragged_rows_and_space_chunks():
+    rng = np.random.default_rng(0)
+    r = Ragged((np.int32, np.float64), ((), (2,)))
+    rows = []
+    for _ in range(40):  # appends past the initial capacity, rows of 0..6 items
+        sizes = rng.integers(0, 7, size=int(rng.integers(1, 300)))
+        a = rng.integers(0, 1000, size=int(sizes.sum())).astype(np.int32)
+        b = rng.random((int(sizes.sum()), 2))
+        first = r.size
+        r.append(first, sizes, [a, b])
+        ends = np.cumsum(sizes)
+        rows += [(a[e - k : e], b[e - k : e]) for k, e in zip(sizes, ends)]
+    entries = rng.integers(0, r.size, size=5000)
+    count, (a, b) = r.gather(entries)
+    assert count.tolist() == [rows[e][0].size for e in entries]
+    assert np.array_equal(a, np.concatenate([rows[e][0] for e in entries]))
+    assert np.array_equal(b, np.concatenate([rows[e][1] for e in entries]))
+    ones = np.flatnonzero([rows[e][0].size == 1 for e in range(r.size)])
+    count, (a, _) = r.gather(ones)  # the one-item fast path
+    assert np.array_equal(a, np.concatenate([rows[e][0] for e in ones]))
+    assert ranges(np.array([5, 0, 9]), np.array([2, 0, 3])).tolist() == [5, 6, 9, 10, 11]
+
+    texts = ["a bc", "", " x", "é  y", "long" * 80, "q"]
+    ch = SpaceChunks(texts, max_chunk=256)
+    chunks = [ch.joined[s:e].decode() for s, e in zip(ch.starts, ch.ends)]
+    assert chunks == ["a", "bc", "", "", "x", "é", "", "y", "long" * 80, "q"]
+    assert ch.doc.tolist() == [0, 0, 1, 2, 2, 3, 3, 3, 4, 5]
+    assert ch.first.tolist() == [True, False, True, True, False, True, False, False, True, True]
+    assert ch.bad_doc.tolist() == [False, True, True, True, True, False]
+    assert SpaceChunks([], 256).starts.size == 0

@@ -1,0 +1,241 @@
+"""One lookup per space-separated chunk serves the tokenizer, fastText and MinHash.
+
+Each of the three reads a document as a sequence of words and would split it, key its words and
+look them up on its own (three splits, three key computations, two table lookups and a byte
+classification per word). All three sequences are the concatenation of the document's
+space-separated chunks' sequences: a space ends a fastText word (it is one of its separators), a
+MinHash word (it is no letter, digit or underscore) and, where the tokenizer's chunk rule holds
+(dsv3ray.tokenizer._ChunkCache), a pre-token. So a chunk's token ids, fastText words (summed row
+logits, id count, n-gram hash) and MinHash word hashes are computed once, the first time the chunk
+is seen, and kept; a document is its chunks' rows end to end. One split, one key and one lookup
+per chunk serve the three stages, and each stage's result equals its own path's (tests compare).
+
+A text is covered by a stage when its chunks allow it; the others take the stage's own path:
+- all stages: no empty chunk (a space at an end or next to another) and none over MAX_CHUNK bytes;
+- tokens: every chunk keeps the tokenizer's chunk rule, and no added token with a space in it;
+- quality: at most the scorer's `max_chars` characters (its cut), no label token, no `</s>`;
+- MinHash: at most `minhash_chars` characters (its cut).
+Lowercasing a chunk for MinHash gives the chunk's part of the lowercased text: Python's only
+context-dependent lowercase mapping (final sigma) looks past case-ignorable characters only, and a
+space is none. Texts are looked up in groups of about GROUP_CHARS characters (their per-chunk
+arrays stay in cache); a stage gathers only the texts it is asked for (what earlier stages kept).
+Memory is bounded: at most `max_entries` chunks are kept, then the table empties.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dsv3ray.runtable import Ragged, RunTable, SpaceChunks, keys, padded, text_groups
+
+
+@dataclass
+class _Group:
+    lo: int  # its first text in the lookup
+    n: int  # its texts
+    entry: np.ndarray  # per chunk: its entry (-1: not covered)
+    doc: np.ndarray  # per chunk: its text, counted from lo (sorted)
+    bounds: np.ndarray  # text i's chunks: [bounds[i], bounds[i + 1])
+
+
+@dataclass
+class ChunkLookup:
+    """The chunks of n texts, looked up; which texts each stage can take from them."""
+
+    n: int
+    groups: list[_Group]
+    tokens: np.ndarray  # [n] bool: covered for tokens
+    quality: np.ndarray
+    minhash: np.ndarray
+
+
+class ChunkPass:
+    """The per-chunk table of a cleaning worker. `tok` (dsv3ray.tokenizer.Tokenizer), `scorer`
+    (pipelines.ftpredict.BatchPredictor) and `minhash` (pipelines.dedup.MinHasher) may each be
+    None (that stage is not served)."""
+
+    MAX_CHUNK = 256  # bytes
+    GROUP_CHARS = (
+        1 << 20
+    )  # characters: ~600 KB groups measured ~15% slower (fewer repeats per distinct chunk)
+
+    def __init__(
+        self, tok=None, scorer=None, minhash=None, quality_chars: int = 0, minhash_chars: int = 0,
+        max_entries: int = 1 << 18,
+    ):  # fmt: skip
+        self.tok = tok._chunks if tok is not None else None  # None: the chunk rule does not apply
+        self.scorer, self.minhash = scorer, minhash
+        self.quality_chars, self.minhash_chars = quality_chars, minhash_chars
+        self.table = RunTable(max_entries)
+        logits = scorer.row_logits.shape[1:] if scorer is not None else ()
+        self.tok_ids = Ragged((np.int32,))
+        self.ft_words = Ragged((np.float64, np.int64, np.uint64), (logits, (), ()))
+        self.mh_words = Ragged((np.uint64,))
+        self._clear()
+
+    def _clear(self) -> None:
+        self.table.clear()
+        for r in (self.tok_ids, self.ft_words, self.mh_words):
+            r.clear()
+        self.ok_E = np.zeros((1 << 12, 2), dtype=bool)  # per entry: [tokens rule, fastText usable]
+
+    @property
+    def active(self) -> bool:
+        return self.tok is not None or self.scorer is not None or self.minhash is not None
+
+    def lookup(self, texts: list[str]) -> ChunkLookup:
+        n = len(texts)
+        groups = []
+        cover = np.ones((n, 3), dtype=bool)  # tokens, quality, minhash
+        for i, j in text_groups(texts, self.GROUP_CHARS):
+            if j > i:
+                groups.append(self._lookup_group(texts[i:j], i, cover[i:j]))
+        lens = np.fromiter(map(len, texts), np.int64, n)
+        cover[:, 1] &= lens <= self.quality_chars
+        cover[:, 2] &= lens <= self.minhash_chars
+        return ChunkLookup(
+            n, groups, cover[:, 0] & (self.tok is not None), cover[:, 1] & (self.scorer is not None),
+            cover[:, 2] & (self.minhash is not None),
+        )  # fmt: skip
+
+    def _lookup_group(self, texts: list[str], lo: int, cover: np.ndarray, _retry: bool = True) -> _Group:
+        ch = SpaceChunks(texts, self.MAX_CHUNK)
+        n, doc = len(texts), ch.doc
+        bad = ch.bad_doc.copy()
+        # The group's distinct chunks, from Arrow's hash table (~25 ns a chunk): each chunk with
+        # the space after it is one value of a binary array over the joined bytes (no copy). The
+        # table is probed once per distinct chunk (~10x fewer than chunks).
+        bounds = np.append(ch.starts, len(ch.joined) + 1)
+        spaced = pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), ch.starts.size, [None, pa.py_buffer(bounds), pa.py_buffer(ch.joined + b" ")]
+        )
+        enc = pc.dictionary_encode(spaced)
+        dist = enc.dictionary
+        d_bounds = np.frombuffer(dist.buffers()[1], np.int64)[dist.offset : dist.offset + len(dist) + 1]
+        d_joined = dist.buffers()[2].to_pybytes()
+        d_starts, d_ends = d_bounds[:-1], d_bounds[1:] - 1
+        d_key = keys(padded(d_joined), d_starts, d_ends, 0)
+        d_entry = self.table.lookup(d_joined, d_starts, d_ends, d_key)
+        d_lens = d_ends - d_starts
+        d_new = np.flatnonzero((d_entry < 0) & (d_lens > 0) & (d_lens <= self.MAX_CHUNK))
+        # a text's first chunk has its own entry when tokens are served (no space before it)
+        f_pos = np.flatnonzero(ch.first) if self.tok is not None else np.zeros(0, np.int64)
+        f_starts, f_ends = ch.starts[f_pos], ch.ends[f_pos]
+        f_key = keys(ch.buf, f_starts, f_ends, 1)
+        f_entry = self.table.lookup(ch.joined, f_starts, f_ends, f_key)
+        f_missing = np.flatnonzero((f_entry < 0) & ~bad[doc[f_pos]])
+        if self.table.size + d_new.size + f_missing.size > self.table.max_entries:
+            if _retry and d_new.size + f_missing.size <= self.table.max_entries:
+                self._clear()  # full: start again (every entry found above is gone)
+                return self._lookup_group(texts, lo, cover, _retry=False)
+            d_new, f_missing = d_new[:0], f_missing[:0]  # more than the table holds: not served
+        if d_new.size:
+            raw = [d_joined[a:b] for a, b in zip(d_starts[d_new].tolist(), d_ends[d_new].tolist())]
+            d_entry[d_new] = self._add(raw, np.zeros(d_new.size, bool), d_key, d_new)
+        idx = enc.indices.to_numpy()
+        entry = d_entry[idx]
+        if f_missing.size:
+            at, inverse, clash = self.table.distinct(ch.joined, f_starts, f_ends, f_missing, f_key)
+            raw = [ch.joined[a:b] for a, b in zip(f_starts[at].tolist(), f_ends[at].tolist())]
+            added = self._add(raw, np.ones(at.size, bool), f_key, at)[inverse]
+            added[clash] = -1  # a hash clash in this batch: the stages' own paths
+            f_entry[f_missing] = added
+        entry[f_pos] = f_entry
+        bad[doc[entry < 0]] = True  # (only their texts' chunks may hold -1: they are not gathered)
+        cover &= ~bad[:, None]
+        # a chunk that breaks the tokens rule / has a label token or </s>: checked per distinct chunk
+        ok_d, ok_f = self.ok_E[np.maximum(d_entry, 0)], self.ok_E[np.maximum(f_entry, 0)]
+        for col in (0, 1):
+            if not (ok_d[:, col].all() and ok_f[:, col].all()):
+                broken = ~ok_d[idx, col]
+                broken[f_pos] = ~ok_f[:, col]
+                cover[:, col] &= np.bincount(doc[broken], minlength=n) == 0
+        if self.tok is not None:
+            cover[:, 0] &= self.tok.spanning_ok(texts)
+        return _Group(lo, n, entry, doc, np.searchsorted(doc, np.arange(n + 1)))
+
+    def _add(self, raw: list[bytes], first: np.ndarray, key, at: np.ndarray) -> np.ndarray:
+        """Entries for distinct new chunks (bytes `raw`, keys key[at]; first: a text's first
+        chunk): every stage's rows computed now."""
+        first_entry = self.table.size
+        numbers = self.table.append(at, raw, key)
+        m = at.size
+        ok = np.ones((m, 2), dtype=bool)
+        texts = [r.decode("utf-8", "surrogatepass") for r in raw]
+        if self.tok is not None:
+            ok[:, 0], ids = self.tok.encode_chunks(texts, first)
+            self._append(self.tok_ids, first_entry, ids)
+        else:
+            self.tok_ids.append(first_entry, np.zeros(m, np.int64), [np.zeros(0, np.int32)])
+        if self.scorer is not None:
+            ok[:, 1], words_C, values = self.scorer.chunk_words(raw)
+            self.ft_words.append(first_entry, words_C, list(values))
+        else:
+            self.ft_words.append(first_entry, np.zeros(m, np.int64), [c[:0] for c in self.ft_words.cols])
+        if self.minhash is not None:
+            w_W, words_C = self.minhash.words_batch(texts)
+            self.mh_words.append(first_entry, words_C, [w_W])
+        else:
+            self.mh_words.append(first_entry, np.zeros(m, np.int64), [np.zeros(0, np.uint64)])
+        if self.table.size > self.ok_E.shape[0]:
+            self.ok_E = np.resize(self.ok_E, (max(self.table.size, 2 * self.ok_E.shape[0]), 2))
+        self.ok_E[numbers] = ok
+        return numbers
+
+    @staticmethod
+    def _append(ragged: Ragged, first: int, rows: list[np.ndarray]) -> None:
+        sizes = np.fromiter(map(len, rows), np.int64, len(rows))
+        ragged.append(first, sizes, [np.concatenate(rows) if rows else np.zeros(0, np.int32)])
+
+    def _rows(self, lk: ChunkLookup, want: np.ndarray, ragged: Ragged):
+        """Per group with wanted texts: (its wanted texts (indices into the lookup), items per
+        wanted text, each column's items in text order)."""
+        for g in lk.groups:
+            w = want[g.lo : g.lo + g.n]
+            if not w.any():
+                continue
+            if w.all():  # (the first stage asks for every text)
+                entries, bounds = g.entry, g.bounds
+            else:
+                entries = g.entry[w[g.doc]]
+                bounds = np.concatenate(([0], np.cumsum(np.diff(g.bounds)[w])))
+            count, cols = ragged.gather(entries)
+            items = np.concatenate(([0], np.cumsum(count)))
+            per_text = items[bounds[1:]] - items[bounds[:-1]]
+            wanted = np.flatnonzero(w)
+            yield g.lo + wanted, per_text, cols
+
+    def quality(self, lk: ChunkLookup, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(fastText's score (float32 [n], NaN where not computed), computed): for wanted texts
+        the lookup covers for quality."""
+        want = want & lk.quality
+        out = np.full(lk.n, np.nan, dtype=np.float32)
+        for idx, per_text, (logits, count, hash_) in self._rows(lk, want, self.ft_words):
+            doc_W = np.repeat(np.arange(idx.size), per_text)
+            out[idx] = self.scorer.combine(idx.size, doc_W, logits, count, hash_)
+        return out, want
+
+    def signatures(self, lk: ChunkLookup, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(MinHash signatures (uint32 [n, num_perm], zero where not computed), computed)."""
+        want = want & lk.minhash
+        out = np.zeros((lk.n, self.minhash.num_perm if self.minhash else 0), dtype=np.uint32)
+        for idx, per_text, (w_W,) in self._rows(lk, want, self.mh_words):
+            shingles = self.minhash.shingles_from_words(w_W, per_text)
+            out[idx] = self.minhash.signatures_from_shingles(idx.size, *shingles)
+        return out, want
+
+    def tokens(self, lk: ChunkLookup, want: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token ids end to end (int32), offsets [n + 1] (computed texts only hold ids), computed)."""
+        want = want & lk.tokens
+        parts, per_text_N = [], np.zeros(lk.n, np.int64)
+        for idx, per_text, (ids,) in self._rows(lk, want, self.tok_ids):
+            parts.append(ids)
+            per_text_N[idx] = per_text
+        offsets = np.zeros(lk.n + 1, np.int64)
+        np.cumsum(per_text_N, out=offsets[1:])
+        flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        return flat, offsets, want
