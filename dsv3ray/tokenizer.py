@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -43,7 +44,7 @@ class _ChunkCache:
     The table. A batch's texts are joined into one UTF-8 buffer with a space between texts (UTF-8
     never has byte 0x20 inside a character, so the chunks are the byte runs between spaces) and
     all its chunks are looked up at once in a `dsv3ray.runtable.RunTable`, keyed by the chunk's
-    bytes and whether it starts its text; an entry's ids sit end to end in one int32 array. A
+    bytes and whether it starts its text; entries' ids are kept in a `runtable.Ragged`. A
     text with a chunk over MAX_CHUNK bytes takes the library (the cache's bytes stay bounded).
     Chunks missing from the cache are checked against the rule and encoded in one library call
     per batch. At most `max_entries` chunks are kept: the cache empties when a batch's new chunks
@@ -57,6 +58,9 @@ class _ChunkCache:
         self.hf = hf
         added = [t.content for t in hf.get_added_tokens_decoder().values()]
         self.added_in_chunk = [t for t in added if " " not in t]
+        self._added_re = (
+            re.compile("|".join(map(re.escape, self.added_in_chunk))) if self.added_in_chunk else None
+        )
         self.added_spanning = [t for t in added if " " in t]  # checked on the whole text
         self.table = RunTable(max_entries)
         self.ids = Ragged((np.int32,))
@@ -90,7 +94,7 @@ class _ChunkCache:
             chunk != ""
             and not chunk[0].isspace()
             and not chunk[-1].isspace()
-            and not any(t in chunk for t in self.added_in_chunk)
+            and (self._added_re is None or self._added_re.search(chunk) is None)
         )
 
     def spanning_ok(self, texts: list[str]) -> np.ndarray:
@@ -102,21 +106,15 @@ class _ChunkCache:
 
     def encode_chunks(self, chunks: list[str], first: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """(safe: the rule holds for the chunk, the token ids of each safe chunk (of " " + chunk
-        unless first[j]; empty for the others)), from two library calls."""
+        unless first[j]; empty for the others)), from one library call (batched: measured 15%
+        faster than one long text split back at its offsets)."""
         safe = np.fromiter(map(self._safe, chunks), dtype=bool, count=len(chunks))
         ids = [np.zeros(0, np.int32)] * len(chunks)
-        for is_first in (True, False):
-            sel = np.flatnonzero(safe & (first == is_first)).tolist()
-            if not sel:
-                continue
-            some = [chunks[j] for j in sel]
-            if is_first:
-                encs = self.hf.encode_batch_fast(some, add_special_tokens=False)
-                got = [np.asarray(enc.ids, dtype=np.int32) for enc in encs]
-            else:
-                got = self._encode_spaced(some)
-            for j, g in zip(sel, got):
-                ids[j] = g
+        sel = np.flatnonzero(safe).tolist()
+        if sel:
+            some = [chunks[j] if first[j] else " " + chunks[j] for j in sel]
+            for j, enc in zip(sel, self.hf.encode_batch_fast(some, add_special_tokens=False)):
+                ids[j] = np.asarray(enc.ids, dtype=np.int32)
         return safe, ids
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -182,19 +180,6 @@ class _ChunkCache:
         result = new[inverse]
         result[clash] = -1
         return result
-
-    def _encode_spaced(self, chunks: list[str]) -> list[np.ndarray]:
-        """The ids of " " + c for each chunk, from one library call over "x c_1 c_2 ..." (by the
-        same rule no token crosses a space), split at the chunks' character offsets: one call
-        instead of one per chunk (the library's per-call cost dominates a short chunk)."""
-        enc = self.hf.encode("x " + " ".join(chunks), add_special_tokens=False)
-        ids = np.asarray(enc.ids, dtype=np.int32)
-        ends = np.fromiter((e for _, e in enc.offsets), dtype=np.int64, count=len(ids))
-        # chunk j's region starts at its leading space: 1, then + 1 + len(chunk) each
-        starts = np.cumsum([1] + [1 + len(c) for c in chunks[:-1]], dtype=np.int64)
-        owner = np.searchsorted(starts, ends - 1, side="right") - 1  # -1 = the dummy "x"
-        cuts = np.searchsorted(owner, np.arange(len(chunks) + 1), side="left")
-        return [ids[cuts[j] : cuts[j + 1]] for j in range(len(chunks))]
 
 
 class Tokenizer:

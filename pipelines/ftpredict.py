@@ -103,8 +103,16 @@ class BatchPredictor:
         self.label_id = model.get_labels().index(label)
         self.prefix, self.n, self.bucket = a.label, a.wordNgrams, np.uint64(a.bucket)
         self.model, self.subwords = model, a.maxn > 0
-        self.vocab = {w: i for i, w in enumerate(words)}
         self.nwords = len(words)
+        # the vocabulary's ids by the words' bytes, looked up a batch at a time
+        enc = [w.encode("utf-8") for w in words]
+        self.vocab = RunTable(max(1, len(enc)))
+        if enc:
+            joined = b" ".join(enc)
+            starts = np.cumsum([0] + [len(e) + 1 for e in enc[:-1]], dtype=np.int64)
+            ends = starts + np.fromiter(map(len, enc), np.int64, len(enc))
+            key = keys(padded(joined), starts, ends, 0)
+            self.vocab.append(np.arange(len(enc)), enc, key)
         wi, wo = model.get_input_matrix(), model.get_output_matrix().astype(np.float64)
         L = wo.shape[0]
         # softmax of two = sigmoid of the margin, linear in the rows: one column
@@ -142,18 +150,25 @@ class BatchPredictor:
         """(logits, number of ids, hash, is a label token), one each per word given as bytes."""
         logits_M = np.zeros((len(raw),) + self.row_logits.shape[1:])
         count_M = np.zeros(len(raw), np.int64)
-        skip_M = np.zeros(len(raw), np.bool_)
-        for i, r in enumerate(raw):
-            w = r.decode("utf-8", "surrogatepass")
-            if w.startswith(self.prefix):
-                skip_M[i] = True  # a label token: no row, no word n-gram
-            elif self.subwords:  # the word's id (if any) and its character n-grams' rows
-                ids = np.asarray(self.model.get_subwords(w)[1], np.int64)
+        prefix = self.prefix.encode("utf-8")
+        skip_M = np.fromiter((r.startswith(prefix) for r in raw), np.bool_, len(raw))  # label tokens:
+        if (
+            self.subwords
+        ):  # no row, no word n-gram; others: the word's id (if any) and its character n-grams' rows
+            for i in np.flatnonzero(~skip_M).tolist():
+                ids = np.asarray(
+                    self.model.get_subwords(raw[i].decode("utf-8", "surrogatepass"))[1], np.int64
+                )
                 logits_M[i] = self.row_logits[ids].sum(0)
                 count_M[i] = ids.size
-            elif (wid := self.vocab.get(w, -1)) >= 0:
-                logits_M[i] = self.row_logits[wid]
-                count_M[i] = 1
+        elif raw:
+            joined = b" ".join(raw)
+            starts = np.cumsum([0] + [len(r) + 1 for r in raw[:-1]], dtype=np.int64)
+            ends = starts + np.fromiter(map(len, raw), np.int64, len(raw))
+            wid = self.vocab.lookup(joined, starts, ends, keys(padded(joined), starts, ends, 0))
+            found = np.flatnonzero((wid >= 0) & ~skip_M)
+            logits_M[found] = self.row_logits[wid[found]]
+            count_M[found] = 1
         return logits_M, count_M, fnv1a_signed(raw), skip_M
 
     def chunk_words(self, chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray, tuple]:
