@@ -245,11 +245,12 @@ class SpaceChunks:
     (UTF-8 never has byte 0x20 inside a character, so the chunks are the byte runs between
     spaces). starts/ends: each chunk's bytes in `joined`; doc: its text; first: it starts its
     text; text_start: each text's first byte; bad_doc: texts with an empty chunk (a space at an
-    end or next to another) or one over `max_chunk` bytes."""
+    end or next to another) or one over `max_chunk` bytes. `encoded`: the texts' UTF-8 bytes
+    (surrogatepass), when the caller has them."""
 
-    def __init__(self, texts: list[str], max_chunk: int):
+    def __init__(self, texts: list[str], max_chunk: int, encoded: list[bytes] | None = None):
         n = len(texts)
-        parts = [t.encode("utf-8", "surrogatepass") for t in texts]
+        parts = encoded if encoded is not None else [t.encode("utf-8", "surrogatepass") for t in texts]
         self.n = n
         self.joined = b" ".join(parts)
         self.buf = padded(self.joined)

@@ -87,13 +87,15 @@ class ChunkPass:
     def active(self) -> bool:
         return self.tok is not None or self.scorer is not None or self.minhash is not None
 
-    def lookup(self, texts: list[str]) -> ChunkLookup:
+    def lookup(self, texts: list[str], encoded: list[bytes] | None = None) -> ChunkLookup:
+        """The chunks of `texts` (`encoded`: their UTF-8 bytes (surrogatepass) when known)."""
         n = len(texts)
         groups = []
         cover = np.ones((n, 3), dtype=bool)  # tokens, quality, minhash
         for i, j in text_groups(texts, self.GROUP_CHARS):
             if j > i:
-                groups.append(self._lookup_group(texts[i:j], i, cover[i:j]))
+                part = encoded[i:j] if encoded is not None else None
+                groups.append(self._lookup_group(texts[i:j], i, cover[i:j], part))
         lens = np.fromiter(map(len, texts), np.int64, n)
         cover[:, 1] &= lens <= self.quality_chars
         cover[:, 2] &= lens <= self.minhash_chars
@@ -102,8 +104,10 @@ class ChunkPass:
             cover[:, 2] & (self.minhash is not None),
         )  # fmt: skip
 
-    def _lookup_group(self, texts: list[str], lo: int, cover: np.ndarray, _retry: bool = True) -> _Group:
-        ch = SpaceChunks(texts, self.MAX_CHUNK)
+    def _lookup_group(
+        self, texts: list[str], lo: int, cover: np.ndarray, encoded: list[bytes] | None, _retry: bool = True
+    ) -> _Group:
+        ch = SpaceChunks(texts, self.MAX_CHUNK, encoded)
         n, doc = len(texts), ch.doc
         bad = ch.bad_doc.copy()
         # The group's distinct chunks, from Arrow's hash table (~25 ns a chunk): each chunk with
@@ -131,7 +135,7 @@ class ChunkPass:
         if self.table.size + d_new.size + f_missing.size > self.table.max_entries:
             if _retry and d_new.size + f_missing.size <= self.table.max_entries:
                 self._clear()  # full: start again (every entry found above is gone)
-                return self._lookup_group(texts, lo, cover, _retry=False)
+                return self._lookup_group(texts, lo, cover, encoded, _retry=False)
             d_new, f_missing = d_new[:0], f_missing[:0]  # more than the table holds: not served
         if d_new.size:
             raw = [d_joined[a:b] for a, b in zip(d_starts[d_new].tolist(), d_ends[d_new].tolist())]

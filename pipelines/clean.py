@@ -67,6 +67,41 @@ def normalize_text_reference(text: str) -> str:
     return _NEWLINES.sub("\n\n", text).strip()
 
 
+def ascii_batch(texts: list[str]) -> tuple[np.ndarray, list[bytes]]:
+    """(settled, parts) per text, from numpy passes over the batch's ASCII texts joined:
+    settled[i] = texts[i] is ASCII and normalize_text leaves it unchanged (no control character,
+    tab, \r, double space, space next to a newline, three newlines, or whitespace at an end; the
+    per-character checks cost ~5 µs for a 1.7 KB text in Python, `"  " in text` alone 2.5), and
+    parts[i] = texts[i] as bytes for ASCII texts (b"" for the others: the chunk lookup reuses
+    them). A text flagged by mistake is only normalized in Python (same result); none is missed."""
+    n = len(texts)
+    if not n:
+        return np.zeros(0, dtype=bool), []
+    ascii_N = np.fromiter((t.isascii() for t in texts), dtype=bool, count=n)
+    parts = [t.encode("ascii") if a else b"" for t, a in zip(texts, ascii_N.tolist())]
+    # a space before each text and at the end: a pattern across a join touches an end's
+    # whitespace (flagged anyway); every text's first byte has a byte before it
+    joined = b" " + b" ".join(parts) + b" "
+    c = np.frombuffer(joined, dtype=np.uint8)
+    start = np.ones(n, dtype=np.int64)
+    np.cumsum([len(p) + 1 for p in parts[:-1]], out=start[1:])
+    start[1:] += 1
+    size = np.fromiter(map(len, parts), dtype=np.int64, count=n)
+    space, newline = c == 32, c == 10
+    odd = ((c < 32) & ~newline) | (c == 127)  # control characters, \t, \r
+    odd[:-1] |= (space[:-1] & space[1:]) | (space[:-1] & newline[1:]) | (newline[:-1] & space[1:])
+    odd[:-2] |= newline[:-2] & newline[1:-1] & newline[2:]
+    odd[start - 1] = False  # a pattern from a join: the next text starts with whitespace
+    settled = ascii_N.copy()
+    settled[np.searchsorted(start, np.flatnonzero(odd), side="right") - 1] = False
+    # str.strip()'s ASCII whitespace at either end: \t \n \v \f \r, \x1c-\x1f, space
+    filled = np.flatnonzero(size > 0)
+    ends = np.concatenate((c[start[filled]], c[start[filled] + size[filled] - 1]))
+    white = (ends == 32) | ((ends - np.uint8(9)) < 5) | ((ends - np.uint8(28)) < 4)
+    settled[filled[white[: filled.size] | white[filled.size :]]] = False
+    return settled, parts
+
+
 @dataclass
 class CleanSettings:
     """What the workers need (a picklable subset of PrepareConfig plus model payloads)."""
@@ -144,29 +179,41 @@ class Cleaner:
         timing = dict.fromkeys(STAGES, 0.0)
 
         t0 = time.perf_counter()
+        valid = np.flatnonzero(status == OK)
+        encoded: list[bytes | None] = [None] * n  # UTF-8 of final texts, for the chunk lookup
         if s.normalize:
-            for i in range(n):
-                if status[i] == OK:
+            # ASCII texts that need no rewrite found for the whole batch in numpy; the others
+            # normalized one at a time
+            settled, parts = ascii_batch([texts[i] for i in valid])
+            for j, i in enumerate(valid.tolist()):
+                if settled[j]:
+                    encoded[i] = parts[j]
+                else:
                     texts[i] = normalize_text(texts[i])
         timing["normalize"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         words = np.zeros(n, dtype=np.int64)
-        for i in range(n):
-            if status[i] != OK:
-                continue
-            words[i] = len(texts[i].split(maxsplit=s.min_words))  # capped: no 8M-word list for a 50 MB doc
-            if words[i] < s.min_words:
-                status[i], reason[i] = DROP, ("empty" if words[i] == 0 else "too_short")
-            elif len(texts[i]) > s.max_chars and s.oversize == "drop":
-                status[i], reason[i] = DROP, "too_long"
+        for i in valid.tolist():  # (capped: no 8M-word list for a 50 MB doc)
+            words[i] = len(texts[i].split(maxsplit=s.min_words))
+        for i in valid[words[valid] < s.min_words].tolist():
+            status[i], reason[i] = DROP, ("empty" if words[i] == 0 else "too_short")
+        if s.oversize == "drop":
+            for i in valid.tolist():
+                if status[i] == OK and len(texts[i]) > s.max_chars:
+                    status[i], reason[i] = DROP, "too_long"
         decided = status == OK  # rows that reach the score decisions carry their text out
         timing["length"] = time.perf_counter() - t0
 
         # the chunks of what is still kept, looked up once for the stages below (pipelines.chunkpass)
         t0 = time.perf_counter()
         looked = np.flatnonzero(status == OK)
-        lk = self.chunks.lookup([texts[i] for i in looked]) if self.chunks.active and looked.size else None
+        lk = None
+        if self.chunks.active and looked.size:
+            lk = self.chunks.lookup(
+                [texts[i] for i in looked],
+                [encoded[i] or texts[i].encode("utf-8", "surrogatepass") for i in looked.tolist()],
+            )  # fmt: skip
         at = np.full(n, -1, dtype=np.int64)  # row -> its place in the lookup
         at[looked] = np.arange(looked.size)
         timing["chunks"] = time.perf_counter() - t0

@@ -586,3 +586,21 @@ def test_jsonl_lines_parse_as_with_json_alone():
         "not_an_object",
         "missing_text",
     } <= outcomes
+
+
+def test_ascii_batch_settles_only_what_normalize_leaves():
+    from pipelines.clean import ascii_batch
+
+    alphabet = list(" \t\n\r\x0b\x0c\x1c\x1f\x00\x07\x7f abZ.,") + ["é", "\u00a0", "\u3000"]
+    rng = random.Random(0)
+    texts = ["", " ", "a", "a b", "a  b", "a\nb", "a \nb", "a\n b", "a\n\nb", "a\n\n\nb", " a", "a ", "\x1fa"]
+    for _ in range(20_000):
+        texts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24))))
+    settled, parts = ascii_batch(texts)
+    assert parts == [t.encode() if t.isascii() else b"" for t in texts]
+    for t, ok in zip(texts, settled.tolist()):
+        if ok:  # never wrong: normalize leaves it as it is
+            assert normalize_text(t) == t, repr(t)
+    plain = [t.isascii() and normalize_text(t) == t for t in texts]
+    assert settled.sum() > 0.9 * sum(plain)  # and not over-cautious
+    assert ascii_batch([])[0].size == 0
