@@ -210,10 +210,10 @@ class Cleaner:
         looked = np.flatnonzero(status == OK)
         lk = None
         if self.chunks.active and looked.size:
-            lk = self.chunks.lookup(
-                [texts[i] for i in looked],
-                [encoded[i] or texts[i].encode("utf-8", "surrogatepass") for i in looked.tolist()],
-            )  # fmt: skip
+            for i in looked.tolist():
+                if encoded[i] is None:
+                    encoded[i] = texts[i].encode("utf-8", "surrogatepass")
+            lk = self.chunks.lookup([texts[i] for i in looked], [encoded[i] for i in looked])
         at = np.full(n, -1, dtype=np.int64)  # row -> its place in the lookup
         at[looked] = np.arange(looked.size)
         timing["chunks"] = time.perf_counter() - t0
@@ -264,7 +264,7 @@ class Cleaner:
         ok_texts = [texts[i] for i in ok]
         t0 = time.perf_counter()
         text_hash = np.zeros(n, dtype=np.int64)
-        text_hash[ok] = [text_hash64(t) for t in ok_texts]
+        text_hash[ok] = [text_hash64(texts[i], encoded[i]) for i in ok.tolist()]
         # near-dup keys (from the first MAX_MINHASH_CHARS: bounded time/memory on huge docs);
         # rows that are not OK carry an empty list
         keys_OB = np.zeros((ok.size, 0), dtype=np.int64)

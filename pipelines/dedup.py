@@ -40,11 +40,11 @@ def _powers(base: int, n: int) -> np.ndarray:
     return out[:n]
 
 
-def text_hash64(text: str) -> int:
-    """Stable across processes (Python's hash() is salted per process): blake2b, 8 bytes, signed."""
-    return int.from_bytes(
-        hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little", signed=True
-    )
+def text_hash64(text: str, encoded: bytes | None = None) -> int:
+    """Stable across processes (Python's hash() is salted per process): blake2b, 8 bytes, signed.
+    `encoded`: the text's UTF-8 bytes (surrogatepass), when the caller has them."""
+    data = encoded if encoded is not None else text.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
 def lsh_params(num_perm: int, threshold: float) -> tuple[int, int]:
