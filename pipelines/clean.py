@@ -299,7 +299,7 @@ class Cleaner:
             t0 = time.perf_counter()
             tk = tokenize_documents(
                 self.tok, ok_texts, text_hash[ok].tolist(), s.max_doc_tokens, s.eval_fraction,
-                s.truncate_tokens, s.max_chars, encoded=self._encoded(lk, at[ok], ok_texts),
+                s.truncate_tokens, s.max_chars, encoded=self._token_ids(lk, at[ok], ok_texts),
             )  # fmt: skip
             sizes = np.diff(tk["tokens"].offsets.to_numpy())
             cols["tokens"] = _lists(n, ok, sizes, tk["tokens"].values, pa.int32())
@@ -315,14 +315,14 @@ class Cleaner:
             cols[f"t_{stage}"] = pa.array(col)
         return pa.table(cols)
 
-    def _encoded(self, lk, at: np.ndarray, texts: list[str]):
+    def _token_ids(self, lk, at: np.ndarray, texts: list[str]):
         """The token ids of texts[i][:max_chars] (their places `at` in the lookup), as
-        (flat, offsets): from the chunks where the lookup covers a text, the tokenizer's
-        encode_flat for the others; None without a lookup."""
+        (flat, offsets): from the chunks where the lookup covers a text (no longer than
+        max_chars), the tokenizer's encode_flat for the others; None without a lookup."""
         if lk is None:
             return None
         want = np.zeros(lk.n, dtype=bool)
-        want[at] = True
+        want[at] = np.fromiter(map(len, texts), np.int64, len(texts)) <= self.s.max_chars
         flat, offsets, done = self.chunks.tokens(lk, want)
         start, count = offsets[at], offsets[at + 1] - offsets[at]
         rest = np.flatnonzero(~done[at])

@@ -128,10 +128,11 @@ def test_stages_not_given_are_not_served(parts):
     assert not ChunkPass().active
 
 
-def test_cleaner_output_is_the_same_without_the_chunk_pass(parts):
+@pytest.mark.parametrize("max_chars", [10**6, 300])  # 300: oversized texts are split
+def test_cleaner_output_is_the_same_without_the_chunk_pass(parts, max_chars):
     tok, scorer, texts = parts
     s = CleanSettings(
-        normalize=True, min_words=5, max_chars=10**6, oversize="split", dedup_exact=True, dedup_near=True,
+        normalize=True, min_words=5, max_chars=max_chars, oversize="split", dedup_exact=True, dedup_near=True,
         minhash_perms=64, shingle_words=5, near_threshold=0.8, seed=0,
         quality_model=default_quality_model().read_bytes(), quality_threshold=0.3,
         tokenizer_json=tok.hf.to_str(), max_doc_tokens=512, eval_fraction=0.1, truncate_tokens=False,
