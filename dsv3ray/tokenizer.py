@@ -196,6 +196,11 @@ class Tokenizer:
         self._chunks = _ChunkCache(hf) if _ChunkCache.applies(hf) else None
 
     @property
+    def chunk_cache(self) -> _ChunkCache | None:
+        """The per-chunk cache behind encode_flat (None where its rule does not apply)."""
+        return self._chunks
+
+    @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size()
 
