@@ -38,15 +38,12 @@ _MAX_CACHED_WORDS = 1 << 20
 
 def _buckets(words: list[str], dim: int) -> list[int]:
     cache = _BUCKETS.setdefault(dim, {})
-    try:
-        return [cache[w] for w in words]
-    except KeyError:
-        if len(cache) > _MAX_CACHED_WORDS:
-            cache.clear()
-        for w in words:
-            if w not in cache:
-                cache[w] = _bucket(w, dim)
-        return [cache[w] for w in words]
+    if len(cache) > _MAX_CACHED_WORDS:
+        cache.clear()
+    out = [cache.get(w, -1) for w in words]
+    for i in [i for i, b in enumerate(out) if b < 0]:  # new words: hashed once each
+        out[i] = cache[words[i]] = _bucket(words[i], dim)
+    return out
 
 
 def tf_vectors(texts: list[str], dim: int, words: list[list[str]] | None = None) -> np.ndarray:
