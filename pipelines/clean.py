@@ -7,7 +7,9 @@ decision (dedup, which needs what came before) is taken on the driver (pipelines
 pyarrow table; it lives in the reading actor of `dsv3ray prepare` (one per CPU; the fastText model
 loads once per actor). Columns: source, line, status, reason, excerpt, text, words, text_hash,
 band_keys, quality, perplexity, domain, per-stage seconds and, when the tokenizer is known up
-front, tokens / eval / pieces / truncated_tokens.
+front, tokens / eval / pieces / truncated_tokens. Quality, MinHash and tokens are served from one
+lookup of the texts' space-separated chunks (pipelines.chunkpass) where its rules allow, from each
+stage's own path elsewhere, with the same results.
 """
 
 from __future__ import annotations
