@@ -12,7 +12,8 @@ per chunk serve the three stages, and each stage's result equals its own path's 
 
 A text is covered by a stage when its chunks allow it; the others take the stage's own path:
 - all stages: no empty chunk (a space at an end or next to another) and none over MAX_CHUNK bytes;
-- tokens: every chunk keeps the tokenizer's chunk rule, and no added token with a space in it;
+- tokens: at most `token_chars` characters (longer texts are encoded in pieces), every chunk
+  keeps the tokenizer's chunk rule, and no added token with a space in it;
 - quality: at most the scorer's `max_chars` characters (its cut), no label token, no `</s>`;
 - MinHash: at most `minhash_chars` characters (its cut).
 Lowercasing a chunk for MinHash gives the chunk's part of the lowercased text: Python's only
@@ -65,11 +66,12 @@ class ChunkPass:
 
     def __init__(
         self, tok=None, scorer=None, minhash=None, quality_chars: int = 0, minhash_chars: int = 0,
-        max_entries: int = 1 << 18,
+        token_chars: int = 1 << 62, max_entries: int = 1 << 18,
     ):  # fmt: skip
         self.tok = tok.chunk_cache if tok is not None else None  # None: the chunk rule does not apply
         self.scorer, self.minhash = scorer, minhash
-        self.quality_chars, self.minhash_chars = quality_chars, minhash_chars
+        # each stage's cut: longer texts are not served for it
+        self.quality_chars, self.minhash_chars, self.token_chars = quality_chars, minhash_chars, token_chars
         self.table = RunTable(max_entries)
         logits = scorer.row_logits.shape[1:] if scorer is not None else ()
         self.tok_ids = Ragged((np.int32,))
@@ -87,6 +89,16 @@ class ChunkPass:
     def active(self) -> bool:
         return self.tok is not None or self.scorer is not None or self.minhash is not None
 
+    @property
+    def max_chars(self) -> int:
+        """The longest text some stage takes from the chunks (longer ones need no lookup)."""
+        cuts = [
+            (self.tok, self.token_chars),
+            (self.scorer, self.quality_chars),
+            (self.minhash, self.minhash_chars),
+        ]
+        return max([c for stage, c in cuts if stage is not None], default=0)
+
     def lookup(self, texts: list[str], encoded: list[bytes] | None = None) -> ChunkLookup:
         """The chunks of `texts` (`encoded`: their UTF-8 bytes (surrogatepass) when known)."""
         n = len(texts)
@@ -97,6 +109,7 @@ class ChunkPass:
                 part = encoded[i:j] if encoded is not None else None
                 groups.append(self._lookup_group(texts[i:j], i, cover[i:j], part))
         lens = np.fromiter(map(len, texts), np.int64, n)
+        cover[:, 0] &= lens <= self.token_chars
         cover[:, 1] &= lens <= self.quality_chars
         cover[:, 2] &= lens <= self.minhash_chars
         return ChunkLookup(

@@ -166,6 +166,7 @@ class Cleaner:
         self.chunks = ChunkPass(
             self.tok, self.scorer.batch if self.scorer is not None else None,
             self.minhash if settings.dedup_near else None, MAX_PREDICT_CHARS, MAX_MINHASH_CHARS,
+            settings.max_chars,
         )  # fmt: skip
 
     def clean_rows(self, rows: list[tuple], read_seconds: float = 0.0) -> pa.Table:
@@ -212,10 +213,17 @@ class Cleaner:
         looked = np.flatnonzero(status == OK)
         lk = None
         if self.chunks.active and looked.size:
-            for i in looked.tolist():
+            # a text longer than every stage's cut is looked up as "" (served by no stage: each
+            # takes its own path; no chunk arrays for a 50 MB document)
+            short = [i for i in looked.tolist() if len(texts[i]) <= self.chunks.max_chars]
+            for i in short:
                 if encoded[i] is None:
                     encoded[i] = texts[i].encode("utf-8", "surrogatepass")
-            lk = self.chunks.lookup([texts[i] for i in looked], [encoded[i] for i in looked])
+            fits = np.zeros(n, dtype=bool)
+            fits[short] = True
+            lk = self.chunks.lookup(
+                [texts[i] if fits[i] else "" for i in looked], [encoded[i] if fits[i] else b"" for i in looked]
+            )  # fmt: skip
         at = np.full(n, -1, dtype=np.int64)  # row -> its place in the lookup
         at[looked] = np.arange(looked.size)
         timing["chunks"] = time.perf_counter() - t0
@@ -319,12 +327,12 @@ class Cleaner:
 
     def _token_ids(self, lk, at: np.ndarray, texts: list[str]):
         """The token ids of texts[i][:max_chars] (their places `at` in the lookup), as
-        (flat, offsets): from the chunks where the lookup covers a text (no longer than
-        max_chars), the tokenizer's encode_flat for the others; None without a lookup."""
+        (flat, offsets): from the chunks where the lookup covers a text, the tokenizer's
+        encode_flat for the others; None without a lookup."""
         if lk is None:
             return None
         want = np.zeros(lk.n, dtype=bool)
-        want[at] = np.fromiter(map(len, texts), np.int64, len(texts)) <= self.s.max_chars
+        want[at] = True
         flat, offsets, done = self.chunks.tokens(lk, want)
         start, count = offsets[at], offsets[at + 1] - offsets[at]
         rest = np.flatnonzero(~done[at])

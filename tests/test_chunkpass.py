@@ -128,8 +128,11 @@ def test_stages_not_given_are_not_served(parts):
     assert not ChunkPass().active
 
 
-@pytest.mark.parametrize("max_chars", [10**6, 300])  # 300: oversized texts are split
-def test_cleaner_output_is_the_same_without_the_chunk_pass(parts, max_chars):
+@pytest.mark.parametrize(
+    "max_chars, cuts",
+    [(10**6, None), (300, None), (10**6, (150, 200, 250))],  # 300: oversized texts are split
+)  # (150, 200, 250): texts past each stage's cut, and past all of them (looked up as "")
+def test_cleaner_output_is_the_same_without_the_chunk_pass(parts, max_chars, cuts):
     tok, scorer, texts = parts
     s = CleanSettings(
         normalize=True, min_words=5, max_chars=max_chars, oversize="split", dedup_exact=True, dedup_near=True,
@@ -140,6 +143,9 @@ def test_cleaner_output_is_the_same_without_the_chunk_pass(parts, max_chars):
     rows = [("f", i, OK, "", "", t) for i, t in enumerate(texts[:500] + texts[-1600:])]
     with_chunks, without = Cleaner(s), Cleaner(s)
     without.chunks = ChunkPass()  # serves nothing: every stage takes its own path
+    if cuts is not None:
+        with_chunks.chunks = ChunkPass(tok, with_chunks.scorer.batch, with_chunks.minhash, *cuts)
+        assert with_chunks.chunks.max_chars == 250
     for b in range(0, len(rows), 300):
         a = with_chunks.clean_rows(rows[b : b + 300])
         c = without.clean_rows(rows[b : b + 300])
