@@ -130,12 +130,18 @@ def torchrun_worker(args) -> None:
         engine.backward(out.loss)
         assert grads_are_finite(engine)
         engine.step()
-        model.update_routing_bias(out.expert_load_LE.to(device), group=None)
-        lps = out.loss_per_sample.detach().float()
-        gathered = [torch.empty_like(lps) for _ in range(world)]
-        dist.all_gather(gathered, lps)
-        stats = torch.stack([out.loss.detach().float(), out.ce_loss.detach().float()])
-        dist.all_reduce(stats)
+        # one closing all-reduce, as dsv3ray.train's step: loss sums, per-sample losses (each
+        # rank in its slots), expert load
+        B, load = cfg.micro_batch_size, out.expert_load_LE.detach()
+        vec = torch.zeros(2 + G + load.numel(), dtype=torch.float64)
+        vec[:2] = torch.stack([out.loss.detach(), out.ce_loss.detach()]).double().cpu()
+        vec[2 + rank * B : 2 + (rank + 1) * B] = out.loss_per_sample.detach().double().cpu()
+        vec[2 + G :] = load.double().cpu().reshape(-1)
+        vec = vec.to(device)
+        dist.all_reduce(vec)
+        vec = vec.cpu()
+        stats = vec[:2].float()
+        model.update_routing_bias(vec[2 + G :].reshape(load.shape).float().to(device), summed=True)
         sampler.commit(step)
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

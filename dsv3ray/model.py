@@ -670,11 +670,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         return out
 
     @torch.no_grad()
-    def update_routing_bias(self, load_LE: torch.Tensor, group=None) -> None:
+    def update_routing_bias(self, load_LE: torch.Tensor, group=None, summed: bool = False) -> None:
         """Aux-loss-free balancing (DeepSeek-V3 §2.1.2): bias_i += γ sign(mean load - load_i).
 
         load_LE is the step's expert load (rows = main MoE layers); it is summed over `group`
-        first when torch.distributed is initialized, so every rank applies the same update.
+        first when torch.distributed is initialized, so every rank applies the same update
+        (`summed`: the caller already summed it over the ranks, in its own all-reduce).
         """
         layers = self.moe_layers()
         if load_LE.shape != (len(layers), self.config.n_routed_experts):
@@ -682,7 +683,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                 f"load_LE has shape {tuple(load_LE.shape)}, expected ({len(layers)}, {self.config.n_routed_experts})"
             )
         load_LE = load_LE.detach().float().clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if not summed and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load_LE, group=group)
         gamma = self.config.bias_update_speed
         for moe, load_E in zip(layers, load_LE):

@@ -30,7 +30,6 @@ from dsv3ray.hetero import (
     CommTimer,
     HeteroConfig,
     elastic_ep_size,
-    gather_measurements,
     load_elastic,
     loss_weight,
     micro_slices,
@@ -531,6 +530,7 @@ class _Worker:
         self.cfg: TrainConfig = config["train"]
         self.distiller = None  # dsv3ray.distill.Distiller when [distill] names a teacher
         self._next_ids: dict = {}  # rank 0: step -> ObjectRef of its global batch, asked one step ahead
+        self._carried: dict = {}  # every rank: step -> its global batch, carried by the last step's all-reduce
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = (
@@ -648,26 +648,32 @@ class _Worker:
         return torch.from_numpy(table_NS[ids].astype(np.int64)).to(self.device)
 
     def _draw(self, step: int) -> np.ndarray:
-        """The global batch of `step`: rank 0 gets it from the sampler and broadcasts it.
+        """The global batch of `step`: carried in the previous step's closing all-reduce, or (the
+        first step after a (re)start) got by rank 0 from the sampler and broadcast.
 
-        Rank 0 also asks for step + 1 here, before this step computes, and takes the answer at the
-        next step, so the sampler's round trip overlaps the compute instead of adding to it. The
-        draw stays deterministic: the sampler runs one caller's requests in order, so step s + 1 is
-        always drawn after commit(s - 1) and before commit(s) (while s is pending), at a fresh
-        start and after a restore alike; a checkpoint keeps such pending draws (sampler state_dict).
+        Rank 0 asks for step + 1 here, before this step computes, and takes the answer at this
+        step's end (into the closing all-reduce), so the sampler's round trip overlaps the compute
+        and needs no collective of its own. The draw stays deterministic: the sampler runs one
+        caller's requests in order, so step s + 1 is always drawn after commit(s - 1) and before
+        commit(s) (while s is pending), at a fresh start and after a restore alike; a checkpoint
+        keeps such pending draws (sampler state_dict).
         """
         import ray
 
         G = self.c["global_batch"]
+        carried = self._carried.pop(step, None)
         ids_G = torch.empty(G, dtype=torch.int64, device=self.device)
         if self.rank == 0:
             sampler = self.c["sampler"]
             ref = self._next_ids.pop(step, None)
-            if ref is None:  # the first step after a (re)start
+            if ref is None and carried is None:  # the first step after a (re)start
                 ref = sampler.batch_for_step.remote(step, G)
             if step < self.c["steps"]:
                 self._next_ids = {step + 1: sampler.batch_for_step.remote(step + 1, G)}
-            ids_G.copy_(torch.from_numpy(ray.get(ref)))
+            if carried is None:
+                ids_G.copy_(torch.from_numpy(ray.get(ref)))
+        if carried is not None:  # (every rank holds it: no broadcast)
+            return carried
         dist.broadcast(ids_G, src=0)
         return ids_G.cpu().numpy()
 
@@ -686,13 +692,14 @@ class _Worker:
         ]
 
     def _train_step(self, step: int) -> dict:
+        import ray
+
         from dsv3ray.engine import grads_are_finite, skip_step
 
         cfg = self.cfg
         ids_G = self._draw(step)
         G = len(ids_G)
-        split = list(self.balancer.split)  # this step's; observe() below may change it
-        start, stop = self.balancer.bounds(self.rank)
+        start, stop = self.balancer.bounds(self.rank)  # this step's split; observe() below may move it
         mine = ids_G[start:stop]
         sums = torch.zeros(5, dtype=torch.float64)  # sample-weighted loss, ce, mtp, balance; non-finite
         losses_per_sample, load_LE = [], None
@@ -734,24 +741,37 @@ class _Worker:
             else:
                 self.engine.step()
         compute_s = time.perf_counter() - t0 - comm.seconds  # this rank's time without waiting for others
-        self.balancer.observe(*gather_measurements(stop - start, compute_s, device=self.device))
         applied = not is_bad and getattr(self.engine, "was_step_applied", lambda: True)()
-        if applied and load_LE is not None and load_LE.numel():
-            self.model.update_routing_bias(load_LE.to(self.device), group=None)
-        # per-sample losses back to the sampler (rank 0 reports, in rank order = ids_G order);
-        # the slices differ in size: gathered padded to the largest
-        lps = torch.cat(losses_per_sample).to(self.device)
-        padded = torch.zeros(max(split), dtype=lps.dtype, device=self.device)
-        padded[: len(lps)] = lps
-        gathered = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(gathered, padded)
-        stats = sums[:4].to(self.device)
-        dist.all_reduce(stats)
-        stats = (stats / G).cpu()
+        # One all-reduce closes the step, each rank filling its own slots (zeros elsewhere): the
+        # loss sums, every rank's (samples, compute seconds) for the balancer, the per-sample
+        # losses in ids_G order for the sampler, the expert load for the routing bias, and
+        # (from rank 0) the next step's global batch — one collective instead of five.
+        W, r = self.world, self.rank
+        E = load_LE.numel() if load_LE is not None else 0
+        has_next = step < self.c["steps"]
+        vec = torch.zeros(4 + 2 * W + G + E + (G if has_next else 0), dtype=torch.float64)
+        vec[:4] = sums[:4]
+        vec[4 + 2 * r], vec[5 + 2 * r] = float(stop - start), compute_s
+        at = 4 + 2 * W
+        vec[at + start : at + stop] = torch.cat(losses_per_sample).double().cpu()
+        if E:
+            vec[at + G : at + G + E] = load_LE.detach().double().cpu().reshape(-1)
+        if has_next and r == 0:
+            vec[at + G + E :] = torch.from_numpy(ray.get(self._next_ids.pop(step + 1))).double()
+        vec = vec.to(self.device)
+        dist.all_reduce(vec)
+        vec = vec.cpu()
+        measured = vec[4 : 4 + 2 * W].reshape(W, 2)
+        self.balancer.observe([int(n) for n in measured[:, 0]], measured[:, 1].tolist())
+        if applied and E:
+            summed = vec[at + G : at + G + E].reshape(load_LE.shape).float().to(self.device)
+            self.model.update_routing_bias(summed, group=None, summed=True)
+        if has_next:
+            self._carried = {step + 1: vec[at + G + E :].long().numpy()}
+        stats = vec[:4] / G
         if self.rank == 0:
             if not is_bad:
-                lps_G = torch.cat([g[:n] for g, n in zip(gathered, split)])
-                self.c["sampler"].report_losses.remote(ids_G, lps_G.cpu().numpy())
+                self.c["sampler"].report_losses.remote(ids_G, vec[at : at + G].float().numpy())
             # A skipped step's samples count as consumed: the batch that poisoned it is not retried.
             self.c["sampler"].commit.remote(step)
         return {
