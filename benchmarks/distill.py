@@ -61,7 +61,11 @@ def main() -> None:
     V = student_cfg.vocab_size
     batches = [torch.randint(0, V, (args.batch, args.seq + 1)) for _ in range(8)]
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": our own Ray, even where a `ray start` cluster ran (its address file stays behind)
+    ray.init(
+        address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+        configure_logging=False,
+    )  # fmt: skip
     cfg = DistillConfig(
         teacher="benchmark",
         compression=args.compression,
