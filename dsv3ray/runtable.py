@@ -42,6 +42,14 @@ def text_groups(texts: list[str], max_chars: int) -> list[tuple[int, int]]:
     return out
 
 
+def byte_runs(parts: list[bytes]) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """(the parts joined with a space between them, each part's start and end in it)."""
+    joined = b" ".join(parts)
+    starts = np.zeros(len(parts), dtype=np.int64)
+    np.cumsum([len(p) + 1 for p in parts[:-1]], out=starts[1:])
+    return joined, starts, starts + np.fromiter(map(len, parts), np.int64, len(parts))
+
+
 def padded(joined: bytes) -> np.ndarray:
     """The buffer as uint8 with 8 bytes of padding (a key word is read past the last byte)."""
     return np.frombuffer(joined + bytes(8), dtype=np.uint8)
@@ -251,17 +259,12 @@ class SpaceChunks:
     def __init__(self, texts: list[str], max_chunk: int, encoded: list[bytes] | None = None):
         n = len(texts)
         parts = encoded if encoded is not None else [t.encode("utf-8", "surrogatepass") for t in texts]
-        self.n = n
-        self.joined = b" ".join(parts)
+        self.joined, self.text_start, text_end = byte_runs(parts)  # text_end: the joining space, or the end
         self.buf = padded(self.joined)
         size = len(self.joined)
-        self.text_start = np.zeros(n, dtype=np.int64)
-        np.cumsum([len(p) + 1 for p in parts[:-1]], out=self.text_start[1:])
-        self.text_bytes = np.fromiter(map(len, parts), np.int64, n)
         spaces = np.flatnonzero(self.buf[:size] == 32)
         self.starts = np.concatenate(([0], spaces + 1)) if n else spaces  # (no text: no chunk)
         self.ends = np.concatenate((spaces, [size])) if n else spaces
-        text_end = self.text_start + self.text_bytes  # the joining space, or the end
         per_doc = np.searchsorted(spaces, text_end) - np.searchsorted(spaces, self.text_start) + 1
         self.doc = np.repeat(np.arange(n), per_doc)
         self.first = self.starts == self.text_start[self.doc]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dsv3ray.runtable import RunTable, keys, padded, text_groups
+from dsv3ray.runtable import RunTable, byte_runs, keys, padded, text_groups
 
 EOS = "</s>"
 _MIX = np.uint64(116049371)
@@ -108,11 +108,8 @@ class BatchPredictor:
         enc = [w.encode("utf-8") for w in words]
         self.vocab = RunTable(max(1, len(enc)))
         if enc:
-            joined = b" ".join(enc)
-            starts = np.cumsum([0] + [len(e) + 1 for e in enc[:-1]], dtype=np.int64)
-            ends = starts + np.fromiter(map(len, enc), np.int64, len(enc))
-            key = keys(padded(joined), starts, ends, 0)
-            self.vocab.append(np.arange(len(enc)), enc, key)
+            joined, starts, ends = byte_runs(enc)
+            self.vocab.append(np.arange(len(enc)), enc, keys(padded(joined), starts, ends, 0))
         wi, wo = model.get_input_matrix(), model.get_output_matrix().astype(np.float64)
         L = wo.shape[0]
         # softmax of two = sigmoid of the margin, linear in the rows: one column
@@ -151,20 +148,16 @@ class BatchPredictor:
         logits_M = np.zeros((len(raw),) + self.row_logits.shape[1:])
         count_M = np.zeros(len(raw), np.int64)
         prefix = self.prefix.encode("utf-8")
-        skip_M = np.fromiter((r.startswith(prefix) for r in raw), np.bool_, len(raw))  # label tokens:
-        if (
-            self.subwords
-        ):  # no row, no word n-gram; others: the word's id (if any) and its character n-grams' rows
+        # a label token: no row, no word n-gram
+        skip_M = np.fromiter((r.startswith(prefix) for r in raw), np.bool_, len(raw))
+        if self.subwords:  # the word's id (if any) and its character n-grams' rows
             for i in np.flatnonzero(~skip_M).tolist():
-                ids = np.asarray(
-                    self.model.get_subwords(raw[i].decode("utf-8", "surrogatepass"))[1], np.int64
-                )
+                w = raw[i].decode("utf-8", "surrogatepass")
+                ids = np.asarray(self.model.get_subwords(w)[1], np.int64)
                 logits_M[i] = self.row_logits[ids].sum(0)
                 count_M[i] = ids.size
-        elif raw:
-            joined = b" ".join(raw)
-            starts = np.cumsum([0] + [len(r) + 1 for r in raw[:-1]], dtype=np.int64)
-            ends = starts + np.fromiter(map(len, raw), np.int64, len(raw))
+        elif raw:  # the word's id, looked up by its bytes
+            joined, starts, ends = byte_runs(raw)
             wid = self.vocab.lookup(joined, starts, ends, keys(padded(joined), starts, ends, 0))
             found = np.flatnonzero((wid >= 0) & ~skip_M)
             logits_M[found] = self.row_logits[wid[found]]
@@ -176,9 +169,8 @@ class BatchPredictor:
         text from its chunks' words: (usable: the chunk has no label token and no `</s>` (those
         change the line's words: such texts are scored by `scores`), words per chunk, (logits,
         number of ids, hash) of each word, chunks end to end)."""
-        joined = b" ".join(chunks)
+        joined, chunk_start, _ = byte_runs(chunks)
         starts, ends = _words(joined, padded(joined))
-        chunk_start = np.cumsum([0] + [len(c) + 1 for c in chunks[:-1]], dtype=np.int64)
         words_C = np.diff(np.searchsorted(starts, chunk_start), append=starts.size)
         raw = [joined[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
         logits, count, hash_, skip = self._values(raw)

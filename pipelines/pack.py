@@ -43,9 +43,9 @@ def tokenize_documents(
     """Documents → columns tokens (list<int32>, eos last), eval, pieces, truncated_tokens.
     `encoded`: the (flat, offsets) of tok.encode_flat([t[:max_chars] for t in texts]) when the
     caller has them."""
-    flat, offsets = encoded or tok.encode_flat(
-        [t[:max_chars] for t in texts]
-    )  # t[:max_chars] is t when short
+    if encoded is None:  # (t[:max_chars] is t when short)
+        encoded = tok.encode_flat([t[:max_chars] for t in texts])
+    flat, offsets = encoded
     big = [i for i, t in enumerate(texts) if len(t) > max_chars]
     if big:  # oversized documents: encoded in whitespace-aligned chunks
         docs = [flat[offsets[i] : offsets[i + 1]] for i in range(len(texts))]
