@@ -33,6 +33,12 @@ from pipelines.readers import OK
 
 OVERSIZE_RULES = ("drop", "split")
 BLOCK_BYTES = 4 << 20  # Ray Data block size while preparing
+# Blocks a cleaning task may yield ahead of the driver's executor taking them (Ray Data's default,
+# 2, stalls the actor at every yield the executor is late for: the driver shares the cores), and
+# tasks queued per actor (the next work item starts without a round trip to the executor). A
+# task's output is bounded by its work item (split_bytes of input), so both bound memory.
+GEN_BUFFER_BLOCKS = 16
+TASKS_PER_ACTOR = 4
 
 
 @dataclass
@@ -345,7 +351,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     ctx = ray.data.DataContext.get_current()
     saved = (
         ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
-        ctx.target_max_block_size,
+        ctx.target_max_block_size, ctx._max_num_blocks_in_streaming_gen_buffer,
     )  # fmt: skip
     # order is part of the result: which duplicate survives, which rows pack together
     ctx.execution_options.preserve_order = True
@@ -354,6 +360,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     # small blocks stream: the driver decides and packs while the workers clean (the default
     # 128 MiB would hand it whole work items at once, and hold them in memory)
     ctx.target_max_block_size = BLOCK_BYTES
+    ctx._max_num_blocks_in_streaming_gen_buffer = GEN_BUFFER_BLOCKS
     # the driver only decides dedup and packs (light): one cleaning/tokenizing actor per CPU
     workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     settings = CleanSettings(
@@ -389,7 +396,9 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
             fn_constructor_kwargs={
                 "settings": settings, "max_record_bytes": cfg.max_record_bytes, "batch_size": cfg.batch_size,
             },
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(items)))),
+            compute=ray.data.ActorPoolStrategy(
+                size=max(1, min(workers, len(items))), max_tasks_in_flight_per_actor=TASKS_PER_ACTOR
+            ),
         )  # fmt: skip
         dedup = Deduplicator(cfg.dedup_exact, cfg.dedup_near)
         clean = None if fused else _CleanTextWriter(out / "_clean")  # pass 2's units of parallelism
@@ -490,7 +499,9 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
                     "eval_fraction": cfg.eval_fraction, "truncate": cfg.truncate_tokens,
                     "max_chars": cfg.max_chars,
                 },
-                compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(clean.files)))),
+                compute=ray.data.ActorPoolStrategy(
+                    size=max(1, min(workers, len(clean.files))), max_tasks_in_flight_per_actor=TASKS_PER_ACTOR
+                ),
             )  # fmt: skip
             packing = _Packing(cfg, tok, out)
             progress = _Progress("tokenize", log)
@@ -540,7 +551,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     finally:
         (
             ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
-            ctx.target_max_block_size,
+            ctx.target_max_block_size, ctx._max_num_blocks_in_streaming_gen_buffer,
         ) = saved  # fmt: skip
     _write_report(out, report, t_all)
     log(summary(report))
