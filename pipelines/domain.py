@@ -50,11 +50,12 @@ def tf_vectors(texts: list[str], dim: int, words: list[list[str]] | None = None)
     """(n, dim) float32 of 1 + log(count) per hashed word (0 where absent); `words`: the texts'
     words_of, when the caller has them already."""
     out = np.zeros((len(texts), dim), dtype=np.float32)
-    for i, t in enumerate(texts):
-        b = _buckets(words[i] if words is not None else words_of(t), dim)
-        if b:
-            idx, c = np.unique(np.array(b, dtype=np.int64), return_counts=True)
-            out[i, idx] = 1.0 + np.log(c.astype(np.float32))
+    words = words if words is not None else [words_of(t) for t in texts]
+    per_text = np.fromiter(map(len, words), dtype=np.int64, count=len(texts))
+    # one count over every text's (text, bucket) pairs, instead of one np.unique per text
+    b = np.fromiter(_buckets(list(itertools.chain.from_iterable(words)), dim), dtype=np.int64)
+    cell, c = np.unique(np.repeat(np.arange(len(texts)), per_text) * dim + b, return_counts=True)
+    out.reshape(-1)[cell] = 1.0 + np.log(c.astype(np.float32))
     return out
 
 

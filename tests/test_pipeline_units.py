@@ -604,3 +604,22 @@ def test_ascii_batch_settles_only_what_normalize_leaves():
     plain = [t.isascii() and normalize_text(t) == t for t in texts]
     assert settled.sum() > 0.9 * sum(plain)  # and not over-cautious
     assert ascii_batch([])[0].size == 0
+
+
+def test_tf_vectors_counts_each_texts_buckets():
+    """1 + log(count) of each hashed word per text, 0 elsewhere: texts without words, repeated
+    words, words sharing a bucket (a small dim), the caller's words."""
+    from pipelines.domain import _bucket, tf_vectors, words_of
+
+    texts = ["", "alpha beta alpha gamma alpha", "the of and", "Beta beta BETA delta", "x" * 50 + " y z w v"]
+    for dim in (7, 4096):
+        want = np.zeros((len(texts), dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            counts = {}
+            for w in words_of(t):
+                counts[_bucket(w, dim)] = counts.get(_bucket(w, dim), 0) + 1
+            for b, c in counts.items():
+                want[i, b] = 1.0 + np.log(np.float32(c))
+        assert np.array_equal(tf_vectors(texts, dim), want)
+        assert np.array_equal(tf_vectors(texts, dim, [words_of(t) for t in texts]), want)
+    assert tf_vectors([], 16).shape == (0, 16)
