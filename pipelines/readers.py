@@ -244,7 +244,7 @@ def _parse_json_record(raw: bytes, src: str, lineno: int) -> tuple:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return _parse_json_record_json(raw, src, lineno)
-    return _record_from_obj(obj, src, lineno, raw)
+    return _record_from_obj(obj, src, lineno, raw, surrogates=False)  # (orjson refuses lone ones)
 
 
 def _parse_json_record_json(raw: bytes, src: str, lineno: int) -> tuple:
@@ -261,7 +261,8 @@ def _parse_json_record_json(raw: bytes, src: str, lineno: int) -> tuple:
     return _record_from_obj(obj, src, lineno, line)
 
 
-def _record_from_obj(obj, src: str, lineno: int, line: str | bytes) -> tuple:
+def _record_from_obj(obj, src: str, lineno: int, line: str | bytes, surrogates: bool = True) -> tuple:
+    """`surrogates`: the parser may have let lone surrogates (\\ud800 escapes) into the text."""
     if not isinstance(obj, dict):
         return (src, lineno, QUARANTINE, "not_an_object", _excerpt(line), None)
     if "text" not in obj or obj["text"] is None:
@@ -269,7 +270,7 @@ def _record_from_obj(obj, src: str, lineno: int, line: str | bytes) -> tuple:
     text = obj["text"]
     if not isinstance(text, str):
         return (src, lineno, QUARANTINE, "text_not_string", _excerpt(line), None)
-    if not text.isascii():
+    if surrogates and not text.isascii():
         try:
             text.encode("utf-8")  # lone surrogates from \ud800 escapes are not text
         except UnicodeEncodeError:

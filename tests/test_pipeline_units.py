@@ -551,7 +551,7 @@ def test_jsonl_lines_parse_as_with_json_alone():
         b'{"text": "hello world"}', b'{"id": 3, "text": "caf\\u00e9 \xc3\xa9"}', b'{"text": "a", "text": "b"}',
         b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "tab\there"}', b'{"text": "x"} trailing', b'{"text": "\\u0000"}',
         b'{"text": "x", "n": NaN}', b'{"text": "x", "n": 1e500}', b'{"text": "x", "n": 123456789012345678901234567890}',
-        b'{"text": "\\ud800"}', b'{"text": "\\ud83d\\ude00"}', b'{"text": "bad \xff utf8"}', b'[1, 2]', b'"just a string"',
+        b'{"text": "\\ud800"}', b'{"text": "\xc3\xa9\\udc00"}', b'{"text": "\\ud83d\\ude00"}', b'{"text": "bad \xff utf8"}', b'[1, 2]', b'"just a string"',
         b'{"no_text": 1}', b'{"text": null}', b'{"text": 5}', b'{"text": "' + b"\xe6\x97\xa5" * 300 + b'"}',
         b"[" * 1100 + b"]" * 1100, b'{"a": ' * 1050 + b"1" + b"}" * 1050, b'{"text": "ok"}\r\n', b"{", b"",
     ]  # fmt: skip
