@@ -34,9 +34,9 @@ from pipelines.readers import OK
 OVERSIZE_RULES = ("drop", "split")
 BLOCK_BYTES = 4 << 20  # Ray Data block size while preparing
 # Blocks a cleaning task may yield ahead of the driver's executor taking them (Ray Data's default,
-# 2, stalls the actor at every yield the executor is late for: the driver shares the cores), and
-# tasks queued per actor (the next work item starts without a round trip to the executor). A
-# task's output is bounded by its work item (split_bytes of input), so both bound memory.
+# 2, stalls the actor at every yield the executor is late for: the driver shares the cores; 16
+# blocks of at most BLOCK_BYTES bound the memory), and tasks queued per actor (the next work item
+# starts without a round trip to the executor; see _tasks_per_actor).
 GEN_BUFFER_BLOCKS = 16
 TASKS_PER_ACTOR = 4
 
@@ -144,6 +144,22 @@ class _ReadClean:
 
         for rows, seconds in read_files_rows(items.to_pylist(), self.max_record_bytes, self.batch_size):
             yield self.cleaner.clean_rows(rows, seconds)
+
+
+def _tasks_per_actor(items: list[dict], split_bytes: int) -> int | None:
+    """Work items queued per cleaning actor: TASKS_PER_ACTOR when no item holds more than
+    split_bytes of input (cut plain jsonl, small files); else Ray Data's default. Items are handed
+    out by count, not size, so deep queues behind large whole files (gzip, parquet, plain text)
+    could leave the other actors idle at the end."""
+    for it in items:
+        if it["start"] == 0 and it["end"] < 0:  # a whole file (a cut one's ranges are ~split_bytes)
+            try:
+                size = Path(it["path"]).stat().st_size
+            except OSError:
+                continue  # reported unreadable by its reader
+            if size > split_bytes:
+                return None
+    return TASKS_PER_ACTOR
 
 
 class _Progress:
@@ -397,7 +413,8 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
                 "settings": settings, "max_record_bytes": cfg.max_record_bytes, "batch_size": cfg.batch_size,
             },
             compute=ray.data.ActorPoolStrategy(
-                size=max(1, min(workers, len(items))), max_tasks_in_flight_per_actor=TASKS_PER_ACTOR
+                size=max(1, min(workers, len(items))),
+                max_tasks_in_flight_per_actor=_tasks_per_actor(items, cfg.split_bytes),
             ),
         )  # fmt: skip
         dedup = Deduplicator(cfg.dedup_exact, cfg.dedup_near)

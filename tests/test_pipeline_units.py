@@ -623,3 +623,22 @@ def test_tf_vectors_counts_each_texts_buckets():
         assert np.array_equal(tf_vectors(texts, dim), want)
         assert np.array_equal(tf_vectors(texts, dim, [words_of(t) for t in texts]), want)
     assert tf_vectors([], 16).shape == (0, 16)
+
+
+def test_tasks_per_actor_only_queues_deep_behind_small_items(tmp_path):
+    """Cut plain jsonl and small files: TASKS_PER_ACTOR queued per cleaning actor; a whole file
+    larger than split_bytes (here gzip) among the items: Ray Data's default (items go out by count)."""
+    import gzip as gz
+
+    from pipelines.prepare import TASKS_PER_ACTOR, _tasks_per_actor
+    from pipelines.readers import plan_work
+
+    line = json.dumps({"text": "words " * 40}) + "\n"
+    (tmp_path / "big.jsonl").write_text(line * 3000)  # ~730 KB: cut into ranges
+    (tmp_path / "small.txt").write_text("a small plain text file")
+    items = plan_work([tmp_path / "big.jsonl", tmp_path / "small.txt"], 64 << 10)
+    assert len(items) > 5 and _tasks_per_actor(items, 64 << 10) == TASKS_PER_ACTOR
+    (tmp_path / "big.jsonl.gz").write_bytes(gz.compress(os.urandom(100_000)))  # whole, > split
+    items = plan_work([tmp_path / "big.jsonl", tmp_path / "big.jsonl.gz"], 64 << 10)
+    assert _tasks_per_actor(items, 64 << 10) is None
+    assert _tasks_per_actor(items, 1 << 20) == TASKS_PER_ACTOR  # every file within split_bytes
