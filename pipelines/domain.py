@@ -16,6 +16,8 @@ from collections import Counter
 
 import numpy as np
 
+from dsv3ray.runtable import text_groups
+
 _WORD = re.compile(r"[^\W\d_]{2,}", re.UNICODE)  # words of letters only, 2+ chars
 MAX_EMBED_CHARS = 100_000
 STOP = frozenset(
@@ -50,12 +52,14 @@ def tf_vectors(texts: list[str], dim: int, words: list[list[str]] | None = None)
     """(n, dim) float32 of 1 + log(count) per hashed word (0 where absent); `words`: the texts'
     words_of, when the caller has them already."""
     out = np.zeros((len(texts), dim), dtype=np.float32)
-    words = words if words is not None else [words_of(t) for t in texts]
-    per_text = np.fromiter(map(len, words), dtype=np.int64, count=len(texts))
-    # one count over every text's (text, bucket) pairs, instead of one np.unique per text
-    b = np.fromiter(_buckets(list(itertools.chain.from_iterable(words)), dim), dtype=np.int64)
-    cell, c = np.unique(np.repeat(np.arange(len(texts)), per_text) * dim + b, return_counts=True)
-    out.reshape(-1)[cell] = 1.0 + np.log(c.astype(np.float32))
+    # one count over a group's (text, bucket) pairs, instead of one np.unique per text; groups of
+    # ~4M characters bound the word lists held at once
+    for i, j in text_groups(texts, 4 << 20):
+        group = words[i:j] if words is not None else [words_of(t) for t in texts[i:j]]
+        per_text = np.fromiter(map(len, group), dtype=np.int64, count=j - i)
+        b = np.fromiter(_buckets(list(itertools.chain.from_iterable(group)), dim), dtype=np.int64)
+        cell, c = np.unique(np.repeat(np.arange(i, j), per_text) * dim + b, return_counts=True)
+        out.reshape(-1)[cell] = 1.0 + np.log(c.astype(np.float32))
     return out
 
 

@@ -612,6 +612,7 @@ def test_tf_vectors_counts_each_texts_buckets():
     from pipelines.domain import _bucket, tf_vectors, words_of
 
     texts = ["", "alpha beta alpha gamma alpha", "the of and", "Beta beta BETA delta", "x" * 50 + " y z w v"]
+    texts += [("alpha " * (i % 5 + 1) + "beta gamma ") * 4_000 for i in range(60)]  # > one 4M group
     for dim in (7, 4096):
         want = np.zeros((len(texts), dim), dtype=np.float32)
         for i, t in enumerate(texts):
