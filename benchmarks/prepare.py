@@ -13,7 +13,8 @@ from the sentences of the stdlib docs corpus (no download).
 Prints one JSON line: {"ratio": end to end, "steady_state_ratio": the extra documents of the big run
 over its extra seconds (fixed start-up costs cancel), "startup_s" (those fixed seconds),
 "pipeline_docs_per_s_per_core", "fasttext_docs_per_s", "ratio_vs_fasttext_all_cores", "peak_rss_mb",
-"memory_growth", per-stage
+"memory_growth", "cpu_s" (the big run's CPU seconds: cleaning actors, driver, the rest of Ray, and the
+wall time × CPUs available), per-stage
 µs per document, ...}.
 The tokenizer is given (as in a run that reuses one), so tokenizing happens in the cleaning pass.
 """
@@ -47,21 +48,28 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
 
 class PeakRSS:
     """Peak resident memory of this process and its descendants (the local Ray it started: GCS,
-    raylet, workers), sampled every 0.2 s. Other users' Ray processes are not counted."""
+    raylet, workers), sampled every 0.2 s, and the CPU seconds each of them used meanwhile (a
+    process that exits loses at most its last 0.2 s). Other users' Ray processes are not counted."""
 
     def __init__(self):
         self.peak = 0
+        self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (command line, CPU seconds so far)
+        self._base: dict[int, float] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
         me = psutil.Process()
         total = me.memory_info().rss
-        for p in me.children(recursive=True):
+        for p in [me] + me.children(recursive=True):
             try:
-                total += p.memory_info().rss
+                with p.oneshot():
+                    rss, cpu = p.memory_info().rss, p.cpu_times()
+                    name = " ".join(p.cmdline())[:80] if p.pid != me.pid else "driver"
             except psutil.Error:
                 continue
+            total += rss if p.pid != me.pid else 0
+            self.cpu[p.pid] = (name, cpu.user + cpu.system)
         return total
 
     def _run(self):
@@ -70,12 +78,25 @@ class PeakRSS:
             time.sleep(0.2)
 
     def __enter__(self):
+        self._sample()
+        self._base = {pid: c for pid, (_, c) in self.cpu.items()}
         self._t.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
+        self._sample()
+
+    def cpu_seconds(self) -> dict:
+        """CPU seconds used while sampling: the cleaning actors, this process (the driver), the
+        rest of the local Ray (raylet, GCS, agents, Ray Data's own actors)."""
+        out = {"cleaning_actors": 0.0, "driver": 0.0, "ray_other": 0.0}
+        for pid, (name, c) in self.cpu.items():
+            used = c - self._base.get(pid, 0.0)
+            key = "driver" if name == "driver" else "cleaning_actors" if "_ReadClean" in name else "ray_other"
+            out[key] += used
+        return {k: round(v, 2) for k, v in out.items()}
 
 
 def fasttext_all_cores(docs: list[str], procs: int) -> float:
@@ -156,6 +177,7 @@ def main(argv=None) -> int:
             report = prepare([str(path)], tmp / f"out_{n}", cfg, log=lambda _: None)
             wall = time.perf_counter() - t0
         runs[n] = {"wall_s": round(wall, 2), "docs_per_s": n / wall, "peak_rss_mb": mem.peak / 2**20}
+        runs[n]["cpu_s"] = mem.cpu_seconds()
         runs[n]["kept"] = report["kept"]
         runs[n]["stages_s"] = {k: v["seconds"] for k, v in report["stages"].items()}
     ray.shutdown()
@@ -187,6 +209,8 @@ def main(argv=None) -> int:
         "wall_s": {str(k): v["wall_s"] for k, v in runs.items()},
         "peak_rss_mb": {str(k): round(v["peak_rss_mb"], 1) for k, v in runs.items()},
         "memory_growth": round(big["peak_rss_mb"] / small["peak_rss_mb"], 3),
+        # where the big run's CPU went (sampled per process), against what its wall time offered
+        "cpu_s": {**big["cpu_s"], "available": round(big["wall_s"] * args.cpus, 2)},
         # the quality stage (fastText's scores, batched) per core inside the run, vs fastText's
         # predict; with all of the shared chunk lookup (which also serves MinHash and tokens)
         "quality_stage_docs_per_s": round(
