@@ -60,7 +60,7 @@ class PeakRSS:
 
     def _sample(self) -> int:
         me = psutil.Process()
-        total = me.memory_info().rss
+        total = 0
         for p in [me] + me.children(recursive=True):
             try:
                 with p.oneshot():
@@ -68,7 +68,7 @@ class PeakRSS:
                     name = " ".join(p.cmdline())[:80] if p.pid != me.pid else "driver"
             except psutil.Error:
                 continue
-            total += rss if p.pid != me.pid else 0
+            total += rss
             self.cpu[p.pid] = (name, cpu.user + cpu.system)
         return total
 
@@ -89,8 +89,8 @@ class PeakRSS:
         self._sample()
 
     def cpu_seconds(self) -> dict:
-        """CPU seconds used while sampling: the cleaning actors, this process (the driver), the
-        rest of the local Ray (raylet, GCS, agents, Ray Data's own actors)."""
+        """CPU seconds used while sampling: the cleaning actors, this process (the driver, with this
+        sampling thread), the rest of the local Ray (raylet, GCS, agents, Ray Data's own actors)."""
         out = {"cleaning_actors": 0.0, "driver": 0.0, "ray_other": 0.0}
         for pid, (name, c) in self.cpu.items():
             used = c - self._base.get(pid, 0.0)
