@@ -228,7 +228,3 @@ def unigram_entropy(counts_V: np.ndarray) -> float:
         return 0.0
     p = counts_V[counts_V > 0] / total
     return float(-(p * np.log(p)).sum())
-
-
-def load_tokenizer_json(path: str | Path) -> str:
-    return Tokenizer.load(path).hf.to_str()

@@ -516,7 +516,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
                     "eval_fraction": cfg.eval_fraction, "truncate": cfg.truncate_tokens,
                     "max_chars": cfg.max_chars,
                 },
-                compute=ray.data.ActorPoolStrategy(
+                compute=ray.data.ActorPoolStrategy(  # (the _clean files are of bounded size)
                     size=max(1, min(workers, len(clean.files))), max_tasks_in_flight_per_actor=TASKS_PER_ACTOR
                 ),
             )  # fmt: skip
