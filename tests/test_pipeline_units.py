@@ -124,6 +124,10 @@ def test_normalize():
     for _ in range(20_000):
         t = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
         assert normalize_text(t) == normalize_text_reference(t), repr(t)
+    spacy = [" ", " ", "  ", "\n", "\n", "a", "b", "\r", "\t", "\x00"]  # runs of spaces around newlines
+    for _ in range(20_000):
+        t = "".join(rng.choice(spacy) for _ in range(rng.randint(0, 30)))
+        assert normalize_text(t) == normalize_text_reference(t), repr(t)
 
 
 def test_minhash_lsh_and_seen_set(docs):
