@@ -184,8 +184,8 @@ class ChunkPass:
         ok = np.ones((m, 2), dtype=bool)
         texts = [r.decode("utf-8", "surrogatepass") for r in raw]
         if self.tok is not None:
-            ok[:, 0], ids = self.tok.encode_chunks(texts, first)
-            self._append(self.tok_ids, first_entry, ids)
+            ok[:, 0], sizes, ids = self.tok.encode_chunks(texts, first)
+            self.tok_ids.append(first_entry, sizes, [ids])
         else:
             self.tok_ids.append(first_entry, np.zeros(m, np.int64), [np.zeros(0, np.int32)])
         if self.scorer is not None:
@@ -202,11 +202,6 @@ class ChunkPass:
             self.ok_E = np.resize(self.ok_E, (max(self.table.size, 2 * self.ok_E.shape[0]), 2))
         self.ok_E[numbers] = ok
         return numbers
-
-    @staticmethod
-    def _append(ragged: Ragged, first: int, rows: list[np.ndarray]) -> None:
-        sizes = np.fromiter(map(len, rows), np.int64, len(rows))
-        ragged.append(first, sizes, [np.concatenate(rows) if rows else np.zeros(0, np.int32)])
 
     def _rows(self, lk: ChunkLookup, want: np.ndarray, ragged: Ragged):
         """Per group with wanted texts: (its wanted texts (indices into the lookup), items per

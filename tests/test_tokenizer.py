@@ -76,6 +76,46 @@ def test_chunk_cache_encodes_exactly_like_the_library():
     assert [len(a) for a in Tokenizer(cut).encode_batch(docs[:3])] == [5, 5, 5]
 
 
+def test_ascii_chunks_encode_piece_by_piece_like_the_library():
+    """New chunks of printable ASCII and newlines are cut into the pre-tokenizer's pieces by our
+    pattern and each piece is encoded once: the ids equal the library's on fuzzed chunks full of
+    contractions, digits, punctuation runs and newline runs, first in a text or not, including
+    after the piece memory empties."""
+    import random
+
+    import numpy as np
+
+    from dsv3ray.tokenizer import _ASCII_PRETOKEN, _ChunkCache
+
+    docs = [d for d, _ in zip(_stdlib_texts(), range(300))]
+    tok = train_tokenizer(docs, vocab_size=800)
+    rng = random.Random(2)
+    alphabet = ["'", "s", "t", "re", "ve", "m", "ll", "d", "S", "D", "\n", "\n\n", "0", "42", "_", ".", ",",
+                "(", ")", "'''", "ab", "Zq", "-", "~", "`", "x"]  # fmt: skip
+    chunks = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8))) for _ in range(3000)]
+    chunks = [c for c in chunks if not c[0].isspace() and not c[-1].isspace()]  # the rule's chunks
+    split = tok.hf.pre_tokenizer.pre_tokenize_str  # the library's pieces: (bytes mapped, span)
+    for c in chunks + [" " + c for c in chunks]:
+        assert [m.span() for m in _ASCII_PRETOKEN.finditer(c)] == [span for _, span in split(c)]
+    split = [c + "é" if i % 7 == 0 else c for i, c in enumerate(chunks)]  # others between: the library
+    chunks = [c + "\tz" if i % 11 == 0 else c for i, c in enumerate(split)]
+    cache = _ChunkCache(tok.hf)
+    cache.MAX_PIECES = 40  # forgets its pieces again and again
+    first = np.array([rng.random() < 0.3 for _ in chunks])
+    for lo in range(0, len(chunks), 250):
+        part, f = chunks[lo : lo + 250], first[lo : lo + 250]
+        safe, sizes, flat = cache.encode_chunks(part, f)
+        assert safe.all() and sizes.sum() == flat.size and flat.dtype == np.int32
+        got = np.split(flat, np.cumsum(sizes)[:-1])
+        want = tok.hf.encode_batch_fast(
+            [c if fi else " " + c for c, fi in zip(part, f)], add_special_tokens=False
+        )
+        assert [g.tolist() for g in got] == [w.ids for w in want]
+        assert 0 < len(cache.pieces) <= 40 + 250 * 8
+    texts = [" ".join(rng.sample(chunks, 12)) for _ in range(300)]  # whole texts, through the cache
+    assert [a.tolist() for a in tok.encode_batch(texts)] == [tok.encode(t) for t in texts]
+
+
 def test_chunk_table_keys_are_exact_at_every_length():
     """Chunks that share their first and last bytes (and lengths 7-9, 15-17, 23-25, 30+: the key's word
     boundaries and the long-chunk dict), repeated within and across batches, as a text's first
