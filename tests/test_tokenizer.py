@@ -100,6 +100,12 @@ def test_ascii_chunks_encode_piece_by_piece_like_the_library():
     split = [c + "é" if i % 7 == 0 else c for i, c in enumerate(chunks)]  # others between: the library
     chunks = [c + "\tz" if i % 11 == 0 else c for i, c in enumerate(split)]
     cache = _ChunkCache(tok.hf)
+    ends = ["a", ".", "\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1f", "\x08", "\x7f", "\x85", "é"]
+    edges = [rng.choice(ends) + rng.choice(["", "b", EOS_TOKEN]) + rng.choice(ends) for _ in range(400)]
+    for batch in (edges, [e for e in edges if e.isascii() and EOS_TOKEN not in e], ["x", "y\n"]):
+        assert cache._safe_all(batch).tolist() == [
+            cache._safe(c) for c in batch
+        ]  # (one pass: the ASCII ones)
     cache.MAX_PIECES = 40  # forgets its pieces again and again
     first = np.array([rng.random() < 0.3 for _ in chunks])
     for lo in range(0, len(chunks), 250):
