@@ -27,16 +27,21 @@ def stdlib_documents(min_chars: int = 60) -> Iterator[dict]:
         text = topics[name].strip()
         if len(text) >= min_chars:
             yield {"id": f"pydoc:{name}", "text": text}
-    root = Path(sysconfig.get_paths()["stdlib"])
+    yield from python_docstrings(Path(sysconfig.get_paths()["stdlib"]), min_chars, _SKIP_DIRS)
+
+
+def python_docstrings(root: Path, min_chars: int = 60, skip_dirs: set[str] | None = None) -> Iterator[dict]:
+    """Module, class and function docstrings of the .py files under `root` (sorted; parsed with
+    `ast`, nothing imported), skipping directories named in `skip_dirs`."""
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if any(part in _SKIP_DIRS for part in rel.parts):
+        if skip_dirs and any(part in skip_dirs for part in rel.parts):
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # invalid escape sequences in old sources
                 tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError, RecursionError):
             continue
         for node in ast.walk(tree):
             if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):

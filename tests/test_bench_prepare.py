@@ -19,7 +19,7 @@ def test_prepare_benchmark_runs_and_reports(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["docs"] == 800 and out["target"] == ">= 0.5"
+    assert out["docs"] == 800 and out["target"] == ">= 0.5" and out["corpus"] == "recombined"
     assert out["fasttext_docs_per_s"] > 0 and 0 < out["ratio"] < 5 and out["pipeline_docs_per_s_per_core"] > 0
     assert out["fasttext_all_cores_docs_per_s_per_core"] > 0 and 0 < out["ratio_vs_fasttext_all_cores"] < 5
     assert set(out["wall_s"]) == {"200", "800"} and out["memory_growth"] > 0
@@ -34,3 +34,20 @@ def test_prepare_benchmark_runs_and_reports(tmp_path):
         "dedup_keys",
         "tokenize",
     }
+
+
+def test_docstring_corpus_is_real_unique_and_long_tailed():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from prepare import docstring_docs, make_docs
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    docs = docstring_docs(3000)
+    assert len(docs) == 3000 and len(set(docs)) == 3000 and min(map(len, docs)) >= 200
+    assert docstring_docs(50) == docs[:50]  # deterministic, in file order
+
+    def distinct_chunks(texts):
+        return len({c for t in texts for c in t.split(" ")}) / sum(len(t.split(" ")) for t in texts)
+
+    # the point of the second corpus: many more new words per document than the recombined one
+    assert distinct_chunks(docs) > 3 * distinct_chunks(make_docs(3000))
