@@ -148,8 +148,11 @@ class BatchPredictor:
         logits_M = np.zeros((len(raw),) + self.row_logits.shape[1:])
         count_M = np.zeros(len(raw), np.int64)
         prefix = self.prefix.encode("utf-8")
-        # a label token: no row, no word n-gram
-        skip_M = np.fromiter((r.startswith(prefix) for r in raw), np.bool_, len(raw))
+        # a label token: no row, no word n-gram (none where no word holds the prefix at all)
+        joined, starts, ends = byte_runs(raw)
+        skip_M = np.zeros(len(raw), np.bool_)
+        if prefix in joined:
+            skip_M = np.fromiter((r.startswith(prefix) for r in raw), np.bool_, len(raw))
         if self.subwords:  # the word's id (if any) and its character n-grams' rows
             for i in np.flatnonzero(~skip_M).tolist():
                 w = raw[i].decode("utf-8", "surrogatepass")
@@ -157,7 +160,6 @@ class BatchPredictor:
                 logits_M[i] = self.row_logits[ids].sum(0)
                 count_M[i] = ids.size
         elif raw:  # the word's id, looked up by its bytes
-            joined, starts, ends = byte_runs(raw)
             wid = self.vocab.lookup(joined, starts, ends, keys(padded(joined), starts, ends, 0))
             found = np.flatnonzero((wid >= 0) & ~skip_M)
             logits_M[found] = self.row_logits[wid[found]]
@@ -174,7 +176,11 @@ class BatchPredictor:
         words_C = np.diff(np.searchsorted(starts, chunk_start), append=starts.size)
         raw = [joined[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
         logits, count, hash_, skip = self._values(raw)
-        bad = skip | np.fromiter((r == _EOS_BYTES for r in raw), bool, len(raw))
+        bad = (
+            skip | np.fromiter((r == _EOS_BYTES for r in raw), bool, len(raw))
+            if _EOS_BYTES in joined
+            else skip
+        )
         usable = np.bincount(np.repeat(np.arange(len(chunks)), words_C)[bad], minlength=len(chunks)) == 0
         return usable, words_C, (logits, count, hash_)
 
