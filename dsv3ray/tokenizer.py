@@ -62,8 +62,8 @@ class _ChunkCache:
     all its chunks are looked up at once in a `dsv3ray.runtable.RunTable`, keyed by the chunk's
     bytes and whether it starts its text; entries' ids are kept in a `runtable.Ragged`. A
     text with a chunk over MAX_CHUNK bytes takes the library (the cache's bytes stay bounded).
-    Chunks missing from the cache are checked against the rule and encoded in one library call
-    per batch. At most `max_entries` chunks are kept: the cache empties when a batch's new chunks
+    Chunks missing from the cache are checked against the rule and encoded once per batch, from
+    their pre-token pieces where they are printable ASCII (`encode_chunks`). At most `max_entries` chunks are kept: the cache empties when a batch's new chunks
     would pass that bound, and a batch whose new chunks alone pass it takes the library.
     """
 
