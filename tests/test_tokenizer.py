@@ -79,8 +79,8 @@ def test_chunk_cache_encodes_exactly_like_the_library():
 def test_ascii_chunks_encode_piece_by_piece_like_the_library():
     """New chunks of printable ASCII and newlines are cut into the pre-tokenizer's pieces by our
     pattern and each piece is encoded once: the ids equal the library's on fuzzed chunks full of
-    contractions, digits, punctuation runs and newline runs, first in a text or not, including
-    after the piece memory empties."""
+    contractions, digits, punctuation runs and newline runs, first in a text or not, with other
+    chunks (the library's path) between them, including after the piece memory empties."""
     import random
 
     import numpy as np
@@ -94,11 +94,11 @@ def test_ascii_chunks_encode_piece_by_piece_like_the_library():
                 "(", ")", "'''", "ab", "Zq", "-", "~", "`", "x"]  # fmt: skip
     chunks = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8))) for _ in range(3000)]
     chunks = [c for c in chunks if not c[0].isspace() and not c[-1].isspace()]  # the rule's chunks
-    split = tok.hf.pre_tokenizer.pre_tokenize_str  # the library's pieces: (bytes mapped, span)
+    library_pieces = tok.hf.pre_tokenizer.pre_tokenize_str  # [(bytes mapped, span)]
     for c in chunks + [" " + c for c in chunks]:
-        assert [m.span() for m in _ASCII_PRETOKEN.finditer(c)] == [span for _, span in split(c)]
-    split = [c + "é" if i % 7 == 0 else c for i, c in enumerate(chunks)]  # others between: the library
-    chunks = [c + "\tz" if i % 11 == 0 else c for i, c in enumerate(split)]
+        assert [m.span() for m in _ASCII_PRETOKEN.finditer(c)] == [span for _, span in library_pieces(c)]
+    # chunks of other text between them (the library's path): ids must still come out in chunk order
+    chunks = [c + "é" if i % 7 == 0 else c + "\tz" if i % 11 == 0 else c for i, c in enumerate(chunks)]
     cache = _ChunkCache(tok.hf)
     ends = ["a", ".", "\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1f", "\x08", "\x7f", "\x85", "é"]
     edges = [rng.choice(ends) + rng.choice(["", "b", EOS_TOKEN]) + rng.choice(ends) for _ in range(400)]
