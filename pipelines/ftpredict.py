@@ -44,25 +44,28 @@ def fnv1a_reference(word: bytes) -> int:
 def fnv1a_signed(enc: list[bytes]) -> np.ndarray:
     """fnv1a_reference of each word, sign-extended from int32 to 64 bits as fastText's n-gram mix
     reads it (`uint64_t h = int32 hash`); returns uint64 [len(enc)]."""
-    lens = np.fromiter(map(len, enc), np.int64, len(enc))
-    h = np.full(len(enc), 2166136261, dtype=np.uint32)
+    joined, starts, ends = byte_runs(enc)
+    return fnv1a_runs(padded(joined), starts, ends)
+
+
+def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """fnv1a_signed of each run buf[starts:ends] of a uint8 buffer, read in place."""
+    lens = ends - starts
+    h = np.full(lens.size, 2166136261, dtype=np.uint32)
     short = np.flatnonzero(lens <= _SHORT)
     if short.size:
-        # words sorted longest first: at byte j the words still going are a prefix of that order
+        # runs sorted longest first: at byte j the runs still going are a prefix of that order
         order = short[np.argsort(-lens[short], kind="stable")]
-        buf = np.frombuffer(b"".join(enc[i] for i in order), np.uint8).astype(np.uint32)
-        starts = np.zeros(order.size, np.int64)
-        np.cumsum(lens[order][:-1], out=starts[1:])
+        at = starts[order]
         alive = np.bincount(lens[order], minlength=_SHORT + 1)[::-1].cumsum()[::-1]  # alive[j]: len >= j
+        signed = buf.view(np.int8)  # (int8 -> uint32 sign-extends, as fastText's signed chars)
         hs = h[order]
-        for j in range(1, int(lens[order[0]]) + 1):
-            k = alive[j]
-            c = buf[starts[:k] + (j - 1)]
-            c = np.where(c >= 128, c | np.uint32(0xFFFFFF00), c)
-            hs[:k] = (hs[:k] ^ c) * np.uint32(16777619)
+        for j in range(int(lens[order[0]])):
+            k = alive[j + 1]
+            hs[:k] = (hs[:k] ^ signed[at[:k] + j].astype(np.uint32)) * np.uint32(16777619)
         h[order] = hs
-    for i in np.flatnonzero(lens > _SHORT):
-        h[i] = fnv1a_reference(enc[i])
+    for i in np.flatnonzero(lens > _SHORT).tolist():
+        h[i] = fnv1a_reference(buf[starts[i] : ends[i]].tobytes())
     return h.view(np.int32).astype(np.int64).view(np.uint64)
 
 
@@ -145,43 +148,43 @@ class BatchPredictor:
 
     def _values(self, raw: list[bytes]):
         """(logits, number of ids, hash, is a label token), one each per word given as bytes."""
-        logits_M = np.zeros((len(raw),) + self.row_logits.shape[1:])
-        count_M = np.zeros(len(raw), np.int64)
-        prefix = self.prefix.encode("utf-8")
-        # a label token: no row, no word n-gram (none where no word holds the prefix at all)
         joined, starts, ends = byte_runs(raw)
-        skip_M = np.zeros(len(raw), np.bool_)
-        if prefix in joined:
-            skip_M = np.fromiter((r.startswith(prefix) for r in raw), np.bool_, len(raw))
+        return self._values_at(joined, padded(joined), starts, ends)
+
+    def _values_at(self, joined: bytes, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+        """_values of the words joined[starts:ends] (buf: `padded(joined)`), read in place."""
+        n = starts.size
+        logits_M = np.zeros((n,) + self.row_logits.shape[1:])
+        count_M = np.zeros(n, np.int64)
+        # a label token: no row, no word n-gram (none where no word holds the prefix at all)
+        skip_M = _starting_with(joined, buf, starts, ends, self.prefix.encode("utf-8"))
         if self.subwords:  # the word's id (if any) and its character n-grams' rows
             for i in np.flatnonzero(~skip_M).tolist():
-                w = raw[i].decode("utf-8", "surrogatepass")
+                w = joined[starts[i] : ends[i]].decode("utf-8", "surrogatepass")
                 ids = np.asarray(self.model.get_subwords(w)[1], np.int64)
                 logits_M[i] = self.row_logits[ids].sum(0)
                 count_M[i] = ids.size
-        elif raw:  # the word's id, looked up by its bytes
-            wid = self.vocab.lookup(joined, starts, ends, keys(padded(joined), starts, ends, 0))
+        elif n:  # the word's id, looked up by its bytes
+            wid = self.vocab.lookup(joined, starts, ends, keys(buf, starts, ends, 0))
             found = np.flatnonzero((wid >= 0) & ~skip_M)
             logits_M[found] = self.row_logits[wid[found]]
             count_M[found] = 1
-        return logits_M, count_M, fnv1a_signed(raw), skip_M
+        return logits_M, count_M, fnv1a_runs(buf, starts, ends), skip_M
 
     def chunk_words(self, chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray, tuple]:
         """The words of each chunk (space-free runs of text: pipelines.chunkpass), for scoring a
         text from its chunks' words: (usable: the chunk has no label token and no `</s>` (those
         change the line's words: such texts are scored by `scores`), words per chunk, (logits,
-        number of ids, hash) of each word, chunks end to end)."""
+        number of ids, hash) of each word, chunks end to end). Words are read in place."""
         joined, chunk_start, _ = byte_runs(chunks)
-        starts, ends = _words(joined, padded(joined))
+        buf = padded(joined)
+        starts, ends = _words(joined, buf)
         words_C = np.diff(np.searchsorted(starts, chunk_start), append=starts.size)
-        raw = [joined[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
-        logits, count, hash_, skip = self._values(raw)
-        bad = (
-            skip | np.fromiter((r == _EOS_BYTES for r in raw), bool, len(raw))
-            if _EOS_BYTES in joined
-            else skip
+        logits, count, hash_, skip = self._values_at(joined, buf, starts, ends)
+        eos = (ends - starts == len(_EOS_BYTES)) & _starting_with(joined, buf, starts, ends, _EOS_BYTES)
+        usable = (
+            np.bincount(np.repeat(np.arange(len(chunks)), words_C)[skip | eos], minlength=len(chunks)) == 0
         )
-        usable = np.bincount(np.repeat(np.arange(len(chunks)), words_C)[bad], minlength=len(chunks)) == 0
         return usable, words_C, (logits, count, hash_)
 
     def scores(self, texts: list[str], max_chars: int) -> np.ndarray:
@@ -298,6 +301,16 @@ def _words(joined: bytes, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     is_word[1:-1] = ~sep
     edges = np.flatnonzero(is_word[1:] != is_word[:-1])
     return edges[0::2], edges[1::2]
+
+
+def _starting_with(joined: bytes, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, prefix: bytes):
+    """Per run joined[starts:ends] (buf: `padded(joined)`): it starts with `prefix` (non-empty)."""
+    out = np.zeros(starts.size, np.bool_)
+    if prefix in joined:
+        at = np.flatnonzero(ends - starts >= len(prefix))
+        pb = np.frombuffer(prefix, np.uint8)
+        out[at] = (buf[starts[at, None] + np.arange(len(prefix))] == pb).all(1)
+    return out
 
 
 def _add_per_doc(sum_N: np.ndarray, doc_G: np.ndarray, rows_G: np.ndarray):
