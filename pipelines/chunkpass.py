@@ -102,12 +102,21 @@ class ChunkPass:
     def lookup(self, texts: list[str], encoded: list[bytes] | None = None) -> ChunkLookup:
         """The chunks of `texts` (`encoded`: their UTF-8 bytes (surrogatepass) when known)."""
         n = len(texts)
-        groups = []
-        cover = np.ones((n, 3), dtype=bool)  # tokens, quality, minhash
-        for i, j in text_groups(texts, self.GROUP_CHARS):
-            if j > i:
+        spans = [(i, j) for i, j in text_groups(texts, self.GROUP_CHARS) if j > i]
+        for may_restart in (True, False):
+            groups = []
+            cover = np.ones((n, 3), dtype=bool)  # tokens, quality, minhash
+            for i, j in spans:
                 part = encoded[i:j] if encoded is not None else None
-                groups.append(self._lookup_group(texts[i:j], i, cover[i:j], part))
+                # the table empties before a lookup's first group only: a later group's would take
+                # the entries found for the groups before it (the lookup starts again, once, instead)
+                g = self._lookup_group(texts[i:j], i, cover[i:j], part, not groups, may_restart)
+                if g is None:
+                    break
+                groups.append(g)
+            else:
+                break
+            self._clear()
         lens = np.fromiter(map(len, texts), np.int64, n)
         cover[:, 0] &= lens <= self.token_chars
         cover[:, 1] &= lens <= self.quality_chars
@@ -118,8 +127,11 @@ class ChunkPass:
         )  # fmt: skip
 
     def _lookup_group(
-        self, texts: list[str], lo: int, cover: np.ndarray, encoded: list[bytes] | None, _retry: bool = True
-    ) -> _Group:
+        self, texts: list[str], lo: int, cover: np.ndarray, encoded: list[bytes] | None, may_clear: bool,
+        may_restart: bool,
+    ) -> _Group | None:  # fmt: skip
+        """The group's chunks looked up (new ones added); None when the table is full and the
+        lookup should start again on an empty one (may_restart, not may_clear)."""
         ch = SpaceChunks(texts, self.MAX_CHUNK, encoded)
         n, doc = len(texts), ch.doc
         bad = ch.bad_doc.copy()
@@ -146,9 +158,11 @@ class ChunkPass:
         f_entry = self.table.lookup(ch.joined, f_starts, f_ends, f_key)
         f_missing = np.flatnonzero((f_entry < 0) & ~bad[doc[f_pos]])
         if self.table.size + d_new.size + f_missing.size > self.table.max_entries:
-            if _retry and d_new.size + f_missing.size <= self.table.max_entries:
+            if d_new.size + f_missing.size <= self.table.max_entries and (may_clear or may_restart):
+                if not may_clear:
+                    return None
                 self._clear()  # full: start again (every entry found above is gone)
-                return self._lookup_group(texts, lo, cover, encoded, _retry=False)
+                return self._lookup_group(texts, lo, cover, encoded, False, False)
             d_new, f_missing = d_new[:0], f_missing[:0]  # more than the table holds: not served
         if d_new.size:
             raw = [d_joined[a:b] for a, b in zip(d_starts[d_new].tolist(), d_ends[d_new].tolist())]

@@ -118,6 +118,19 @@ def test_a_small_table_empties_and_stays_exact(parts):
     _check(cp, tok, scorer, texts[:100], batch=100)  # more new chunks than the table holds: own paths
 
 
+def test_a_table_that_empties_within_a_lookup_keeps_its_earlier_groups_exact(parts):
+    """A lookup of several groups whose later group fills the table: emptying it there would take
+    the entries the earlier groups found (found on real text: an index error, or another chunk's
+    rows where the index still fit). The lookup starts again on an empty table instead."""
+    tok, scorer, texts = parts
+    cp = ChunkPass(
+        tok, scorer.batch, MinHasher(32, 3, 0.7, 1), MAX_PREDICT_CHARS, MAX_MINHASH_CHARS, max_entries=600
+    )
+    cp.GROUP_CHARS = 2000  # ~10 texts a group
+    served = _check(cp, tok, scorer, texts[:400], batch=40)
+    assert cp.table.size <= 600 and served.min() > 0.3
+
+
 def test_stages_not_given_are_not_served(parts):
     tok, scorer, texts = parts
     cp = ChunkPass(None, None, MinHasher(64, 5, 0.8, 0), 0, MAX_MINHASH_CHARS)
