@@ -41,9 +41,15 @@ _ASCII_PRETOKEN = re.compile(
 _BYTE_CHARS = str.maketrans({" ": "\u0120", "\n": "\u010a"})
 
 
-def _printable_ascii(text: str) -> bool:
-    """Only printable ASCII and newlines (the alphabet of _ASCII_PRETOKEN)."""
-    return text.isascii() and (text.isprintable() or text.replace("\n", "").isprintable())
+_SPACE_TOP = 0x3000  # str.isspace holds for no code point above U+3000
+_IS_SPACE = np.array([chr(c).isspace() for c in range(_SPACE_TOP + 1)])
+
+
+def _code_points(text: str) -> np.ndarray:
+    """The text's code points (uint8 for ASCII text, else uint32; lone surrogates are their own)."""
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), np.uint8)
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
 
 
 class _ChunkCache:
@@ -81,12 +87,20 @@ class _ChunkCache:
         self.added_spanning = [t for t in added if " " in t]  # checked on the whole text
         self.table = RunTable(max_entries)
         self.ids = Ragged((np.int32,))
-        self.pieces: dict[str, list[int]] = {_SEP: []}  # pre-token piece -> its ids (encode_chunks)
+        self.pieces: dict[str, int] = {}  # pre-token piece -> its entry in piece_ids (encode_chunks)
+        self.piece_ids = Ragged((np.int32,))
+        self._clear_pieces()
         self._clear()
 
     def _clear(self) -> None:
         self.table.clear()
         self.ids.clear()
+
+    def _clear_pieces(self) -> None:
+        self.pieces.clear()
+        self.piece_ids.clear()
+        self.pieces[_SEP] = 0  # entry 0: no ids (it separates texts)
+        self.piece_ids.append(0, np.zeros(1, dtype=np.int64), [np.zeros(0, dtype=np.int32)])
 
     def __len__(self) -> int:
         return self.table.size
@@ -115,24 +129,25 @@ class _ChunkCache:
             and (self._added_re is None or self._added_re.search(chunk) is None)
         )
 
-    def _safe_all(self, chunks: list[str]) -> np.ndarray:
-        """_safe of each chunk; for ASCII chunks with no added token among them, in one numpy pass
-        (str.isspace on ASCII: \\t \\n \\v \\f \\r, \\x1c-\\x1f and space)."""
+    def _classes(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per chunk, in one numpy pass over their code points: (_safe, only printable ASCII and newlines (_ASCII_PRETOKEN's alphabet)). Where an
+        added token occurs in the chunks joined, _safe is asked chunk by chunk."""
         n = len(chunks)
         cat = "".join(chunks)
         lens = np.fromiter(map(len, chunks), dtype=np.int64, count=n)
-        if (
-            n
-            and lens.min() > 0
-            and cat.isascii()
-            and (self._added_re is None or not self._added_re.search(cat))
-        ):
-            b = np.frombuffer(cat.encode("ascii"), dtype=np.uint8)
-            end = np.cumsum(lens)
-            ends = np.concatenate((b[end - lens], b[end - 1]))
-            white = ((ends - np.uint8(9)) < 5) | ((ends - np.uint8(28)) < 5)
-            return ~(white[:n] | white[n:])
-        return np.fromiter(map(self._safe, chunks), dtype=bool, count=n)
+        end = np.cumsum(lens)
+        cp = _code_points(cat)
+        # printable ASCII (0x20-0x7e) or a newline, counted over each chunk
+        odd = np.concatenate(([0], np.cumsum(((cp - cp.dtype.type(0x20)) >= 0x5F) & (cp != 10))))
+        simple = odd[end] == odd[end - lens]
+        if self._added_re is not None and self._added_re.search(cat):
+            return np.fromiter(map(self._safe, chunks), dtype=bool, count=n), simple
+        safe = lens > 0
+        at = np.flatnonzero(safe)
+        edge = np.concatenate((cp[end[at] - lens[at]], cp[end[at] - 1])).astype(np.int64)
+        white = (edge <= _SPACE_TOP) & _IS_SPACE[np.minimum(edge, _SPACE_TOP)]
+        safe[at] = ~(white[: at.size] | white[at.size :])
+        return safe, simple
 
     def spanning_ok(self, texts: list[str]) -> np.ndarray:
         """Per text: it holds no added token with a space in it (those are matched on the whole text)."""
@@ -152,31 +167,18 @@ class _ChunkCache:
         mostly new combinations of known pieces (real text: ~10% of chunks are new, ~1% of
         pieces), and the library's BPE costs ~7 µs a chunk. Other chunks take one library call."""
         n = len(chunks)
-        safe = self._safe_all(chunks)
+        safe, simple = self._classes(chunks)
         sel = np.flatnonzero(safe)
+        simple = simple[sel]
         texts = [chunks[j] if first[j] else " " + chunks[j] for j in sel.tolist()]
-        cat = "".join(texts)
-        if cat.isascii() and cat.replace("\n", "").isprintable():
-            simple = np.ones(sel.size, dtype=bool)
-        else:
-            simple = np.fromiter(map(_printable_ascii, texts), dtype=bool, count=sel.size)
         count = np.zeros(sel.size, dtype=np.int64)
         flat = np.zeros(0, dtype=np.int32)
         if simple.any():  # their pieces (_SEP between texts), the new ones encoded, then looked up
-            pieces = self.pieces
-            if len(pieces) > self.MAX_PIECES:
-                pieces.clear()
-                pieces[_SEP] = []
             some = texts if simple.all() else [texts[k] for k in np.flatnonzero(simple).tolist()]
             every = _ASCII_PRETOKEN.findall(_SEP.join(some))
-            bpe = self.hf.model.tokenize  # the model on one pre-token (~2x faster than an encode call)
-            for piece in [piece for piece in dict.fromkeys(every) if piece not in pieces]:
-                pieces[piece] = [t.id for t in bpe(piece.translate(_BYTE_CHARS))]
-            ids = list(map(pieces.__getitem__, every))
-            per_piece = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-            sep = np.flatnonzero(np.fromiter(map(_SEP.__eq__, every), dtype=bool, count=len(every)))
-            count[simple] = np.add.reduceat(per_piece, np.concatenate(([0], sep + 1)))
-            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(per_piece.sum()))
+            entry = self._piece_entries(every)
+            count_P, (flat,) = self.piece_ids.gather(entry)
+            count[simple] = np.add.reduceat(count_P, np.concatenate(([0], np.flatnonzero(entry == 0) + 1)))
         rest = np.flatnonzero(~simple)
         if rest.size:  # the others: one library call
             encs = self.hf.encode_batch_fast([texts[k] for k in rest.tolist()], add_special_tokens=False)
@@ -191,6 +193,28 @@ class _ChunkCache:
         sizes = np.zeros(n, dtype=np.int64)
         sizes[sel] = count
         return safe, sizes, flat
+
+    def _piece_entries(self, every: list[str]) -> np.ndarray:
+        """The entry (in `piece_ids`) of each pre-token piece; a piece not seen before is BPE-encoded
+        by the model alone, once (on its byte-mapped text: ~2x faster than an encode call)."""
+        if len(self.pieces) > self.MAX_PIECES:
+            self._clear_pieces()
+        get = self.pieces.get
+        entry = np.fromiter(map(get, every, itertools.repeat(-1)), dtype=np.int64, count=len(every))
+        missing = np.flatnonzero(entry < 0)
+        if missing.size:
+            new = list(dict.fromkeys([every[i] for i in missing.tolist()]))
+            bpe = self.hf.model.tokenize
+            ids = [[t.id for t in bpe(piece.translate(_BYTE_CHARS))] for piece in new]
+            first = len(self.pieces)
+            self.pieces.update(zip(new, range(first, first + len(new))))
+            sizes = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(sizes.sum()))
+            self.piece_ids.append(first, sizes, [flat])
+            entry[missing] = np.fromiter(
+                map(self.pieces.__getitem__, [every[i] for i in missing.tolist()]), np.int64
+            )
+        return entry
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids of the texts end to end (int32), offsets (n + 1), ok (n)): text i is

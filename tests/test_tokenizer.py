@@ -85,7 +85,7 @@ def test_ascii_chunks_encode_piece_by_piece_like_the_library():
 
     import numpy as np
 
-    from dsv3ray.tokenizer import _ASCII_PRETOKEN, _ChunkCache
+    from dsv3ray.tokenizer import _ASCII_PRETOKEN, _SPACE_TOP, _ChunkCache
 
     docs = [d for d, _ in zip(_stdlib_texts(), range(300))]
     tok = train_tokenizer(docs, vocab_size=800)
@@ -102,10 +102,12 @@ def test_ascii_chunks_encode_piece_by_piece_like_the_library():
     cache = _ChunkCache(tok.hf)
     ends = ["a", ".", "\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1f", "\x08", "\x7f", "\x85", "é"]
     edges = [rng.choice(ends) + rng.choice(["", "b", EOS_TOKEN]) + rng.choice(ends) for _ in range(400)]
-    for batch in (edges, [e for e in edges if e.isascii() and EOS_TOKEN not in e], ["x", "y\n"]):
-        assert cache._safe_all(batch).tolist() == [
-            cache._safe(c) for c in batch
-        ]  # (one pass: the ASCII ones)
+    edges += ["", "\u3000a", "a\u2029", "\udcff", "~\x7f", "a\nb", "\x00"]
+    for batch in (edges, [e for e in edges if EOS_TOKEN not in e], ["x", "y\n"], [""]):
+        safe, simple = cache._classes(batch)  # (in one pass where no eos occurs)
+        assert safe.tolist() == [cache._safe(c) for c in batch]
+        assert simple.tolist() == [c.isascii() and c.replace("\n", "").isprintable() for c in batch]
+    assert not any(chr(c).isspace() for c in range(_SPACE_TOP + 1, 0x110000))
     cache.MAX_PIECES = 40  # forgets its pieces again and again
     first = np.array([rng.random() < 0.3 for _ in chunks])
     for lo in range(0, len(chunks), 250):
