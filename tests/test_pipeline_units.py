@@ -592,22 +592,26 @@ def test_jsonl_lines_parse_as_with_json_alone():
     } <= outcomes
 
 
-def test_ascii_batch_settles_only_what_normalize_leaves():
-    from pipelines.clean import ascii_batch
+def test_normalize_batch_equals_normalize_text():
+    """The batch path (ASCII texts in numpy passes over the batch joined, the others one at a
+    time) gives normalize_text's result on fuzzed ASCII and mixed text: runs of spaces, tabs and
+    newlines inside and at the ends, \r, control characters, empty and all-whitespace texts."""
+    from pipelines.clean import normalize_batch
 
-    alphabet = list(" \t\n\r\x0b\x0c\x1c\x1f\x00\x07\x7f abZ.,") + ["é", "\u00a0", "\u3000"]
+    ascii_ = list(" \t\n\r\x0b\x0c\x1c\x1f\x00\x07\x7f abZ.,") + ["  ", "\n\n", " \n "]
+    other = ["é", "\u00a0", "\u3000", "\u2003", "\x85", "\u200b", "e\u0301", "\udcff"]
     rng = random.Random(0)
-    texts = ["", " ", "a", "a b", "a  b", "a\nb", "a \nb", "a\n b", "a\n\nb", "a\n\n\nb", " a", "a ", "\x1fa"]
-    for _ in range(20_000):
-        texts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24))))
-    settled, parts = ascii_batch(texts)
-    assert parts == [t.encode() if t.isascii() else b"" for t in texts]
-    for t, ok in zip(texts, settled.tolist()):
-        if ok:  # never wrong: normalize leaves it as it is
-            assert normalize_text(t) == t, repr(t)
-    plain = [t.isascii() and normalize_text(t) == t for t in texts]
-    assert settled.sum() > 0.9 * sum(plain)  # and not over-cautious
-    assert ascii_batch([])[0].size == 0
+    texts = ["", " ", "\n", "a", "a b", "a  b", "a\tb", "a \t b", "a\nb", "a \nb", "a\n b", "a\n\n\nb", " a",
+             "a ", "\x1fa", "\r\n\r\na\r\r\rb\r", "é", " é ", "\u2003a \u2003", "a\u00a0\u00a0b"]  # fmt: skip
+    for _ in range(30_000):
+        pool = ascii_ if rng.random() < 0.7 else ascii_ + other
+        texts.append("".join(rng.choice(pool) for _ in range(rng.randint(0, 30))))
+    for lo in (0, 7, 1000):
+        batch = texts[lo : lo + 9000]
+        out, parts = normalize_batch(batch)
+        assert out == [normalize_text_reference(t) for t in batch]
+        assert parts == [o.encode() if t.isascii() else None for t, o in zip(batch, out)]
+    assert normalize_batch([]) == ([], [])
 
 
 def test_tf_vectors_counts_each_texts_buckets():
