@@ -170,18 +170,24 @@ class _ChunkCache:
         safe, simple = self._classes(chunks)
         sel = np.flatnonzero(safe)
         simple = simple[sel]
-        texts = [chunks[j] if first[j] else " " + chunks[j] for j in sel.tolist()]
         count = np.zeros(sel.size, dtype=np.int64)
         flat = np.zeros(0, dtype=np.int32)
         if simple.any():  # their pieces (_SEP between texts), the new ones encoded, then looked up
-            some = texts if simple.all() else [texts[k] for k in np.flatnonzero(simple).tolist()]
-            every = _ASCII_PRETOKEN.findall(_SEP.join(some))
+            at = sel[simple]
+            f = first[at]
+            if f.all() or not f.any():  # (what the chunk pass asks: no list of " " + chunk)
+                pre = "" if f.all() else " "
+                joined = pre + (_SEP + pre).join(chunks if at.size == n else [chunks[j] for j in at.tolist()])
+            else:
+                joined = _SEP.join([chunks[j] if first[j] else " " + chunks[j] for j in at.tolist()])
+            every = _ASCII_PRETOKEN.findall(joined)
             entry = self._piece_entries(every)
             count_P, (flat,) = self.piece_ids.gather(entry)
             count[simple] = np.add.reduceat(count_P, np.concatenate(([0], np.flatnonzero(entry == 0) + 1)))
         rest = np.flatnonzero(~simple)
         if rest.size:  # the others: one library call
-            encs = self.hf.encode_batch_fast([texts[k] for k in rest.tolist()], add_special_tokens=False)
+            others = [chunks[j] if first[j] else " " + chunks[j] for j in sel[rest].tolist()]
+            encs = self.hf.encode_batch_fast(others, add_special_tokens=False)
             rest_ids = [e.ids for e in encs]
             count[rest] = np.fromiter(map(len, rest_ids), dtype=np.int64, count=rest.size)
             # ids in chunk order: the ASCII ones' ids are first in `flat`, the others' after

@@ -208,7 +208,7 @@ class ChunkPass:
         else:
             self.ft_words.append(first_entry, np.zeros(m, np.int64), [c[:0] for c in self.ft_words.cols])
         if self.minhash is not None:
-            w_W, words_C = self.minhash.words_batch(texts)
+            w_W, words_C = self.minhash.words_batch(texts, raw)
             self.mh_words.append(first_entry, words_C, [w_W])
         else:
             self.mh_words.append(first_entry, np.zeros(m, np.int64), [np.zeros(0, np.uint64)])

@@ -118,11 +118,26 @@ class MinHasher:
         w_W, words_D = self.words_batch(texts)
         return self.shingles_from_words(w_W, words_D)
 
-    def words_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(uint64 hash of each word of the texts, in order (W,), words per text (N,))."""
+    def words_batch(
+        self, texts: list[str], encoded: list[bytes] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(uint64 hash of each word of the texts, in order (W,), words per text (N,)).
+        `encoded`: the texts' UTF-8 bytes (surrogatepass), when the caller has them."""
         # ASCII letters are folded below (bytewise); str.lower only where there is more to fold
-        parts = [(t if t.isascii() else t.lower()).encode("utf-8", "surrogatepass") for t in texts]
-        joined = b"\n".join(parts)  # "\n": no word spans two documents
+        if encoded is None:
+            parts = [(t if t.isascii() else t.lower()).encode("utf-8", "surrogatepass") for t in texts]
+            joined = b"\n".join(parts)  # "\n": no word spans two documents
+        else:
+            parts = encoded
+            joined = b"\n".join(parts)
+            if not joined.isascii():  # lowercase the texts with a byte >= 0x80
+                sizes = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+                high = np.flatnonzero(np.frombuffer(joined, dtype=np.uint8) >= 0x80)
+                at = np.unique(np.searchsorted(np.cumsum(sizes + 1), high, side="right"))
+                parts = list(parts)
+                for j in at.tolist():
+                    parts[j] = texts[j].lower().encode("utf-8", "surrogatepass")
+                joined = b"\n".join(parts)
         n = len(joined)
         b = np.frombuffer(bytearray(joined + bytes(16)), dtype=np.uint8)  # 16: read past a word's end
         doc_start = np.cumsum([0] + [len(x) + 1 for x in parts[:-1]], dtype=np.int64)

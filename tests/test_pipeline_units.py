@@ -158,6 +158,13 @@ def test_minhash_lsh_and_seen_set(docs):
     shingles = one.shingles(" ".join(vocab))
     assert len(shingles) == len(vocab) == len(set(shingles.tolist()))
     assert np.array_equal(shingles, np.concatenate([one.shingles(w) for w in vocab]))
+    # given the texts' bytes (the chunk pass has them), only the non-ASCII ones are lowercased anew
+    texts = [
+        " ".join(rng.sample(vocab, 3)) + rng.choice(["", " ΣΑΣ", " İ", " \udcff", " ABC"]) for _ in range(500)
+    ]
+    enc = [t.encode("utf-8", "surrogatepass") for t in texts]
+    for got, want in zip(mh.words_batch(texts, enc), mh.words_batch(texts)):
+        assert np.array_equal(got, want)
 
     s = SeenSet(capacity=16)
     keys = np.random.default_rng(0).integers(-(2**63), 2**63 - 1, size=5000)

@@ -120,6 +120,12 @@ def test_ascii_chunks_encode_piece_by_piece_like_the_library():
         )
         assert [g.tolist() for g in got] == [w.ids for w in want]
         assert 0 < len(cache.pieces) <= 40 + 250 * 8
+    for f in (np.zeros(250, bool), np.ones(250, bool)):  # one kind at a time, as the chunk pass asks
+        safe, sizes, flat = cache.encode_chunks(chunks[:250], f)
+        want = tok.hf.encode_batch_fast(
+            [c if fi else " " + c for c, fi in zip(chunks, f)], add_special_tokens=False
+        )
+        assert [g.tolist() for g in np.split(flat, np.cumsum(sizes)[:-1])] == [w.ids for w in want]
     texts = [" ".join(rng.sample(chunks, 12)) for _ in range(300)]  # whole texts, through the cache
     assert [a.tolist() for a in tok.encode_batch(texts)] == [tok.encode(t) for t in texts]
 
