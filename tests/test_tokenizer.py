@@ -85,7 +85,7 @@ def test_ascii_chunks_encode_piece_by_piece_like_the_library():
 
     import numpy as np
 
-    from dsv3ray.tokenizer import _ASCII_PRETOKEN, _SPACE_TOP, _ChunkCache
+    from dsv3ray.tokenizer import _ASCII_PRETOKEN, _SPACE_TOP, _ChunkCache, _pretoken_starts
 
     docs = [d for d, _ in zip(_stdlib_texts(), range(300))]
     tok = train_tokenizer(docs, vocab_size=800)
@@ -97,6 +97,14 @@ def test_ascii_chunks_encode_piece_by_piece_like_the_library():
     library_pieces = tok.hf.pre_tokenizer.pre_tokenize_str  # [(bytes mapped, span)]
     for c in chunks + [" " + c for c in chunks]:
         assert [m.span() for m in _ASCII_PRETOKEN.finditer(c)] == [span for _, span in library_pieces(c)]
+    # our numpy cut = the pattern's, on texts with space runs and \x00 (the separator) too
+    for _ in range(20_000):
+        t = "".join(
+            rng.choice(alphabet + [" ", "  ", " \n", "\x00", "r", "e", "v", "l"])
+            for _ in range(rng.randint(0, 12))
+        )
+        starts = _pretoken_starts(np.frombuffer(t.encode(), dtype=np.uint8))
+        assert starts.tolist() == [m.start() for m in _ASCII_PRETOKEN.finditer(t)], repr(t)
     # chunks of other text between them (the library's path): ids must still come out in chunk order
     chunks = [c + "é" if i % 7 == 0 else c + "\tz" if i % 11 == 0 else c for i, c in enumerate(chunks)]
     cache = _ChunkCache(tok.hf)
@@ -108,7 +116,7 @@ def test_ascii_chunks_encode_piece_by_piece_like_the_library():
         assert safe.tolist() == [cache._safe(c) for c in batch]
         assert simple.tolist() == [c.isascii() and c.replace("\n", "").isprintable() for c in batch]
     assert not any(chr(c).isspace() for c in range(_SPACE_TOP + 1, 0x110000))
-    cache.MAX_PIECES = 40  # forgets its pieces again and again
+    cache = _ChunkCache(tok.hf, max_pieces=40)  # forgets its pieces again and again
     first = np.array([rng.random() < 0.3 for _ in chunks])
     for lo in range(0, len(chunks), 250):
         part, f = chunks[lo : lo + 250], first[lo : lo + 250]
@@ -119,7 +127,7 @@ def test_ascii_chunks_encode_piece_by_piece_like_the_library():
             [c if fi else " " + c for c, fi in zip(part, f)], add_special_tokens=False
         )
         assert [g.tolist() for g in got] == [w.ids for w in want]
-        assert 0 < len(cache.pieces) <= 40 + 250 * 8
+        assert 0 < cache.piece_table.size <= 40
     for f in (np.zeros(250, bool), np.ones(250, bool)):  # one kind at a time, as the chunk pass asks
         safe, sizes, flat = cache.encode_chunks(chunks[:250], f)
         want = tok.hf.encode_batch_fast(
