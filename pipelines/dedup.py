@@ -140,7 +140,11 @@ class MinHasher:
                 joined = b"\n".join(parts)
         n = len(joined)
         b = np.frombuffer(bytearray(joined + bytes(16)), dtype=np.uint8)  # 16: read past a word's end
-        doc_start = np.cumsum([0] + [len(x) + 1 for x in parts[:-1]], dtype=np.int64)
+        doc_start = np.zeros(len(parts), dtype=np.int64)
+        np.cumsum(
+            np.fromiter(map(len, parts[:-1]), dtype=np.int64, count=max(len(parts) - 1, 0)) + 1,
+            out=doc_start[1:],
+        )
         is_word = np.zeros(n + 2, dtype=bool)
         c = b[:n]
         c += ((c - np.uint8(0x41)) < 26).view(np.uint8) << 5  # A-Z -> a-z
