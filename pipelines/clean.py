@@ -102,34 +102,36 @@ def normalize_batch(texts: list[str]) -> tuple[list[str], list[bytes | None]]:
 
 
 def _whitespace_runs(joined: bytes, sep: int) -> bytes:
-    """Texts joined by (and starting and ending with) byte `sep`, with no control character but
-    tab and newline: each maximal run of whitespace (space, tab, newline) at either end of its
+    """Texts joined by (and starting and ending with) byte `sep` (> 32), with no control character
+    but tab and newline: each maximal run of whitespace (space, tab, newline) at either end of its
     text goes (strip), one with no newline becomes one space, one with k newlines becomes
     min(k, 2) newlines (normalize_text: spaces next to a newline go, 3+ newlines become 2). A
     single space between two other characters, most runs in text, is not looked at."""
     c = np.frombuffer(joined, dtype=np.uint8)
-    newline = c == 10
-    ws = (c == 32) | (c == 9) | newline
+    ws = c <= 32  # (no byte below 32 but tab and newline is left)
     other = ~ws & (c != sep)
     odd = ws.copy()
-    odd[1:-1] &= ~((c[1:-1] == 32) & other[:-2] & other[2:])
-    if not odd.any():
+    odd[1:-1] ^= (c[1:-1] == 32) & other[:-2] & other[2:]  # (a plain single space is whitespace)
+    edges = np.flatnonzero(odd[1:] != odd[:-1]) + 1  # runs [starts, ends) (c's ends are sep)
+    if not edges.size:
         return joined
-    edges = np.flatnonzero(np.diff(odd.view(np.int8)))  # runs [starts, ends) (c's ends are sep)
-    starts, ends = edges[0::2] + 1, edges[1::2] + 1
+    starts, ends = edges[0::2], edges[1::2]
     at_end = (c[starts - 1] == sep) | (c[ends] == sep)
-    nl = np.flatnonzero(newline)
+    nl = np.flatnonzero(c == 10)  # (every newline is in a run)
     first_nl = np.searchsorted(nl, starts)
     count_nl = np.searchsorted(nl, ends) - first_nl
+    spaced = (count_nl == 0) & ~at_end  # runs that become one space: their first byte stays
     keep = ~odd
-    spaced = starts[(count_nl == 0) & ~at_end]
-    keep[spaced] = True
+    keep[starts[spaced]] = True
     nl_run = np.searchsorted(starts, nl, side="right") - 1
     rank = np.arange(nl.size) - first_nl[nl_run]
     keep[nl[(rank < 2) & ~at_end[nl_run]]] = True
-    c = c.copy()
-    c[spaced] = 32  # (a run of tabs)
-    return c[keep].tobytes()
+    out = c[keep]
+    if b"\t" in joined:  # a run's first byte may be a tab: a space (at its place in `out`)
+        kept = np.where(spaced, 1, np.where(at_end, 0, np.minimum(count_nl, 2)))
+        dropped_before = np.cumsum(ends - starts - kept) - (ends - starts - kept)
+        out[starts[spaced] - dropped_before[spaced]] = 32
+    return out.tobytes()
 
 
 @dataclass
