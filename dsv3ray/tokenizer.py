@@ -38,8 +38,6 @@ _SEP = "\x00"
 _ASCII_PRETOKEN = re.compile(
     r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^ \nA-Za-z0-9\x00]+|[ \n]+(?![^ \n])|[ \n]+|\x00"
 )
-# GPT-2's byte-to-character map on that alphabet (the other printable ASCII bytes map to themselves)
-_BYTE_CHARS = str.maketrans({" ": "\u0120", "\n": "\u010a"})
 
 # byte classes for _pretoken_starts
 _LETTER, _DIGIT, _OTHER, _SPACE, _NEWLINE, _ZERO = range(6)
@@ -299,7 +297,10 @@ class _ChunkCache:
     def _add_pieces(self, pieces: list[bytes]) -> None:
         """The next entries of `piece_ids`: the pieces' ids."""
         bpe = self.hf.model.tokenize
-        ids = [[t.id for t in bpe(piece.decode("ascii").translate(_BYTE_CHARS))] for piece in pieces]
+        # byte-mapped all at once (GPT-2's byte-to-character map moves only space and newline in
+        # this alphabet: the other printable ASCII bytes map to themselves)
+        mapped = b"\xff".join(pieces).decode("latin-1").replace(" ", "\u0120").replace("\n", "\u010a")
+        ids = [[t.id for t in bpe(piece)] for piece in mapped.split("\xff")] if pieces else []
         sizes = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(sizes.sum()))
         self.piece_ids.append(self.piece_ids.size, sizes, [flat])
