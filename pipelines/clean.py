@@ -88,13 +88,16 @@ def normalize_batch(texts: list[str]) -> tuple[list[str], list[bytes | None]]:
     n = len(texts)
     out, parts = list(texts), [None] * n
     at = [i for i, t in enumerate(texts) if t.isascii()]
-    if at:  # joined by 0xFF (in no UTF-8 text): decoded as latin-1, split at "\xff"
-        joined = b"\xff" + b"\xff".join([texts[i].encode("ascii") for i in at]) + b"\xff"
+    if at:  # joined by 0xFF (in no UTF-8 text)
+        enc = [texts[i].encode("ascii") for i in at]
+        joined = b"\xff" + b"\xff".join(enc) + b"\xff"
         if b"\r" in joined:
             joined = joined.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         joined = _whitespace_runs(joined.translate(None, _ASCII_CONTROL), 0xFF)
-        for i, t, b in zip(at, joined.decode("latin-1").split("\xff")[1:-1], joined.split(b"\xff")[1:-1]):
-            out[i], parts[i] = t, b
+        for i, e, b in zip(at, enc, joined.split(b"\xff")[1:-1]):
+            parts[i] = b
+            if b != e:  # (a clean text keeps its str)
+                out[i] = b.decode("ascii")
     if len(at) < n:
         for i in set(range(n)).difference(at):
             out[i] = normalize_text(texts[i])
