@@ -220,9 +220,10 @@ class _ChunkCache:
         each safe chunk (of " " + chunk unless first[j]) end to end (int32)).
 
         A chunk of printable ASCII and newlines is cut into the pre-tokenizer's pieces here
-        (_ASCII_PRETOKEN) and each distinct piece is encoded once (`_piece_entries`): new chunks are
-        mostly new combinations of known pieces (real text: ~10% of chunks are new, ~1% of
-        pieces), and the library's BPE costs ~7 µs a chunk. Other chunks take one library call."""
+        (`_pretoken_starts`, all the batch's such chunks at once) and each distinct piece is
+        encoded once (`_piece_entries`): new chunks are mostly new combinations of known pieces
+        (real text: ~10% of chunks are new, ~1% of pieces), and the library's BPE costs ~7 µs a
+        chunk. Other chunks take one library call."""
         n = len(chunks)
         safe, simple = self._classes(chunks)
         sel = np.flatnonzero(safe)
