@@ -123,8 +123,9 @@ class _ChunkCache:
     bytes and whether it starts its text; entries' ids are kept in a `runtable.Ragged`. A
     text with a chunk over MAX_CHUNK bytes takes the library (the cache's bytes stay bounded).
     Chunks missing from the cache are checked against the rule and encoded once per batch, from
-    their pre-token pieces where they are printable ASCII (`encode_chunks`). At most `max_entries` chunks are kept: the cache empties when a batch's new chunks
-    would pass that bound, and a batch whose new chunks alone pass it takes the library.
+    their pre-token pieces where they are printable ASCII (`encode_chunks`). At most `max_entries`
+    chunks are kept: the cache empties when a batch's new chunks would pass that bound, and a
+    batch whose new chunks alone pass it takes the library.
     """
 
     MAX_CHUNK = 256  # bytes: a text with a longer chunk (a blob, not words) takes the library
@@ -187,8 +188,9 @@ class _ChunkCache:
         )
 
     def _classes(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Per chunk, in one numpy pass over their code points: (_safe, only printable ASCII and newlines (_ASCII_PRETOKEN's alphabet)). Where an
-        added token occurs in the chunks joined, _safe is asked chunk by chunk."""
+        """(_safe, only printable ASCII and newlines: _ASCII_PRETOKEN's alphabet) per chunk, in one
+        numpy pass over their code points; where an added token occurs in the chunks joined,
+        _safe is asked chunk by chunk."""
         n = len(chunks)
         cat = "".join(chunks)
         lens = np.fromiter(map(len, chunks), dtype=np.int64, count=n)
