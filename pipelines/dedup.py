@@ -126,18 +126,17 @@ class MinHasher:
         # ASCII letters are folded below (bytewise); str.lower only where there is more to fold
         if encoded is None:
             parts = [(t if t.isascii() else t.lower()).encode("utf-8", "surrogatepass") for t in texts]
-            joined = b"\n".join(parts)  # "\n": no word spans two documents
         else:
             parts = encoded
+        joined = b"\n".join(parts)  # "\n": no word spans two documents
+        if encoded is not None and not joined.isascii():  # lowercase the texts with a byte >= 0x80
+            sizes = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+            high = np.flatnonzero(np.frombuffer(joined, dtype=np.uint8) >= 0x80)
+            at = np.unique(np.searchsorted(np.cumsum(sizes + 1), high, side="right"))
+            parts = list(parts)
+            for j in at.tolist():
+                parts[j] = texts[j].lower().encode("utf-8", "surrogatepass")
             joined = b"\n".join(parts)
-            if not joined.isascii():  # lowercase the texts with a byte >= 0x80
-                sizes = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
-                high = np.flatnonzero(np.frombuffer(joined, dtype=np.uint8) >= 0x80)
-                at = np.unique(np.searchsorted(np.cumsum(sizes + 1), high, side="right"))
-                parts = list(parts)
-                for j in at.tolist():
-                    parts[j] = texts[j].lower().encode("utf-8", "surrogatepass")
-                joined = b"\n".join(parts)
         n = len(joined)
         b = np.frombuffer(bytearray(joined + bytes(16)), dtype=np.uint8)  # 16: read past a word's end
         doc_start = np.zeros(len(parts), dtype=np.int64)

@@ -41,15 +41,10 @@ def fnv1a_reference(word: bytes) -> int:
     return h
 
 
-def fnv1a_signed(enc: list[bytes]) -> np.ndarray:
-    """fnv1a_reference of each word, sign-extended from int32 to 64 bits as fastText's n-gram mix
-    reads it (`uint64_t h = int32 hash`); returns uint64 [len(enc)]."""
-    joined, starts, ends = byte_runs(enc)
-    return fnv1a_runs(padded(joined), starts, ends)
-
-
 def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """fnv1a_signed of each run buf[starts:ends] of a uint8 buffer, read in place."""
+    """fnv1a_reference of each word buf[starts:ends] of a uint8 buffer (read in place),
+    sign-extended from int32 to 64 bits as fastText's n-gram mix reads it (`uint64_t h = int32
+    hash`); returns uint64 [len(starts)]."""
     lens = ends - starts
     h = np.full(lens.size, 2166136261, dtype=np.uint32)
     short = np.flatnonzero(lens <= _SHORT)
