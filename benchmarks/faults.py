@@ -310,10 +310,11 @@ def _distill_loop(data: Path, teacher_dir: Path, steps: int, kill_at: int | None
     from actors.teacher import start_teacher_pool, stop_teacher_pool
     from dsv3ray.distill import DistillConfig, Distiller
     from dsv3ray.model import ModelConfig, build_model
+    from pipelines.pack import rows_from_arrow
     from pipelines.sampler import CurriculumSampler
 
     table = pq.read_table(data / "train" / "part-00000.parquet")
-    rows_NS = np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)
+    rows_NS = rows_from_arrow(table.column("input_ids"), SEQ_LEN + 1).astype(np.int64)
     rows_NS = rows_NS[np.argsort(table.column("sample_id").to_numpy())]
     B = MICRO_BATCH * NUM_WORKERS
     num_train = len(rows_NS)

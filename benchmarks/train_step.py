@@ -94,6 +94,7 @@ def torchrun_worker(args) -> None:
     from dsv3ray.engine import build_engine, grads_are_finite
     from dsv3ray.model import build_model
     from dsv3ray.parallel import create_expert_parallel
+    from pipelines.pack import rows_from_arrow
     from pipelines.sampler import CurriculumSampler
 
     run = run_config(args, Path(args.data), Path(args.out) / "unused")
@@ -118,7 +119,7 @@ def torchrun_worker(args) -> None:
     model = engine.module
     t = pq.read_table(Path(args.data) / "train")
     table_NS = np.zeros((t.num_rows, SEQ_LEN + 1), dtype=np.int32)
-    table_NS[np.asarray(t["sample_id"])] = np.stack(t["input_ids"].to_numpy(zero_copy_only=False))
+    table_NS[np.asarray(t["sample_id"])] = rows_from_arrow(t["input_ids"], SEQ_LEN + 1)
     sampler = CurriculumSampler(t.num_rows, cfg.seed, run.curriculum)  # same ids on every rank
     G = cfg.micro_batch_size * world
     times = []

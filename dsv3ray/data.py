@@ -4,9 +4,9 @@
 tokenizer.json, meta.json) or raw inputs; with raw inputs the run first prepares them into
 `<run_dir>/data` with `pipelines.prepare.prepare`. Rows reach each worker through
 `ray.train.get_dataset_shard`; the train split is NOT split across workers (every worker may be
-handed any sample id by the curriculum sampler), so each worker holds an id -> tokens table:
-memory = num_samples * (seq_len + 1) * 4 bytes per worker (int32), e.g. 100k samples of 512
-tokens = 205 MB per worker.
+handed any sample id by the curriculum sampler), so each worker holds an id -> tokens table in the
+shards' dtype: memory = num_samples * (seq_len + 1) * 2 bytes per worker (uint16, vocab <= 65,536;
+4 bytes above), e.g. 100k samples of 512 tokens = 103 MB per worker.
 """
 
 from __future__ import annotations
@@ -111,38 +111,37 @@ def resolve_data(cfg: DataConfig, prepare_cfg, run_dir: Path, corrupt_shard: str
     return check_prepared(out, corrupt_shard)
 
 
-def build_table(iterator, num_rows: int, row_len: int) -> np.ndarray:
-    """id -> tokens table (num_rows, row_len) int32 from a Ray Data iterator over a whole split.
+def build_table(iterator, num_rows: int, row_len: int, dtype: str | None = None) -> np.ndarray:
+    """id -> tokens table (num_rows, row_len) from a Ray Data iterator over a whole split, in the
+    shards' dtype (meta.json's token_dtype, uint16 or int32; None: told by the row width; callers
+    widen a batch when they take it).
 
     Sample ids are dense per split; when corrupt shards were skipped they are not, and rows are
-    renumbered densely in sample-id order (the same on every worker). Memory: num_rows * row_len * 4 B.
+    renumbered densely in sample-id order (the same on every worker).
     """
+    from pipelines.pack import rows_from_arrow
+
     ids_parts, rows_parts = [], []
-    for batch in iterator.iter_batches(batch_size=4096, batch_format="numpy"):
-        ids_parts.append(np.asarray(batch["sample_id"], dtype=np.int64))
-        col = batch["input_ids"]
-        rows_parts.append(
-            np.stack([np.asarray(r, dtype=np.int32) for r in col])
-            if col.dtype == object
-            else col.astype(np.int32)
-        )
+    for batch in iterator.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        ids_parts.append(batch.column("sample_id").to_numpy().astype(np.int64, copy=False))
+        try:
+            rows_parts.append(rows_from_arrow(batch.column("input_ids"), row_len, dtype))
+        except ValueError as e:
+            raise UserError(
+                f"data {e}, meta.json says seq_len+1 = {row_len}: re-run `dsv3ray prepare`"
+            ) from None
     ids_M = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
     if ids_M.size != num_rows:
         raise UserError(
             f"data split has {ids_M.size} rows, expected {num_rows}: the prepared directory changed during the run"
         )
-    rows_MS = np.concatenate(rows_parts)
-    if rows_MS.shape[1] != row_len:
-        raise UserError(
-            f"data rows have {rows_MS.shape[1]} tokens, meta.json says seq_len+1 = {row_len}: re-run `dsv3ray prepare`"
-        )
-    table_NS = np.empty((num_rows, row_len), dtype=np.int32)
+    rows_MS = np.concatenate(rows_parts) if rows_parts else np.zeros((0, row_len), np.int32)
     order = np.argsort(ids_M, kind="stable")
     if np.array_equal(ids_M[order], np.arange(num_rows)):
+        table_NS = np.empty_like(rows_MS)
         table_NS[ids_M] = rows_MS
-    else:
-        table_NS[:] = rows_MS[order]
-    return table_NS
+        return table_NS
+    return rows_MS[order]
 
 
 def write_synthetic_prepared(
@@ -159,8 +158,7 @@ def write_synthetic_prepared(
     (7 * t + 3) mod V with probability 0.9, else uniform, so a model can get far below the
     unigram entropy (≈ ln V) while the data stays a fixed function of `seed`.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from pipelines.pack import ShardWriter, token_dtype
 
     d = Path(path)
     rng = np.random.default_rng(seed)
@@ -173,14 +171,9 @@ def write_synthetic_prepared(
             rows[:, t] = np.where(rng.random(n) < 0.9, follow, rng.integers(0, vocab_size, n))
         if split == "train":
             counts += np.bincount(rows.ravel(), minlength=vocab_size)
-        (d / split).mkdir(parents=True, exist_ok=True)
-        table = pa.table(
-            {
-                "sample_id": pa.array(np.arange(n, dtype=np.int64)),
-                "input_ids": pa.array(list(rows), type=pa.list_(pa.int32())),
-            }
-        )
-        pq.write_table(table, d / split / "part-00000.parquet")
+        writer = ShardWriter(d / split, max(n, 1), token_dtype(vocab_size))
+        writer.add_rows(rows)
+        writer.flush()
     p = counts[counts > 0] / counts.sum()
     meta = {
         "seq_len": seq_len,
@@ -190,6 +183,7 @@ def write_synthetic_prepared(
         "tokenizer": "synthetic",
         "unigram_entropy": float(-(p * np.log(p)).sum()),
         "eos_id": vocab_size - 1,
+        "token_dtype": token_dtype(vocab_size).name,
     }
     (d / "meta.json").write_text(json.dumps(meta, indent=2))
     return d

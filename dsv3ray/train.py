@@ -325,6 +325,7 @@ def train(run) -> dict:
         "seq_len": p["seq_len"],
         "num_train": data.num_train,
         "num_eval": data.num_eval,
+        "token_dtype": data.meta.get("token_dtype"),  # (absent before shards held binary rows)
         "eval_on_train": eval_on_train,
         "global_batch": p["global_batch"],
         "activation_ratio": p["activation_ratio"],
@@ -574,13 +575,15 @@ class _Worker:
         import ray.data
         import ray.train
 
-        row_len = self.c["seq_len"] + 1
+        row_len, dtype = self.c["seq_len"] + 1, self.c.get("token_dtype")
         ray.data.DataContext.get_current().enable_progress_bars = False
-        self.train_NS = build_table(ray.train.get_dataset_shard("train"), self.c["num_train"], row_len)
+        self.train_NS = build_table(ray.train.get_dataset_shard("train"), self.c["num_train"], row_len, dtype)
         if self.c["eval_on_train"]:
             self.eval_NS = self.train_NS
         else:
-            self.eval_NS = build_table(ray.train.get_dataset_shard("eval"), self.c["num_eval"], row_len)
+            self.eval_NS = build_table(
+                ray.train.get_dataset_shard("eval"), self.c["num_eval"], row_len, dtype
+            )
 
     def _restore(self) -> int:
         """Load the checkpoint to resume from; returns the step it holds (0 = fresh start)."""

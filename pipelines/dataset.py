@@ -1,6 +1,8 @@
 """Reading a prepared directory (the data contract written by pipelines.prepare.prepare).
 
-`read_prepared(dir, split)` → a Ray Dataset of {sample_id int64, input_ids list<int32> (seq_len+1)}.
+`read_prepared(dir, split)` → a Ray Dataset of {sample_id int64, input_ids: one row of seq_len + 1
+token ids as fixed-size binary (meta.json's token_dtype, uint16 or int32; `pipelines.pack.rows_from_arrow`
+turns a column of them into an array; shards of earlier versions hold list<int32>, also read)}.
 Before Ray touches the shards, each shard's parquet footer and schema are checked: a corrupt shard
 is either a one-line UserError (on_corrupt="fail", the default) or skipped with its name logged and
 counted (on_corrupt="skip"; `check_shards` returns the skipped names for callers that count).
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dsv3ray.errors import UserError
@@ -43,6 +46,9 @@ def check_shards(files: list[Path], on_corrupt: str = "fail", log=print) -> tupl
             schema = pq.read_schema(f)
             if "sample_id" not in schema.names or "input_ids" not in schema.names:
                 raise ValueError(f"columns {schema.names}, expected sample_id and input_ids")
+            kind = schema.field("input_ids").type
+            if not (pa.types.is_fixed_size_binary(kind) or pa.types.is_list(kind)):
+                raise ValueError(f"input_ids is {kind}, expected fixed-size binary rows of token ids")
             pq.read_metadata(f)
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a broken file
             if on_corrupt == "fail":

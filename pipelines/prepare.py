@@ -257,11 +257,14 @@ class _Packing:
     """Kept documents' tokens → the train / eval packers, in input order, a batch at a time."""
 
     def __init__(self, cfg: PrepareConfig, tok: Tokenizer, out: Path):
-        from pipelines.pack import Packer, ShardWriter
+        from pipelines.pack import Packer, ShardWriter, token_dtype
 
+        dtype = token_dtype(tok.vocab_size)
         self.packers = {
-            "train": Packer(cfg.seq_len, ShardWriter(out / "train", cfg.rows_per_shard), tok.vocab_size),
-            "eval": Packer(cfg.seq_len, ShardWriter(out / "eval", cfg.rows_per_shard)),
+            "train": Packer(
+                cfg.seq_len, ShardWriter(out / "train", cfg.rows_per_shard, dtype), tok.vocab_size
+            ),
+            "eval": Packer(cfg.seq_len, ShardWriter(out / "eval", cfg.rows_per_shard, dtype)),
         }
         self.docs: Counter = Counter()
         self.pieces = self.truncated = 0
@@ -559,7 +562,9 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
             "tokenizer": "tokenizer.json",
             "unigram_entropy": unigram_entropy(packers["train"].counts_V),
             "eos_id": tok.eos_id,
-            "format": "input_ids = seq_len + 1 tokens; feed the row as input_ids and labels (the model shifts)",
+            "token_dtype": packers["train"].writer.dtype.name,
+            "format": "input_ids = seq_len + 1 token ids end to end (fixed-size binary, little-endian "
+            "token_dtype); feed the row as input_ids and labels (the model shifts)",
         }
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         report["meta"] = meta

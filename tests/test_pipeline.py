@@ -23,6 +23,7 @@ from dsv3ray.errors import UserError  # noqa: E402
 from dsv3ray.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from pipelines.corpus import stdlib_documents  # noqa: E402
 from pipelines.dataset import load_meta, read_prepared  # noqa: E402
+from pipelines.pack import rows_from_arrow  # noqa: E402
 from pipelines.prepare import PrepareConfig, cli_prepare, prepare  # noqa: E402
 from pipelines.quality import synth_junk  # noqa: E402
 
@@ -109,12 +110,16 @@ def test_contract_and_accounting(prepared, messy):
     assert 3.0 < meta["unigram_entropy"] < np.log(meta["vocab_size"])
     tok = Tokenizer.load(out / meta["tokenizer"])
     assert tok.eos_id == meta["eos_id"] and tok.vocab_size == meta["vocab_size"]
+    assert meta["token_dtype"] == "uint16"  # (vocab <= 65,536)
     for split, n in (("train", meta["num_train"]), ("eval", meta["num_eval"])):
         t = pq.read_table(out / split)
-        assert t.schema.field("input_ids").type == pa.list_(pa.int32())
+        assert t.schema.field("input_ids").type == pa.binary(2 * (cfg.seq_len + 1))
         assert t.column("sample_id").to_pylist() == list(range(n))
-        assert set(map(len, t.column("input_ids").to_pylist())) == {cfg.seq_len + 1}
-    text = tok.decode(pq.read_table(out / "train").column("input_ids")[0].as_py())
+        rows = rows_from_arrow(t.column("input_ids"), cfg.seq_len + 1)
+        assert rows.shape == (n, cfg.seq_len + 1) and rows.dtype == np.uint16 and rows.max() < tok.vocab_size
+    text = tok.decode(
+        rows_from_arrow(pq.read_table(out / "train").column("input_ids"), cfg.seq_len + 1)[0].tolist()
+    )
     assert len(text.split()) > 10  # real words come back out
     assert not (out / "_clean").exists()
 

@@ -23,7 +23,14 @@ from pipelines.clean import Cleaner, CleanSettings, normalize_text, normalize_te
 from pipelines.corpus import stdlib_documents, write_demo_corpus  # noqa: E402
 from pipelines.dedup import Deduplicator, MinHasher, SeenSet, lsh_params  # noqa: E402
 from pipelines.domain import DomainFilter, topic_summary  # noqa: E402
-from pipelines.pack import Packer, ShardWriter, eval_mask, unigram_entropy  # noqa: E402
+from pipelines.pack import (  # noqa: E402
+    Packer,
+    ShardWriter,
+    eval_mask,
+    rows_from_arrow,
+    token_dtype,
+    unigram_entropy,
+)
 from pipelines.prepare import PrepareConfig  # noqa: E402
 from pipelines.quality import (  # noqa: E402
     QualityScorer,
@@ -422,6 +429,40 @@ def test_cleaner_stages(docs):
     assert out["pieces"] == [-(-(len(out["tokens"][0]) - 1) // 4096), 0, 0] and out["eval"] == [False] * 3
 
 
+def test_shard_rows_uint16_int32_and_lists_of_earlier_versions(tmp_path):
+    """Ids are stored in the narrowest dtype the vocabulary allows and read back exactly, from
+    any slice of a column; list<int32> shards (earlier versions) still read; bad widths fail."""
+    assert token_dtype(65_536) == np.uint16 and token_dtype(65_537) == np.int32
+    rng = np.random.default_rng(0)
+    for vocab in (50, 65_536, 129_280):
+        rows = rng.integers(0, vocab, size=(10, 5)).astype(np.int32)
+        w = ShardWriter(tmp_path / str(vocab), rows_per_shard=4, dtype=token_dtype(vocab))
+        w.add_rows(rows)
+        w.flush()
+        t = pq.read_table(tmp_path / str(vocab))
+        assert (
+            t.num_rows == 10
+            and w.shards == 3
+            and t.schema.metadata[b"dsv3ray.token_dtype"] in (b"<u2", b"<i4")
+        )
+        got = rows_from_arrow(t.column("input_ids"), 5)  # a chunked column (one chunk per shard)
+        assert got.dtype == token_dtype(vocab) and np.array_equal(got, rows)
+        assert np.array_equal(rows_from_arrow(t.column("input_ids").combine_chunks()[3:7], 5), rows[3:7])
+    with pytest.raises(ValueError, match="outside uint16"):
+        w = ShardWriter(tmp_path / "over", 4, token_dtype(100))
+        w.add_rows(np.array([[1, 70_000]], np.int32))
+        w.flush()
+    old = pa.array([[1, 2, 3], [4, 5, 6]], pa.list_(pa.int32()))
+    assert np.array_equal(rows_from_arrow(old[1:], 3), [[4, 5, 6]])
+    with pytest.raises(ValueError, match="rows have 3 tokens"):
+        rows_from_arrow(old, 4)
+    with pytest.raises(ValueError, match="rows have 1.5 tokens"):
+        rows_from_arrow(pa.array([b"123456"], pa.binary(6)), 4)
+    with pytest.raises(ValueError, match="rows have 3 tokens"):  # told the dtype: never misread
+        rows_from_arrow(pa.array([b"123456"], pa.binary(6)), 6, "uint16")
+    assert rows_from_arrow(pa.array([b"\x01\x00\x02\x00"], pa.binary(4)), 1, "int32").tolist() == [[131073]]
+
+
 def test_packer_rows_and_entropy(tmp_path):
     w = ShardWriter(tmp_path / "train", rows_per_shard=3)
     p = Packer(seq_len=7, writer=w, vocab_size=50)
@@ -435,10 +476,10 @@ def test_packer_rows_and_entropy(tmp_path):
     table = pq.read_table(tmp_path / "train")
     assert table.column("sample_id").to_pylist() == list(range(w.num_rows))
     flat = np.concatenate([np.concatenate([d, [0]]) for d in docs])
-    rows = table.column("input_ids").to_pylist()
-    assert all(len(r) == 8 for r in rows) and np.array_equal(np.concatenate(rows), flat[: 8 * w.num_rows])
+    rows = rows_from_arrow(table.column("input_ids"), 8)
+    assert rows.dtype == np.int32 and np.array_equal(rows.reshape(-1), flat[: 8 * w.num_rows])
     ids_chunk = pq.ParquetFile(tmp_path / "train" / "part-00000.parquet").metadata.row_group(0).column(1)
-    assert "BYTE_STREAM_SPLIT" in ids_chunk.encodings and ids_chunk.compression == "ZSTD"
+    assert ids_chunk.compression == "ZSTD"
     assert unigram_entropy(np.array([5, 5, 0])) == pytest.approx(np.log(2))
     hashes = np.random.default_rng(1).integers(-(2**63), 2**63 - 1, size=100_000).tolist()
     mask = eval_mask(np.array(hashes), 0.1)

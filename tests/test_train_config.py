@@ -1,6 +1,7 @@
 """Fast checks of the training entry (no Ray): config validation and user errors as one line."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from dsv3ray import checkpoint as ck
@@ -72,26 +73,32 @@ class _Iter:
         yield from self.batches
 
 
+def _batch(ids, rows_RL, dtype=np.uint16):
+    """A batch as the shards hold it: fixed-size binary rows (or, dtype None, list<int32>)."""
+    if dtype is None:
+        ids_col = pa.array(rows_RL.tolist(), pa.list_(pa.int32()))
+    else:
+        data = np.ascontiguousarray(rows_RL, dtype=dtype)
+        ids_col = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(data[0].nbytes), len(data), [None, pa.py_buffer(data)]
+        )
+    return pa.table({"sample_id": pa.array(ids, pa.int64()), "input_ids": ids_col})
+
+
 def test_build_table_dense_and_renumbered():
     rows = np.arange(12, dtype=np.int32).reshape(4, 3)
-    obj = np.empty(2, dtype=object)
-    obj[:] = [rows[3], rows[1]]
-    t = build_table(
-        _Iter(
-            [
-                {"sample_id": np.array([2, 0]), "input_ids": np.stack([rows[2], rows[0]])},
-                {"sample_id": np.array([3, 1]), "input_ids": obj},
-            ]
-        ),
-        4,
-        3,
-    )
-    assert np.array_equal(t, rows)
-    # ids 5, 9 (a skipped shard left gaps): renumbered 0, 1 in id order
-    t = build_table(_Iter([{"sample_id": np.array([9, 5]), "input_ids": np.stack([rows[1], rows[0]])}]), 2, 3)
-    assert np.array_equal(t, rows[:2])
+    t = build_table(_Iter([_batch([2, 0], rows[[2, 0]]), _batch([3, 1], rows[[3, 1]])]), 4, 3)
+    assert np.array_equal(t, rows) and t.dtype == np.uint16
+    # ids 5, 9 (a skipped shard left gaps): renumbered 0, 1 in id order; int32 and list shards too
+    for dtype in (np.int32, None):
+        t = build_table(_Iter([_batch([9, 5], rows[[1, 0]], dtype)]), 2, 3)
+        assert np.array_equal(t, rows[:2]) and t.dtype == np.int32
     with pytest.raises(UserError, match="expected 3"):
-        build_table(_Iter([{"sample_id": np.array([0]), "input_ids": rows[:1]}]), 3, 3)
+        build_table(_Iter([_batch([0], rows[:1])]), 3, 3)
+    with pytest.raises(UserError, match="rows have 1.5 tokens .*seq_len\\+1 = 4"):
+        build_table(_Iter([_batch([0], rows[:1])]), 1, 4)
+    with pytest.raises(UserError, match="rows have 3 tokens .*seq_len\\+1 = 6"):
+        build_table(_Iter([_batch([0], rows[:1])]), 1, 6, "uint16")
 
 
 def test_cli_train_prints_one_line_and_exits_2(tmp_path, capsys):

@@ -94,6 +94,6 @@ def test_worker_side_user_error_is_one_line_without_retries(ray_local, tmp_path)
             "train.max_failures=0",  # (with retries, the restarted group returns at once: see train_loop)
         ],
     )
-    with pytest.raises(UserError, match="data rows have 17 tokens") as e:
+    with pytest.raises(UserError, match="data rows have 17 tokens .*seq_len\\+1 = 16") as e:
         train(run)
     assert "\n" not in str(e.value) and "re-run `dsv3ray prepare`" in str(e.value)
