@@ -48,18 +48,29 @@ def _buckets(words: list[str], dim: int) -> list[int]:
     return out
 
 
-def tf_vectors(texts: list[str], dim: int, words: list[list[str]] | None = None) -> np.ndarray:
-    """(n, dim) float32 of 1 + log(count) per hashed word (0 where absent); `words`: the texts'
-    words_of, when the caller has them already."""
-    out = np.zeros((len(texts), dim), dtype=np.float32)
-    # one count over a group's (text, bucket) pairs, instead of one np.unique per text; groups of
-    # ~4M characters bound the word lists held at once
+def _tf_cells(texts: list[str], dim: int, words: list[list[str]] | None = None):
+    """The non-zero cells of the texts' term frequencies: (cell = text * dim + bucket, ascending;
+    its 1 + log(count), float32). One count over a group's (text, bucket) pairs, instead of one
+    np.unique per text; groups of ~4M characters bound the word lists held at once."""
+    cells, values = [], []
     for i, j in text_groups(texts, 4 << 20):
         group = words[i:j] if words is not None else [words_of(t) for t in texts[i:j]]
         per_text = np.fromiter(map(len, group), dtype=np.int64, count=j - i)
         b = np.fromiter(_buckets(list(itertools.chain.from_iterable(group)), dim), dtype=np.int64)
         cell, c = np.unique(np.repeat(np.arange(i, j), per_text) * dim + b, return_counts=True)
-        out.reshape(-1)[cell] = 1.0 + np.log(c.astype(np.float32))
+        cells.append(cell)
+        values.append(1.0 + np.log(c.astype(np.float32)))
+    if not cells:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(cells), np.concatenate(values)
+
+
+def tf_vectors(texts: list[str], dim: int, words: list[list[str]] | None = None) -> np.ndarray:
+    """(n, dim) float32 of 1 + log(count) per hashed word (0 where absent); `words`: the texts'
+    words_of, when the caller has them already."""
+    out = np.zeros((len(texts), dim), dtype=np.float32)
+    cell, value = _tf_cells(texts, dim, words)
+    out.reshape(-1)[cell] = value
     return out
 
 
@@ -68,28 +79,67 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
-def kmeans(x_ND: np.ndarray, k: int, seed: int = 0, iters: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical k-means (cosine) with k-means++ seeding. Returns (centroids_KD, assign_N)."""
+class SparseRows:
+    """An (n, dim) matrix by its non-zero cells (row-major: `row` ascending), for the
+    topic summary's hashed TF-IDF (~3% non-zero): k-means on it costs O(non-zeros * k) a step,
+    not O(n * dim * k), and no dense (n, dim) array is built."""
+
+    def __init__(self, row: np.ndarray, col: np.ndarray, value: np.ndarray, shape: tuple[int, int]):
+        self.row, self.col, self.value, self.shape = row, col, value, shape
+
+    def unit_rows(self) -> SparseRows:
+        norm = np.sqrt(np.bincount(self.row, self.value**2, minlength=self.shape[0]))
+        return SparseRows(self.row, self.col, self.value / np.maximum(norm, 1e-12)[self.row], self.shape)
+
+    def dot(self, c_KD: np.ndarray) -> np.ndarray:
+        """self @ c_KD.T, (n, k)."""
+        prod_ZK = self.value[:, None] * c_KD.T[self.col]
+        n = self.shape[0]
+        return np.stack([np.bincount(self.row, p, minlength=n) for p in prod_ZK.T], axis=1)
+
+    def dense(self, rows: list[int] | np.ndarray) -> np.ndarray:
+        """The given rows, dense (len(rows), dim)."""
+        out = np.zeros((len(rows), self.shape[1]), dtype=self.value.dtype)
+        for i, r in enumerate(rows):
+            a, b = np.searchsorted(self.row, [r, r + 1])
+            out[i, self.col[a:b]] = self.value[a:b]
+        return out
+
+    def sum_by(self, group_N: np.ndarray, k: int) -> np.ndarray:
+        """(k, dim): the sum of the rows of each group."""
+        d = self.shape[1]
+        flat = np.bincount(group_N[self.row] * d + self.col, self.value, minlength=k * d)
+        return flat.reshape(k, d)
+
+
+def kmeans(x_ND, k: int, seed: int = 0, iters: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means (cosine) with k-means++ seeding of unit rows: an (n, d) array or
+    `SparseRows`. Returns (centroids_KD, assign_N)."""
+    sparse = isinstance(x_ND, SparseRows)
     n = x_ND.shape[0]
     k = max(1, min(k, n))
     rng = np.random.default_rng(seed)
     centers = [int(rng.integers(n))]
     for _ in range(1, k):
-        d = 1.0 - (x_ND @ x_ND[centers].T).max(axis=1)
+        c = x_ND.dense(centers) if sparse else x_ND[centers]
+        d = 1.0 - (x_ND.dot(c) if sparse else x_ND @ c.T).max(axis=1)
         d = np.maximum(d, 0) ** 2
         centers.append(int(rng.choice(n, p=d / d.sum())) if d.sum() > 0 else int(rng.integers(n)))
-    c_KD = x_ND[centers].copy()
+    c_KD = x_ND.dense(centers) if sparse else x_ND[centers].copy()
     assign = np.zeros(n, dtype=np.int64)
     previous = None
     for _ in range(iters):
-        assign = np.argmax(x_ND @ c_KD.T, axis=1)
+        assign = np.argmax(x_ND.dot(c_KD) if sparse else x_ND @ c_KD.T, axis=1)
         if previous is not None and np.array_equal(assign, previous):
             break  # converged: the centroids, hence every later step, would repeat
         previous = assign
-        onehot_NK = np.zeros((n, k), dtype=x_ND.dtype)
-        onehot_NK[np.arange(n), assign] = 1
-        sums_KD = onehot_NK.T @ x_ND  # members' sums in one product (no per-cluster row copies)
-        filled = onehot_NK.any(axis=0)  # an empty cluster keeps its centroid
+        if sparse:
+            sums_KD = x_ND.sum_by(assign, k)
+        else:
+            onehot_NK = np.zeros((n, k), dtype=x_ND.dtype)
+            onehot_NK[np.arange(n), assign] = 1
+            sums_KD = onehot_NK.T @ x_ND  # members' sums in one product (no per-cluster row copies)
+        filled = np.bincount(assign, minlength=k) > 0  # an empty cluster keeps its centroid
         c_KD[filled] = sums_KD[filled]
         c_KD = _normalize(c_KD)
     return c_KD, assign
@@ -144,22 +194,25 @@ def topic_summary(samples: list[tuple[str, bool, str]], k: int, seed: int = 0, t
     texts = [s[0] for s in samples]
     words = [words_of(t) for t in texts]
     dim = 1 << 12
-    tf = tf_vectors(texts, dim, words)
-    idf = np.log((1 + len(texts)) / (1 + (tf > 0).sum(axis=0))) + 1.0
-    x = _normalize(tf * idf)
+    cell, value = _tf_cells(texts, dim, words)
+    row, col = cell // dim, cell % dim
+    idf = np.log((1 + len(texts)) / (1 + np.bincount(col, minlength=dim))) + 1.0
+    x = SparseRows(row, col, value * idf[col], (len(texts), dim)).unit_rows()
     _, assign = kmeans(x, k, seed)
-    # map buckets back to words seen in the sample (the most frequent word wins a bucket)
+    weight_JD = x.sum_by(assign, int(assign.max()) + 1)
+    top_J = [np.argsort(-w)[:top] for w in weight_JD]
+    # map the top buckets back to words seen in the sample (the most frequent word wins a bucket,
+    # the first seen among equals)
+    wanted = set(np.concatenate(top_J).tolist())
     counts = Counter(itertools.chain.from_iterable(words))
-    vocab: dict[int, Counter] = {}
+    best: dict[int, tuple[int, str]] = {}
     for w, b in zip(counts, _buckets(list(counts), dim)):
-        vocab.setdefault(b, Counter())[w] = counts[w]
+        if b in wanted and counts[w] > best.get(b, (0, ""))[0]:
+            best[b] = (counts[w], w)
     out = []
     for j in sorted(set(assign.tolist())):
         members = np.flatnonzero(assign == j)
-        weight = x[members].sum(axis=0)
-        terms = [
-            vocab[b].most_common(1)[0][0] for b in np.argsort(-weight)[:top] if weight[b] > 0 and b in vocab
-        ]
+        terms = [best[b][1] for b in top_J[j].tolist() if weight_JD[j, b] > 0 and b in best]
         dropped = Counter(samples[i][2] for i in members if not samples[i][1])
         out.append(
             {

@@ -333,6 +333,44 @@ def test_domain_filter_and_topics(all_docs):
     )
     assert sum(c["size"] for c in topics) == 120 and all(c["top_terms"] for c in topics)
     assert sum(c["kept"] + sum(c["dropped"].values()) for c in topics) == 120
+    assert topics == _topics_dense(
+        [(t, i % 3 > 0, "low_quality") for i, t in enumerate(email[:30] + other[:90])], 4
+    )
+
+
+def _topics_dense(samples, k, seed=0, top=8):
+    """topic_summary on dense (n, dim) TF-IDF rows, each bucket's words counted: its reference."""
+    from collections import Counter
+
+    from pipelines.domain import _buckets, _normalize, kmeans, tf_vectors, words_of
+
+    words = [words_of(t) for t, _, _ in samples]
+    tf = tf_vectors([t for t, _, _ in samples], 1 << 12, words)
+    x = _normalize(tf * (np.log((1 + len(samples)) / (1 + (tf > 0).sum(axis=0))) + 1.0))
+    _, assign = kmeans(x, k, seed)
+    counts = Counter(w for ws in words for w in ws)
+    vocab = {}
+    for w, b in zip(counts, _buckets(list(counts), 1 << 12)):
+        vocab.setdefault(b, Counter())[w] = counts[w]
+    out = []
+    for j in sorted(set(assign.tolist())):
+        members = np.flatnonzero(assign == j)
+        weight = x[members].sum(axis=0)
+        terms = [
+            vocab[b].most_common(1)[0][0] for b in np.argsort(-weight)[:top] if weight[b] > 0 and b in vocab
+        ]
+        dropped = Counter(samples[i][2] for i in members if not samples[i][1])
+        kept = int(sum(samples[i][1] for i in members))
+        out.append(
+            {
+                "cluster": j,
+                "size": int(members.size),
+                "kept": kept,
+                "dropped": dict(dropped),
+                "top_terms": terms,
+            }
+        )
+    return sorted(out, key=lambda c: -c["size"])
 
 
 def test_topic_reservoir_is_uniform_and_batch_independent():
@@ -357,7 +395,7 @@ def test_topic_reservoir_is_uniform_and_batch_independent():
 def test_kmeans_equals_the_per_cluster_loop():
     """Centroid sums as one product, an empty cluster keeping its centroid, and the stop once
     assignments repeat: the same result as summing each cluster's rows for every iteration."""
-    from pipelines.domain import _normalize, kmeans
+    from pipelines.domain import SparseRows, _normalize, kmeans
 
     def reference(x, k, seed, iters=20):
         rng = np.random.default_rng(seed)
@@ -378,11 +416,16 @@ def test_kmeans_equals_the_per_cluster_loop():
 
     rng = np.random.default_rng(0)
     for n, k in ((200, 5), (30, 12), (7, 7)):  # many clusters for few points: some stay empty
-        x = _normalize(np.abs(rng.normal(size=(n, 16))) ** 3)
+        x = _normalize(np.abs(rng.normal(size=(n, 16))) ** 3 * (rng.random((n, 16)) < 0.3))
         c, assign = kmeans(x, k, seed=3)
         c_ref, assign_ref = reference(x, k, seed=3)
         assert np.array_equal(assign, assign_ref)
         np.testing.assert_allclose(c, c_ref, rtol=1e-5, atol=1e-6)
+        # the same matrix by its non-zero cells (rows of zeros included): the same clustering
+        row, col = np.nonzero(x)
+        c_sp, assign_sp = kmeans(SparseRows(row, col, x[row, col], x.shape), k, seed=3)
+        assert np.array_equal(assign_sp, assign_ref)
+        np.testing.assert_allclose(c_sp, c_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_cleaner_stages(docs):
