@@ -15,7 +15,8 @@ thousand); `docstrings`, the real docstrings of the stdlib and the installed pac
 
 Prints one JSON line: {"ratio": end to end, "steady_state_ratio": the extra documents of the big run
 over its extra seconds (fixed start-up costs cancel), "startup_s" (those fixed seconds),
-"pipeline_docs_per_s_per_core", "fasttext_docs_per_s", "ratio_vs_fasttext_all_cores", "peak_rss_mb",
+"pipeline_docs_per_s_per_core", "fasttext_docs_per_s" (the faster of a run before and one after the
+pipeline's: a drifting machine only lowers the ratios), "ratio_vs_fasttext_all_cores", "peak_rss_mb",
 "memory_growth", "cpu_s" (the big run's CPU seconds: cleaning actors, driver, the rest of Ray, and the
 wall time × CPUs available), per-stage
 µs per document, ...}.
@@ -180,9 +181,13 @@ def main(argv=None) -> int:
     # baseline: fastText's own predict alone, one process = one core (the pipeline's quality stage
     # computes the same scores batched: pipelines.ftpredict)
     scorer = QualityScorer(default_quality_model())
-    t0 = time.perf_counter()
-    scorer.fasttext_scores(docs)
-    ft_rate = len(docs) / (time.perf_counter() - t0)
+
+    def fasttext_rate() -> float:
+        t0 = time.perf_counter()
+        scorer.fasttext_scores(docs)
+        return len(docs) / (time.perf_counter() - t0)
+
+    ft_rates = [fasttext_rate()]  # (again after the pipeline's runs: see below)
     ft_all_cores = fasttext_all_cores(docs, args.cpus)
 
     tok = train_tokenizer(docs[:1000], 8192)  # a one-off cost, measured apart
@@ -214,6 +219,10 @@ def main(argv=None) -> int:
         runs[n]["kept"] = report["kept"]
         runs[n]["stages_s"] = {k: v["seconds"] for k, v in report["stages"].items()}
     ray.shutdown()
+    # the baseline once more: on a shared machine the same work's speed drifts (2x within an hour
+    # here); the ratios take the faster of the two, so drift can only lower them
+    ft_rates.append(fasttext_rate())
+    ft_rate = max(ft_rates)
     big = runs[args.docs]
     small = runs[args.docs // 4]
     per_core = big["docs_per_s"] / args.cpus
@@ -232,6 +241,7 @@ def main(argv=None) -> int:
         "pipeline_docs_per_s_per_core": round(per_core, 1),
         "steady_state_docs_per_s_per_core": round(marginal, 1),
         "fasttext_docs_per_s": round(ft_rate, 1),
+        "fasttext_docs_per_s_before_after": [round(r, 1) for r in ft_rates],
         # the same baseline with every core busy (one fastText process per core, as the pipeline)
         "fasttext_all_cores_docs_per_s_per_core": round(ft_all_cores, 1),
         "ratio_vs_fasttext_all_cores": round(per_core / ft_all_cores, 3),
@@ -245,6 +255,8 @@ def main(argv=None) -> int:
         "memory_growth": round(big["peak_rss_mb"] / small["peak_rss_mb"], 3),
         # where the big run's CPU went (sampled per process), against what its wall time offered
         "cpu_s": {**big["cpu_s"], "available": round(big["wall_s"] * args.cpus, 2)},
+        # the same summed per document: steadier than wall time when other tenants share the machine
+        "cpu_us_per_doc": round(1e6 * sum(big["cpu_s"].values()) / args.docs, 1),
         # the quality stage (fastText's scores, batched) per core inside the run, vs fastText's
         # predict; with all of the shared chunk lookup (which also serves MinHash and tokens)
         "quality_stage_docs_per_s": round(
