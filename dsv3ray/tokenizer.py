@@ -121,14 +121,15 @@ class _ChunkCache:
     never has byte 0x20 inside a character, so the chunks are the byte runs between spaces) and
     all its chunks are looked up at once in a `dsv3ray.runtable.RunTable`, keyed by the chunk's
     bytes and whether it starts its text; entries' ids are kept in a `runtable.Ragged`. A
-    text with a chunk over MAX_CHUNK bytes takes the library (the cache's bytes stay bounded).
+    text with a chunk over MAX_CHUNK bytes is not cached (the cache's bytes stay bounded): its
+    chunks are encoded for that call only (`encode_uncached`).
     Chunks missing from the cache are checked against the rule and encoded once per batch, from
     their pre-token pieces where they are printable ASCII (`encode_chunks`). At most `max_entries`
     chunks are kept: the cache empties when a batch's new chunks would pass that bound, and a
     batch whose new chunks alone pass it takes the library.
     """
 
-    MAX_CHUNK = 256  # bytes: a text with a longer chunk (a blob, not words) takes the library
+    MAX_CHUNK = 256  # bytes: a text with a longer chunk (a blob, not words) is not cached
     GROUP_CHARS = 256 << 10  # texts looked up together
 
     def __init__(self, hf: _HFTokenizer, max_entries: int = 1 << 18, max_pieces: int = 1 << 20):
@@ -214,6 +215,26 @@ class _ChunkCache:
         if self.added_spanning:
             ok &= [not any(a in t for a in self.added_spanning) for t in texts]
         return ok
+
+    def encode_uncached(self, texts: list[str]) -> list[np.ndarray | None]:
+        """Each text's ids from its space-separated chunks (`encode_chunks`), nothing stored: for
+        texts the cache refuses for a chunk over MAX_CHUNK bytes (code, tables, long URLs; the
+        library would cost ~1 µs a character). None where the chunk rule does not hold: an empty
+        chunk (a space at an end or next to another), an added token with a space, an unsafe chunk."""
+        spanning = self.spanning_ok(texts)
+        parts = [t.split(" ") if ok else [""] for t, ok in zip(texts, spanning.tolist())]
+        per_text = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+        chunks = list(itertools.chain.from_iterable(parts))
+        first = np.zeros(len(chunks), dtype=bool)
+        first[np.cumsum(per_text) - per_text] = True
+        safe, sizes, flat = self.encode_chunks(chunks, first)
+        owner = np.repeat(np.arange(len(texts)), per_text)
+        good = np.bincount(owner, weights=~safe, minlength=len(texts)) == 0  # every chunk safe
+        ends = np.cumsum(sizes)  # (unsafe chunks have no ids in flat)
+        last = np.cumsum(per_text) - 1
+        stop = ends[last]
+        start = np.concatenate(([0], stop[:-1]))
+        return [flat[a:b] if g else None for a, b, g in zip(start.tolist(), stop.tolist(), good.tolist())]
 
     def encode_chunks(
         self, chunks: list[str], first: np.ndarray
@@ -415,6 +436,12 @@ class Tokenizer:
             )
         pieces = [flat[offsets[i] : offsets[i + 1]] for i in range(n)]
         slow = np.flatnonzero(~ok)
+        if self._chunks is not None and slow.size:  # chunk by chunk where the rule holds
+            for i, ids in zip(slow.tolist(), self._chunks.encode_uncached([texts[i] for i in slow])):
+                if ids is not None:
+                    pieces[i] = ids
+                    ok[i] = True
+            slow = np.flatnonzero(~ok)
         for i, e in zip(slow, self.hf.encode_batch_fast([texts[i] for i in slow], add_special_tokens=False)):
             pieces[i] = np.asarray(e.ids, dtype=np.int32)
         offsets = np.zeros(n + 1, dtype=np.int64)

@@ -76,6 +76,42 @@ def test_chunk_cache_encodes_exactly_like_the_library():
     assert [len(a) for a in Tokenizer(cut).encode_batch(docs[:3])] == [5, 5, 5]
 
 
+def test_texts_with_a_chunk_over_max_chunk_encode_chunk_by_chunk_like_the_library():
+    """A chunk over MAX_CHUNK bytes (code lines joined by newlines, a long URL, a table rule) is not
+    cached; its text is encoded chunk by chunk for the call (`encode_uncached`), not by the
+    library, unless the chunk rule fails, and the ids stay the library's."""
+    import random
+
+    from pipelines.corpus import stdlib_documents
+
+    docs = [d["text"] for d, _ in zip(stdlib_documents(min_chars=50), range(600))]
+    tok = train_tokenizer(docs[:300], vocab_size=2000)
+    rng = random.Random(1)
+    lines = [ln.strip() for d in docs for ln in d.splitlines() if ln.strip() and " " not in ln.strip()]
+    long_parts = [
+        "\n".join(rng.sample(lines, 40)),  # code without spaces, one chunk
+        "https://example.com/" + "/".join(rng.choice(lines) for _ in range(60)),
+        "+" * 300,
+        "日本語のテキスト" * 40,  # non-ASCII: chunk by chunk through the library
+        "x" * 200 + "\t" + "y" * 200,  # a tab inside: still one chunk
+        "z" * 300 + EOS_TOKEN + "w",  # an added token inside a long chunk
+    ]
+    texts = []
+    for _ in range(300):
+        words = rng.sample(docs, 1)[0].split()[: rng.randint(0, 30)] + [rng.choice(long_parts)]
+        rng.shuffle(words)
+        texts.append(rng.choice([" ", " ", "  "]).join(words) + rng.choice(["", "", " ", "\n"]))
+    want = [e.ids for e in tok.hf.encode_batch_fast(texts, add_special_tokens=False)]
+    assert [a.tolist() for a in tok.encode_batch(texts)] == want
+    by_chunks = tok._chunks.encode_uncached(texts)
+    for got, ids in zip(by_chunks, want):
+        assert got is None or got.tolist() == ids
+    # the chunk path, not the library, unless a space doubles or ends a text, whitespace ends a
+    # chunk (the text's last) or an added token is inside a chunk
+    refused = ["  " in t or t != t.rstrip() or EOS_TOKEN in t for t in texts]
+    assert 50 < refused.count(False) and [b is None for b in by_chunks] == refused
+
+
 def test_ascii_chunks_encode_piece_by_piece_like_the_library():
     """New chunks of printable ASCII and newlines are cut into the pre-tokenizer's pieces by our
     pattern and each piece is encoded once: the ids equal the library's on fuzzed chunks full of
