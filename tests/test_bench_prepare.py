@@ -21,7 +21,10 @@ def test_prepare_benchmark_runs_and_reports(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["docs"] == 800 and out["target"] == ">= 0.5" and out["corpus"] == "recombined"
     assert out["fasttext_docs_per_s"] > 0 and 0 < out["ratio"] < 5 and out["pipeline_docs_per_s_per_core"] > 0
-    assert out["fasttext_docs_per_s"] == max(out["fasttext_docs_per_s_before_after"]) and out["cpu_us_per_doc"] > 0
+    assert (
+        out["fasttext_docs_per_s"] == max(out["fasttext_docs_per_s_before_after"])
+        and out["cpu_us_per_doc"] > 0
+    )
     assert out["fasttext_all_cores_docs_per_s_per_core"] > 0 and 0 < out["ratio_vs_fasttext_all_cores"] < 5
     assert set(out["wall_s"]) == {"200", "800"} and out["memory_growth"] > 0
     cpu = out["cpu_s"]  # sampled per process: the cleaning actors and the driver both worked
