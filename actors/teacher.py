@@ -25,6 +25,7 @@ import torch
 
 from dsv3ray.distill import TEACHER_EXPORT_DIR, DistillConfig, compress
 from dsv3ray.errors import UserError
+from dsv3ray.malloc import worker_env
 
 TeacherSource = str | Callable[[], torch.nn.Module]
 
@@ -174,6 +175,7 @@ def start_teacher_pool(
         num_gpus=cfg.teacher_num_gpus,
         max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_task_retries,
+        runtime_env={"env_vars": worker_env()},  # glibc keeps freed tensors' memory (dsv3ray.malloc)
     )(TeacherWorker)
     handles = TeacherPool()
     if not isinstance(source, str):

@@ -177,6 +177,7 @@ def main() -> None:
 
     from dsv3ray.cost import train_flops_per_token
     from dsv3ray.data import write_synthetic_prepared
+    from dsv3ray.malloc import worker_env
     from dsv3ray.train import train
 
     work = Path(tempfile.mkdtemp(prefix="dsv3ray-bench-"))
@@ -184,7 +185,8 @@ def main() -> None:
         work / "data", num_train=512, num_eval=16, seq_len=SEQ_LEN, vocab_size=VOCAB
     )
     threads = max(1, (os.cpu_count() or 1) // args.workers) if not args.gpu else 4
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # the torchrun workers get the malloc settings Ray Train workers get (dsv3ray.malloc)
+    env = {**os.environ, **worker_env(), "OMP_NUM_THREADS": str(threads)}
 
     # Alternate the launchers (torchrun, Ray, torchrun, Ray, ...) so load from other processes on a
     # shared machine hits both alike; Ray is shut down between repetitions. Estimate = the fastest

@@ -105,6 +105,9 @@ def _handler(command: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dsv3ray.malloc import tune_this_process
+
+    tune_this_process()  # large tensors reuse freed heap memory (dsv3ray.malloc)
     try:
         from dsv3ray.runconfig import resolve_run_config
 

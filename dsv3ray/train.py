@@ -38,6 +38,7 @@ from dsv3ray.hetero import (
     save_elastic,
     scaling_config,
 )
+from dsv3ray.malloc import worker_env
 from dsv3ray.report import write_report
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -355,6 +356,8 @@ def train(run) -> dict:
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             # At least 2: a newest checkpoint found incomplete on load never leaves zero valid ones.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(2, cfg.keep_checkpoints)),
+            # glibc keeps freed tensors' memory for the next step (dsv3ray.malloc)
+            worker_runtime_env={"env_vars": worker_env()},
         ),
         datasets=datasets,
         # Not split: the sampler may hand any sample id to any worker.
