@@ -6,20 +6,27 @@ Prints one JSON line per top-k case. Variants (each one full training step: forw
                   EVERY token (obvious typos fixed, semantics kept).
   (b) dense       a dense SwiGLU FFN with the routed layer's activated parameters (intermediate K*I):
                   the FLOP floor.
-  (c) torch       our layer through the torch seams (dsv3ray.moe: route/permute/grouped_swiglu
-                  (grouped_mm)/unpermute), falling back to kernels' references without dsv3ray.
-  (c') torch_fast (c) with kernels' faster torch pieces (CPU strategy): permute_torch /
+  (c) torch       our layer as the model runs it with moe_impl="torch" on this device
+                  (dsv3ray.moe.moe_ops): on CPU the CPU strategy, kernels' permute_torch /
                   unpermute_torch (gather-only backward) and grouped_swiglu_torch (per-expert GEMMs,
-                  one single-threaded worker per core); the router stays (c)'s.
+                  one single-threaded worker per core); on CUDA the plain seams (grouped_mm,
+                  indexing). Without dsv3ray: kernels' references.
+  (c') torch_alt  the other torch seams, for comparison: on CPU the plain ones (dsv3ray.moe.TORCH_OPS:
+                  grouped_mm, indexing with a scatter-add backward), on CUDA the CPU strategy. The
+                  router is (c)'s in both.
   (d) triton      our layer through the Triton kernels (GPU; on CPU only with --triton-cpu).
   (e) gmm_mlp     the expert MLP alone through torch.nn.functional.grouped_mm (+ mlp_triton,
-                  mlp_torch_fast on the same rows), and routing alone (route+permute+unpermute)
-                  torch vs Triton.
+                  mlp_torch_fast = grouped_swiglu_torch on the same rows), and routing alone
+                  (route+permute+unpermute): routing_torch = (c)'s, routing_torch_alt = (c')'s, Triton.
 Times are the minimum over repetitions (robust to other load on a shared machine), in ms; `cpu_ms`
 is the process CPU time of that step (all threads; on a loaded machine it shows the work done when
 wall time also shows waiting for a core).
 Memory: `saved_MB` = bytes autograd keeps for backward (activations, parameters excluded) on every
 device; `peak_MB` = peak allocated during the step above the start (CUDA only).
+
+The process runs with dsv3ray's malloc settings (`dsv3ray.malloc`, as its training processes do:
+large freed blocks stay in the heap); `DSV3RAY_MALLOC=system` measures with glibc's defaults. The
+JSON line's `malloc` says which.
 
 Our layer's experts are SwiGLU with I = --intermediate (default 344 ~ D/3, so one expert has the seed
 expert's D*D parameters and a token's activated expert FLOPs match the seed's per-expert FLOPs).
@@ -42,9 +49,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402  (the repo root must be importable first)
 
 try:  # the model's torch seams (entry-level script: may import dsv3ray)
+    from dsv3ray.moe import CPU_TORCH_OPS as _DSV3_CPU_OPS
     from dsv3ray.moe import TORCH_OPS as _DSV3_OPS
 except Exception as exc:  # noqa: BLE001 - fall back to the references, say so in the output
-    _DSV3_OPS = None
+    _DSV3_OPS = _DSV3_CPU_OPS = None
     _DSV3_ERR = f"{type(exc).__name__}: {exc}"
 else:
     _DSV3_ERR = None
@@ -60,7 +68,8 @@ class Ops:
         )
 
 
-def torch_ops() -> Ops:
+def plain_ops() -> Ops:
+    """The plain torch seams (grouped_mm, indexing); kernels' references without dsv3ray."""
     if _DSV3_OPS is not None:
         o = _DSV3_OPS
         return Ops(o.route, o.permute, o.grouped_swiglu, o.unpermute)
@@ -68,9 +77,20 @@ def torch_ops() -> Ops:
 
 
 def fast_ops() -> Ops:
+    """The CPU strategy (kernels.torch_experts), as dsv3ray.moe.CPU_TORCH_OPS."""
     return Ops(
-        torch_ops().route, kernels.permute_torch, kernels.grouped_swiglu_torch, kernels.unpermute_torch
+        plain_ops().route, kernels.permute_torch, kernels.grouped_swiglu_torch, kernels.unpermute_torch
     )
+
+
+def torch_ops(dev: torch.device) -> Ops:
+    """(c): what the model runs with moe_impl="torch" on dev (dsv3ray.moe.moe_ops)."""
+    return fast_ops() if dev.type == "cpu" and _DSV3_CPU_OPS is not None else plain_ops()
+
+
+def alt_ops(dev: torch.device) -> Ops:
+    """(c'): the other torch seams."""
+    return plain_ops() if dev.type == "cpu" and _DSV3_CPU_OPS is not None else fast_ops()
 
 
 TRITON_OPS = Ops(kernels.route, kernels.permute, kernels.grouped_swiglu, kernels.unpermute)
@@ -266,6 +286,7 @@ def run_case(args, top_k: int, dev, dtype, bw_GBps: float) -> dict:
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_path_from": "dsv3ray.moe" if _DSV3_OPS is not None else f"kernels references ({_DSV3_ERR})",
+        "torch_is": "CPU strategy" if torch_ops(dev).permute is kernels.permute_torch else "plain seams",
     }
 
     def layer_step(mod, fwd):
@@ -291,8 +312,8 @@ def run_case(args, top_k: int, dev, dtype, bw_GBps: float) -> dict:
     moe.gate_up_proj.data = moe.gate_up_proj.data.to(dtype)
     moe.down_proj.data = moe.down_proj.data.to(dtype)
     variants = {
-        "torch": (torch_ops(), None),
-        "torch_fast": (fast_ops(), None),
+        "torch": (torch_ops(dev), None),
+        "torch_alt": (alt_ops(dev), None),
     }
     if on_gpu or args.triton_cpu:
         variants["triton"] = (TRITON_OPS, None)
@@ -320,7 +341,7 @@ def run_case(args, top_k: int, dev, dtype, bw_GBps: float) -> dict:
             fn(xs, w1, w2, offsets_E).backward(gys_ND)
 
         cases[name] = (mstep, [w1, w2], args.reps, warm)
-    routings = {"routing_torch": torch_ops(), "routing_torch_fast": fast_ops()}
+    routings = {"routing_torch": torch_ops(dev), "routing_torch_alt": alt_ops(dev)}
     if on_gpu or args.triton_cpu:
         routings["routing_triton"] = TRITON_OPS
     for name, ops in routings.items():
@@ -346,12 +367,12 @@ def run_case(args, top_k: int, dev, dtype, bw_GBps: float) -> dict:
     flops_seed = 3 * (E * 2 * T * D * D + 2 * T * D * E)  # fwd + 2x for bwd; every expert, every token
     flops_ours = 3 * (6 * N * D * I + 2 * T * D * E)
     flops_dense = 3 * (6 * T * D * K * I)
-    best_ours = min([m for m in (ms("torch"), ms("torch_fast"), ms("triton")) if m] or [math.nan])
+    best_ours = min([m for m in (ms("torch"), ms("torch_alt"), ms("triton")) if m] or [math.nan])
     out["best_ours_ms"] = best_ours
     out["speedup_vs_seed"] = ratio("seed", "torch")  # (a)/(c)
     out["vs_dense_active"] = ratio("torch", "dense")  # (c)/(b)
-    out["speedup_vs_seed_fast"] = ratio("seed", "torch_fast")
-    out["vs_dense_active_fast"] = ratio("torch_fast", "dense")
+    out["speedup_vs_seed_alt"] = ratio("seed", "torch_alt")
+    out["vs_dense_active_alt"] = ratio("torch_alt", "dense")
     out["torch_fast_vs_gmm_mlp"] = ratio("mlp_gmm", "mlp_torch_fast")
     out["triton_vs_torch"] = ratio("torch", "triton")
     out["triton_mlp_vs_gmm"] = ratio("mlp_gmm", "mlp_triton")  # target >= 1 on GPU
@@ -363,11 +384,7 @@ def run_case(args, top_k: int, dev, dtype, bw_GBps: float) -> dict:
     out["gflop_step"] = {"seed": flops_seed / 1e9, "ours": flops_ours / 1e9, "dense": flops_dense / 1e9}
     sd = (out.get("seed") or {}).get("saved_MB")
     best_saved = min(
-        [
-            v["saved_MB"]
-            for k, v in out.items()
-            if k in ("torch", "torch_fast", "triton") and v.get("saved_MB")
-        ]
+        [v["saved_MB"] for k, v in out.items() if k in ("torch", "torch_alt", "triton") and v.get("saved_MB")]
         or [0]
     )
     out["seed_claims"] = {
@@ -411,11 +428,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.reps = min(args.tokens, 512), 2
+    try:  # the settings dsv3ray's training processes run with
+        from dsv3ray.malloc import tune_this_process
+
+        malloc = "dsv3ray.malloc" if tune_this_process() else "system"
+    except ImportError:
+        malloc = "system"
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     bw = bandwidth_GBps(dev, dtype)
     for k in args.top_k:
-        line = json.dumps(run_case(args, k, dev, dtype, bw))
+        line = json.dumps({**run_case(args, k, dev, dtype, bw), "malloc": malloc})
         print(line, flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -59,15 +59,29 @@ def _chunks(groups, parts: int) -> list[list[tuple[int, int, int]]]:
     return chunks
 
 
+def _in_dispatch_mode() -> bool:
+    try:
+        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return is_in_torch_dispatch_mode()
+
+
 def _run(fn, chunks) -> None:
     workers = torch.get_num_threads()
-    if workers <= 1 or len(chunks) <= 1:
+    # a dispatch mode (FlopCounterMode, FakeTensorMode, ...) is thread-local: the pool's workers
+    # would run the GEMMs outside it, so under one every chunk runs in the caller's thread
+    if workers <= 1 or len(chunks) <= 1 or _in_dispatch_mode():
         for c in chunks:
             fn(c)
         return
 
-    def no_grad_fn(c):  # grad mode is thread-local and a fresh worker has it on
-        with torch.no_grad():
+    # grad and inference mode are thread-local: a fresh worker has grad on and inference off,
+    # and writing into the caller's inference-mode tensors outside inference mode is an error
+    inference = torch.is_inference_mode_enabled()
+
+    def no_grad_fn(c):
+        with torch.inference_mode(inference), torch.no_grad():
             fn(c)
 
     for f in [_pool(workers, os.getpid()).submit(no_grad_fn, c) for c in chunks]:

@@ -267,6 +267,25 @@ def test_grouped_swiglu_torch_cpu_path_matches_reference(N, D, I, E, mode, dtype
     _check_grouped_swiglu(N, D, I, E, dtype, mode, fn=grouped_swiglu_torch)
 
 
+def test_grouped_swiglu_torch_under_inference_mode_with_worker_threads():
+    """A teacher labels under torch.inference_mode: the experts' worker threads (thread-local
+    modes) write into the caller's inference tensors, and must be in inference mode too."""
+    torch.manual_seed(0)
+    offsets = _offsets(300, 6, "random")
+    x = torch.randn(300, 64)
+    w1, w2 = torch.randn(6, 48, 64) / 8, torch.randn(6, 64, 24) / 5
+    want = grouped_swiglu_ref(x, w1, w2, offsets)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two chunks of experts on two pool workers
+    try:
+        with torch.inference_mode():
+            got = grouped_swiglu_torch(x, w1, w2, offsets)
+    finally:
+        torch.set_num_threads(threads)
+    assert got.is_inference()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_grouped_swiglu_with_other_tiles():
     """Tile sizes given by the caller (what benchmarks/grouped_mlp_tiles.py sweeps) change the
     tiling, not the result: small and odd-shaped tiles, rows split across many tiles per expert."""

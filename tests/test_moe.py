@@ -260,14 +260,51 @@ def test_sequence_balance_loss_value():
 
 
 def test_moe_impl_choice(monkeypatch):
-    assert moe_ops("torch", torch.device("cpu")).route is route
-    assert moe_ops("auto", torch.device("cpu")).route is route
     import dsv3ray.moe as moe_mod
+
+    # torch on CPU: the CPU strategy (kernels.torch_experts); the plain seams elsewhere
+    assert moe_ops("torch", torch.device("cpu")) is moe_mod.CPU_TORCH_OPS
+    assert moe_ops("auto", torch.device("cpu")) is moe_mod.CPU_TORCH_OPS
+    assert moe_ops("torch", torch.device("meta")) is moe_mod.TORCH_OPS
+    assert moe_ops("torch", torch.device("cpu")).route is route
 
     monkeypatch.setattr(moe_mod, "_triton_ops", lambda: None)  # as if kernels/ lacked the seams
     with pytest.raises(UserError, match="moe_impl='triton'") as ei:
         moe_ops("triton", torch.device("cpu"))
     assert "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_torch_seams_equal_the_plain_torch_seams(monkeypatch, dtype):
+    """The layer through CPU_TORCH_OPS (what runs on CPU) and through TORCH_OPS (grouped_mm,
+    indexing): same output and gradients, with experts that get no token and bf16 weights."""
+    import dsv3ray.moe as moe_mod
+
+    torch.manual_seed(0)
+    cfg = _moe_cfg(n_routed_experts=8, num_experts_per_tok=3, n_group=1, topk_group=1, n_shared_experts=1)
+    moe = MoE(cfg)
+    _init(moe, 1)
+    with torch.no_grad():  # half the experts unreachable: some groups are empty
+        moe.gate.e_score_correction_bias[:4] = -100.0
+    x = torch.randn(2, 9, cfg.hidden_size).to(dtype)
+    gy = torch.randn(2, 9, cfg.hidden_size).to(dtype)
+    results = []
+    for ops in (moe_mod.TORCH_OPS, moe_mod.CPU_TORCH_OPS):
+        monkeypatch.setattr(moe_mod, "moe_ops", lambda impl, dev, ops=ops: ops)
+        moe.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            y, counts, _ = moe(xi)
+        (y.float() * gy.float()).sum().backward()
+        grads = [p.grad.clone() for p in (moe.gate.weight, moe.experts.gate_up_proj, moe.experts.down_proj)]
+        results.append((y.detach(), counts, xi.grad, *grads))
+    assert results[0][1][:4].sum() == 0 and torch.equal(results[0][1], results[1][1])
+    for a, b in zip(results[0], results[1]):
+        a, b = a.float(), b.float()
+        if dtype == torch.float32:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        else:  # bf16 GEMMs summing in another order: a few ulps of the tensor's scale
+            torch.testing.assert_close(b, a, rtol=2e-2, atol=4e-2 * float(a.abs().max()))
 
 
 def test_triton_impl_matches_torch_when_available():
