@@ -175,7 +175,8 @@ def start_teacher_pool(
         num_gpus=cfg.teacher_num_gpus,
         max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_task_retries,
-        runtime_env={"env_vars": worker_env()},  # glibc keeps freed tensors' memory (dsv3ray.malloc)
+        # glibc keeps freed tensors' memory (dsv3ray.malloc)
+        runtime_env={"env_vars": worker_env(one_arena=cfg.teacher_num_gpus == 0)},
     )(TeacherWorker)
     handles = TeacherPool()
     if not isinstance(source, str):

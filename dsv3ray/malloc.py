@@ -14,8 +14,9 @@ faulting it in again.
 Two ways in, because glibc gives a thread its own arena (whose heaps hold at most 64 MiB) and
 Ray Train runs the training loop in a thread of the worker:
 - `worker_env()`: environment variables for processes Ray starts for us (train workers, teacher
-  actors); glibc reads them at process start, and MALLOC_ARENA_MAX=1 puts every thread on the
-  main arena, which can serve any size.
+  actors); glibc reads them at process start. For CPU work MALLOC_ARENA_MAX=1 also puts every
+  thread on the main arena, which can serve any size; a GPU process keeps its arenas (its large
+  tensors live on the device, and many threads allocating on the host would contend for one).
 - `tune_this_process()`: the same thresholds set with mallopt in a running process (the CLI's
   driver, benchmarks, torchrun workers), for the allocations of its main thread.
 
@@ -53,12 +54,14 @@ def enabled() -> bool:
     return os.environ.get(OPT_OUT, "").strip().lower() != "system" and platform.libc_ver()[0] == "glibc"
 
 
-def worker_env() -> dict[str, str]:
+def worker_env(one_arena: bool = True) -> dict[str, str]:
     """The variables for a process Ray will start (runtime_env env_vars): those the user has not
-    set in this process's environment; {} when turned off or not on glibc."""
+    set in this process's environment; {} when turned off or not on glibc. one_arena=False (GPU
+    processes): the thresholds only."""
     if not enabled():
         return {}
-    return {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+    keys = [k for k in WORKER_ENV if one_arena or k != "MALLOC_ARENA_MAX"]
+    return {k: WORKER_ENV[k] for k in keys if k not in os.environ}
 
 
 @functools.cache

@@ -357,7 +357,7 @@ def train(run) -> dict:
             # At least 2: a newest checkpoint found incomplete on load never leaves zero valid ones.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(2, cfg.keep_checkpoints)),
             # glibc keeps freed tensors' memory for the next step (dsv3ray.malloc)
-            worker_runtime_env={"env_vars": worker_env()},
+            worker_runtime_env={"env_vars": worker_env(one_arena=not cfg.use_gpu)},
         ),
         datasets=datasets,
         # Not split: the sampler may hand any sample id to any worker.

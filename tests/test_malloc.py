@@ -82,5 +82,8 @@ def test_worker_env_leaves_what_the_user_set(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     env = malloc.worker_env()
     assert "MALLOC_ARENA_MAX" not in env and env["MALLOC_MMAP_THRESHOLD_"] == str(1 << 30)
+    assert malloc.worker_env(one_arena=False).keys() == env.keys()  # (GPU: the thresholds only)
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert "MALLOC_ARENA_MAX" not in malloc.worker_env(one_arena=False)
     monkeypatch.setenv(malloc.OPT_OUT, "system")
     assert malloc.worker_env() == {}
