@@ -968,6 +968,8 @@ class _Worker:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         final = {
             "peak_rss_mb_per_worker": float(peak),
+            # the glibc malloc settings the workers ran with (dsv3ray.malloc; {}: glibc's defaults)
+            "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
             "peak_gpu_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if self.cfg.use_gpu else None,
             "device": "cuda" if self.cfg.use_gpu else "cpu",
             "num_devices": self.world,

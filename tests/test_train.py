@@ -15,6 +15,7 @@ import json
 import pytest
 
 from dsv3ray import checkpoint as ck
+from dsv3ray import malloc
 from dsv3ray.data import write_synthetic_prepared
 from dsv3ray.errors import UserError
 from dsv3ray.metrics import read_scalars
@@ -50,6 +51,8 @@ def test_train_ep2_then_resume_on_other_world_size_with_nan_faults(ray_local, tm
     # 1. 2 workers x EP=2
     s = train(_run(data, run_dir, "train.num_workers=2", "train.ep_size=2", "train.steps=8"))
     assert s["steps"] == 8 and s["world_size"] == 2 and s["ep_size"] == 2
+    # the workers ran with dsv3ray.malloc's settings (CPU: one arena; see tests/test_malloc.py)
+    assert malloc.worker_env().items() <= s["malloc_env"].items()
     assert s["final_eval_loss"] < unigram - 0.3, (s["final_eval_loss"], unigram)
     final = ck.latest_valid(run_dir / "checkpoints")
     assert final.name == "step_00000008" and ck.validate(final).world_size == 2
