@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -481,6 +482,36 @@ def _kill_once(run_dir: str, what: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+STAGING_PREFIX = "dsv3ray-ckpt-"  # a rank's checkpoint is staged in a temp dir, then reported
+
+
+def _staging_dir(step: int, rank: int) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{step}-r{rank}-p{os.getpid()}-"))
+
+
+def remove_stale_staging(root: str | Path | None = None) -> list[Path]:
+    """Remove the checkpoint staging dirs (under root, default the temp dir) of processes that no
+    longer exist: a worker killed while saving never runs its cleanup, and a large model's staged
+    checkpoint would stay in /tmp. Dirs of live (or unknown) processes are kept. Returns the removed."""
+    root = Path(root or tempfile.gettempdir())
+    pattern = re.compile(rf"^{STAGING_PREFIX}\d+-r\d+-p(\d+)-")
+    removed = []
+    for d in root.glob(f"{STAGING_PREFIX}*"):
+        m = pattern.match(d.name)
+        if not m or not d.is_dir():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except OSError:  # e.g. another user's process: alive
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
 def gather_distiller_states(distiller, world: int) -> list[dict] | None:
     """Every rank's Distiller counters, for rank 0 to save (collective: all ranks call it)."""
     if distiller is None:
@@ -817,7 +848,7 @@ class _Worker:
         import ray
         import ray.train
 
-        tmp = Path(tempfile.mkdtemp(prefix=f"dsv3ray-ckpt-{step}-r{self.rank}-"))
+        tmp = _staging_dir(step, self.rank)
         distill_states = gather_distiller_states(self.distiller, self.world)  # collective
         try:
             self.engine.save_checkpoint(str(tmp / "ds"), tag="step", save_latest=True)
@@ -859,6 +890,12 @@ class _Worker:
         if self.rank == 0:
             with (Path(self.c["run_dir"]) / ".starts").open("a") as f:
                 f.write(f"{os.getpid()}\n")
+        stale = remove_stale_staging()  # left by a worker killed while saving (this node)
+        if stale:
+            print(
+                f"[dsv3ray] removed {len(stale)} checkpoint staging dir(s) of dead workers: {stale}",
+                flush=True,
+            )
         self._build()
         self._load_data()
         steps, seq_len = self.c["steps"], self.c["seq_len"]

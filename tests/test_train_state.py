@@ -12,7 +12,7 @@ from distributed import spawn
 from dsv3ray import checkpoint as ck
 from dsv3ray.cost import RunningCost
 from dsv3ray.distill import DistillConfig, Distiller
-from dsv3ray.train import gather_distiller_states, restore_distiller
+from dsv3ray.train import _staging_dir, gather_distiller_states, remove_stale_staging, restore_distiller
 
 
 def _distiller(rank: int) -> Distiller:
@@ -62,3 +62,28 @@ def test_running_cost_so_far_is_plain_floats_that_load_weights_only(tmp_path):
     ck.save_train_state(tmp_path, {"step": 3, "spent": spent})
     loaded = ck.load_train_state(tmp_path)["spent"]
     assert loaded == spent and loaded["gpu_hours"] == pytest.approx(1.0)
+
+
+def test_staging_dirs_of_dead_workers_are_removed(tmp_path, monkeypatch):
+    """A worker SIGKILLed while saving leaves its staged checkpoint in the temp dir; the next
+    worker start removes it, and never a live process's staging dir or anything else."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    gone = tmp_path / f"dsv3ray-ckpt-6-r1-p{dead_pid}-abc"
+    (gone / "ds").mkdir(parents=True)
+    (gone / "ds" / "model.pt").write_bytes(b"x" * 100)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine = _staging_dir(8, 0)  # this process: alive
+    assert mine.parent == tmp_path and f"-p{os.getpid()}-" in mine.name
+    other = tmp_path / "dsv3ray-ckpt-notours"  # not a staging name: left alone
+    other.mkdir()
+    assert remove_stale_staging() == [gone]
+    assert not gone.exists() and mine.is_dir() and other.is_dir()
+    assert remove_stale_staging(tmp_path) == []
