@@ -51,8 +51,9 @@ import kernels  # noqa: E402  (the repo root must be importable first)
 try:  # the model's torch seams (entry-level script: may import dsv3ray)
     from dsv3ray.moe import CPU_TORCH_OPS as _DSV3_CPU_OPS
     from dsv3ray.moe import TORCH_OPS as _DSV3_OPS
+    from dsv3ray.moe import moe_ops as _dsv3_moe_ops
 except Exception as exc:  # noqa: BLE001 - fall back to the references, say so in the output
-    _DSV3_OPS = _DSV3_CPU_OPS = None
+    _DSV3_OPS = _DSV3_CPU_OPS = _dsv3_moe_ops = None
     _DSV3_ERR = f"{type(exc).__name__}: {exc}"
 else:
     _DSV3_ERR = None
@@ -68,29 +69,26 @@ class Ops:
         )
 
 
-def plain_ops() -> Ops:
-    """The plain torch seams (grouped_mm, indexing); kernels' references without dsv3ray."""
-    if _DSV3_OPS is not None:
-        o = _DSV3_OPS
-        return Ops(o.route, o.permute, o.grouped_swiglu, o.unpermute)
-    return Ops(kernels.route_ref, kernels.permute_ref, kernels.grouped_swiglu_ref, kernels.unpermute_ref)
-
-
-def fast_ops() -> Ops:
-    """The CPU strategy (kernels.torch_experts), as dsv3ray.moe.CPU_TORCH_OPS."""
-    return Ops(
-        plain_ops().route, kernels.permute_torch, kernels.grouped_swiglu_torch, kernels.unpermute_torch
-    )
+def _ops(o) -> Ops:
+    return Ops(o.route, o.permute, o.grouped_swiglu, o.unpermute)
 
 
 def torch_ops(dev: torch.device) -> Ops:
-    """(c): what the model runs with moe_impl="torch" on dev (dsv3ray.moe.moe_ops)."""
-    return fast_ops() if dev.type == "cpu" and _DSV3_CPU_OPS is not None else plain_ops()
+    """(c): what the model runs with moe_impl="torch" on dev (dsv3ray.moe.moe_ops); kernels'
+    references without dsv3ray."""
+    if _dsv3_moe_ops is not None:
+        return _ops(_dsv3_moe_ops("torch", dev))
+    return Ops(kernels.route_ref, kernels.permute_ref, kernels.grouped_swiglu_ref, kernels.unpermute_ref)
 
 
 def alt_ops(dev: torch.device) -> Ops:
-    """(c'): the other torch seams."""
-    return plain_ops() if dev.type == "cpu" and _DSV3_CPU_OPS is not None else fast_ops()
+    """(c'): the other torch seams of dsv3ray.moe (CPU strategy <-> grouped_mm + indexing);
+    without dsv3ray, kernels' CPU-strategy pieces."""
+    if _dsv3_moe_ops is not None:
+        return _ops(_DSV3_OPS if _dsv3_moe_ops("torch", dev) is _DSV3_CPU_OPS else _DSV3_CPU_OPS)
+    return Ops(
+        kernels.route_ref, kernels.permute_torch, kernels.grouped_swiglu_torch, kernels.unpermute_torch
+    )
 
 
 TRITON_OPS = Ops(kernels.route, kernels.permute, kernels.grouped_swiglu, kernels.unpermute)

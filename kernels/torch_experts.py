@@ -23,6 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+try:
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _in_dispatch_mode
+except ImportError:  # pragma: no cover - older torch
+
+    def _in_dispatch_mode() -> bool:
+        return False
+
 
 @functools.cache
 def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
@@ -57,14 +64,6 @@ def _chunks(groups, parts: int) -> list[list[tuple[int, int, int]]]:
     if cur:
         chunks.append(cur)
     return chunks
-
-
-def _in_dispatch_mode() -> bool:
-    try:
-        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return is_in_torch_dispatch_mode()
 
 
 def _run(fn, chunks) -> None:

@@ -46,7 +46,7 @@ print(json.dumps(out))
 
 
 def _probe(setup: str, env: dict | None = None) -> dict:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != malloc.OPT_OUT}
     full_env.update(env or {})
     full_env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run(
