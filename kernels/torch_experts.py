@@ -162,6 +162,18 @@ def grouped_swiglu_torch(
 # The plain-indexing versions (x[idx] forward) get a scatter-add backward (index_put with
 # accumulate: a sort of N indices plus an atomic-style add), the slow part of the torch path at
 # top-8. A stable sort by expert is a permutation, so every backward here is a gather too.
+# On CPU the token-order work runs in chunks of about CHUNK_ROWS routed rows: a chunk's gathered
+# rows and their fp32 products (~4 MiB) stay in cache, where the whole step's (64 + 128 MiB at 4096
+# tokens, top-8, hidden 1024) went to memory and back once per op. Measured at that shape:
+# unpermute forward + backward 64 -> 35 ms, permute 23 -> 13 ms. On other devices: one chunk.
+
+CHUNK_ROWS = 1024
+
+
+def _token_spans(T: int, K: int, device: torch.device) -> list[tuple[int, int]]:
+    """Token ranges [a, b) of about CHUNK_ROWS routed rows each (all T tokens at once off CPU)."""
+    step = max(1, CHUNK_ROWS // max(K, 1)) if device.type == "cpu" else max(T, 1)
+    return [(a, min(T, a + step)) for a in range(0, T, step)]
 
 
 def _inverse(sort_idx_N: torch.Tensor) -> torch.Tensor:
@@ -181,8 +193,14 @@ class _PermuteTorch(torch.autograd.Function):
     def backward(ctx, g_ND):
         (sort_idx_N,) = ctx.saved_tensors
         K = ctx.K
-        g_TKD = g_ND.index_select(0, _inverse(sort_idx_N)).view(-1, K, g_ND.shape[1])
-        return g_TKD.sum(1, dtype=torch.float32).to(g_ND.dtype), None, None
+        N, D = g_ND.shape
+        T = N // K
+        dest_N = _inverse(sort_idx_N)  # row of (t, k) in the sorted order
+        g_TD = g_ND.new_empty(T, D)
+        for a, b in _token_spans(T, K, g_ND.device):  # dx[t] = sum_k g[dest[t, k]] (fp32 sum)
+            rows_CKD = g_ND.index_select(0, dest_N[a * K : b * K]).view(b - a, K, D)
+            g_TD[a:b] = rows_CKD.sum(1, dtype=torch.float32)
+        return g_TD, None, None
 
 
 def permute_torch(
@@ -200,19 +218,34 @@ class _UnpermuteTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_sorted_ND, sort_idx_N, weights_TK):
         T, K = weights_TK.shape
-        y_TKD = y_sorted_ND.index_select(0, _inverse(sort_idx_N)).view(T, K, -1)
-        y_TD = torch.bmm(weights_TK.float().unsqueeze(1), y_TKD.float()).squeeze(1)  # fp32 sum over k
-        ctx.save_for_backward(y_TKD, sort_idx_N, weights_TK)
-        return y_TD.to(y_sorted_ND.dtype)
+        D = y_sorted_ND.shape[1]
+        dest_N = _inverse(sort_idx_N)
+        w32_TK = weights_TK.float()
+        y_TD = y_sorted_ND.new_empty(T, D)
+        for a, b in _token_spans(T, K, y_sorted_ND.device):  # y[t] = sum_k w[t, k] y_sorted[dest[t, k]]
+            rows_CKD = y_sorted_ND.index_select(0, dest_N[a * K : b * K]).view(b - a, K, D)
+            y_TD[a:b] = torch.bmm(w32_TK[a:b].unsqueeze(1), rows_CKD.float()).squeeze(1)  # fp32 sum over k
+        ctx.save_for_backward(y_sorted_ND, dest_N, weights_TK)
+        return y_TD
 
     @staticmethod
     def backward(ctx, g_TD):
-        y_TKD, sort_idx_N, weights_TK = ctx.saved_tensors
-        T, K, D = y_TKD.shape
-        g32_TD = g_TD.float()
-        grad_w_TK = torch.bmm(y_TKD.float(), g32_TD.unsqueeze(-1)).squeeze(-1).to(weights_TK.dtype)
-        grad_flat_ND = (weights_TK.float().unsqueeze(-1) * g32_TD.unsqueeze(1)).to(y_TKD.dtype).view(T * K, D)
-        return grad_flat_ND.index_select(0, sort_idx_N), None, grad_w_TK
+        y_sorted_ND, dest_N, weights_TK = ctx.saved_tensors
+        T, K = weights_TK.shape
+        D = y_sorted_ND.shape[1]
+        g_TD = g_TD.contiguous()
+        w32_TK = weights_TK.float()
+        grad_ys_ND = torch.empty_like(y_sorted_ND)
+        grad_w_TK = torch.empty(T, K, device=weights_TK.device, dtype=torch.float32)
+        for a, b in _token_spans(T, K, y_sorted_ND.device):
+            dest_C = dest_N[a * K : b * K]
+            g32_C1D = g_TD[a:b].float().unsqueeze(1)
+            # grad_w[t, k] = <g[t], y_sorted[dest[t, k]]> in fp32 (a bf16 row times an fp32 row is fp32)
+            torch.sum(y_sorted_ND.index_select(0, dest_C).view(b - a, K, D) * g32_C1D, -1, out=grad_w_TK[a:b])
+            # grad_y_sorted[dest[t, k]] = w[t, k] * g[t]: dest is a permutation, each row written once
+            grad_C = (w32_TK[a:b].unsqueeze(-1) * g32_C1D).to(y_sorted_ND.dtype)
+            grad_ys_ND.index_copy_(0, dest_C, grad_C.view(-1, D))
+        return grad_ys_ND, None, grad_w_TK.to(weights_TK.dtype)
 
 
 def unpermute_torch(

@@ -192,6 +192,19 @@ def test_torch_permute_unpermute_match_reference(dtype):
     _check_permute(30, 64, 3, 1, dtype, hot_expert=1, permute=permute_torch, unpermute=unpermute_torch)
 
 
+@pytest.mark.parametrize("chunk_rows", [16, 1024])
+def test_torch_permute_unpermute_in_chunks(monkeypatch, chunk_rows):
+    """On CPU the token-order work runs in chunks of CHUNK_ROWS rows: many chunks with a partial
+    last one (16 rows, K=3: 5 tokens each), and the default size at more rows than one chunk."""
+    import kernels.torch_experts as te
+
+    monkeypatch.setattr(te, "CHUNK_ROWS", chunk_rows)
+    T = 62 if chunk_rows == 16 else 700
+    assert len(te._token_spans(T, 3, torch.device("cpu"))) > 2
+    for dtype in (torch.float32, torch.bfloat16):
+        _check_permute(T, 64, 7, 3, dtype, permute=permute_torch, unpermute=unpermute_torch)
+
+
 def test_permute_all_tokens_to_one_expert():
     _check_permute(600, 100, 3, 1, torch.float32, hot_expert=2)
 
