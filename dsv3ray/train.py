@@ -156,6 +156,14 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
     return (Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
 
 
+def _print_env() -> dict[str, str]:
+    """Ray Train V2 replaces `print` in its workers; where `sys.stdout` is redirected (Ray's own
+    worker process does that) its print writes the line and logs it too, so every line a worker
+    printed (our step lines, DeepSpeed's) reached the driver twice. Off unless the user set it."""
+    key = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+    return {} if key in os.environ else {key: "0"}
+
+
 def _init_ray(cfg: TrainConfig) -> None:
     """Join the cluster under `ray job submit` / RAY_ADDRESS, else start a local Ray sized for the run."""
     import ray
@@ -357,8 +365,8 @@ def train(run) -> dict:
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             # At least 2: a newest checkpoint found incomplete on load never leaves zero valid ones.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(2, cfg.keep_checkpoints)),
-            # glibc keeps freed tensors' memory for the next step (dsv3ray.malloc)
-            worker_runtime_env={"env_vars": worker_env(one_arena=not cfg.use_gpu)},
+            # glibc keeps freed tensors' memory for the next step (dsv3ray.malloc); one copy of each line
+            worker_runtime_env={"env_vars": {**worker_env(one_arena=not cfg.use_gpu), **_print_env()}},
         ),
         datasets=datasets,
         # Not split: the sampler may hand any sample id to any worker.
