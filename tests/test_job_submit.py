@@ -74,9 +74,9 @@ def test_ray_job_submit_trains_and_tunes_on_a_cluster(tmp_path):
         "RAY_AUTH_MODE": "token",
     }
     env.pop("RAY_ADDRESS", None)
-    dash, agent = _free_port(), _free_port()
+    dash, agent, gcs = _free_port(), _free_port(), _free_port()
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
          # every port explicit and free: other Ray clusters may run on this machine
          f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={_free_port()}",
@@ -118,6 +118,18 @@ def test_ray_job_submit_trains_and_tunes_on_a_cluster(tmp_path):
         assert (tmp_path / "sweep" / "pareto.png").is_file()
     finally:
         _kill_group(head)
+        _forget_cluster(gcs)
+
+
+def _forget_cluster(gcs_port: int) -> None:
+    """`ray start` records its address in /tmp/ray/ray_current_cluster and only `ray stop` removes it:
+    after the kill, a plain `ray.init()` on this machine would try to join the dead head."""
+    record = Path("/tmp/ray/ray_current_cluster")
+    try:
+        if record.read_text().strip().endswith(f":{gcs_port}"):
+            record.unlink()
+    except OSError:
+        pass
 
 
 def _listening(port: int) -> bool:
