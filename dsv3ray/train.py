@@ -164,6 +164,11 @@ def _print_env() -> dict[str, str]:
     return {} if key in os.environ else {key: "0"}
 
 
+def _value(x) -> float:
+    """A loss as a Python float (a tensor that requires grad: detached first, as torch asks)."""
+    return float(x.detach()) if torch.is_tensor(x) else float(x)
+
+
 def _init_ray(cfg: TrainConfig) -> None:
     """Join the cluster under `ray job submit` / RAY_ADDRESS, else start a local Ray sized for the run."""
     import ray
@@ -176,11 +181,13 @@ def _init_ray(cfg: TrainConfig) -> None:
     # Logical CPUs: one per worker plus one for Ray Data and the sampler (CPUs may be oversubscribed).
     num_cpus = max(os.cpu_count() or 1, cfg.max_workers + 1)
     # address="local": a new Ray for this run, even if some `ray start` cluster runs on this machine.
+    # With the dashboard: Ray Train's placement-group cleaner asks the State API (served by the
+    # dashboard) every second whether the controller lives; without it, it warned each time.
     ray.init(
         address="local",
         num_cpus=num_cpus,
         num_gpus=None if cfg.use_gpu else 0,
-        include_dashboard=False,
+        include_dashboard=True,
         log_to_driver=True,
     )
 
@@ -716,7 +723,7 @@ class _Worker:
             if step < self.c["steps"]:
                 self._next_ids = {step + 1: sampler.batch_for_step.remote(step + 1, G)}
             if carried is None:
-                ids_G.copy_(torch.from_numpy(ray.get(ref)))
+                ids_G.copy_(torch.tensor(ray.get(ref), dtype=torch.int64))  # (a read-only object-store array)
         if carried is not None:  # (every rank holds it: no broadcast)
             return carried
         dist.broadcast(ids_G, src=0)
@@ -768,11 +775,11 @@ class _Worker:
                 self.engine.step() if m < cfg.grad_accum - 1 else None  # DeepSpeed counts micro steps here
                 sums += torch.tensor(
                     [
-                        float(loss) * (b - a),
-                        float(out.ce_loss) * (b - a),
-                        float(out.mtp_loss) * (b - a) if out.mtp_loss is not None else 0.0,
-                        float(out.balance_loss) * (b - a),
-                        0.0 if math.isfinite(float(loss)) else 1.0,
+                        _value(loss) * (b - a),
+                        _value(out.ce_loss) * (b - a),
+                        _value(out.mtp_loss) * (b - a) if out.mtp_loss is not None else 0.0,
+                        _value(out.balance_loss) * (b - a),
+                        0.0 if math.isfinite(_value(loss)) else 1.0,
                     ],
                     dtype=torch.float64,
                 )
@@ -802,7 +809,7 @@ class _Worker:
         if E:
             vec[at + G : at + G + E] = load_LE.detach().double().cpu().reshape(-1)
         if has_next and r == 0:
-            vec[at + G + E :] = torch.from_numpy(ray.get(self._next_ids.pop(step + 1))).double()
+            vec[at + G + E :] = torch.tensor(ray.get(self._next_ids.pop(step + 1)), dtype=torch.float64)
         vec = vec.to(self.device)
         dist.all_reduce(vec)
         vec = vec.cpu()
