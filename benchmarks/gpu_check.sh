@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# GPU check for the MoE kernels: correctness on CUDA (compiled Triton, fp32 + bf16) and the benchmark
-# with the Triton path (d) against grouped_mm (e). Runs in a copy of this repo on a bare GPU machine;
-# finishes in < 5 minutes on one H200 (step timeouts 60 + 60 + 110 + 80 s); writes everything under
-# $OUT: env.txt, smoke.txt, pytest_*.txt/.xml, bench.txt, moe_layer.jsonl, summary.txt.
+# GPU check for the MoE kernels: correctness on CUDA (compiled Triton, fp32 + bf16), the benchmark
+# with the Triton path (d) against grouped_mm (e), then the tile sweep of the Triton expert MLP.
+# Runs in a copy of this repo on a bare GPU machine; finishes in < 7 minutes on one H200 (step
+# timeouts 60 + 60 + 110 + 80 + 150 s); writes everything under $OUT: env.txt, smoke.txt,
+# pytest_*.txt/.xml, bench.txt, moe_layer.jsonl, tiles.jsonl, summary.txt.
 #
 #   bash benchmarks/gpu_check.sh            # OUT defaults to ./gpu_out
+#   GPU_CHECK_TILES=0 bash benchmarks/gpu_check.sh    # without the tile sweep
 #
 # Needs python3 with torch (CUDA) + triton + pytest; does NOT need this repo installed (PYTHONPATH),
 # nor deepspeed/ray. Prints a short summary at the end; exit 0 when tests passed and the benchmark ran.
@@ -84,5 +86,13 @@ for r in rows:
           f"expert MLP triton {ms('mlp_triton')} vs grouped_mm {ms('mlp_gmm')} -> x{r.get('triton_mlp_vs_gmm')} (target >= 1) | "
           f"routing triton {ms('routing_triton')} vs torch {ms('routing_torch')} -> x{r.get('triton_routing_speedup')} (target >= 2)")
 PYEOF
+
+# 5. tile sweep of the Triton expert MLP (seed shapes, top-1 and top-8): the "best" lines hold the
+# tiles to put into kernels.grouped_mlp._blocks (its result does not change this script's status)
+if [ "${GPU_CHECK_TILES:-1}" != 0 ]; then
+  timeout 150 "$PY" benchmarks/grouped_mlp_tiles.py --reps 10 --out "$OUT/tiles.jsonl" > "$OUT/tiles.txt" 2>&1
+  log "tile sweep rc=$? (124 = timed out; lines so far are in tiles.jsonl)"
+  grep '"stage": "best"' "$OUT/tiles.jsonl" >> "$OUT/summary.txt" 2>/dev/null || true
+fi
 cat "$OUT/summary.txt"
 [ "$SMOKE" = 0 ] && [ "$TESTS" = 0 ] && [ "$BENCH" = 0 ]
