@@ -13,7 +13,7 @@ the bytes moved). The offsets go to the host (`.tolist()`): free on CPU, a sync 
 Triton kernels or `grouped_mm` are the right tools.
 
 Same signature and semantics as `kernels.grouped_swiglu` (the seam contract).
-Legend: N rows, D hidden, I intermediate, J = 2I, E experts.
+Legend: N rows, D hidden, I intermediate, J = 2I, E experts; T tokens, K top-k, C tokens of a chunk.
 """
 
 import functools
@@ -238,13 +238,15 @@ class _UnpermuteTorch(torch.autograd.Function):
         grad_ys_ND = torch.empty_like(y_sorted_ND)
         grad_w_TK = torch.empty(T, K, device=weights_TK.device, dtype=torch.float32)
         for a, b in _token_spans(T, K, y_sorted_ND.device):
-            dest_C = dest_N[a * K : b * K]
+            dest_CK = dest_N[a * K : b * K]  # (flat: C * K rows)
             g32_C1D = g_TD[a:b].float().unsqueeze(1)
             # grad_w[t, k] = <g[t], y_sorted[dest[t, k]]> in fp32 (a bf16 row times an fp32 row is fp32)
-            torch.sum(y_sorted_ND.index_select(0, dest_C).view(b - a, K, D) * g32_C1D, -1, out=grad_w_TK[a:b])
+            torch.sum(
+                y_sorted_ND.index_select(0, dest_CK).view(b - a, K, D) * g32_C1D, -1, out=grad_w_TK[a:b]
+            )
             # grad_y_sorted[dest[t, k]] = w[t, k] * g[t]: dest is a permutation, each row written once
-            grad_C = (w32_TK[a:b].unsqueeze(-1) * g32_C1D).to(y_sorted_ND.dtype)
-            grad_ys_ND.index_copy_(0, dest_C, grad_C.view(-1, D))
+            grad_CKD = (w32_TK[a:b].unsqueeze(-1) * g32_C1D).to(y_sorted_ND.dtype)
+            grad_ys_ND.index_copy_(0, dest_CK, grad_CKD.view(-1, D))
         return grad_ys_ND, None, grad_w_TK.to(weights_TK.dtype)
 
 
