@@ -181,13 +181,14 @@ def _init_ray(cfg: TrainConfig) -> None:
     # Logical CPUs: one per worker plus one for Ray Data and the sampler (CPUs may be oversubscribed).
     num_cpus = max(os.cpu_count() or 1, cfg.max_workers + 1)
     # address="local": a new Ray for this run, even if some `ray start` cluster runs on this machine.
-    # With the dashboard: Ray Train's placement-group cleaner asks the State API (served by the
-    # dashboard) every second whether the controller lives; without it, it warned each time.
+    # With the dashboard (None: where its packages are installed, as with ray[default]): Ray Train's
+    # placement-group cleaner asks the State API (served by the dashboard) every second whether the
+    # controller lives; without it, it warned each time.
     ray.init(
         address="local",
         num_cpus=num_cpus,
         num_gpus=None if cfg.use_gpu else 0,
-        include_dashboard=True,
+        include_dashboard=None,
         log_to_driver=True,
     )
 
