@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU check for the MoE kernels: correctness on CUDA (compiled Triton, fp32 + bf16), the benchmark
-# with the Triton path (d) against grouped_mm (e), then the tile sweep of the Triton expert MLP.
-# Runs in a copy of this repo on a bare GPU machine; finishes in < 7 minutes on one H200 (step
-# timeouts 60 + 60 + 110 + 80 + 150 s); writes everything under $OUT: env.txt, smoke.txt,
-# pytest_*.txt/.xml, bench.txt, moe_layer.jsonl, tiles.jsonl, summary.txt.
+# with the Triton path (d) against grouped_mm (e), a profile of each variant (host vs device time),
+# then the tile sweep of the Triton expert MLP.
+# Runs in a copy of this repo on a bare GPU machine; finishes in at most 8 minutes (step timeouts
+# 60 + 60 + 110 + 80 + 45 + 120 s; steps 1-4 took 2.5 minutes on the 2026-11-28 H200); writes
+# everything under $OUT: env.txt, smoke.txt, pytest_*.txt/.xml, bench.txt, moe_layer.jsonl,
+# profile/ (profile.jsonl, one profiler table per variant), tiles.jsonl, summary.txt.
 #
 #   bash benchmarks/gpu_check.sh            # OUT defaults to ./gpu_out
 #   GPU_CHECK_TILES=0 bash benchmarks/gpu_check.sh    # without the tile sweep
@@ -73,8 +75,12 @@ timeout 80 "$PY" benchmarks/moe_layer.py --reps 10 --warmup 2 --out "$OUT/moe_la
 BENCH=$?
 cat "$OUT/bench.txt" | tail -n 20; log "benchmark rc=$BENCH"
 
+# 3b. where each variant's step goes: host (Python, launches) vs device (kernels), top ops of each
+timeout 45 "$PY" benchmarks/moe_profile.py --reps 5 --out "$OUT/profile" > "$OUT/profile.txt" 2>&1
+log "profile rc=$? (124 = timed out; per-variant tables in profile/)"
+
 # 4. summary of the GPU targets
-"$PY" - "$OUT/moe_layer.jsonl" >> "$OUT/summary.txt" 2>&1 <<'PYEOF'
+"$PY" - "$OUT/moe_layer.jsonl" "$OUT/profile/profile.jsonl" >> "$OUT/summary.txt" 2>&1 <<'PYEOF'
 import json, sys
 try:
     rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -85,12 +91,19 @@ for r in rows:
     print(f"top-{r['top_k']}: seed {ms('seed')} dense {ms('dense')} torch {ms('torch')} triton {ms('triton')} ms | "
           f"expert MLP triton {ms('mlp_triton')} vs grouped_mm {ms('mlp_gmm')} -> x{r.get('triton_mlp_vs_gmm')} (target >= 1) | "
           f"routing triton {ms('routing_triton')} vs torch {ms('routing_torch')} -> x{r.get('triton_routing_speedup')} (target >= 2)")
+try:
+    prof = [json.loads(l) for l in open(sys.argv[2])]
+except OSError:
+    prof = []
+for p in prof:
+    print(f"profile top-{p['top_k']} {p['variant']}: wall {p.get('wall_ms')} host {p.get('host_ms')} device "
+          f"{p.get('device_ms')} ms, {p.get('kernels')} kernels {p.get('error', '')}")
 PYEOF
 
 # 5. tile sweep of the Triton expert MLP (seed shapes, top-1 and top-8): the "best" lines hold the
 # tiles to put into kernels.grouped_mlp._blocks (its result does not change this script's status)
 if [ "${GPU_CHECK_TILES:-1}" != 0 ]; then
-  timeout 150 "$PY" benchmarks/grouped_mlp_tiles.py --reps 10 --out "$OUT/tiles.jsonl" > "$OUT/tiles.txt" 2>&1
+  timeout 120 "$PY" benchmarks/grouped_mlp_tiles.py --reps 10 --out "$OUT/tiles.jsonl" > "$OUT/tiles.txt" 2>&1
   log "tile sweep rc=$? (124 = timed out; lines so far are in tiles.jsonl)"
   grep '"stage": "best"' "$OUT/tiles.jsonl" >> "$OUT/summary.txt" 2>/dev/null || true
 fi
