@@ -358,11 +358,34 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]
     return removed
 
 
-def _init_distributed(backend: str) -> None:
-    """DeepSpeed needs a process group even for one process: create a 1-rank one if none exists."""
+def init_deepspeed_comm(backend: str) -> None:
+    """`deepspeed.init_distributed` (over the existing torch.distributed group, or a new one), without
+    the C++ op it would JIT-build on CPU.
+
+    On DeepSpeed's CPU accelerator, init builds a shared-memory all-reduce op (torch cpp_extension)
+    that only `inference_all_reduce` calls: DeepSpeed's inference path, never training, whose
+    collectives go through torch.distributed (gloo) either way. Building it needs a C++ compiler
+    (on a machine with only Python, init failed: "c++: not found") and took 25-37 s on a cold
+    cache here (every new venv, container or CI clone). So on CPU it is marked unavailable for this
+    process. Other accelerators build nothing at init."""
     import deepspeed
     import deepspeed.comm as ds_dist
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
+    if ds_dist.is_initialized():
+        return
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        shm = accel.create_op_builder("ShareMemCommBuilder")
+        if shm is not None:  # (deepspeed.comm.torch.build_shm_op reads this table at init)
+            deepspeed.ops.__compatible_ops__[shm.NAME] = False
+    clear_stale_build_locks()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def _init_distributed(backend: str) -> None:
+    """DeepSpeed needs a process group even for one process: create a 1-rank one if none exists."""
     if not dist.is_initialized() and "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -370,9 +393,7 @@ def _init_distributed(backend: str) -> None:
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
-    if not ds_dist.is_initialized():
-        clear_stale_build_locks()
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    init_deepspeed_comm(backend)
 
 
 def build_engine(

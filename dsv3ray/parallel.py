@@ -135,14 +135,9 @@ class ExpertParallel:
 
 def _ensure_deepspeed_comm() -> None:
     """DeepSpeed's group helpers go through deepspeed.comm: attach it to the existing torch.distributed."""
-    import deepspeed
-    import deepspeed.comm as ds_dist
+    from dsv3ray.engine import init_deepspeed_comm
 
-    if not ds_dist.is_initialized():
-        from dsv3ray.engine import clear_stale_build_locks
-
-        clear_stale_build_locks()
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    init_deepspeed_comm(dist.get_backend())
 
 
 def create_expert_parallel(ep_size: int, num_experts: int) -> ExpertParallel:

@@ -1,7 +1,7 @@
 """Multi-process helpers for tests: run fn(rank, world_size, *args) in fresh processes (no Ray).
 
-`init="deepspeed"` sets up torch.distributed through `deepspeed.init_distributed` (what the engine
-tests need), `init="torch"` through a plain gloo/nccl process group. A failing rank fails the test.
+`init="deepspeed"` adds DeepSpeed's comm over the process group (`dsv3ray.engine.init_deepspeed_comm`,
+what the engine tests need), `init="torch"` is the plain gloo/nccl process group alone. A failing rank fails the test.
 
 The ranks meet through a file in a fresh temporary directory (`init_method="file://..."`), not a
 TCP port: a port picked free and closed before rank 0 binds it could be taken in between by another
@@ -49,8 +49,9 @@ def spawn(fn, world_size: int, *args, backend: str = "gloo", init: str = "deepsp
 
 def _entry(rank, fn, world_size, init_method, port, backend, init, args):
     os.environ.update(
-        # Nothing binds MASTER_PORT (the ranks meet through the file); DeepSpeed's CPU shared-memory
-        # collectives only name their segments after it, so it stays distinct per spawn.
+        # Nothing binds MASTER_PORT (the ranks meet through the file); it is set, distinct per spawn,
+        # for code that reads the usual variables (DeepSpeed's CPU shared-memory op names its
+        # segments after it, where that op is built).
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),
@@ -58,19 +59,13 @@ def _entry(rank, fn, world_size, init_method, port, backend, init, args):
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)  # one thread per rank: the CPU is shared
+    torch.distributed.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     if init == "deepspeed":
-        import deepspeed
+        from dsv3ray.engine import init_deepspeed_comm
 
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,
-            init_method=init_method,
-            rank=rank,
-            world_size=world_size,
-        )
+        init_deepspeed_comm(backend)  # deepspeed.comm over that group, as the engine does it
         fn(rank, world_size, *args)
         _exit_cleanly()
-    torch.distributed.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
     finally:
