@@ -225,6 +225,29 @@ def test_read_prepared_with_corrupt_shard(prepared, tmp_path):
     ds = read_prepared(out, "train", on_corrupt="skip", log=logs.append)
     assert ds.count() == n - bad_rows
     assert any(shards[0].name in line for line in logs)
+    # a data page broken behind a sound footer (check_shards reads footers only): one line, no traceback
+    shutil.copy(shards[1], shards[0])
+    raw = bytearray(shards[0].read_bytes())
+    footer = int.from_bytes(raw[-8:-4], "little")
+    raw[4 : len(raw) - footer - 8] = bytes(len(raw) - footer - 12)
+    shards[0].write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="cannot be read"):
+        read_prepared(out, "train")
+
+
+def test_read_prepared_small_split_in_process_equals_ray_data(prepared, monkeypatch):
+    """A small split is read by the calling process (Arrow blocks handed to Ray), a large one by
+    Ray Data's read tasks: the same rows either way."""
+    import pipelines.dataset as dataset
+
+    def rows(ds):
+        t = pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+        return t.sort_by("sample_id").to_pydict()
+
+    small = rows(read_prepared(prepared[0], "train"))
+    monkeypatch.setattr(dataset, "DRIVER_READ_BYTES", 0)
+    assert rows(read_prepared(prepared[0], "train")) == small
+    assert len(small["sample_id"]) == load_meta(prepared[0])["num_train"]
 
 
 def test_killed_cleaning_actor_loses_nothing(ray_local, corpus, tmp_path):
