@@ -24,7 +24,9 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -396,6 +398,34 @@ def _init_distributed(backend: str) -> None:
     init_deepspeed_comm(backend)
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@functools.cache  # once per process
+def _quiet_deepspeed_noise() -> None:
+    """Two lines every worker printed every run that say nothing a user can act on:
+    - DeepSpeed's init reports progress at step 0 and so asks a scheduler that has not stepped
+      yet for its lr ("Attempting to get learning rate from scheduler before it has started");
+    - torch 2.13 deprecates `all_gather_into_tensor`, which DeepSpeed's ZeRO calls (a FutureWarning
+      with its source line). Both are DeepSpeed's to change; the rest of their output stays."""
+    import warnings
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.addFilter(_DropMessage("Attempting to get learning rate from scheduler before it has started"))
+    warnings.filterwarnings(
+        "ignore",
+        message=re.escape("`torch.distributed.all_gather_into_tensor` is deprecated"),
+        category=FutureWarning,
+    )
+
+
 def build_engine(
     model: torch.nn.Module, ds_config: dict[str, Any], ep: ExpertParallel | None = None, *, lr_schedule=None
 ):
@@ -420,6 +450,7 @@ def build_engine(
     params = [p for p in model.parameters() if p.requires_grad]
     param_groups = split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "params"})
     param_groups = [g for g in param_groups if g["params"]]
+    _quiet_deepspeed_noise()
     try:
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups, config=ds_config, lr_scheduler=lr_schedule

@@ -481,3 +481,36 @@ def test_deepspeed_comm_needs_no_compiler(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0 and "init ok" in out.stdout, out.stderr[-2000:]
     assert not list((tmp_path / "ext").glob("**/*.so")) and "built successfully" not in out.stdout
+
+
+def test_engine_init_prints_no_noise_a_user_cannot_act_on(tmp_path):
+    """DeepSpeed's init asked an unstarted scheduler for its lr (a warning per worker per run) and
+    its ZeRO calls a collective torch 2.13 deprecates (a FutureWarning per worker): both are
+    silenced, and only those (a fresh process, its whole output checked)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "from dsv3ray.engine import build_engine, resolve_deepspeed_config\n"
+        "from dsv3ray.model import ModelConfig, build_model\n"
+        "cfg = ModelConfig.from_preset('debug', vocab_size=256, num_hidden_layers=2, moe_impl='torch')\n"
+        "ds = {'train_micro_batch_size_per_gpu': 2, 'gradient_accumulation_steps': 1,\n"
+        "      'zero_optimization': {'stage': 2}, 'bf16': {'enabled': True}, 'steps_per_print': 10**9,\n"
+        "      'scheduler': {'type': 'WarmupCosineLR', 'params': {'warmup_num_steps': 2, 'total_num_steps': 4}}}\n"
+        "ds, _ = resolve_deepspeed_config(ds, device='cpu', has_moe=True, world_size=1)\n"
+        "engine, _, _ = build_engine(build_model(cfg), ds)\n"
+        "out = torch.zeros(4)\n"
+        "dist.all_gather_into_tensor(out, torch.ones(4))\n"
+        "import deepspeed.utils; deepspeed.utils.logger.warning('other DeepSpeed warnings still show')\n"
+        "print('engine ok', float(out.sum()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "engine ok 4.0" in out.stdout, text[-3000:]
+    assert "before it has started" not in text and "all_gather_into_tensor` is deprecated" not in text
+    assert "other DeepSpeed warnings still show" in text
