@@ -58,15 +58,16 @@ PYEOF
 SMOKE=$?
 cat "$OUT/smoke.txt"; log "smoke rc=$SMOKE"
 
-# 2. kernel tests on CUDA: (a) the CPU subset, now compiled and on cuda; (b) the gpu-marked full grid
+# 2. kernel tests on CUDA: (a) the CPU subset, now compiled and on cuda; (b) the gpu-marked full grid,
+# with the model-level ones (torch and Triton MoE paths give the same loss and expert load on CUDA)
 timeout 60 "$PY" -m pytest tests/test_kernels.py -m "not gpu" -q -p no:cacheprovider $XDIST \
   --junitxml="$OUT/pytest_subset.xml" > "$OUT/pytest_subset.txt" 2>&1
 SUBSET=$?
 tail -n 15 "$OUT/pytest_subset.txt"; log "pytest -m 'not gpu' (compiled, on cuda) rc=$SUBSET (124 = timed out)"
-timeout 110 "$PY" -m pytest tests/test_kernels.py -m gpu -q -p no:cacheprovider $XDIST \
+timeout 110 "$PY" -m pytest tests/test_kernels.py tests/test_moe.py -m gpu -q -p no:cacheprovider $XDIST \
   --junitxml="$OUT/pytest_gpu.xml" > "$OUT/pytest_gpu.txt" 2>&1
 GRID=$?
-tail -n 25 "$OUT/pytest_gpu.txt"; log "pytest -m gpu (full fp32/bf16 grid) rc=$GRID (124 = timed out)"
+tail -n 25 "$OUT/pytest_gpu.txt"; log "pytest -m gpu (full fp32/bf16 grid, model torch vs triton) rc=$GRID (124 = timed out)"
 TESTS=$(( SUBSET || GRID ))
 
 # 3. benchmark: seed shapes, bf16, top-1/2/8, all variants incl. Triton (d) and grouped_mm (e)

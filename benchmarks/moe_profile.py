@@ -134,7 +134,7 @@ def measure(step, dev, reps: int, warmup: int, table_path: Path | None) -> dict:
         "top_device": top("self_device_time_total") if on_device else [],
     }  # fmt: skip
     if table_path is not None:
-        sort_by = "self_cuda_time_total" if on_device else "self_cpu_time_total"
+        sort_by = "self_device_time_total" if on_device else "self_cpu_time_total"
         table_path.write_text(averages.table(sort_by=sort_by, row_limit=30))
     return out
 
