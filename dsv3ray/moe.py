@@ -177,8 +177,22 @@ def _triton_ops() -> SimpleNamespace | None:
     return SimpleNamespace(**{n: getattr(kernels, n) for n in names})
 
 
+@functools.cache  # (moe_ops runs per forward: PATH is searched once per process)
+def _c_compiler() -> str | None:
+    """The C compiler compiled Triton builds its kernel launchers with, by Triton's own rule (CC,
+    else gcc, else clang on PATH); None when there is none (a slim image with only Python)."""
+    import os
+    import shutil
+
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+
+
 def moe_ops(moe_impl: str, device: torch.device) -> SimpleNamespace:
-    """The seam functions for `moe_impl` on `device` (auto = triton on CUDA/ROCm, torch on CPU)."""
+    """The seam functions for `moe_impl` on `device` (auto = triton on CUDA/ROCm, torch on CPU).
+
+    Off CPU, compiled Triton needs a C compiler for its launchers at the first launch (a Triton
+    traceback on every worker at the first step otherwise): without one, auto takes torch and
+    says why, and an explicit triton is a one-line error."""
     if moe_impl == "torch" or (moe_impl == "auto" and device.type != "cuda"):
         if device.type == "cpu":
             _log_choice(
@@ -195,6 +209,17 @@ def moe_ops(moe_impl: str, device: torch.device) -> SimpleNamespace:
                 " set model.moe_impl to 'torch' or 'auto'"
             )
         _log_choice(moe_impl, "torch (Triton kernels not available)", device.type)
+        return TORCH_OPS
+    if device.type != "cpu" and _c_compiler() is None:
+        if moe_impl == "triton":
+            raise UserError(
+                f"model.moe_impl='triton' on {device.type}: Triton builds its kernel launchers with a C compiler"
+                " and none was found (CC unset, no gcc or clang on PATH): install one or set CC, or set"
+                " model.moe_impl to 'torch' or 'auto'"
+            )
+        _log_choice(
+            moe_impl, "torch (no C compiler for Triton's launchers: set CC or install gcc)", device.type
+        )
         return TORCH_OPS
     _log_choice(moe_impl, "triton", device.type)
     return ops

@@ -268,6 +268,23 @@ def test_moe_impl_choice(monkeypatch):
     assert moe_ops("torch", torch.device("meta")) is moe_mod.TORCH_OPS
     assert moe_ops("torch", torch.device("cpu")).route is route
 
+    # off CPU, compiled Triton needs a C compiler for its launchers: without one, auto takes torch
+    # and an explicit triton is one line (moe_ops only reads the device type: no GPU needed here)
+    cuda = torch.device("cuda")
+    monkeypatch.setenv("CC", "/usr/bin/some-cc")
+    moe_mod._c_compiler.cache_clear()
+    assert moe_ops("auto", cuda).grouped_swiglu is kernels.grouped_swiglu
+    assert moe_ops("triton", cuda).permute is kernels.permute
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    moe_mod._c_compiler.cache_clear()
+    assert moe_ops("auto", cuda) is moe_mod.TORCH_OPS
+    assert moe_ops("triton", torch.device("cpu")).route is kernels.route  # the interpreter compiles nothing
+    with pytest.raises(UserError, match="C compiler") as ei:
+        moe_ops("triton", cuda)
+    assert "\n" not in str(ei.value)
+    moe_mod._c_compiler.cache_clear()  # (the next test's PATH again)
+
     monkeypatch.setattr(moe_mod, "_triton_ops", lambda: None)  # as if kernels/ lacked the seams
     with pytest.raises(UserError, match="moe_impl='triton'") as ei:
         moe_ops("triton", torch.device("cpu"))
