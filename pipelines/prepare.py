@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -599,10 +600,12 @@ def _demo_inputs(inputs: list[str], out: Path, log) -> list[str]:
 
 
 def _size(path: Path) -> int:
+    """Bytes of a regular file; -1 for anything else (missing, unreadable, a FIFO or device)."""
     try:
-        return path.stat().st_size
+        st = path.stat()
     except OSError:
         return -1
+    return st.st_size if stat.S_ISREG(st.st_mode) else -1
 
 
 def _write_report(out: Path, report: dict, t_all: float) -> None:

@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import stat
 import time
 import zlib
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ EXCERPT_CHARS = 200
 
 _JSONL = {".jsonl", ".ndjson", ".json"}
 _TEXT = {".txt", ".text", ".md", ".rst"}
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -55,7 +57,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             )
     seen, out = set(), []
     for f in files:
-        key = os.path.abspath(f)
+        key = os.path.realpath(f)  # (one file reached by two paths, through a link, is read once)
         if key not in seen:
             seen.add(key)
             out.append(f)
@@ -63,11 +65,32 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def _walk(root: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    """Files under root; linked directories are followed (data trees often link shards in from
+    other disks), each real directory once, so a link loop ends."""
+    out, visited = [], {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in visited:
+                visited.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
     return out
+
+
+def _not_regular(path: Path) -> str | None:
+    """What a path that exists but holds no file content is (a FIFO would block the read forever)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # (missing or unreadable: the open reports it)
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):  # fmt: skip
+        if test(mode):
+            return kind
+    return None
 
 
 def _open(path: Path) -> io.BufferedIOBase:
@@ -86,7 +109,7 @@ def detect_format(path: Path, head: bytes) -> str:
         return "parquet"
     if suffix in _JSONL:
         return "jsonl"
-    if suffix in _TEXT:
+    if suffix in _TEXT or head.startswith(_UTF16_BOMS):
         return "text"
     if b"\x00" in head:
         return "binary"
@@ -162,6 +185,10 @@ def read_records(
     the byte range [start, end) of a plain jsonl file (see plan_work)."""
     path = Path(path)
     src = str(path)
+    kind = _not_regular(path)
+    if kind is not None:
+        yield (src, 0, QUARANTINE, "not_a_regular_file", f"{kind}, not a file", None)
+        return
     if start or end >= 0:
         try:
             with open(path, "rb") as f:
@@ -316,11 +343,17 @@ def _read_text(f, src: str, max_bytes: int) -> Iterator[tuple]:
     if len(raw) > max_bytes:
         yield (src, 1, QUARANTINE, "record_too_large", _excerpt(raw), None)
         return
+    if raw.startswith(_UTF16_BOMS):  # UTF-16 text (Windows exports) says so in its first 2 bytes
+        try:
+            yield (src, 1, OK, "", "", raw.decode("utf-16"))
+        except UnicodeDecodeError:
+            yield (src, 1, QUARANTINE, "invalid_utf16", _excerpt(raw), None)
+        return
     if b"\x00" in raw:
         yield (src, 1, QUARANTINE, "binary_file", _excerpt(raw), None)
         return
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # (a UTF-8 byte-order mark is not text)
     except UnicodeDecodeError:
         yield (src, 1, QUARANTINE, "invalid_utf8", _excerpt(raw), None)
         return

@@ -121,6 +121,35 @@ def test_readers_every_bad_input_gets_an_outcome(tmp_path):
         expand_inputs([str(tmp_path / "*.nothing")])
 
 
+def test_readers_fifo_links_and_loops(tmp_path):
+    """A FIFO (whose read would block forever) is quarantined as one record, linked directories are
+    followed, a link loop ends, and a file reached by two paths is read once."""
+    good = json.dumps({"text": "word " * 40}) + "\n"
+    data, shards = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir()
+    shards.mkdir()
+    (data / "a.jsonl").write_text(good)
+    (shards / "b.jsonl").write_text(good)
+    os.mkfifo(data / "pipe.jsonl")
+    os.symlink(shards, data / "linked")  # shards linked in from another disk
+    os.symlink(data, data / "linked" / "back")  # a loop: elsewhere/back -> data
+    os.symlink(data / "a.jsonl", data / "same.jsonl")  # one file, two paths
+    assert reasons(data / "pipe.jsonl") == [(0, QUARANTINE, "not_a_regular_file")]
+    files = expand_inputs([str(data)])
+    assert [f.relative_to(data).as_posix() for f in files] == ["a.jsonl", "pipe.jsonl", "linked/b.jsonl"]
+    assert expand_inputs([str(data / "a.jsonl"), str(data / "same.jsonl")]) == [data / "a.jsonl"]
+    # text files with a byte-order mark: UTF-16 (either byte order, any suffix) is decoded, a UTF-8
+    # mark is not part of the text; a UTF-16 file that does not decode is said to be that
+    doc = "caf\u00e9 " * 40
+    (data / "le.txt").write_bytes(doc.encode("utf-16"))
+    (data / "be.dat").write_bytes(b"\xfe\xff" + doc.encode("utf-16-be"))
+    (data / "sig.txt").write_bytes(doc.encode("utf-8-sig"))
+    (data / "odd.txt").write_bytes(b"\xff\xfe" + b"\x00\xd8\x41\x00")  # a lone high surrogate
+    for name in ("le.txt", "be.dat", "sig.txt"):
+        assert [r[2:] for r in read_records(data / name, 1 << 20)] == [(OK, "", "", doc)], name
+    assert reasons(data / "odd.txt") == [(1, QUARANTINE, "invalid_utf16")]
+
+
 def test_normalize():
     assert normalize_text("e\u0301t\u00e9\x00\x07  a\t\tb \r\n\n\n\nc  ") == "\u00e9t\u00e9 a b\n\nc"
     # the fast path (rewrites only where a C-level test says they change something) = every rewrite
