@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import re
 import stat
 import time
 import zlib
@@ -32,6 +33,7 @@ EXCERPT_CHARS = 200
 _JSONL = {".jsonl", ".ndjson", ".json"}
 _TEXT = {".txt", ".text", ".md", ".rst"}
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_SPACE = re.compile(r"[ \t\r\n]*")  # JSON's whitespace
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -255,6 +257,10 @@ def _read_jsonl(f, src: str, max_bytes: int, end: int = -1, lineno: int = 0) -> 
             # a .json file holding one array: read the whole file (bounded) and emit its elements
             yield from _read_json_array(f, raw, src, max_bytes)
             return
+        if first and raw.strip() == b"{":
+            # a lone "{" is no jsonl record: pretty-printed object(s), read whole (bounded)
+            yield from _read_json_values(f, raw, src, max_bytes)
+            return
         first = False
         if raw.isspace():
             yield (src, lineno, DROP, "blank_line", "", None)
@@ -305,15 +311,55 @@ def _record_from_obj(obj, src: str, lineno: int, line: str | bytes, surrogates: 
     return (src, lineno, OK, "", "", text)
 
 
-def _read_json_array(f, first: bytes, src: str, max_bytes: int) -> Iterator[tuple]:
+def _read_whole(f, first: bytes, src: str, max_bytes: int) -> tuple[bytes | None, tuple | None]:
+    """(the file's bytes from `first` on, None) or (None, the quarantine row that says why not)."""
     try:
         rest = f.read(max_bytes + 1 - len(first))
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        yield (src, 1, QUARANTINE, "truncated_or_corrupt_gzip", str(e)[:EXCERPT_CHARS], None)
-        return
+        return None, (src, 1, QUARANTINE, "truncated_or_corrupt_gzip", str(e)[:EXCERPT_CHARS], None)
     raw = first + rest
     if len(raw) > max_bytes:
-        yield (src, 1, QUARANTINE, "record_too_large", _excerpt(raw), None)
+        return None, (src, 1, QUARANTINE, "record_too_large", _excerpt(raw), None)
+    return raw, None
+
+
+def _read_json_values(f, first: bytes, src: str, max_bytes: int) -> Iterator[tuple]:
+    """JSON values one after another, each over many lines (`json.dumps(obj, indent=2)`, once or
+    concatenated): a record per value, numbered by the line it starts on. A value that does not
+    parse is quarantined with the rest of the file (one record: where it breaks, nothing after it
+    can be delimited)."""
+    raw, bad = _read_whole(f, first, src, max_bytes)
+    if bad is not None:
+        yield bad
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        yield (src, 1, QUARANTINE, "invalid_utf8", _excerpt(raw), None)
+        return
+    decoder, pos, line, counted = json.JSONDecoder(), 0, 1, 0
+    while True:
+        pos = _SPACE.match(text, pos).end()
+        if pos == len(text):
+            return
+        line += text.count("\n", counted, pos)
+        counted = pos
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except RecursionError:
+            yield (src, line, QUARANTINE, "json_too_deep", _excerpt(text[pos:]), None)
+            return
+        except ValueError:
+            yield (src, line, QUARANTINE, "malformed_json", _excerpt(text[pos:]), None)
+            return
+        yield _record_from_obj(obj, src, line, text[pos:end])
+        pos = end
+
+
+def _read_json_array(f, first: bytes, src: str, max_bytes: int) -> Iterator[tuple]:
+    raw, bad = _read_whole(f, first, src, max_bytes)
+    if bad is not None:
+        yield bad
         return
     try:
         arr = json.loads(raw.decode("utf-8"))

@@ -150,6 +150,24 @@ def test_readers_fifo_links_and_loops(tmp_path):
     assert reasons(data / "odd.txt") == [(1, QUARANTINE, "invalid_utf16")]
 
 
+def test_readers_pretty_printed_json(tmp_path):
+    """A .json file of pretty-printed objects (json.dumps(obj, indent=2), once or one after
+    another) was one malformed record per line: each object is now a record, numbered by the line
+    it starts on; where one breaks, the rest of the file is one quarantined record."""
+    text = "word " * 40
+    one = json.dumps({"id": 1, "text": text}, indent=2)
+    (tmp_path / "one.json").write_text(one + "\n")
+    assert [(r[1], r[2], r[3], r[5]) for r in read_records(tmp_path / "one.json", 1 << 20)] == [
+        (1, OK, "", text)
+    ]
+    objs = [{"text": text}, {"title": "no text"}, {"text": text + "again"}]
+    body = "\n".join(json.dumps(o, indent=2) for o in objs)  # each object is 3 lines
+    (tmp_path / "many.json").write_text(body + '\n\n{\n  "text": "cut off')
+    assert reasons(tmp_path / "many.json") == [
+        (1, OK, ""), (4, QUARANTINE, "missing_text"), (7, OK, ""), (11, QUARANTINE, "malformed_json"),
+    ]  # fmt: skip
+
+
 def test_normalize():
     assert normalize_text("e\u0301t\u00e9\x00\x07  a\t\tb \r\n\n\n\nc  ") == "\u00e9t\u00e9 a b\n\nc"
     # the fast path (rewrites only where a C-level test says they change something) = every rewrite
