@@ -9,10 +9,12 @@ at all (permissions, corrupt parquet footer, binary) becomes one quarantined rec
 
 from __future__ import annotations
 
+import bz2
 import glob
 import gzip
 import io
 import json
+import lzma
 import os
 import re
 import stat
@@ -95,16 +97,45 @@ def _not_regular(path: Path) -> str | None:
     return None
 
 
-def _open(path: Path) -> io.BufferedIOBase:
-    f = open(path, "rb")  # noqa: SIM115 - closed by the caller's with-block
-    if f.peek(2)[:2] == b"\x1f\x8b":
+# compressed inputs, told by their first bytes (LM corpora ship as .jsonl.gz, .jsonl.zst, ...)
+_CODECS = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
+_COMPRESSED_SUFFIXES = {".gz", ".zst", ".zstd", ".bz2", ".xz"}
+
+
+def _codec(head: bytes) -> str | None:
+    return next((name for magic, name in _CODECS.items() if head.startswith(magic)), None)
+
+
+def _decompressed(f, codec: str | None) -> io.BufferedIOBase:
+    """A buffered reader of f's content (f itself when it is not compressed)."""
+    if codec == "gzip":
         return gzip.GzipFile(fileobj=f)
+    if codec == "zstd":  # (pyarrow's codec: no zstandard package needed)
+        return io.BufferedReader(pa.CompressedInputStream(pa.PythonFile(f, mode="r"), "zstd"))
+    if codec == "bz2":
+        return bz2.BZ2File(f)
+    if codec == "xz":
+        return lzma.LZMAFile(f)
     return f
+
+
+def _guarded(rows: Iterator[tuple], src: str, codec: str | None) -> Iterator[tuple]:
+    """The rows of one file; when it is compressed, a decompression error (a truncated or corrupt
+    stream) ends them with one quarantined row on the line after the last one read."""
+    last = 0
+    try:
+        for row in rows:
+            last = row[1]
+            yield row
+    except (EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+        if codec is None:
+            raise
+        yield (src, last + 1, QUARANTINE, f"truncated_or_corrupt_{codec}", str(e)[:EXCERPT_CHARS], None)
 
 
 def detect_format(path: Path, head: bytes) -> str:
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
+    if suffixes and suffixes[-1] in _COMPRESSED_SUFFIXES:
         suffixes = suffixes[:-1]
     suffix = suffixes[-1] if suffixes else ""
     if suffix == ".parquet" or head.startswith(b"PAR1"):
@@ -134,7 +165,7 @@ def plan_work(files: list[Path], split_bytes: int) -> list[dict]:
             with open(f, "rb") as fh:
                 head = fh.read(8192)
                 if (
-                    head[:2] == b"\x1f\x8b"
+                    _codec(head) is not None
                     or detect_format(f, head) != "jsonl"
                     or head.lstrip().startswith(b"[")
                 ):
@@ -200,20 +231,22 @@ def read_records(
             yield (src, first_line, QUARANTINE, "unreadable_file", str(e), None)
         return
     try:
-        with _open(path) as f:
-            try:
-                head = f.peek(8192)[:8192] if hasattr(f, "peek") else b""
-            except (OSError, EOFError, zlib.error):
-                head = b""
-            fmt = detect_format(path, head)
-            if fmt == "parquet":
-                yield from _read_parquet(path, src)
-            elif fmt == "binary":
-                yield (src, 1, QUARANTINE, "binary_file", _excerpt(head), None)
-            elif fmt == "jsonl":
-                yield from _read_jsonl(f, src, max_record_bytes)
-            else:
-                yield from _read_text(f, src, max_record_bytes)
+        with open(path, "rb") as raw:
+            codec = _codec(raw.peek(8)[:8])
+            with _decompressed(raw, codec) as f:
+                try:
+                    head = f.peek(8192)[:8192]
+                except (OSError, EOFError, zlib.error, lzma.LZMAError):
+                    head = b""
+                fmt = detect_format(path, head)
+                if fmt == "parquet":
+                    yield from _read_parquet(path, src)
+                elif fmt == "binary":
+                    yield (src, 1, QUARANTINE, "binary_file", _excerpt(head), None)
+                elif fmt == "jsonl":
+                    yield from _guarded(_read_jsonl(f, src, max_record_bytes), src, codec)
+                else:
+                    yield from _guarded(_read_text(f, src, max_record_bytes), src, codec)
     except PermissionError as e:
         yield (src, 0, QUARANTINE, "unreadable_file", str(e.strerror), None)
     except IsADirectoryError:
@@ -242,11 +275,7 @@ def _readline_bounded(f, limit: int) -> tuple[bytes, bool]:
 def _read_jsonl(f, src: str, max_bytes: int, end: int = -1, lineno: int = 0) -> Iterator[tuple]:
     first = lineno == 0
     while end < 0 or f.tell() < end:
-        try:
-            raw, oversized = _readline_bounded(f, max_bytes)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            yield (src, lineno + 1, QUARANTINE, "truncated_or_corrupt_gzip", str(e)[:EXCERPT_CHARS], None)
-            return
+        raw, oversized = _readline_bounded(f, max_bytes)  # (a broken stream: see _guarded)
         if not raw:
             return
         lineno += 1
@@ -313,11 +342,7 @@ def _record_from_obj(obj, src: str, lineno: int, line: str | bytes, surrogates: 
 
 def _read_whole(f, first: bytes, src: str, max_bytes: int) -> tuple[bytes | None, tuple | None]:
     """(the file's bytes from `first` on, None) or (None, the quarantine row that says why not)."""
-    try:
-        rest = f.read(max_bytes + 1 - len(first))
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        return None, (src, 1, QUARANTINE, "truncated_or_corrupt_gzip", str(e)[:EXCERPT_CHARS], None)
-    raw = first + rest
+    raw = first + f.read(max_bytes + 1 - len(first))
     if len(raw) > max_bytes:
         return None, (src, 1, QUARANTINE, "record_too_large", _excerpt(raw), None)
     return raw, None
@@ -379,11 +404,7 @@ def _read_json_array(f, first: bytes, src: str, max_bytes: int) -> Iterator[tupl
 
 
 def _read_text(f, src: str, max_bytes: int) -> Iterator[tuple]:
-    try:
-        raw = f.read(max_bytes + 1)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        yield (src, 1, QUARANTINE, "truncated_or_corrupt_gzip", str(e)[:EXCERPT_CHARS], None)
-        return
+    raw = f.read(max_bytes + 1)
     if not raw:
         return  # an empty file holds no record (listed under files.empty in the report)
     if len(raw) > max_bytes:

@@ -39,7 +39,7 @@ from pipelines.quality import (  # noqa: E402
     default_quality_model,
     synth_junk,
 )
-from pipelines.readers import DROP, OK, QUARANTINE, expand_inputs, read_records  # noqa: E402
+from pipelines.readers import DROP, OK, QUARANTINE, expand_inputs, plan_work, read_records  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,46 @@ def test_readers_fifo_links_and_loops(tmp_path):
     for name in ("le.txt", "be.dat", "sig.txt"):
         assert [r[2:] for r in read_records(data / name, 1 << 20)] == [(OK, "", "", doc)], name
     assert reasons(data / "odd.txt") == [(1, QUARANTINE, "invalid_utf16")]
+
+
+def test_readers_compressed_inputs(tmp_path):
+    """LM corpora ship compressed: gzip, zstd (.jsonl.zst), bz2 and xz are read by their first
+    bytes, whatever the suffix; a truncated stream keeps the records before the cut and ends with
+    one quarantined row naming its codec."""
+    import bz2
+    import lzma
+
+    docs = [f"document {i} " + "word " * 40 for i in range(50)]
+    body = ("\n".join(json.dumps({"text": t}) for t in docs) + "\n").encode()
+    rng = random.Random(0)  # ~600 KB that does not compress to nothing
+    noisy = "".join(
+        json.dumps({"text": " ".join(f"{rng.getrandbits(24):x}" for _ in range(60))}) + "\n"
+        for _ in range(1500)
+    ).encode()
+
+    def zstd(data: bytes) -> bytes:
+        sink = pa.BufferOutputStream()
+        with pa.CompressedOutputStream(sink, "zstd") as out:
+            out.write(data)
+        return sink.getvalue().to_pybytes()
+
+    # (bz2 at level 1: 100 KB blocks, so half the file holds whole blocks)
+    packers = {"gz": gzip.compress, "zst": zstd, "bz2": lambda d: bz2.compress(d, 1), "xz": lzma.compress}
+    codec = {"gz": "gzip", "zst": "zstd", "bz2": "bz2", "xz": "xz"}
+    for ext, pack in packers.items():
+        (tmp_path / f"c.jsonl.{ext}").write_bytes(pack(body))
+        assert [r[5] for r in read_records(tmp_path / f"c.jsonl.{ext}", 1 << 20)] == docs, ext
+        (tmp_path / f"c.txt.{ext}").write_bytes(pack(docs[0].encode()))  # text, by the inner suffix
+        assert [r[5] for r in read_records(tmp_path / f"c.txt.{ext}", 1 << 20)] == [docs[0]], ext
+        big = pack(noisy)  # a cut half way lands after many whole lines (of several zstd blocks)
+        (tmp_path / f"cut.jsonl.{ext}").write_bytes(big[: len(big) // 2])
+        got = reasons(tmp_path / f"cut.jsonl.{ext}")
+        assert got[-1][1:] == (QUARANTINE, f"truncated_or_corrupt_{codec[ext]}"), ext
+        assert all(g[1] == OK for g in got[:-1]) and got[-1][0] == len(got) and len(got) > 10, ext
+    (tmp_path / "noext").write_bytes(zstd(body))  # no suffix: the magic bytes decide, then the content
+    assert len(list(read_records(tmp_path / "noext", 1 << 20))) == len(docs)
+    items = plan_work([tmp_path / "c.jsonl.zst"], split_bytes=64)  # never cut a compressed file
+    assert items == [{"path": str(tmp_path / "c.jsonl.zst"), "start": 0, "end": -1, "first_line": 1}]
 
 
 def test_readers_pretty_printed_json(tmp_path):
