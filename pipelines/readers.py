@@ -427,6 +427,14 @@ def _read_text(f, src: str, max_bytes: int) -> Iterator[tuple]:
     yield (src, 1, OK, "", "", text)
 
 
+def _is_text_type(t: pa.DataType) -> bool:
+    """Arrow's string types: plain, large, view (Polars, DuckDB), and dictionary-encoded strings
+    (a pandas categorical column), whose values read back as str."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
 def _read_parquet(path: Path, src: str) -> Iterator[tuple]:
     try:
         pf = pq.ParquetFile(path)
@@ -446,9 +454,7 @@ def _read_parquet(path: Path, src: str) -> Iterator[tuple]:
         for row in range(pf.metadata.num_rows):
             yield (src, row + 1, QUARANTINE, "missing_text", f"columns: {names}"[:EXCERPT_CHARS], None)
         return
-    is_string = pa.types.is_string(pf.schema_arrow.field("text").type) or pa.types.is_large_string(
-        pf.schema_arrow.field("text").type
-    )
+    is_string = _is_text_type(pf.schema_arrow.field("text").type)
     try:
         for batch in pf.iter_batches(columns=["text"], batch_size=1024):
             for value in batch.column(0).to_pylist():

@@ -110,6 +110,19 @@ def test_readers_every_bad_input_gets_an_outcome(tmp_path):
     assert [g[2] for g in reasons(tmp_path / "p.parquet")] == ["", "missing_text"]
     assert [g[2] for g in reasons(tmp_path / "notext.parquet")] == ["missing_text"]
     assert [g[2] for g in reasons(tmp_path / "ints.parquet")] == ["text_not_string"] * 2
+    for kind, column in (  # every Arrow string type is text
+        ("large", pa.array([good, None], pa.large_string())),
+        ("view", pa.array([good, None], pa.string_view())),
+        ("dict", pa.array([good, None]).dictionary_encode()),  # a pandas categorical
+    ):
+        pq.write_table(pa.table({"text": column}), tmp_path / f"{kind}.pq")
+        assert [(g[2], g[5]) for g in read_records(tmp_path / f"{kind}.pq", 1 << 20)] == [
+            (OK, good), (QUARANTINE, None),
+        ], kind  # fmt: skip
+        (tmp_path / f"{kind}.pq").unlink()
+    pq.write_table(pa.table({"text": pa.array([b"bytes"], pa.binary())}), tmp_path / "bin.pq")
+    assert reasons(tmp_path / "bin.pq")[0][2] == "text_not_string"
+    (tmp_path / "bin.pq").unlink()
     assert reasons(tmp_path / "dangling.jsonl")[0][2] == "unreadable_file"
 
     files = expand_inputs([str(tmp_path)])
