@@ -59,6 +59,7 @@ class PrepareConfig:
     rows_per_shard: int = 8192  # packed rows per output parquet shard
     seed: int = 0
     # 1. validate
+    text_key: str = "text"  # the JSON key / parquet column holding a record's text ("content": The Stack)
     max_record_bytes: int = 64 * 1024 * 1024  # a longer JSON line / text file is quarantined unread
     # 2. normalize
     normalize: bool = True  # unicode NFC, control characters removed, whitespace collapsed
@@ -121,6 +122,8 @@ class PrepareConfig:
                 raise ConfigError(f"prepare.{key}", value, "in [0, 1]")
         if self.perplexity_threshold <= 1.0:
             raise ConfigError("prepare.perplexity_threshold", self.perplexity_threshold, "greater than 1")
+        if not isinstance(self.text_key, str) or not self.text_key:
+            raise ConfigError("prepare.text_key", self.text_key, "the JSON key / parquet column of the text")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,16 +137,18 @@ class _ReadClean:
     actors. (A separate read map op fused with the cleaner is fed input rows in bundles of the
     cleaner's batch size: 512 work items in one task, one busy actor.)"""
 
-    def __init__(self, settings, max_record_bytes: int, batch_size: int):
+    def __init__(self, settings, max_record_bytes: int, batch_size: int, text_key: str = "text"):
         from pipelines.clean import Cleaner
 
         self.cleaner = Cleaner(settings)
-        self.max_record_bytes, self.batch_size = max_record_bytes, batch_size
+        self.max_record_bytes, self.batch_size, self.text_key = max_record_bytes, batch_size, text_key
 
     def __call__(self, items: pa.Table):
         from pipelines.readers import read_files_rows
 
-        for rows, seconds in read_files_rows(items.to_pylist(), self.max_record_bytes, self.batch_size):
+        for rows, seconds in read_files_rows(
+            items.to_pylist(), self.max_record_bytes, self.batch_size, text_key=self.text_key
+        ):
             yield self.cleaner.clean_rows(rows, seconds)
 
 
@@ -415,6 +420,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
             _ReadClean, batch_size=1, batch_format="pyarrow",
             fn_constructor_kwargs={
                 "settings": settings, "max_record_bytes": cfg.max_record_bytes, "batch_size": cfg.batch_size,
+                "text_key": cfg.text_key,
             },
             compute=ray.data.ActorPoolStrategy(
                 size=max(1, min(workers, len(items))),

@@ -1,10 +1,12 @@
 """Input discovery and the validate stage: files → records (source, line, text) or quarantine reasons.
 
-Formats: jsonl (`{"id"?, "text"}` per line; `.json` holding one array of such objects also works),
-parquet (a `text` column) and plain text (one document per file); any of them gzipped. An unknown
-suffix is sniffed from the first bytes. Nothing here raises on bad content: every line or row read
-becomes one record, either with its text or with a quarantine reason; a file that cannot be read
-at all (permissions, corrupt parquet footer, binary) becomes one quarantined record.
+Formats: jsonl (`{"id"?, "text"}` per line; `.json` holding one array of such objects, or
+pretty-printed objects, also works), parquet (a `text` column) and plain text (one document per
+file, UTF-8 or UTF-16 with its byte-order mark); any of them compressed (gzip, zstd, bz2, xz, told
+by the first bytes). The key / column of the text is `text_key` ("text"). An unknown suffix is
+sniffed from the first bytes. Nothing here raises on bad content: every line or row read becomes one
+record, either with its text or with a quarantine reason; a file that cannot be read at all
+(permissions, corrupt parquet footer, binary, a FIFO or device) becomes one quarantined record.
 """
 
 from __future__ import annotations
@@ -212,7 +214,12 @@ def _split_jsonl(fh, path: str, size: int, split_bytes: int) -> list[dict]:
 
 
 def read_records(
-    path: str | Path, max_record_bytes: int, start: int = 0, end: int = -1, first_line: int = 1
+    path: str | Path,
+    max_record_bytes: int,
+    start: int = 0,
+    end: int = -1,
+    first_line: int = 1,
+    text_key: str = "text",
 ) -> Iterator[tuple]:
     """Yield (source, line, status, reason, excerpt, text) for every record of one file, or of
     the byte range [start, end) of a plain jsonl file (see plan_work)."""
@@ -226,7 +233,7 @@ def read_records(
         try:
             with open(path, "rb") as f:
                 f.seek(start)
-                yield from _read_jsonl(f, src, max_record_bytes, end=end, lineno=first_line - 1)
+                yield from _read_jsonl(f, src, max_record_bytes, end=end, lineno=first_line - 1, key=text_key)
         except OSError as e:
             yield (src, first_line, QUARANTINE, "unreadable_file", str(e), None)
         return
@@ -240,11 +247,11 @@ def read_records(
                     head = b""
                 fmt = detect_format(path, head)
                 if fmt == "parquet":
-                    yield from _read_parquet(path, src)
+                    yield from _read_parquet(path, src, text_key)
                 elif fmt == "binary":
                     yield (src, 1, QUARANTINE, "binary_file", _excerpt(head), None)
                 elif fmt == "jsonl":
-                    yield from _guarded(_read_jsonl(f, src, max_record_bytes), src, codec)
+                    yield from _guarded(_read_jsonl(f, src, max_record_bytes, key=text_key), src, codec)
                 else:
                     yield from _guarded(_read_text(f, src, max_record_bytes), src, codec)
     except PermissionError as e:
@@ -272,7 +279,9 @@ def _readline_bounded(f, limit: int) -> tuple[bytes, bool]:
     return head[:EXCERPT_CHARS], True
 
 
-def _read_jsonl(f, src: str, max_bytes: int, end: int = -1, lineno: int = 0) -> Iterator[tuple]:
+def _read_jsonl(
+    f, src: str, max_bytes: int, end: int = -1, lineno: int = 0, key: str = "text"
+) -> Iterator[tuple]:
     first = lineno == 0
     while end < 0 or f.tell() < end:
         raw, oversized = _readline_bounded(f, max_bytes)  # (a broken stream: see _guarded)
@@ -284,20 +293,20 @@ def _read_jsonl(f, src: str, max_bytes: int, end: int = -1, lineno: int = 0) -> 
             continue
         if first and raw.lstrip().startswith(b"["):
             # a .json file holding one array: read the whole file (bounded) and emit its elements
-            yield from _read_json_array(f, raw, src, max_bytes)
+            yield from _read_json_array(f, raw, src, max_bytes, key)
             return
         if first and raw.strip() == b"{":
             # a lone "{" is no jsonl record: pretty-printed object(s), read whole (bounded)
-            yield from _read_json_values(f, raw, src, max_bytes)
+            yield from _read_json_values(f, raw, src, max_bytes, key)
             return
         first = False
         if raw.isspace():
             yield (src, lineno, DROP, "blank_line", "", None)
             continue
-        yield _parse_json_record(raw, src, lineno)
+        yield _parse_json_record(raw, src, lineno, key)
 
 
-def _parse_json_record(raw: bytes, src: str, lineno: int) -> tuple:
+def _parse_json_record(raw: bytes, src: str, lineno: int, key: str = "text") -> tuple:
     """One jsonl line → a reader row. orjson parses the bytes (and checks their UTF-8) ~3x faster
     than decode + json.loads; whatever orjson refuses (malformed, invalid UTF-8, and what only
     Python's json accepts: NaN, 1e500, lone surrogate escapes, integers over 64 bits, nesting over
@@ -305,11 +314,11 @@ def _parse_json_record(raw: bytes, src: str, lineno: int) -> tuple:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return _parse_json_record_json(raw, src, lineno)
-    return _record_from_obj(obj, src, lineno, raw, surrogates=False)  # (orjson refuses lone ones)
+        return _parse_json_record_json(raw, src, lineno, key)
+    return _record_from_obj(obj, src, lineno, raw, key, surrogates=False)  # (orjson refuses lone ones)
 
 
-def _parse_json_record_json(raw: bytes, src: str, lineno: int) -> tuple:
+def _parse_json_record_json(raw: bytes, src: str, lineno: int, key: str = "text") -> tuple:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -320,16 +329,18 @@ def _parse_json_record_json(raw: bytes, src: str, lineno: int) -> tuple:
         return (src, lineno, QUARANTINE, "json_too_deep", _excerpt(line), None)
     except ValueError:
         return (src, lineno, QUARANTINE, "malformed_json", _excerpt(line), None)
-    return _record_from_obj(obj, src, lineno, line)
+    return _record_from_obj(obj, src, lineno, line, key)
 
 
-def _record_from_obj(obj, src: str, lineno: int, line: str | bytes, surrogates: bool = True) -> tuple:
+def _record_from_obj(
+    obj, src: str, lineno: int, line: str | bytes, key: str = "text", surrogates: bool = True
+) -> tuple:
     """`surrogates`: the parser may have let lone surrogates (\\ud800 escapes) into the text."""
     if not isinstance(obj, dict):
         return (src, lineno, QUARANTINE, "not_an_object", _excerpt(line), None)
-    if "text" not in obj or obj["text"] is None:
+    if obj.get(key) is None:
         return (src, lineno, QUARANTINE, "missing_text", _excerpt(line), None)
-    text = obj["text"]
+    text = obj[key]
     if not isinstance(text, str):
         return (src, lineno, QUARANTINE, "text_not_string", _excerpt(line), None)
     if surrogates and not text.isascii():
@@ -348,7 +359,7 @@ def _read_whole(f, first: bytes, src: str, max_bytes: int) -> tuple[bytes | None
     return raw, None
 
 
-def _read_json_values(f, first: bytes, src: str, max_bytes: int) -> Iterator[tuple]:
+def _read_json_values(f, first: bytes, src: str, max_bytes: int, key: str = "text") -> Iterator[tuple]:
     """JSON values one after another, each over many lines (`json.dumps(obj, indent=2)`, once or
     concatenated): a record per value, numbered by the line it starts on. A value that does not
     parse is quarantined with the rest of the file (one record: where it breaks, nothing after it
@@ -377,11 +388,11 @@ def _read_json_values(f, first: bytes, src: str, max_bytes: int) -> Iterator[tup
         except ValueError:
             yield (src, line, QUARANTINE, "malformed_json", _excerpt(text[pos:]), None)
             return
-        yield _record_from_obj(obj, src, line, text[pos:end])
+        yield _record_from_obj(obj, src, line, text[pos:end], key)
         pos = end
 
 
-def _read_json_array(f, first: bytes, src: str, max_bytes: int) -> Iterator[tuple]:
+def _read_json_array(f, first: bytes, src: str, max_bytes: int, key: str = "text") -> Iterator[tuple]:
     raw, bad = _read_whole(f, first, src, max_bytes)
     if bad is not None:
         yield bad
@@ -399,7 +410,7 @@ def _read_json_array(f, first: bytes, src: str, max_bytes: int) -> Iterator[tupl
         return
     for i, obj in enumerate(arr):
         yield _record_from_obj(
-            obj, src, i + 1, json.dumps(obj)[:EXCERPT_CHARS] if not isinstance(obj, dict) else ""
+            obj, src, i + 1, json.dumps(obj)[:EXCERPT_CHARS] if not isinstance(obj, dict) else "", key
         )
 
 
@@ -435,7 +446,7 @@ def _is_text_type(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
-def _read_parquet(path: Path, src: str) -> Iterator[tuple]:
+def _read_parquet(path: Path, src: str, key: str = "text") -> Iterator[tuple]:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
@@ -450,13 +461,13 @@ def _read_parquet(path: Path, src: str) -> Iterator[tuple]:
         return
     names = pf.schema_arrow.names
     row = 0
-    if "text" not in names:
+    if key not in names:
         for row in range(pf.metadata.num_rows):
             yield (src, row + 1, QUARANTINE, "missing_text", f"columns: {names}"[:EXCERPT_CHARS], None)
         return
-    is_string = _is_text_type(pf.schema_arrow.field("text").type)
+    is_string = _is_text_type(pf.schema_arrow.field(key).type)
     try:
-        for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+        for batch in pf.iter_batches(columns=[key], batch_size=1024):
             for value in batch.column(0).to_pylist():
                 row += 1
                 if value is None:
@@ -470,14 +481,19 @@ def _read_parquet(path: Path, src: str) -> Iterator[tuple]:
 
 
 def read_files_rows(
-    items: list[dict], max_record_bytes: int, batch_size: int, max_batch_bytes: int = 64 << 20
+    items: list[dict],
+    max_record_bytes: int,
+    batch_size: int,
+    max_batch_bytes: int = 64 << 20,
+    text_key: str = "text",
 ):
-    """(rows, read seconds) of about `batch_size` records (fewer when the texts are large)."""
+    """(rows, read seconds) of about `batch_size` records (fewer when the texts are large);
+    `text_key`: the JSON key / parquet column that holds a record's text."""
     for item in items:
         rows, size = [], 0
         t0 = time.perf_counter()  # reading time only: the clock restarts when the consumer returns
         for rec in read_records(
-            item["path"], max_record_bytes, item["start"], item["end"], item["first_line"]
+            item["path"], max_record_bytes, item["start"], item["end"], item["first_line"], text_key
         ):
             rows.append(rec)
             size += len(rec[5]) if rec[5] else 0

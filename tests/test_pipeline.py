@@ -140,6 +140,18 @@ def test_deterministic_and_given_tokenizer(prepared, messy, tmp_path):
         assert a.equals(b), split  # same rows, same ids, with two cleaning workers instead of one
 
 
+def test_text_under_another_key(ray_local, corpus, tmp_path):
+    """prepare.text_key reaches the cleaning actors' readers: jsonl and parquet with "content"."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_text("\n".join(json.dumps({"content": t}) for t in corpus[:60]) + "\n")
+    pq.write_table(pa.table({"content": corpus[60:90]}), src / "b.parquet")
+    cfg = PrepareConfig(**SMALL, text_key="content")
+    report = prepare([str(src)], tmp_path / "out", cfg, log=lambda _: None)
+    assert report["input_records"] == 90 and report["quarantined"] == 0 and report["kept"] > 60
+    assert accounting_holds(report)
+
+
 def test_fuzzed_garbage_and_domain(ray_local, corpus, tmp_path):
     rng = random.Random(7)
     inp = tmp_path / "fuzz"

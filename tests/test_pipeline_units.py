@@ -203,6 +203,26 @@ def test_readers_compressed_inputs(tmp_path):
     assert items == [{"path": str(tmp_path / "c.jsonl.zst"), "start": 0, "end": -1, "first_line": 1}]
 
 
+def test_readers_text_key(tmp_path):
+    """The text under another key (The Stack's "content"): every JSON form and parquet read it;
+    the "text" of those files is then no text of theirs."""
+    doc = "word " * 40
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"content": doc, "text": 3}) + "\n" + json.dumps({"text": doc}) + "\n"
+    )
+    (tmp_path / "b.json").write_text(json.dumps([{"content": doc}]))
+    (tmp_path / "c.json").write_text(json.dumps({"content": doc}, indent=2))
+    pq.write_table(pa.table({"content": [doc]}), tmp_path / "d.parquet")
+    got = {f: [(r[2], r[3]) for r in read_records(tmp_path / f, 1 << 20, text_key="content")] for f in "a.jsonl b.json c.json d.parquet".split()}  # fmt: skip
+    assert got == {
+        "a.jsonl": [(OK, ""), (QUARANTINE, "missing_text")], "b.json": [(OK, "")], "c.json": [(OK, "")],
+        "d.parquet": [(OK, "")],
+    }  # fmt: skip
+    assert [r[2] for r in read_records(tmp_path / "d.parquet", 1 << 20)] == [QUARANTINE]  # default "text"
+    with pytest.raises(ConfigError, match="prepare.text_key"):
+        PrepareConfig(text_key="")
+
+
 def test_readers_pretty_printed_json(tmp_path):
     """A .json file of pretty-printed objects (json.dumps(obj, indent=2), once or one after
     another) was one malformed record per line: each object is now a record, numbered by the line
