@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for the row GEMMs; the gate/up kernel holds two
 # accumulators, so it gets BLOCK_N / 2 columns of each
 ROW_TILES = [
+    (32, 128, 64, 4, 3),  # top-1 routes 32 rows to each expert: a 64-row tile is half padding
+    (32, 256, 64, 4, 4),
     (64, 128, 64, 4, 3),
     (64, 128, 64, 4, 4),
     (64, 256, 32, 4, 4),
