@@ -131,9 +131,10 @@ class PrepareConfig:
 
 
 class _ReadClean:
-    """Ray Data actor UDF: a table of work items (one) → cleaned tables of ~batch_size rows each.
+    """Ray Data actor UDF: a table of tasks (one; `readers.group_work`'s: work items read in order,
+    small files together) → cleaned tables of ~batch_size rows each.
 
-    Reading inside the cleaning actor keeps one task per work item, so the items spread over the
+    Reading inside the cleaning actor keeps one Ray task per work task, so they spread over the
     actors. (A separate read map op fused with the cleaner is fed input rows in bundles of the
     cleaner's batch size: 512 work items in one task, one busy actor.)"""
 
@@ -143,11 +144,12 @@ class _ReadClean:
         self.cleaner = Cleaner(settings)
         self.max_record_bytes, self.batch_size, self.text_key = max_record_bytes, batch_size, text_key
 
-    def __call__(self, items: pa.Table):
+    def __call__(self, tasks: pa.Table):
         from pipelines.readers import read_files_rows
 
+        parts = [part for task in tasks.to_pylist() for part in task["parts"]]
         for rows, seconds in read_files_rows(
-            items.to_pylist(), self.max_record_bytes, self.batch_size, text_key=self.text_key
+            parts, self.max_record_bytes, self.batch_size, text_key=self.text_key
         ):
             yield self.cleaner.clean_rows(rows, seconds)
 
@@ -361,7 +363,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     from pipelines.clean import STAGES, CleanSettings
     from pipelines.dedup import Deduplicator
     from pipelines.pack import Tokenize, unigram_entropy
-    from pipelines.readers import QUARANTINE, expand_inputs, plan_work
+    from pipelines.readers import QUARANTINE, expand_inputs, group_work, plan_work
 
     cfg = cfg or PrepareConfig()
     t_all = time.perf_counter()
@@ -415,7 +417,8 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         # (→ tokens when the tokenizer is given) on the workers; dedup decisions and packing on the driver
         t_pass1 = time.perf_counter()
         items = plan_work(files, cfg.split_bytes)
-        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        tasks = group_work(items, cfg.split_bytes)  # (small files share a task)
+        ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
         ds = ds.map_batches(
             _ReadClean, batch_size=1, batch_format="pyarrow",
             fn_constructor_kwargs={
@@ -423,7 +426,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
                 "text_key": cfg.text_key,
             },
             compute=ray.data.ActorPoolStrategy(
-                size=max(1, min(workers, len(items))),
+                size=max(1, min(workers, len(tasks))),
                 max_tasks_in_flight_per_actor=_tasks_per_actor(items, cfg.split_bytes),
             ),
         )  # fmt: skip

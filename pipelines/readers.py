@@ -179,6 +179,34 @@ def plan_work(files: list[Path], split_bytes: int) -> list[dict]:
     return items
 
 
+def group_work(items: list[dict], target_bytes: int, max_files: int = 4096) -> list[dict]:
+    """plan_work's items packed into tasks {"parts": [item, ...]}: consecutive whole files smaller
+    than `target_bytes` share a task until their bytes reach it (or `max_files`); a cut range or a
+    large file is a task of its own. A corpus of one small document per file otherwise paid a
+    task, an actor call and a cleaning batch per file (1,614 stdlib docs as .txt files: clean pass
+    15.4 s vs 1.7 s as one jsonl)."""
+    tasks: list[dict] = []
+    parts: list[dict] = []
+    size = 0
+    for it in items:
+        whole = it["start"] == 0 and it["end"] < 0
+        try:
+            nbytes = os.stat(it["path"]).st_size if whole else target_bytes
+        except OSError:
+            nbytes = 0  # (its reader reports it)
+        if nbytes >= target_bytes:
+            tasks.append({"parts": [it]})
+            continue
+        parts.append(it)
+        size += nbytes
+        if size >= target_bytes or len(parts) >= max_files:
+            tasks.append({"parts": parts})
+            parts, size = [], 0
+    if parts:
+        tasks.append({"parts": parts})
+    return tasks
+
+
 def _split_jsonl(fh, path: str, size: int, split_bytes: int) -> list[dict]:
     starts, lines = [(0, 1)], 0
     pos = 0
@@ -487,11 +515,12 @@ def read_files_rows(
     max_batch_bytes: int = 64 << 20,
     text_key: str = "text",
 ):
-    """(rows, read seconds) of about `batch_size` records (fewer when the texts are large);
+    """(rows, read seconds) of about `batch_size` records (fewer when the texts are large), the
+    records of `items` (plan_work's) in order: a batch spans files when they are small;
     `text_key`: the JSON key / parquet column that holds a record's text."""
+    rows, size = [], 0
+    t0 = time.perf_counter()  # reading time only: the clock restarts when the consumer returns
     for item in items:
-        rows, size = [], 0
-        t0 = time.perf_counter()  # reading time only: the clock restarts when the consumer returns
         for rec in read_records(
             item["path"], max_record_bytes, item["start"], item["end"], item["first_line"], text_key
         ):
@@ -501,5 +530,5 @@ def read_files_rows(
                 yield rows, time.perf_counter() - t0
                 rows, size = [], 0
                 t0 = time.perf_counter()
-        if rows:
-            yield rows, time.perf_counter() - t0
+    if rows:
+        yield rows, time.perf_counter() - t0

@@ -140,6 +140,20 @@ def test_deterministic_and_given_tokenizer(prepared, messy, tmp_path):
         assert a.equals(b), split  # same rows, same ids, with two cleaning workers instead of one
 
 
+def test_small_files_share_tasks_same_result(prepared, messy, tmp_path, monkeypatch):
+    """The messy directory's small files run as one task (readers.group_work) in the fixture's run;
+    one task per file gives the same report and the same shards."""
+    import pipelines.readers as readers
+
+    out, report, cfg, _ = prepared
+    monkeypatch.setattr(readers, "group_work", lambda items, target: [{"parts": [it]} for it in items])
+    alone = prepare([str(messy)], tmp_path / "alone", cfg, log=lambda _: None)
+    for key in ("input_records", "kept", "dropped", "quarantined", "quarantine_reasons"):
+        assert alone[key] == report[key], key
+    for split in ("train", "eval"):
+        assert pq.read_table(out / split).equals(pq.read_table(tmp_path / "alone" / split)), split
+
+
 def test_text_under_another_key(ray_local, corpus, tmp_path):
     """prepare.text_key reaches the cleaning actors' readers: jsonl and parquet with "content"."""
     src = tmp_path / "in"

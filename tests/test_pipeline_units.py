@@ -862,3 +862,26 @@ def test_tasks_per_actor_only_queues_deep_behind_small_items(tmp_path):
     items = plan_work([tmp_path / "big.jsonl", tmp_path / "big.jsonl.gz"], 64 << 10)
     assert _tasks_per_actor(items, 64 << 10) is None
     assert _tasks_per_actor(items, 1 << 20) == TASKS_PER_ACTOR  # every file within split_bytes
+
+
+def test_group_work_packs_small_files_in_order(tmp_path):
+    """Consecutive small whole files share a task until their bytes reach the target (or the file
+    cap); a big file and each cut range are tasks of their own; nothing is lost or reordered."""
+    from pipelines.readers import group_work, plan_work
+
+    line = json.dumps({"text": "words " * 40}) + "\n"  # 253 bytes
+    files = []
+    for i in range(10):
+        (tmp_path / f"s{i}.jsonl").write_text(line)
+        files.append(tmp_path / f"s{i}.jsonl")
+    (tmp_path / "big.jsonl").write_text(line * 20)  # 5 KB: cut into ranges of ~1 KB
+    (tmp_path / "whole.txt").write_text("x" * 1500)  # a whole file over the target
+    order = [*files[:5], tmp_path / "big.jsonl", tmp_path / "whole.txt", *files[5:], tmp_path / "gone.jsonl"]
+    items = plan_work(order, split_bytes=1024)
+    tasks = group_work(items, target_bytes=1024)
+    assert [p for t in tasks for p in t["parts"]] == items  # all of them, in order
+    sizes = [len(t["parts"]) for t in tasks]
+    ranges = sum(1 for it in items if it["path"].endswith("big.jsonl"))
+    # 5 x 253 B reach 1 KB; the missing file (0 B here, its reader reports it) starts the next task
+    assert ranges == 4 and sizes == [5] + [1] * ranges + [1] + [5, 1]
+    assert [len(t["parts"]) for t in group_work(items[:5], 1 << 20, max_files=2)] == [2, 2, 1]
