@@ -65,8 +65,9 @@ def _check_shards(files: list[Path], policy: str) -> tuple[list[str], int, list[
     return good, sum(pq.read_metadata(f).num_rows for f in good), skipped
 
 
-def check_prepared(path: str | Path, corrupt_shard: str = "fail") -> PreparedData:
-    """Validate a prepared directory before any worker starts (user errors as one line)."""
+def check_prepared(path: str | Path, corrupt_shard: str = "fail", need_eval: bool = True) -> PreparedData:
+    """Validate a prepared directory before any worker starts (user errors as one line).
+    `need_eval=False` (data.eval_split = "train"): an empty eval split is fine."""
     from pipelines.dataset import load_meta
 
     d = Path(path).expanduser().resolve()  # absolute: Ray Tune trials and job workers run elsewhere
@@ -76,8 +77,18 @@ def check_prepared(path: str | Path, corrupt_shard: str = "fail") -> PreparedDat
         )
     meta = load_meta(d)
     out = {}
+    no_eval = (
+        f"prepared directory {d} has no eval rows (none of its documents fell in prepare.eval_fraction):"
+        " prepare more input or a larger prepare.eval_fraction, or evaluate on training rows"
+        ' (data.eval_split = "train")'
+    )
     for split in ("train", "eval"):
         files = sorted((d / split).glob("*.parquet"))
+        if not files and split == "eval" and meta["num_eval"] == 0:
+            if need_eval:
+                raise UserError(no_eval)
+            out[split] = ([], 0, [])
+            continue
         if not files:
             raise UserError(
                 f"prepared directory {d} has no {split}/*.parquet shards: re-run `dsv3ray prepare`"
@@ -86,9 +97,11 @@ def check_prepared(path: str | Path, corrupt_shard: str = "fail") -> PreparedDat
     (train_files, num_train, sk1), (eval_files, num_eval, sk2) = out["train"], out["eval"]
     if not train_files or num_train == 0:
         raise UserError(f"prepared directory {d} has no readable training rows: re-run `dsv3ray prepare`")
-    if not eval_files or num_eval == 0:
+    if need_eval and (not eval_files or num_eval == 0):
         raise UserError(
-            f"prepared directory {d} has no readable eval rows: re-run `dsv3ray prepare` with a larger prepare.eval_fraction"
+            no_eval
+            if meta["num_eval"] == 0
+            else f"prepared directory {d} has no readable eval rows: re-run `dsv3ray prepare`"
         )
     return PreparedData(d, meta, train_files, eval_files, num_train, num_eval, sk1 + sk2)
 
@@ -96,7 +109,7 @@ def check_prepared(path: str | Path, corrupt_shard: str = "fail") -> PreparedDat
 def resolve_data(cfg: DataConfig, prepare_cfg, run_dir: Path, corrupt_shard: str = "fail") -> PreparedData:
     """The prepared directory of this run: `data.prepared`, or `data.inputs` prepared into run_dir/data."""
     if cfg.prepared:
-        return check_prepared(cfg.prepared, corrupt_shard)
+        return check_prepared(cfg.prepared, corrupt_shard, need_eval=cfg.eval_split == "eval")
     if not cfg.inputs:
         raise ConfigError(
             "data.prepared",
@@ -108,7 +121,7 @@ def resolve_data(cfg: DataConfig, prepare_cfg, run_dir: Path, corrupt_shard: str
     out = run_dir / "data"
     if not (out / "meta.json").is_file():  # a resumed run reuses its prepared data
         prepare(list(cfg.inputs), out, prepare_cfg)
-    return check_prepared(out, corrupt_shard)
+    return check_prepared(out, corrupt_shard, need_eval=cfg.eval_split == "eval")
 
 
 def build_table(iterator, num_rows: int, row_len: int, dtype: str | None = None) -> np.ndarray:

@@ -177,3 +177,19 @@ def test_ds_config_for_world(G, gas, world, micro, tbs):
     assert out["train_micro_batch_size_per_gpu"] == micro and out["train_batch_size"] == tbs
     assert out["train_batch_size"] == micro * gas * world  # DeepSpeed's own assertion
     assert ds["train_batch_size"] == 1  # the driver's config is not changed
+
+
+def test_prepared_without_eval_rows(tmp_path):
+    """A small corpus can leave the eval split empty: one line saying what to do, and with
+    data.eval_split = "train" (evaluate on training rows) it is fine."""
+    import json
+    import shutil
+
+    data = write_synthetic_prepared(tmp_path / "d", num_train=16, num_eval=4, seq_len=8, vocab_size=64)
+    shutil.rmtree(data / "eval")  # what prepare leaves when no document fell in eval_fraction
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "num_eval": 0}))
+    with pytest.raises(UserError, match='no eval rows .*data.eval_split = "train"'):
+        check_prepared(data)
+    p = check_prepared(data, need_eval=False)
+    assert p.num_train == 16 and p.num_eval == 0 and p.eval_files == []
