@@ -343,13 +343,41 @@ def _init_ray():
     return ray
 
 
-def _clear_outputs(out: Path) -> None:
+_OUTPUT_DIRS = ("train", "eval", "quarantine", "_clean", "_corpus")  # what a run replaces in DIR
+_OUTPUT_FILES = ("meta.json", "report.json", "tokenizer.json")
+
+
+def _check_output(out: Path, files: list[Path]) -> None:
+    """Refuse an --output whose clearing would delete what prepare did not write: an input (say
+    `--input data/train --output data`), or the train/ and eval/ of a dataset's own splits. A run
+    marks DIR as its own from its first seconds (quarantine/records.jsonl, then report.json and
+    meta.json), so a crashed run's leftovers are still replaced."""
     if out.exists() and not out.is_dir():
         raise UserError(f"prepare: output {out} is a file: pass a directory for --output")
-    for sub in ("train", "eval", "quarantine", "_clean", "_corpus"):
+    real = Path(os.path.realpath(out))
+    for f in files:
+        rf = Path(os.path.realpath(f))
+        inside = next((d for d in _OUTPUT_DIRS if (real / d) in rf.parents), None)
+        if inside is not None or (rf.parent == real and rf.name in _OUTPUT_FILES):
+            where = f"{inside}/" if inside is not None else rf.name
+            raise UserError(
+                f"prepare: input {f} is in {where} of the output {out}, which prepare replaces: "
+                "pass another --output"
+            )
+    if not any((out / m).exists() for m in ("meta.json", "report.json", "quarantine/records.jsonl")):
+        foreign = [d for d in _OUTPUT_DIRS if (out / d).exists()]
+        if foreign:
+            raise UserError(
+                f"prepare: output {out} holds {', '.join(d + '/' for d in foreign)} that no earlier prepare "
+                "wrote (no meta.json or report.json): pass a new or empty directory for --output"
+            )
+
+
+def _clear_outputs(out: Path) -> None:
+    for sub in _OUTPUT_DIRS:
         if (out / sub).is_dir():
             shutil.rmtree(out / sub)
-    for name in ("meta.json", "report.json", "tokenizer.json"):
+    for name in _OUTPUT_FILES:
         (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -368,8 +396,13 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     cfg = cfg or PrepareConfig()
     t_all = time.perf_counter()
     out = Path(output)
+    demo = [i for i in inputs if _is_demo_input(i)]
+    given = [i for i in inputs if not _is_demo_input(i)]
+    files = expand_inputs(given) if given or not demo else []  # (none at all: expand_inputs says so)
+    _check_output(out, files)  # before anything is deleted
     _clear_outputs(out)
-    files = expand_inputs(_demo_inputs(list(inputs), out, log))
+    if demo:  # the built-in corpus is written into DIR/_corpus (cleared above)
+        files += expand_inputs(_demo_inputs(demo, out, log))
     models = _load_models(cfg, log)
     # a known tokenizer: tokenize in the cleaning pass (one pass); else train one on the kept text
     fused = cfg.tokenizer is not None
@@ -590,10 +623,14 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     return report
 
 
+def _is_demo_input(item: str) -> bool:
+    return item == "corpus:stdlib" or item.startswith("corpus:stdlib:")
+
+
 def _demo_inputs(inputs: list[str], out: Path, log) -> list[str]:
     resolved = []
     for item in inputs:
-        if item == "corpus:stdlib" or item.startswith("corpus:stdlib:"):
+        if _is_demo_input(item):
             size = item.split(":")[2] if item.count(":") == 2 else "4000000"
             if not size.isdigit():
                 raise UserError(f"prepare: input {item!r}: use corpus:stdlib or corpus:stdlib:BYTES")

@@ -885,3 +885,32 @@ def test_group_work_packs_small_files_in_order(tmp_path):
     # 5 x 253 B reach 1 KB; the missing file (0 B here, its reader reports it) starts the next task
     assert ranges == 4 and sizes == [5] + [1] * ranges + [1] + [5, 1]
     assert [len(t["parts"]) for t in group_work(items[:5], 1 << 20, max_files=2)] == [2, 2, 1]
+
+
+def test_prepare_never_deletes_what_it_did_not_write(tmp_path):
+    """--output's train/ eval/ ... are replaced by a run: never when an input lies there, nor when
+    they are a dataset's own splits (no earlier prepare marked the directory); a crashed run's
+    leftovers (its quarantine file) are replaced. All before Ray starts or anything is deleted."""
+    from pipelines.prepare import prepare
+
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "eval").mkdir()
+    raw = data / "train" / "part.jsonl"
+    raw.write_text(json.dumps({"text": "word " * 40}) + "\n")
+    (data / "eval" / "part.jsonl").write_text(json.dumps({"text": "word " * 40}) + "\n")
+    with pytest.raises(UserError, match="is in train/ of the output"):
+        prepare([str(data / "train")], data)
+    (tmp_path / "elsewhere.jsonl").write_text(json.dumps({"text": "word " * 40}) + "\n")
+    with pytest.raises(UserError, match="holds train/, eval/ that no earlier prepare wrote"):
+        prepare([str(tmp_path / "elsewhere.jsonl")], data)
+    assert raw.exists() and (data / "eval" / "part.jsonl").exists()
+    with pytest.raises(UserError, match="is in meta.json"):
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "meta.json").write_text("{}")
+        prepare([str(tmp_path / "out" / "meta.json")], tmp_path / "out")
+    from pipelines.prepare import _check_output
+
+    (data / "quarantine").mkdir()
+    (data / "quarantine" / "records.jsonl").write_text("")  # a run that crashed here: ours to replace
+    _check_output(data, [tmp_path / "elsewhere.jsonl"])
