@@ -398,7 +398,8 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     out = Path(output)
     demo = [i for i in inputs if _is_demo_input(i)]
     given = [i for i in inputs if not _is_demo_input(i)]
-    files = expand_inputs(given) if given or not demo else []  # (none at all: expand_inputs says so)
+    # (none at all: expand_inputs says so; an --output inside an input directory is no input)
+    files = expand_inputs(given, skip=out) if given or not demo else []
     _check_output(out, files)  # before anything is deleted
     _clear_outputs(out)
     if demo:  # the built-in corpus is written into DIR/_corpus (cleared above)

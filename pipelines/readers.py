@@ -40,8 +40,10 @@ _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _SPACE = re.compile(r"[ \t\r\n]*")  # JSON's whitespace
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, directories (walked recursively, hidden entries skipped) and glob patterns → sorted files."""
+def expand_inputs(inputs: list[str], skip: Path | None = None) -> list[Path]:
+    """Files, directories (walked recursively, hidden entries skipped) and glob patterns → sorted
+    files. `skip`: a directory that walks and globs leave out (prepare's --output inside an input
+    directory: an earlier run's shards and reports are no input); what is named outright is kept."""
     if not inputs:
         raise UserError("prepare: no input given: pass --input FILE_OR_DIR_OR_GLOB ...")
     files: list[Path] = []
@@ -51,10 +53,11 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
             if not matches:
                 raise UserError(f"prepare: input pattern {item!r} matches no file: check the path")
-            for m in matches:
-                files.extend(_walk(m) if m.is_dir() else [m])
+            for m in matches:  # (a glob never reaches into `skip`)
+                if not _under(m, skip):
+                    files.extend(_walk(m, skip) if m.is_dir() else [m])
         elif p.is_dir():
-            files.extend(_walk(p))
+            files.extend(_walk(p, skip))
         elif p.exists():
             files.append(p)
         else:
@@ -70,10 +73,20 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return out
 
 
-def _walk(root: Path) -> list[Path]:
-    """Files under root; linked directories are followed (data trees often link shards in from
-    other disks), each real directory once, so a link loop ends."""
+def _under(path: Path, root: Path | None) -> bool:
+    if root is None:
+        return False
+    real, top = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    return real == top or top in real.parents
+
+
+def _walk(root: Path, skip: Path | None = None) -> list[Path]:
+    """Files under root, `skip` pruned where the walk meets it; linked directories are followed
+    (data trees often link shards in from other disks), each real directory once, so a link loop
+    ends."""
     out, visited = [], {os.path.realpath(root)}
+    if skip is not None:
+        visited.add(os.path.realpath(skip))
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         keep = []
         for d in sorted(dirnames):

@@ -914,3 +914,20 @@ def test_prepare_never_deletes_what_it_did_not_write(tmp_path):
     (data / "quarantine").mkdir()
     (data / "quarantine" / "records.jsonl").write_text("")  # a run that crashed here: ours to replace
     _check_output(data, [tmp_path / "elsewhere.jsonl"])
+
+
+def test_expand_inputs_leaves_out_the_output_dir(tmp_path):
+    """prepare --input data --output data/prepared, run twice: the first run's shards, reports and
+    quarantine are no input of the second (walks and globs prune the output directory); a file
+    named outright is still read."""
+    data = tmp_path / "data"
+    (data / "prepared" / "train").mkdir(parents=True)
+    (data / "a.jsonl").write_text(json.dumps({"text": "word " * 40}) + "\n")
+    (data / "prepared" / "report.json").write_text("{}")
+    (data / "prepared" / "train" / "part-00000.parquet").write_bytes(b"PAR1")
+    skip = data / "prepared"
+    assert expand_inputs([str(data)], skip=skip) == [data / "a.jsonl"]
+    assert expand_inputs([str(data / "*")], skip=skip) == [data / "a.jsonl"]
+    assert expand_inputs([str(data / "**" / "*.json*")], skip=skip) == [data / "a.jsonl"]
+    assert expand_inputs([str(skip / "report.json")], skip=skip) == [skip / "report.json"]
+    assert len(expand_inputs([str(data)])) == 3  # (without skip: everything)
