@@ -12,6 +12,7 @@ record, either with its text or with a quarantine reason; a file that cannot be 
 from __future__ import annotations
 
 import bz2
+import codecs
 import glob
 import gzip
 import io
@@ -179,11 +180,7 @@ def plan_work(files: list[Path], split_bytes: int) -> list[dict]:
                 continue
             with open(f, "rb") as fh:
                 head = fh.read(8192)
-                if (
-                    _codec(head) is not None
-                    or detect_format(f, head) != "jsonl"
-                    or head.lstrip().startswith(b"[")
-                ):
+                if _codec(head) is not None or detect_format(f, head) != "jsonl" or _json_kind(head):
                     items.append(whole)
                     continue
                 items.extend(_split_jsonl(fh, str(f), size, split_bytes))
@@ -320,10 +317,25 @@ def _readline_bounded(f, limit: int) -> tuple[bytes, bool]:
     return head[:EXCERPT_CHARS], True
 
 
+def _json_kind(head: bytes) -> str | None:
+    """ "array" for a file holding one JSON array (a .json export), "values" for pretty-printed
+    objects (a lone "{" is no jsonl record), None for jsonl; from the file's first bytes."""
+    head = head.lstrip()
+    if head.startswith(b"["):
+        return "array"
+    if head.split(b"\n", 1)[0].strip() == b"{":
+        return "values"
+    return None
+
+
 def _read_jsonl(
     f, src: str, max_bytes: int, end: int = -1, lineno: int = 0, key: str = "text"
 ) -> Iterator[tuple]:
-    first = lineno == 0
+    if lineno == 0 and end < 0:  # a whole file: is it JSON rather than jsonl?
+        kind = _json_kind(f.peek(8192)[:8192])
+        if kind is not None:  # (streamed: its first line may be the whole file)
+            yield from _read_json_stream(f, b"", src, max_bytes, key, array=kind == "array")
+            return
     while end < 0 or f.tell() < end:
         raw, oversized = _readline_bounded(f, max_bytes)  # (a broken stream: see _guarded)
         if not raw:
@@ -332,15 +344,6 @@ def _read_jsonl(
         if oversized:
             yield (src, lineno, QUARANTINE, "record_too_large", _excerpt(raw), None)
             continue
-        if first and raw.lstrip().startswith(b"["):
-            # a .json file holding one array: read the whole file (bounded) and emit its elements
-            yield from _read_json_array(f, raw, src, max_bytes, key)
-            return
-        if first and raw.strip() == b"{":
-            # a lone "{" is no jsonl record: pretty-printed object(s), read whole (bounded)
-            yield from _read_json_values(f, raw, src, max_bytes, key)
-            return
-        first = False
         if raw.isspace():
             yield (src, lineno, DROP, "blank_line", "", None)
             continue
@@ -392,67 +395,133 @@ def _record_from_obj(
     return (src, lineno, OK, "", "", text)
 
 
-def _read_whole(f, first: bytes, src: str, max_bytes: int) -> tuple[bytes | None, tuple | None]:
-    """(the file's bytes from `first` on, None) or (None, the quarantine row that says why not)."""
-    raw = first + f.read(max_bytes + 1 - len(first))
-    if len(raw) > max_bytes:
-        return None, (src, 1, QUARANTINE, "record_too_large", _excerpt(raw), None)
-    return raw, None
+class _TooLarge(Exception):
+    """One JSON value longer than max_record_bytes."""
 
 
-def _read_json_values(f, first: bytes, src: str, max_bytes: int, key: str = "text") -> Iterator[tuple]:
-    """JSON values one after another, each over many lines (`json.dumps(obj, indent=2)`, once or
-    concatenated): a record per value, numbered by the line it starts on. A value that does not
-    parse is quarantined with the rest of the file (one record: where it breaks, nothing after it
-    can be delimited)."""
-    raw, bad = _read_whole(f, first, src, max_bytes)
-    if bad is not None:
-        yield bad
-        return
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        yield (src, 1, QUARANTINE, "invalid_utf8", _excerpt(raw), None)
-        return
-    decoder, pos, line, counted = json.JSONDecoder(), 0, 1, 0
-    while True:
-        pos = _SPACE.match(text, pos).end()
-        if pos == len(text):
-            return
-        line += text.count("\n", counted, pos)
-        counted = pos
+class _JsonStream:
+    """JSON values read from a file a chunk at a time: memory holds one value (plus a chunk), not
+    the file, so a 10 GB JSON array is read like a jsonl file. `value()` decodes the value at the
+    read position, reading on while the buffer ends inside it (chunks doubling, so a long value
+    costs O(its size)); ValueError / RecursionError / UnicodeDecodeError for what does not decode,
+    _TooLarge past max_bytes."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, f, first: bytes, max_bytes: int):
+        self.f, self.max_bytes = f, max_bytes
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.text, self.pos, self.eof = self.utf8.decode(first), 0, False
+        self.line, self.counted = 1, 0  # the line number at text[counted]
+        self.decoder, self.bad = json.JSONDecoder(), None
+
+    def _more(self, size: int) -> bool:
+        if self.eof:
+            if self.bad is not None:  # the reading got to bytes that are not UTF-8
+                raise self.bad
+            return False
+        chunk = self.f.read(size)
+        self.eof = not chunk
+        pending = self.utf8.getstate()[0]
         try:
-            obj, end = decoder.raw_decode(text, pos)
-        except RecursionError:
-            yield (src, line, QUARANTINE, "json_too_deep", _excerpt(text[pos:]), None)
-            return
-        except ValueError:
-            yield (src, line, QUARANTINE, "malformed_json", _excerpt(text[pos:]), None)
-            return
-        yield _record_from_obj(obj, src, line, text[pos:end], key)
-        pos = end
+            new = self.utf8.decode(chunk, final=self.eof)
+        except UnicodeDecodeError as e:  # keep what comes before them; raise once it is read
+            new = (pending + chunk)[: e.start].decode("utf-8")
+            self.bad, self.eof = e, True
+        self.line_here()  # (the consumed part goes)
+        self.text = self.text[self.pos :] + new
+        self.pos = self.counted = 0
+        return True
+
+    def peek(self) -> str | None:
+        """The next character that is not JSON whitespace (None at the end), not consumed."""
+        while True:
+            self.pos = _SPACE.match(self.text, self.pos).end()
+            if self.pos < len(self.text):
+                return self.text[self.pos]
+            if not self._more(self.CHUNK):
+                return None
+
+    def take(self) -> None:
+        self.pos += 1
+
+    def value(self) -> tuple[int, object, str]:
+        """(line it starts on, the value, its text)."""
+        size = self.CHUNK
+        while True:
+            try:
+                obj, end = self.decoder.raw_decode(self.text, self.pos)
+                if end < len(self.text) or self.eof:  # (a number at the buffer's end may go on)
+                    if end - self.pos > self.max_bytes:  # (characters: bytes at least that many)
+                        raise _TooLarge
+                    line = self.line_here()
+                    raw, self.pos = self.text[self.pos : end], end
+                    return line, obj, raw
+            except ValueError:
+                if self.eof:
+                    if self.bad is not None:
+                        raise self.bad from None
+                    raise
+            if len(self.text) - self.pos > self.max_bytes:
+                raise _TooLarge
+            self._more(size)
+            size *= 2
+
+    def line_here(self) -> int:
+        """The line of the read position (counted on from where the last call left off)."""
+        self.line += self.text.count("\n", self.counted, self.pos)
+        self.counted = self.pos
+        return self.line
+
+    def rest(self) -> str:
+        return self.text[self.pos : self.pos + EXCERPT_CHARS]
 
 
-def _read_json_array(f, first: bytes, src: str, max_bytes: int, key: str = "text") -> Iterator[tuple]:
-    raw, bad = _read_whole(f, first, src, max_bytes)
-    if bad is not None:
-        yield bad
-        return
+def _read_json_stream(f, first: bytes, src: str, max_bytes: int, key: str, array: bool) -> Iterator[tuple]:
+    """The records of a JSON file read as a stream: the elements of its top-level array (numbered
+    by position, `array`), or values one after another (numbered by the line they start on:
+    pretty-printed objects, once or concatenated). Where a value does not decode, the rest of the
+    file is one quarantined record (nothing after it can be delimited)."""
+    js = _JsonStream(f, first, max_bytes)
+    i = 0
+
+    def broken(reason: str, excerpt: str) -> tuple:
+        return (src, i + 1 if array else js.line_here(), QUARANTINE, reason, excerpt, None)
+
     try:
-        arr = json.loads(raw.decode("utf-8"))
+        if array:
+            js.peek()
+            js.take()  # "["
+        while True:
+            c = js.peek()
+            if array:
+                if c == "]":
+                    js.take()
+                    if js.peek() is not None:
+                        yield broken("malformed_json", js.rest())  # more after the array
+                    return
+                if i > 0:
+                    if c != ",":
+                        yield broken("malformed_json", js.rest())  # (None: the array never closes)
+                        return
+                    js.take()
+                    js.peek()
+                elif c is None:
+                    yield broken("malformed_json", "")
+                    return
+            elif c is None:
+                return
+            line, obj, raw = js.value()
+            i += 1
+            yield _record_from_obj(obj, src, i if array else line, raw[: EXCERPT_CHARS * 4], key)
+    except _TooLarge:
+        yield broken("record_too_large", js.rest())
     except RecursionError:
-        yield (src, 1, QUARANTINE, "json_too_deep", _excerpt(raw), None)
-        return
-    except (ValueError, UnicodeDecodeError):
-        yield (src, 1, QUARANTINE, "malformed_json", _excerpt(raw), None)
-        return
-    if not isinstance(arr, list):
-        yield (src, 1, QUARANTINE, "not_an_object", _excerpt(raw), None)
-        return
-    for i, obj in enumerate(arr):
-        yield _record_from_obj(
-            obj, src, i + 1, json.dumps(obj)[:EXCERPT_CHARS] if not isinstance(obj, dict) else "", key
-        )
+        yield broken("json_too_deep", js.rest())
+    except UnicodeDecodeError as e:
+        yield broken("invalid_utf8", str(e)[:EXCERPT_CHARS])
+    except ValueError:
+        yield broken("malformed_json", js.rest())
 
 
 def _read_text(f, src: str, max_bytes: int) -> Iterator[tuple]:

@@ -2,6 +2,7 @@
 perplexity, domain, packing, the quality CLI and the config checks."""
 
 import gzip
+import io
 import json
 import os
 import random
@@ -931,3 +932,44 @@ def test_expand_inputs_leaves_out_the_output_dir(tmp_path):
     assert expand_inputs([str(data / "**" / "*.json*")], skip=skip) == [data / "a.jsonl"]
     assert expand_inputs([str(skip / "report.json")], skip=skip) == [skip / "report.json"]
     assert len(expand_inputs([str(data)])) == 3  # (without skip: everything)
+
+
+def test_json_arrays_and_values_stream(tmp_path, monkeypatch):
+    """A JSON array (or values one after another) is read a chunk at a time: a file many times
+    max_record_bytes loses nothing (it was one record_too_large for the whole file), whatever the
+    chunk boundaries cut (here every 7 bytes: mid-string, mid-number, mid-escape); one value over
+    the limit, a broken value, bad UTF-8 or a never-closed array end the file with one row."""
+    import pipelines.readers as readers
+
+    monkeypatch.setattr(readers._JsonStream, "CHUNK", 7)
+    docs = [f'doc {i} caf\u00e9 " quote ' + "w" * (i % 50) for i in range(800)]
+    arr = "[\n" + ",\n".join(json.dumps({"text": t, "n": 10**12 + i}) for i, t in enumerate(docs)) + "\n]\n"
+    (tmp_path / "big.json").write_text(arr)  # ~60 KB, max_record_bytes 4 KB below
+    got = list(read_records(tmp_path / "big.json", 4096))
+    assert [(r[1], r[2], r[5]) for r in got] == [(i + 1, OK, t) for i, t in enumerate(docs)]
+    (tmp_path / "line.json").write_text(json.dumps([{"text": t} for t in docs]))  # one 40 KB line
+    assert [r[5] for r in read_records(tmp_path / "line.json", 4096)] == docs
+    pretty = "\n".join(json.dumps({"text": t}, indent=2) for t in docs[:50])  # values, no array
+    (tmp_path / "pretty.json").write_text(pretty)
+    assert [(r[1], r[5]) for r in read_records(tmp_path / "pretty.json", 4096)] == [
+        (1 + 3 * i, t) for i, t in enumerate(docs[:50])
+    ]
+
+    def rows(name: str, text: str | bytes, limit: int = 4096):
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return [(r[1], r[3]) for r in read_records(path, limit)]
+
+    ok = json.dumps({"text": "word " * 10})
+    assert rows("huge.json", f"[{ok}, {json.dumps({'text': 'x' * 5000})}, {ok}]") == [
+        (1, ""),
+        (2, "record_too_large"),
+    ]
+    assert rows("bad.json", f'[{ok}, {{"text": oops}}, {ok}]') == [(1, ""), (2, "malformed_json")]
+    assert rows("open.json", f"[{ok}, {ok}") == [(1, ""), (2, ""), (3, "malformed_json")]
+    assert rows("after.json", f"[{ok}] [{ok}]") == [(1, ""), (2, "malformed_json")]
+    assert rows("empty.json", "[ ]") == []
+    assert rows("utf8.json", f"[{ok},".encode() + b'{"text": "\xff"}]') == [(1, ""), (2, "invalid_utf8")]
+    # numbers and values one after another, cut by the chunks: nothing decodes short
+    js = readers._JsonStream(io.BytesIO(b"12345678 \n 23456789 [1, 2]"), b"", 1 << 10)
+    assert [js.peek() and js.value()[:2] for _ in range(3)] == [(1, 12345678), (2, 23456789), (2, [1, 2])]
