@@ -973,3 +973,26 @@ def test_json_arrays_and_values_stream(tmp_path, monkeypatch):
     # numbers and values one after another, cut by the chunks: nothing decodes short
     js = readers._JsonStream(io.BytesIO(b"12345678 \n 23456789 [1, 2]"), b"", 1 << 10)
     assert [js.peek() and js.value()[:2] for _ in range(3)] == [(1, 12345678), (2, 23456789), (2, [1, 2])]
+
+
+def test_readers_csv_and_tsv(tmp_path):
+    """CSV / TSV with a header: the text column's cell of each row is a record (quoted newlines
+    and delimiters inside), compressed too; a missing column, bad UTF-8, an empty or too large
+    cell each get their own outcome (a CSV was one document before: the whole file as text)."""
+    import csv
+
+    doc = "word " * 40
+    rows = [[1, doc], [2, 'two lines,\nwith a comma and a "quote"'], [3, ""], [4, "x" * 5000]]
+    with open(tmp_path / "a.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        w.writerows(rows)
+    got = [(r[1], r[3], r[5]) for r in read_records(tmp_path / "a.csv", 4096)]
+    assert got == [(1, "", doc), (2, "", rows[1][1]), (3, "", ""), (4, "record_too_large", None)]
+    (tmp_path / "b.tsv.gz").write_bytes(gzip.compress(f"id\tcontent\n1\t{doc}\n".encode()))
+    assert [(r[3], r[5]) for r in read_records(tmp_path / "b.tsv.gz", 4096, text_key="content")] == [
+        ("", doc)
+    ]
+    assert reasons(tmp_path / "b.tsv.gz") == [(1, QUARANTINE, "missing_text")]  # no "text" column
+    (tmp_path / "c.csv").write_bytes(b"text\nfine\n\xff\xfe bad\nfine again\n")
+    assert [g[2] for g in reasons(tmp_path / "c.csv")] == ["", "invalid_utf8", ""]
