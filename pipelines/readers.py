@@ -1,11 +1,12 @@
 """Input discovery and the validate stage: files → records (source, line, text) or quarantine reasons.
 
 Formats: jsonl (`{"id"?, "text"}` per line; `.json` holding one array of such objects, or
-pretty-printed objects, also works), parquet (a `text` column), CSV / TSV with a header row (a
-`text` column) and plain text (one document per file, UTF-8 or UTF-16 with its byte-order mark);
-any of them compressed (gzip, zstd, bz2, xz, told by the first bytes). The key / column of the
-text is `text_key` ("text"). An unknown suffix is sniffed from the first bytes. Nothing here raises on bad content: every line or row read becomes one
-record, either with its text or with a quarantine reason; a file that cannot be read at all
+pretty-printed objects, also works), parquet and Arrow IPC (Hugging Face `save_to_disk`, Feather;
+a `text` column), CSV / TSV with a header row (a `text` column) and plain text (one document per
+file, UTF-8 or UTF-16 with its byte-order mark); any of them compressed (gzip, zstd, bz2, xz, told
+by the first bytes). The key / column of the text is `text_key` ("text"). An unknown suffix is
+sniffed from the first bytes. Nothing here raises on bad content: every line or row read becomes
+one record, either with its text or with a quarantine reason; a file that cannot be read at all
 (permissions, corrupt parquet footer, binary, a FIFO or device) becomes one quarantined record.
 """
 
@@ -37,6 +38,7 @@ EXCERPT_CHARS = 200
 
 _JSONL = {".jsonl", ".ndjson", ".json"}
 _CSV = {".csv": ",", ".tsv": "\t"}
+_ARROW = {".arrow", ".feather", ".ipc"}
 _TEXT = {".txt", ".text", ".md", ".rst"}
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _SPACE = re.compile(r"[ \t\r\n]*")  # JSON's whitespace
@@ -159,6 +161,8 @@ def detect_format(path: Path, head: bytes) -> str:
         return "parquet"
     if suffix in _CSV:
         return suffix[1:]
+    if suffix in _ARROW or head.startswith((b"ARROW1", b"\xff\xff\xff\xff")):
+        return "arrow"
     if suffix in _JSONL:
         return "jsonl"
     if suffix in _TEXT or head.startswith(_UTF16_BOMS):
@@ -293,6 +297,8 @@ def read_records(
                     yield (src, 1, QUARANTINE, "binary_file", _excerpt(head), None)
                 elif fmt == "jsonl":
                     yield from _guarded(_read_jsonl(f, src, max_record_bytes, key=text_key), src, codec)
+                elif fmt == "arrow":
+                    yield from _read_arrow(path, f, src, text_key)
                 elif fmt in ("csv", "tsv"):
                     rows = _read_csv(f, src, max_record_bytes, text_key, _CSV["." + fmt])
                     yield from _guarded(rows, src, codec)
@@ -608,15 +614,49 @@ def _read_parquet(path: Path, src: str, key: str = "text") -> Iterator[tuple]:
         )
         return
     names = pf.schema_arrow.names
-    row = 0
     if key not in names:
         for row in range(pf.metadata.num_rows):
             yield (src, row + 1, QUARANTINE, "missing_text", f"columns: {names}"[:EXCERPT_CHARS], None)
         return
-    is_string = _is_text_type(pf.schema_arrow.field(key).type)
+    batches = pf.iter_batches(columns=[key], batch_size=1024)
+    yield from _column_rows(batches, src, pf.schema_arrow.field(key).type, "corrupt_parquet")
+
+
+def _read_arrow(path: Path, f, src: str, key: str = "text") -> Iterator[tuple]:
+    """Arrow IPC: the stream format (Hugging Face `save_to_disk`'s data-*.arrow) or the file format
+    (Feather v2, "ARROW1"); the `key` column, one record per row."""
     try:
-        for batch in pf.iter_batches(columns=[key], batch_size=1024):
-            for value in batch.column(0).to_pylist():
+        if f.peek(6)[:6] == b"ARROW1":
+            ipc = pa.ipc.open_file(path)
+            schema, batches = ipc.schema, (ipc.get_batch(i) for i in range(ipc.num_record_batches))
+        else:
+            ipc = pa.ipc.open_stream(f)
+            schema, batches = ipc.schema, iter(ipc)
+    except (pa.ArrowException, OSError) as e:
+        yield (
+            src,
+            0,
+            QUARANTINE,
+            "unreadable_file",
+            f"not a readable Arrow IPC file: {e}"[:EXCERPT_CHARS],
+            None,
+        )
+        return
+    if key not in schema.names:
+        yield (src, 1, QUARANTINE, "missing_text", f"columns: {schema.names}"[:EXCERPT_CHARS], None)
+        return
+    column = schema.get_field_index(key)
+    yield from _column_rows((b.column(column) for b in batches), src, schema.field(key).type, "corrupt_arrow")
+
+
+def _column_rows(batches, src: str, kind: pa.DataType, broken: str) -> Iterator[tuple]:
+    """One record per value of a text column read in batches (arrays, or record batches of that
+    one column); `broken`: the reason when reading stops part way."""
+    is_string, row = _is_text_type(kind), 0
+    try:
+        for batch in batches:
+            values = batch.column(0) if isinstance(batch, pa.RecordBatch) else batch
+            for value in values.to_pylist():
                 row += 1
                 if value is None:
                     yield (src, row, QUARANTINE, "missing_text", "", None)
@@ -625,7 +665,7 @@ def _read_parquet(path: Path, src: str, key: str = "text") -> Iterator[tuple]:
                 else:
                     yield (src, row, OK, "", "", value)
     except (pa.ArrowException, OSError) as e:
-        yield (src, row + 1, QUARANTINE, "corrupt_parquet", str(e)[:EXCERPT_CHARS], None)
+        yield (src, row + 1, QUARANTINE, broken, str(e)[:EXCERPT_CHARS], None)
 
 
 def read_files_rows(

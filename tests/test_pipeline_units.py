@@ -996,3 +996,27 @@ def test_readers_csv_and_tsv(tmp_path):
     assert reasons(tmp_path / "b.tsv.gz") == [(1, QUARANTINE, "missing_text")]  # no "text" column
     (tmp_path / "c.csv").write_bytes(b"text\nfine\n\xff\xfe bad\nfine again\n")
     assert [g[2] for g in reasons(tmp_path / "c.csv")] == ["", "invalid_utf8", ""]
+
+
+def test_readers_arrow_ipc(tmp_path):
+    """Arrow IPC inputs: the stream format (Hugging Face `save_to_disk` writes data-*.arrow so)
+    and the file format (Feather), whatever the suffix; rows as parquet's."""
+    import pyarrow.feather as feather
+
+    doc = "word " * 40
+    table = pa.table({"id": [1, 2, 3], "text": [doc, None, doc + "again"]})
+    with pa.OSFile(str(tmp_path / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            for batch in table.to_batches(max_chunksize=2):
+                w.write_batch(batch)
+    feather.write_feather(table, tmp_path / "t.feather")
+    (tmp_path / "noext").write_bytes((tmp_path / "t.feather").read_bytes())
+    for name in ("data-00000-of-00001.arrow", "t.feather", "noext"):
+        got = [(r[1], r[3], r[5]) for r in read_records(tmp_path / name, 1 << 20)]
+        assert got == [(1, "", doc), (2, "missing_text", None), (3, "", doc + "again")], name
+    got = [(r[3], r[5]) for r in read_records(tmp_path / "t.feather", 1 << 20, text_key="id")]
+    assert {g[0] for g in got} == {"text_not_string"}
+    no_column = [(r[1], r[2], r[3]) for r in read_records(tmp_path / "t.feather", 1 << 20, text_key="body")]
+    assert no_column == [(1, QUARANTINE, "missing_text")]
+    (tmp_path / "bad.arrow").write_bytes(b"\xff\xff\xff\xff garbage")
+    assert reasons(tmp_path / "bad.arrow")[0][2] == "unreadable_file"
