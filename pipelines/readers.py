@@ -600,18 +600,15 @@ def _is_text_type(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
+def _unreadable(src: str, why: str) -> tuple:
+    return (src, 0, QUARANTINE, "unreadable_file", why[:EXCERPT_CHARS], None)
+
+
 def _read_parquet(path: Path, src: str, key: str = "text") -> Iterator[tuple]:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        yield (
-            src,
-            0,
-            QUARANTINE,
-            "unreadable_file",
-            f"not a readable parquet file: {e}"[:EXCERPT_CHARS],
-            None,
-        )
+        yield _unreadable(src, f"not a readable parquet file: {e}")
         return
     names = pf.schema_arrow.names
     if key not in names:
@@ -633,14 +630,7 @@ def _read_arrow(path: Path, f, src: str, key: str = "text") -> Iterator[tuple]:
             ipc = pa.ipc.open_stream(f)
             schema, batches = ipc.schema, iter(ipc)
     except (pa.ArrowException, OSError) as e:
-        yield (
-            src,
-            0,
-            QUARANTINE,
-            "unreadable_file",
-            f"not a readable Arrow IPC file: {e}"[:EXCERPT_CHARS],
-            None,
-        )
+        yield _unreadable(src, f"not a readable Arrow IPC file: {e}")
         return
     if key not in schema.names:
         yield (src, 1, QUARANTINE, "missing_text", f"columns: {schema.names}"[:EXCERPT_CHARS], None)
