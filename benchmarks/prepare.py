@@ -29,6 +29,7 @@ import argparse
 import json
 import random
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -169,15 +170,24 @@ def main(argv=None) -> int:
 
         args.batch_size = PrepareConfig.batch_size
 
+    docs = make_docs(args.docs) if args.corpus == "recombined" else docstring_docs(args.docs)
+    args.docs = len(docs)  # (the docstrings may be fewer)
+    tmp = Path(tempfile.mkdtemp(prefix="dsv3ray-bench-"))
+    try:
+        print(json.dumps(measure(args, docs, tmp)))
+    finally:  # (the inputs and outputs of a million-document run are gigabytes)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def measure(args, docs: list[str], tmp: Path) -> dict:
+    """fastText's rate (before and after), the pipeline's two runs in `tmp`: the JSON line."""
     import ray
 
     from dsv3ray.tokenizer import train_tokenizer
     from pipelines.prepare import PrepareConfig, prepare
     from pipelines.quality import QualityScorer, default_quality_model
 
-    docs = make_docs(args.docs) if args.corpus == "recombined" else docstring_docs(args.docs)
-    args.docs = len(docs)  # (the docstrings may be fewer)
-    tmp = Path(tempfile.mkdtemp(prefix="dsv3ray-bench-"))
     # baseline: fastText's own predict alone, one process = one core (the pipeline's quality stage
     # computes the same scores batched: pipelines.ftpredict)
     scorer = QualityScorer(default_quality_model())
@@ -271,8 +281,7 @@ def main(argv=None) -> int:
         "stages_s": big["stages_s"],
         "target": ">= 0.5",
     }
-    print(json.dumps(out))
-    return 0
+    return out
 
 
 if __name__ == "__main__":

@@ -12,12 +12,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.timeout(300)
 def test_prepare_benchmark_runs_and_reports(tmp_path):
+    import tempfile
+
+    scratch = Path(tempfile.gettempdir())
+    before = set(scratch.glob("dsv3ray-bench-*"))
     # its own process: the benchmark starts and stops a local Ray of its own
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "prepare.py"), "--docs", "800"],
         cwd=ROOT, capture_output=True, text=True, timeout=280,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(scratch.glob("dsv3ray-bench-*")) <= before  # its inputs and outputs are gone
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["docs"] == 800 and out["target"] == ">= 0.5" and out["corpus"] == "recombined"
     assert out["fasttext_docs_per_s"] > 0 and 0 < out["ratio"] < 5 and out["pipeline_docs_per_s_per_core"] > 0
