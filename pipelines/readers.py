@@ -346,7 +346,7 @@ def _read_jsonl(
     if lineno == 0 and end < 0:  # a whole file: is it JSON rather than jsonl?
         kind = _json_kind(f.peek(8192)[:8192])
         if kind is not None:  # (streamed: its first line may be the whole file)
-            yield from _read_json_stream(f, b"", src, max_bytes, key, array=kind == "array")
+            yield from _read_json_stream(f, src, max_bytes, key, array=kind == "array")
             return
     while end < 0 or f.tell() < end:
         raw, oversized = _readline_bounded(f, max_bytes)  # (a broken stream: see _guarded)
@@ -420,10 +420,10 @@ class _JsonStream:
 
     CHUNK = 1 << 20
 
-    def __init__(self, f, first: bytes, max_bytes: int):
+    def __init__(self, f, max_bytes: int):
         self.f, self.max_bytes = f, max_bytes
         self.utf8 = codecs.getincrementaldecoder("utf-8")()
-        self.text, self.pos, self.eof = self.utf8.decode(first), 0, False
+        self.text, self.pos, self.eof = "", 0, False
         self.line, self.counted = 1, 0  # the line number at text[counted]
         self.decoder, self.bad = json.JSONDecoder(), None
 
@@ -489,12 +489,12 @@ class _JsonStream:
         return self.text[self.pos : self.pos + EXCERPT_CHARS]
 
 
-def _read_json_stream(f, first: bytes, src: str, max_bytes: int, key: str, array: bool) -> Iterator[tuple]:
+def _read_json_stream(f, src: str, max_bytes: int, key: str, array: bool) -> Iterator[tuple]:
     """The records of a JSON file read as a stream: the elements of its top-level array (numbered
     by position, `array`), or values one after another (numbered by the line they start on:
     pretty-printed objects, once or concatenated). Where a value does not decode, the rest of the
     file is one quarantined record (nothing after it can be delimited)."""
-    js = _JsonStream(f, first, max_bytes)
+    js = _JsonStream(f, max_bytes)
     i = 0
 
     def broken(reason: str, excerpt: str) -> tuple:

@@ -971,7 +971,7 @@ def test_json_arrays_and_values_stream(tmp_path, monkeypatch):
     assert rows("empty.json", "[ ]") == []
     assert rows("utf8.json", f"[{ok},".encode() + b'{"text": "\xff"}]') == [(1, ""), (2, "invalid_utf8")]
     # numbers and values one after another, cut by the chunks: nothing decodes short
-    js = readers._JsonStream(io.BytesIO(b"12345678 \n 23456789 [1, 2]"), b"", 1 << 10)
+    js = readers._JsonStream(io.BytesIO(b"12345678 \n 23456789 [1, 2]"), 1 << 10)
     assert [js.peek() and js.value()[:2] for _ in range(3)] == [(1, 12345678), (2, 23456789), (2, [1, 2])]
 
 
