@@ -4,20 +4,31 @@
 tokenizer.json, meta.json) or raw inputs; with raw inputs the run first prepares them into
 `<run_dir>/data` with `pipelines.prepare.prepare`. Rows reach each worker through
 `ray.train.get_dataset_shard`; the train split is NOT split across workers (every worker may be
-handed any sample id by the curriculum sampler), so each worker holds an id -> tokens table in the
-shards' dtype: memory = num_samples * (seq_len + 1) * 2 bytes per worker (uint16, vocab <= 65,536;
-4 bytes above), e.g. 100k samples of 512 tokens = 103 MB per worker.
+handed any sample id by the curriculum sampler), so each worker reads a whole id -> tokens table
+in the shards' dtype: num_samples * (seq_len + 1) * 2 bytes (uint16, vocab <= 65,536; 4 bytes
+above), e.g. 100k samples of 512 tokens = 103 MB. `data.table` says where it lives: in each
+worker's memory, or on disk, one memory-mapped file per node (`TableSpec`): the node's first
+worker writes it, the others on the node map the same file (the page cache holds it once, and
+evicts it under pressure) and a worker group restarted after a failure maps it again instead of
+reading the split.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from dsv3ray.errors import ConfigError, UserError
+
+TABLE_MODES = ("auto", "memory", "disk")
 
 
 @dataclass
@@ -30,8 +41,20 @@ class DataConfig:
     # (Neither set is allowed here so other commands can omit [data]; `train` checks it.)
     # Held-out split used for eval loss.
     eval_split: str = "eval"
+    # Where a worker keeps a split's id -> tokens table: "memory" (an array in every worker),
+    # "disk" (one memory-mapped file per node, shared by its workers, kept across restarts of the
+    # worker group, removed when training ends), "auto" = disk for a split over table_memory_mb.
+    table: str = "auto"
+    table_memory_mb: float = 1024.0
+    # Directory of the disk tables on each node: local disk with room for the splits ("" = the
+    # system's temporary directory, $TMPDIR or /tmp).
+    table_dir: str = ""
 
     def __post_init__(self):
+        if self.table not in TABLE_MODES:
+            raise ConfigError("data.table", self.table, " | ".join(f'"{m}"' for m in TABLE_MODES))
+        if not self.table_memory_mb >= 0:
+            raise ConfigError("data.table_memory_mb", self.table_memory_mb, "a size in MB, >= 0")
         if self.prepared and self.inputs:
             raise ConfigError(
                 "data.inputs", self.inputs, "give either data.prepared or data.inputs, not both"
@@ -124,37 +147,213 @@ def resolve_data(cfg: DataConfig, prepare_cfg, run_dir: Path, corrupt_shard: str
     return check_prepared(out, corrupt_shard, need_eval=cfg.eval_split == "eval")
 
 
-def build_table(iterator, num_rows: int, row_len: int, dtype: str | None = None) -> np.ndarray:
+TABLE_SUBDIR = "dsv3ray-tables"
+
+
+@dataclass
+class TableSpec:
+    """One split's id -> tokens table as the driver plans it (`table_spec`) and a worker builds it
+    (`load_table`). A disk table is `<table_dir>/dsv3ray-tables/<key>.<split>.tokens` on each node,
+    its shape and dtype in the `.json` beside it; key = the run directory and the split's shards
+    (paths, sizes, mtimes), so a restarted worker group of the run finds the file its node wrote."""
+
+    split: str
+    num_rows: int
+    row_len: int
+    dtype: str | None  # meta.json's token_dtype (None: told by the shards)
+    dense: bool  # sample ids are 0..num_rows-1 (no shard of the split was skipped)
+    disk: bool
+    key: str = ""
+    table_dir: str = ""
+
+    @property
+    def path(self) -> Path:
+        root = Path(self.table_dir).expanduser() if self.table_dir else Path(tempfile.gettempdir())
+        return root / TABLE_SUBDIR / f"{self.key}.{self.split}.tokens"
+
+    @property
+    def nbytes(self) -> int:  # (dtype unknown: int32, the wider)
+        return self.num_rows * self.row_len * (2 if self.dtype == "uint16" else 4)
+
+
+def table_spec(
+    cfg: DataConfig, data: PreparedData, split: str, row_len: int, run_dir: str | Path
+) -> TableSpec:
+    """Where the workers keep `split`'s table: data.table ("auto": disk over data.table_memory_mb)."""
+    files = data.train_files if split == "train" else data.eval_files
+    num_rows = data.num_train if split == "train" else data.num_eval
+    spec = TableSpec(
+        split, num_rows, row_len, data.meta.get("token_dtype"),
+        dense=not any(Path(f).parent.name == split for f in data.skipped), disk=False,
+    )  # fmt: skip
+    over = spec.nbytes > cfg.table_memory_mb * 2**20
+    if num_rows and (cfg.table == "disk" or (cfg.table == "auto" and over)):
+        stats = [(str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+        ident = json.dumps([str(Path(run_dir).resolve()), stats, row_len, num_rows, spec.dtype])
+        spec.disk, spec.table_dir = True, cfg.table_dir
+        spec.key = hashlib.sha256(ident.encode()).hexdigest()[:20]
+    return spec
+
+
+def load_table(iterator, spec: TableSpec, local_rank: int, log=print) -> np.ndarray:
+    """The split's table on this worker: built in memory, or (disk) written by the node's first
+    worker (local rank 0) unless a complete file is there, and mapped read-only by every worker."""
+    if not spec.disk:
+        return build_table(iterator, spec.num_rows, spec.row_len, spec.dtype, dense=spec.dense)
+    path = spec.path
+    if local_rank == 0:
+        if path.is_file():
+            log(f"[dsv3ray] {spec.split} table: mapping {path} (written by an earlier start of this run)")
+        else:
+            _remove_dead_writers(path.parent)
+            t0 = time.perf_counter()
+            build_table(iterator, spec.num_rows, spec.row_len, spec.dtype, dense=spec.dense, out=path)
+            log(
+                f"[dsv3ray] {spec.split} table: {spec.num_rows:,} rows x {spec.row_len} ids"
+                f" ({path.stat().st_size / 2**30:.2f} GiB) written to {path} in"
+                f" {time.perf_counter() - t0:.1f} s; this node's workers map it"
+            )
+    return map_table(path, log)
+
+
+def map_table(path: Path, log=print, poll_s: float = 0.2, say_every_s: float = 60.0) -> np.ndarray:
+    """A disk table mapped read-only, once it is complete (another worker may be writing it)."""
+    t0 = time.monotonic()
+    said = 0.0
+    while not path.is_file():
+        time.sleep(poll_s)
+        waited = time.monotonic() - t0
+        if waited - said >= say_every_s:
+            said = waited
+            log(f"[dsv3ray] waiting {waited:.0f} s for this node's first worker to write {path}")
+    meta = json.loads(Path(f"{path}.json").read_text())
+    return np.memmap(path, dtype=meta["dtype"], mode="r", shape=tuple(meta["shape"]))
+
+
+def remove_table(spec: TableSpec) -> None:
+    """The disk table of this node, once training is over (workers still mapping it keep reading)."""
+    if spec.disk:
+        for p in (spec.path, Path(f"{spec.path}.json")):
+            p.unlink(missing_ok=True)
+
+
+def _remove_dead_writers(d: Path) -> None:
+    """Partial tables (`*.tmp-<pid>`) of writers on this node that died."""
+    for f in d.glob("*.tmp-*"):
+        pid = f.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
+def _allocate(out: Path | None, num_rows: int, row_len: int, dt: np.dtype) -> np.ndarray:
+    """The table's storage: memory, or a file of its full size at out + `.tmp-<pid>` (its space
+    reserved up front: a disk that fills while a mapped page is written kills the process)."""
+    if out is None:
+        return np.empty((num_rows, row_len), dtype=dt)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    nbytes = num_rows * row_len * dt.itemsize
+    fix = 'set data.table_dir to a local disk with room, or data.table = "memory"'
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                f.truncate(nbytes)  # a filesystem without fallocate
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"cannot write the {nbytes / 2**30:.2f} GiB token table {out} on this node ({e.strerror}): {fix}"
+        ) from None
+    return np.memmap(tmp, dtype=dt, mode="r+", shape=(num_rows, row_len))
+
+
+def _finish(table: np.ndarray, out: Path) -> None:
+    """A written disk table made visible: flushed, its shape beside it, renamed into place."""
+    table.flush()
+    meta = Path(f"{out}.json")
+    tmp_meta = meta.with_name(f"{meta.name}.tmp-{os.getpid()}")
+    tmp_meta.write_text(json.dumps({"dtype": table.dtype.name, "shape": list(table.shape)}))
+    os.replace(tmp_meta, meta)
+    os.replace(table.filename, out)
+
+
+def build_table(
+    iterator,
+    num_rows: int,
+    row_len: int,
+    dtype: str | None = None,
+    dense: bool = False,
+    out: Path | None = None,
+) -> np.ndarray:
     """id -> tokens table (num_rows, row_len) from a Ray Data iterator over a whole split, in the
     shards' dtype (meta.json's token_dtype, uint16 or int32; None: told by the row width; callers
-    widen a batch when they take it).
+    widen a batch when they take it). `out`: written to that file (see `_allocate`), returned
+    mapped read-write; else in memory.
 
-    Sample ids are dense per split; when corrupt shards were skipped they are not, and rows are
-    renumbered densely in sample-id order (the same on every worker).
+    dense: the sample ids are 0..num_rows-1 (prepare's contract): each batch lands at its ids.
+    Otherwise (corrupt shards were skipped) rows land in arrival order and are renumbered densely
+    in sample-id order after the last (the same on every worker).
     """
     from pipelines.pack import rows_from_arrow
 
-    ids_parts, rows_parts = [], []
+    table, seen, ids_parts, total = None, np.zeros(num_rows if dense else 0, bool), [], 0
+    changed = "the prepared directory changed during the run"
     for batch in iterator.iter_batches(batch_size=4096, batch_format="pyarrow"):
-        ids_parts.append(batch.column("sample_id").to_numpy().astype(np.int64, copy=False))
+        ids_M = batch.column("sample_id").to_numpy().astype(np.int64, copy=False)
         try:
-            rows_parts.append(rows_from_arrow(batch.column("input_ids"), row_len, dtype))
+            rows_MS = rows_from_arrow(batch.column("input_ids"), row_len, dtype)
         except ValueError as e:
             raise UserError(
                 f"data {e}, meta.json says seq_len+1 = {row_len}: re-run `dsv3ray prepare`"
             ) from None
-    ids_M = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
-    if ids_M.size != num_rows:
-        raise UserError(
-            f"data split has {ids_M.size} rows, expected {num_rows}: the prepared directory changed during the run"
-        )
-    rows_MS = np.concatenate(rows_parts) if rows_parts else np.zeros((0, row_len), np.int32)
-    order = np.argsort(ids_M, kind="stable")
-    if np.array_equal(ids_M[order], np.arange(num_rows)):
-        table_NS = np.empty_like(rows_MS)
-        table_NS[ids_M] = rows_MS
-        return table_NS
-    return rows_MS[order]
+        if table is None:
+            table = _allocate(out, num_rows, row_len, rows_MS.dtype)
+        m = ids_M.size
+        if dense:
+            if m and (ids_M.min() < 0 or ids_M.max() >= num_rows):
+                raise UserError(f"data split has sample ids outside 0..{num_rows - 1}: {changed}")
+            table[ids_M] = rows_MS
+            seen[ids_M] = True
+        elif total + m <= num_rows:
+            table[total : total + m] = rows_MS
+            ids_parts.append(ids_M)
+        total += m
+    if total != num_rows:
+        raise UserError(f"data split has {total} rows, expected {num_rows}: {changed}")
+    if table is None:  # (no rows)
+        return np.zeros((0, row_len), np.dtype(dtype or np.int32))
+    if dense and not seen.all():
+        raise UserError(f"data split repeats sample ids (expected 0..{num_rows - 1} once each): {changed}")
+    if not dense:
+        order = np.argsort(np.concatenate(ids_parts), kind="stable")
+        if not np.array_equal(order, np.arange(num_rows)):
+            if out is None:
+                table = table[order]
+            else:
+                table = _permuted(table, order, out)
+    if out is not None:
+        _finish(table, out)
+    return table
+
+
+def _permuted(table: np.memmap, order: np.ndarray, out: Path, chunk_rows: int = 1 << 14) -> np.memmap:
+    """table[order] as a new disk table (chunk by chunk: never the whole table in memory)."""
+    first = table.filename
+    sorted_ = _allocate(out.with_name(out.name + ".sorted"), len(order), table.shape[1], table.dtype)
+    for i in range(0, len(order), chunk_rows):
+        sorted_[i : i + chunk_rows] = table[order[i : i + chunk_rows]]
+    del table
+    os.unlink(first)
+    return sorted_
 
 
 def write_synthetic_prepared(

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3ray import checkpoint as ckpt
-from dsv3ray.data import PreparedData, build_table, resolve_data
+from dsv3ray.data import PreparedData, load_table, remove_table, resolve_data, table_spec
 from dsv3ray.errors import ConfigError, UserError
 from dsv3ray.hetero import (
     BatchBalancer,
@@ -343,7 +343,11 @@ def train(run) -> dict:
         "seq_len": p["seq_len"],
         "num_train": data.num_train,
         "num_eval": data.num_eval,
-        "token_dtype": data.meta.get("token_dtype"),  # (absent before shards held binary rows)
+        # where each worker keeps the splits' id -> tokens tables ([data] table)
+        "tables": {
+            split: table_spec(run.data, data, split, p["seq_len"] + 1, run_dir)
+            for split in ("train", *(() if eval_on_train else ("eval",)))
+        },
         "eval_on_train": eval_on_train,
         "global_batch": p["global_batch"],
         "activation_ratio": p["activation_ratio"],
@@ -352,6 +356,14 @@ def train(run) -> dict:
         "cost": getattr(run, "cost", None),
         "cost_device": _cost_device(run),
     }
+    for spec in loop_config["tables"].values():
+        if spec.disk:
+            where = spec.table_dir or "the system temp dir"
+            print(
+                f"[dsv3ray] {spec.split} table on disk ({spec.nbytes / 2**30:.2f} GiB, data.table = {run.data.table!r}):"
+                f" one memory-mapped file per node under {where}, shared by the node's workers",
+                flush=True,
+            )
     # [distill]: teacher actors start before the workers; their handles travel in the loop config
     distill = getattr(run, "distill", None)
     teachers = []
@@ -570,7 +582,18 @@ def train_loop(config: dict) -> None:
         _Worker(config).run()
     except UserError as e:
         ray.get(mailbox.put.remote("user_error", str(e)))
+        _remove_tables(config)
         raise
+    _remove_tables(config)
+
+
+def _remove_tables(config: dict) -> None:
+    """This node's disk tables, once its workers are done (a restart after a failure keeps them)."""
+    import ray.train
+
+    if ray.train.get_context().get_local_rank() == 0:
+        for spec in config["tables"].values():
+            remove_table(spec)
 
 
 class _Worker:
@@ -625,15 +648,14 @@ class _Worker:
         import ray.data
         import ray.train
 
-        row_len, dtype = self.c["seq_len"] + 1, self.c.get("token_dtype")
         ray.data.DataContext.get_current().enable_progress_bars = False
-        self.train_NS = build_table(ray.train.get_dataset_shard("train"), self.c["num_train"], row_len, dtype)
+        local_rank = ray.train.get_context().get_local_rank()
+        tables = self.c["tables"]
+        self.train_NS = load_table(ray.train.get_dataset_shard("train"), tables["train"], local_rank)
         if self.c["eval_on_train"]:
             self.eval_NS = self.train_NS
         else:
-            self.eval_NS = build_table(
-                ray.train.get_dataset_shard("eval"), self.c["num_eval"], row_len, dtype
-            )
+            self.eval_NS = load_table(ray.train.get_dataset_shard("eval"), tables["eval"], local_rank)
 
     def _restore(self) -> int:
         """Load the checkpoint to resume from; returns the step it holds (0 = fresh start)."""
@@ -1046,6 +1068,7 @@ class _Worker:
             "num_workers": [self.cfg.min_workers, self.cfg.max_workers],
             "ep_size": self.ep.ep_size,
             "global_batch": self.c["global_batch"],
+            "data_tables": {split: "disk" if t.disk else "memory" for split, t in self.c["tables"].items()},
             **(self.distiller.summary() if self.distiller is not None else {}),
         }
         if self.rank == 0:

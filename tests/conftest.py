@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run on CPU; `gpu` tests skip without CUDA; Ray tests share one small local Ray."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,18 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def worker_lines(ray_local):
+    """worker_lines(text): lines holding `text` in this Ray session's worker stdout/stderr files."""
+
+    def count(text: str) -> int:
+        logs = Path(ray_local._private.worker._global_node.get_logs_dir_path())
+        files = [*logs.glob("worker-*.out"), *logs.glob("worker-*.err")]
+        return sum(f.read_text(errors="replace").count(text) for f in files)
+
+    return count
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ One run directory goes through three invocations of `train`:
 """
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -44,24 +43,17 @@ def _run(data, run_dir, *extra):
     )
 
 
-def _worker_lines(ray, text: str) -> int:
-    """Lines holding `text` in the stdout/stderr files of this Ray session's worker processes."""
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    files = [*logs.glob("worker-*.out"), *logs.glob("worker-*.err")]
-    return sum(f.read_text(errors="replace").count(text) for f in files)
-
-
-def test_train_ep2_then_resume_on_other_world_size_with_nan_faults(ray_local, tmp_path):
+def test_train_ep2_then_resume_on_other_world_size_with_nan_faults(ray_local, worker_lines, tmp_path):
     data = write_synthetic_prepared(tmp_path / "data", num_train=128, num_eval=16, seq_len=16, vocab_size=128)
     unigram = json.loads((data / "meta.json").read_text())["unigram_entropy"]
     run_dir = tmp_path / "run"
 
     # 1. 2 workers x EP=2
-    printed = _worker_lines(ray_local, "[dsv3ray] step 8/8 loss ")
+    printed = worker_lines("[dsv3ray] step 8/8 loss ")
     s = train(_run(data, run_dir, "train.num_workers=2", "train.ep_size=2", "train.steps=8"))
     # rank 0 printed its last step line once, and it is in the workers' logs once (not twice: Ray
     # Train's print patch is off in our workers, dsv3ray.train._print_env)
-    assert _worker_lines(ray_local, "[dsv3ray] step 8/8 loss ") == printed + 1
+    assert worker_lines("[dsv3ray] step 8/8 loss ") == printed + 1
     assert s["steps"] == 8 and s["world_size"] == 2 and s["ep_size"] == 2
     # the workers ran with dsv3ray.malloc's settings (CPU: one arena; see tests/test_malloc.py)
     assert malloc.worker_env().items() <= s["malloc_env"].items()

@@ -1,13 +1,30 @@
 """Fast checks of the training entry (no Ray): config validation and user errors as one line."""
 
+import errno
+import os
+import subprocess
+import sys
+import threading
+import time
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from dsv3ray import checkpoint as ck
+from dsv3ray import data as data_mod
 from dsv3ray.cli import main
 from dsv3ray.config import section_from_dict
-from dsv3ray.data import build_table, check_prepared, write_synthetic_prepared
+from dsv3ray.data import (
+    DataConfig,
+    build_table,
+    check_prepared,
+    load_table,
+    map_table,
+    remove_table,
+    table_spec,
+    write_synthetic_prepared,
+)
 from dsv3ray.errors import ConfigError, UserError
 from dsv3ray.runconfig import resolve_run_config
 from dsv3ray.train import TrainConfig, ds_config_for_world, plan
@@ -99,6 +116,107 @@ def test_build_table_dense_and_renumbered():
         build_table(_Iter([_batch([0], rows[:1])]), 1, 4)
     with pytest.raises(UserError, match="rows have 3 tokens .*seq_len\\+1 = 6"):
         build_table(_Iter([_batch([0], rows[:1])]), 1, 6, "uint16")
+
+
+def test_build_table_dense_lands_each_batch_at_its_ids():
+    rows = np.arange(15, dtype=np.int32).reshape(5, 3)
+    batches = [_batch([3, 0], rows[[3, 0]]), _batch([4, 1, 2], rows[[4, 1, 2]])]
+    t = build_table(_Iter(batches), 5, 3, dense=True)
+    assert np.array_equal(t, rows) and t.dtype == np.uint16
+    with pytest.raises(UserError, match="sample ids outside 0..1"):
+        build_table(_Iter([_batch([0, 2], rows[:2])]), 2, 3, dense=True)
+    with pytest.raises(UserError, match="repeats sample ids"):
+        build_table(_Iter([_batch([0, 0], rows[:2])]), 2, 3, dense=True)
+
+
+class _NoRead:
+    def iter_batches(self, **_):
+        raise AssertionError("a complete disk table must not be read again")
+
+
+def _spec(tmp_path, run="run", **cfg):
+    d = tmp_path / "d"
+    if not d.exists():
+        write_synthetic_prepared(d, num_train=40, num_eval=8, seq_len=8, vocab_size=64)
+    p = check_prepared(d)
+    c = DataConfig(prepared=str(d), table_dir=str(tmp_path / "tables"), **cfg)
+    return p, table_spec(c, p, "train", 9, tmp_path / run)
+
+
+def _prepared_iter(p):
+    import pyarrow.parquet as pq
+
+    return _Iter([pq.read_table(f) for f in reversed(p.train_files)] or [])
+
+
+def test_table_spec_modes_and_keys(tmp_path):
+    with pytest.raises(ConfigError, match="data.table="):
+        DataConfig(table="ram")
+    with pytest.raises(ConfigError, match="data.table_memory_mb"):
+        DataConfig(table_memory_mb=-1)
+    _, auto_small = _spec(tmp_path)
+    assert not auto_small.disk and auto_small.dense and auto_small.nbytes == 40 * 9 * 2
+    _, auto_big = _spec(tmp_path, table_memory_mb=0)
+    _, disk = _spec(tmp_path, table="disk")
+    _, memory = _spec(tmp_path, table="memory", table_memory_mb=0)
+    assert auto_big.disk and disk.disk and not memory.disk
+    _, other_run = _spec(tmp_path, run="run2", table="disk")
+    assert (
+        disk.key == auto_big.key != other_run.key
+        and disk.path.parent == tmp_path / "tables" / "dsv3ray-tables"
+    )
+
+
+def test_disk_table_written_once_per_node_mapped_and_reused(tmp_path):
+    p, spec = _spec(tmp_path, table="disk")
+    in_memory = build_table(_prepared_iter(p), 40, 9, "uint16", dense=True)
+    lines = []
+    t = load_table(_prepared_iter(p), spec, local_rank=0, log=lines.append)
+    assert isinstance(t, np.memmap) and not t.flags.writeable and np.array_equal(t, in_memory)
+    assert t.dtype == np.uint16 and "written to" in lines[0]
+    assert sorted(f.name for f in spec.path.parent.iterdir()) == [spec.path.name, spec.path.name + ".json"]
+    # a restarted worker group: the node's first worker maps the complete file, reads nothing
+    again = load_table(_NoRead(), spec, local_rank=0, log=lines.append)
+    assert np.array_equal(again, in_memory) and "earlier start" in lines[1]
+    # another worker of the node waits for the file, then maps it
+    remove_table(spec)
+    assert not list(spec.path.parent.iterdir())
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(t=map_table(spec.path, poll_s=0.01)))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()
+    load_table(_prepared_iter(p), spec, local_rank=0, log=lines.append)
+    waiter.join(10)
+    assert np.array_equal(got["t"], in_memory)
+
+
+def test_disk_table_renumbers_skipped_shards_and_cleans_up(tmp_path):
+    rows = np.arange(12, dtype=np.int32).reshape(4, 3)
+    spec = data_mod.TableSpec(
+        "train", 2, 3, "int32", dense=False, disk=True, key="k", table_dir=str(tmp_path)
+    )
+    # a partial table of a dead writer is removed; a live one's is not
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    spec.path.parent.mkdir(parents=True)
+    (spec.path.parent / f"x.tokens.tmp-{dead.pid}").write_bytes(b"partial")
+    (spec.path.parent / f"y.tokens.tmp-{os.getpid()}").write_bytes(b"partial")
+    t = load_table(_Iter([_batch([9, 5], rows[[1, 0]], np.int32)]), spec, 0, log=lambda _: None)
+    assert np.array_equal(t, rows[:2]) and t.dtype == np.int32
+    left = sorted(f.name for f in spec.path.parent.iterdir())
+    assert left == ["k.train.tokens", "k.train.tokens.json", f"y.tokens.tmp-{os.getpid()}"]
+
+
+def test_disk_table_without_room_is_one_line(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    p, spec = _spec(tmp_path, table="disk")
+    with pytest.raises(UserError, match=r"token table .* \(No space left on device\): set data.table_dir"):
+        load_table(_prepared_iter(p), spec, local_rank=0, log=lambda _: None)
+    assert not list(spec.path.parent.iterdir())
 
 
 def test_cli_train_prints_one_line_and_exits_2(tmp_path, capsys):

@@ -27,8 +27,9 @@ BASE = [
 ]
 
 
-def test_worker_killed_mid_epoch_and_mid_checkpoint(ray_local, tmp_path):
+def test_worker_killed_mid_epoch_and_mid_checkpoint(ray_local, worker_lines, tmp_path):
     data = write_synthetic_prepared(tmp_path / "data", num_train=64, num_eval=8, seq_len=16, vocab_size=128)
+    written, mapped = worker_lines("table: 64 rows x 17 ids"), worker_lines("(written by an earlier start")
     run = resolve_run_config(
         config="configs/debug.toml",
         overrides=BASE
@@ -40,10 +41,17 @@ def test_worker_killed_mid_epoch_and_mid_checkpoint(ray_local, tmp_path):
             "train.kill_at_step=5",  # dies mid-epoch -> resumes from step 3
             "train.kill_in_checkpoint_step=6",  # dies while writing step 6 -> resumes from step 3 again
             "train.max_failures=2",
+            # the tables on disk: each start's workers on this node map the file the first start wrote
+            "data.table=disk",
+            f"data.table_dir={tmp_path / 'tables'}",
         ],
     )
     s = train(run)
     assert s["restarts"] == 2
+    assert s["data_tables"] == {"train": "disk", "eval": "disk"}
+    assert worker_lines("table: 64 rows x 17 ids") == written + 1  # train: one write
+    assert worker_lines("(written by an earlier start") == mapped + 4  # 2 restarts x 2 splits
+    assert not list((tmp_path / "tables" / "dsv3ray-tables").iterdir())  # removed at the end
     assert s["steps"] == 10 and s["resumed_from_step"] == 3
     sampler = s["sampler"]
     # epoch 0 finished: every one of the 64 samples exactly once; 10 steps x 8 committed once each
