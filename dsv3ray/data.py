@@ -207,13 +207,22 @@ def load_table(iterator, spec: TableSpec, local_rank: int, log=print) -> np.ndar
         else:
             _remove_dead_writers(path.parent)
             t0 = time.perf_counter()
-            build_table(iterator, spec.num_rows, spec.row_len, spec.dtype, dense=spec.dense, out=path)
+            try:
+                build_table(iterator, spec.num_rows, spec.row_len, spec.dtype, dense=spec.dense, out=path)
+            except BaseException:  # (a bad row, a changed directory): no partial file left behind
+                for name in (path.name, f"{path.name}.sorted"):
+                    path.with_name(f"{name}.tmp-{os.getpid()}").unlink(missing_ok=True)
+                raise
             log(
                 f"[dsv3ray] {spec.split} table: {spec.num_rows:,} rows x {spec.row_len} ids"
-                f" ({path.stat().st_size / 2**30:.2f} GiB) written to {path} in"
+                f" ({size_text(path.stat().st_size)}) written to {path} in"
                 f" {time.perf_counter() - t0:.1f} s; this node's workers map it"
             )
     return map_table(path, log)
+
+
+def size_text(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MB"
 
 
 def map_table(path: Path, log=print, poll_s: float = 0.2, say_every_s: float = 60.0) -> np.ndarray:
@@ -271,7 +280,7 @@ def _allocate(out: Path | None, num_rows: int, row_len: int, dt: np.dtype) -> np
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(
-            f"cannot write the {nbytes / 2**30:.2f} GiB token table {out} on this node ({e.strerror}): {fix}"
+            f"cannot write the {size_text(nbytes)} token table {out} on this node ({e.strerror}): {fix}"
         ) from None
     return np.memmap(tmp, dtype=dt, mode="r+", shape=(num_rows, row_len))
 

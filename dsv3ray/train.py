@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3ray import checkpoint as ckpt
-from dsv3ray.data import PreparedData, load_table, remove_table, resolve_data, table_spec
+from dsv3ray.data import PreparedData, load_table, remove_table, resolve_data, size_text, table_spec
 from dsv3ray.errors import ConfigError, UserError
 from dsv3ray.hetero import (
     BatchBalancer,
@@ -360,7 +360,7 @@ def train(run) -> dict:
         if spec.disk:
             where = spec.table_dir or "the system temp dir"
             print(
-                f"[dsv3ray] {spec.split} table on disk ({spec.nbytes / 2**30:.2f} GiB, data.table = {run.data.table!r}):"
+                f"[dsv3ray] {spec.split} table on disk ({size_text(spec.nbytes)}, data.table = {run.data.table!r}):"
                 f" one memory-mapped file per node under {where}, shared by the node's workers",
                 flush=True,
             )

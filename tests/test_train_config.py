@@ -206,6 +206,13 @@ def test_disk_table_renumbers_skipped_shards_and_cleans_up(tmp_path):
     assert np.array_equal(t, rows[:2]) and t.dtype == np.int32
     left = sorted(f.name for f in spec.path.parent.iterdir())
     assert left == ["k.train.tokens", "k.train.tokens.json", f"y.tokens.tmp-{os.getpid()}"]
+    # a write that fails after its file was made leaves nothing behind
+    bad = data_mod.TableSpec("eval", 2, 3, "int32", dense=True, disk=True, key="k", table_dir=str(tmp_path))
+    with pytest.raises(UserError, match="outside 0..1"):
+        load_table(
+            _Iter([_batch([0, 1], rows[:2], np.int32), _batch([7], rows[:1], np.int32)]), bad, 0, print
+        )
+    assert sorted(f.name for f in spec.path.parent.iterdir()) == left
 
 
 def test_disk_table_without_room_is_one_line(tmp_path, monkeypatch):

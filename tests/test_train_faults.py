@@ -82,7 +82,9 @@ def _ce_per_event_file(tb_dir):
 
 def test_worker_side_user_error_is_one_line_without_retries(ray_local, tmp_path):
     """A mistake only the workers see (rows wider than meta.json's seq_len, found while building the
-    id -> tokens table) reaches the driver as one UserError line, not a Ray/DeepSpeed traceback."""
+    id -> tokens table) reaches the driver as one UserError line, not a Ray/DeepSpeed traceback.
+    The table is on disk: the node's other worker, waiting for the file that will never come, is
+    stopped with the group, and no partial file is left."""
     import json
 
     from dsv3ray.errors import UserError
@@ -96,12 +98,15 @@ def test_worker_side_user_error_is_one_line_without_retries(ray_local, tmp_path)
         + [
             f"data.prepared={data}",
             f"train.run_dir={tmp_path / 'run'}",
-            "train.num_workers=1",
+            "train.num_workers=2",
             "train.ep_size=1",
             "train.steps=1",
-            "train.max_failures=0",  # (with retries, the restarted group returns at once: see train_loop)
+            "train.max_failures=1",  # (the restarted group returns at once: see train_loop)
+            "data.table=disk",
+            f"data.table_dir={tmp_path / 'tables'}",
         ],
     )
     with pytest.raises(UserError, match="data rows have 17 tokens .*seq_len\\+1 = 16") as e:
         train(run)
     assert "\n" not in str(e.value) and "re-run `dsv3ray prepare`" in str(e.value)
+    assert not [f for f in (tmp_path / "tables").rglob("*") if f.is_file()]
