@@ -578,6 +578,7 @@ def train_loop(config: dict) -> None:
     mailbox = config["mailbox"]
     if ray.get(mailbox.get.remote()).get("user_error"):
         return  # a restart after a user error: the driver reports it, retrying cannot help
+    _quiet_report_log()
     try:
         _Worker(config).run()
     except UserError as e:
@@ -585,6 +586,19 @@ def train_loop(config: dict) -> None:
         _remove_tables(config)
         raise
     _remove_tables(config)
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs each report of each rank at INFO with its whole metrics dict: every
+    checkpoint once per worker, the final summary (~30 keys) once per worker. Our step lines and
+    the run's report say it once; its warnings still show."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # (another Ray layout: its lines stay)
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _remove_tables(config: dict) -> None:
