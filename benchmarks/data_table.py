@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from dsv3ray.data import DataConfig, check_prepared, remove_table, table_spec, write_synthetic_prepared
+    from dsv3ray.data import DataConfig, check_prepared, release_table, table_spec, write_synthetic_prepared
     from pipelines.dataset import read_prepared
 
     tmp = Path(tempfile.mkdtemp(prefix="dsv3ray-bench-table-"))
@@ -94,14 +94,13 @@ def main(argv=None) -> int:
         lines = {}
         for mode in ("memory", "disk"):
             cfg = DataConfig(prepared=str(data.dir), table=mode, table_dir=str(tmp / "tables"))
-            spec = table_spec(cfg, data, "train", args.seq_len + 1, tmp / "run")
+            spec = table_spec(cfg, data, "train", args.seq_len + 1)
             actors = [worker.remote() for _ in range(args.workers)]
             t0 = time.perf_counter()
             per = ray.get(
                 [a.run.remote(ds.iterator(), spec, i, args.batches, i) for i, a in enumerate(actors)]
             )
             wall = time.perf_counter() - t0
-            remove_table(spec)
             lines[mode] = {
                 "mode": mode,
                 "rows": args.rows,
@@ -114,6 +113,7 @@ def main(argv=None) -> int:
             print(json.dumps(lines[mode]), flush=True)
             for a in actors:
                 ray.kill(a)
+            release_table(spec)  # (the table goes once the writer's process is gone)
         ray.shutdown()
         m, d = lines["memory"], lines["disk"]
         batch = [np.median([p["us_per_batch"] for p in x["per_worker"]]) for x in (m, d)]

@@ -9,16 +9,18 @@ in the shards' dtype: num_samples * (seq_len + 1) * 2 bytes (uint16, vocab <= 65
 above), e.g. 100k samples of 512 tokens = 103 MB. `data.table` says where it lives: in each
 worker's memory, or on disk, one memory-mapped file per node (`TableSpec`): the node's first
 worker writes it, the others on the node map the same file (the page cache holds it once, and
-evicts it under pressure) and a worker group restarted after a failure maps it again instead of
-reading the split.
+evicts it under pressure), and so do other runs on the same data (a sweep's trials) and a worker
+group restarted after a failure, instead of reading the split again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,8 +44,9 @@ class DataConfig:
     # Held-out split used for eval loss.
     eval_split: str = "eval"
     # Where a worker keeps a split's id -> tokens table: "memory" (an array in every worker),
-    # "disk" (one memory-mapped file per node, shared by its workers, kept across restarts of the
-    # worker group, removed when training ends), "auto" = disk for a split over table_memory_mb.
+    # "disk" (one memory-mapped file per node, shared by its workers and by other runs on the same
+    # data, kept across restarts of the worker group, removed when the last run using it ends),
+    # "auto" = disk for a split over table_memory_mb.
     table: str = "auto"
     table_memory_mb: float = 1024.0
     # Directory of the disk tables on each node: local disk with room for the splits ("" = the
@@ -154,8 +157,10 @@ TABLE_SUBDIR = "dsv3ray-tables"
 class TableSpec:
     """One split's id -> tokens table as the driver plans it (`table_spec`) and a worker builds it
     (`load_table`). A disk table is `<table_dir>/dsv3ray-tables/<key>.<split>.tokens` on each node,
-    its shape and dtype in the `.json` beside it; key = the run directory and the split's shards
-    (paths, sizes, mtimes), so a restarted worker group of the run finds the file its node wrote."""
+    its shape and dtype in the `.json` beside it; key = the split's shards (paths, sizes, mtimes),
+    so every run on a node that trains on the same data maps one file: concurrent trials of a
+    sweep, a worker group restarted after a failure. Each run's first worker on the node holds it
+    (a `.holder-<host>-<pid>` file) while training; the last to leave removes it."""
 
     split: str
     num_rows: int
@@ -176,9 +181,7 @@ class TableSpec:
         return self.num_rows * self.row_len * (2 if self.dtype == "uint16" else 4)
 
 
-def table_spec(
-    cfg: DataConfig, data: PreparedData, split: str, row_len: int, run_dir: str | Path
-) -> TableSpec:
+def table_spec(cfg: DataConfig, data: PreparedData, split: str, row_len: int) -> TableSpec:
     """Where the workers keep `split`'s table: data.table ("auto": disk over data.table_memory_mb)."""
     files = data.train_files if split == "train" else data.eval_files
     num_rows = data.num_train if split == "train" else data.num_eval
@@ -189,36 +192,127 @@ def table_spec(
     over = spec.nbytes > cfg.table_memory_mb * 2**20
     if num_rows and (cfg.table == "disk" or (cfg.table == "auto" and over)):
         stats = [(str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-        ident = json.dumps([str(Path(run_dir).resolve()), stats, row_len, num_rows, spec.dtype])
+        ident = json.dumps([stats, row_len, num_rows, spec.dtype])
         spec.disk, spec.table_dir = True, cfg.table_dir
         spec.key = hashlib.sha256(ident.encode()).hexdigest()[:20]
     return spec
 
 
 def load_table(iterator, spec: TableSpec, local_rank: int, log=print) -> np.ndarray:
-    """The split's table on this worker: built in memory, or (disk) written by the node's first
-    worker (local rank 0) unless a complete file is there, and mapped read-only by every worker."""
+    """The split's table on this worker: built in memory, or (disk) mapped read-only by every worker
+    of the node once its first worker (local rank 0) holds the file and has written it, unless a
+    complete one is there (a restart, another run on the same data)."""
     if not spec.disk:
         return build_table(iterator, spec.num_rows, spec.row_len, spec.dtype, dense=spec.dense)
     path = spec.path
     if local_rank == 0:
-        if path.is_file():
-            log(f"[dsv3ray] {spec.split} table: mapping {path} (written by an earlier start of this run)")
-        else:
-            _remove_dead_writers(path.parent)
-            t0 = time.perf_counter()
-            try:
-                build_table(iterator, spec.num_rows, spec.row_len, spec.dtype, dense=spec.dense, out=path)
-            except BaseException:  # (a bad row, a changed directory): no partial file left behind
-                for name in (path.name, f"{path.name}.sorted"):
-                    path.with_name(f"{name}.tmp-{os.getpid()}").unlink(missing_ok=True)
-                raise
-            log(
-                f"[dsv3ray] {spec.split} table: {spec.num_rows:,} rows x {spec.row_len} ids"
-                f" ({size_text(path.stat().st_size)}) written to {path} in"
-                f" {time.perf_counter() - t0:.1f} s; this node's workers map it"
-            )
+        hold_tables([spec])
+        with _locked(path.with_name(path.name + ".lock")):  # one writer; others wait, then map
+            if path.is_file():
+                log(f"[dsv3ray] {spec.split} table: mapping {path} (written earlier on this node)")
+            else:
+                _write_table(iterator, spec, log)
     return map_table(path, log)
+
+
+def hold_tables(specs: list[TableSpec]) -> None:
+    """This run holds its disk tables on this node (its first worker, before it loads any: a table
+    of the run's not held yet would look unused to the collection of another's)."""
+    disk = [s for s in specs if s.disk]
+    if not disk:
+        return
+    d = disk[0].path.parent  # (one table_dir per run)
+    _mkdir(d)
+    with _locked(d / ".lock"):
+        for s in disk:
+            _holder(s.path).touch()
+        _collect(d)  # partial files of dead writers, tables no live run holds
+
+
+def release_table(spec: TableSpec) -> None:
+    """This run is done with its node's disk table: removed when no other live run holds it
+    (workers still mapping it keep reading)."""
+    if not spec.disk or not spec.path.parent.is_dir():
+        return
+    with _locked(spec.path.parent / ".lock"):
+        _holder(spec.path).unlink(missing_ok=True)
+        _collect(spec.path.parent)
+
+
+def _write_table(iterator, spec: TableSpec, log) -> None:
+    path = spec.path
+    t0 = time.perf_counter()
+    try:
+        build_table(iterator, spec.num_rows, spec.row_len, spec.dtype, dense=spec.dense, out=path)
+    except BaseException:  # (a bad row, a changed directory): no partial file left behind
+        for name in (path.name, f"{path.name}.sorted"):
+            path.with_name(f"{name}.tmp-{_me()}").unlink(missing_ok=True)
+        raise
+    log(
+        f"[dsv3ray] {spec.split} table: {spec.num_rows:,} rows x {spec.row_len} ids"
+        f" ({size_text(path.stat().st_size)}) written to {path} in"
+        f" {time.perf_counter() - t0:.1f} s; this node's workers map it"
+    )
+
+
+def _me() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _holder(path: Path) -> Path:
+    return path.with_name(f"{path.name}.holder-{_me()}")
+
+
+def _alive(tag: str) -> bool:
+    """Whether the process `<host>-<pid>` lives (one of another host, on a shared table_dir: yes)."""
+    host, _, pid = tag.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
+def _collect(d: Path) -> None:
+    """Under the directory's lock: the partial files of dead writers and the holders of dead runs
+    go, then every table that no holder is left for."""
+    for f in d.iterdir():
+        for mark in (".tmp-", ".holder-"):
+            if mark in f.name and not _alive(f.name.rpartition(mark)[2]):
+                f.unlink(missing_ok=True)
+    held = {f.name.partition(".holder-")[0] for f in d.glob("*.holder-*")}
+    for table in d.glob("*.tokens"):
+        if table.name not in held:
+            for f in (table, Path(f"{table}.json")):
+                f.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(lock: Path):
+    """An exclusive lock between the processes of this node (flock on `lock`, made if missing;
+    lock files are never removed: one removed while another process waits on it breaks the lock)."""
+    import fcntl
+
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _mkdir(d: Path) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot create the token table directory {d} on this node ({e.strerror}):"
+            ' set data.table_dir to a local disk with room, or data.table = "memory"'
+        ) from None
 
 
 def size_text(nbytes: int) -> str:
@@ -239,33 +333,12 @@ def map_table(path: Path, log=print, poll_s: float = 0.2, say_every_s: float = 6
     return np.memmap(path, dtype=meta["dtype"], mode="r", shape=tuple(meta["shape"]))
 
 
-def remove_table(spec: TableSpec) -> None:
-    """The disk table of this node, once training is over (workers still mapping it keep reading)."""
-    if spec.disk:
-        for p in (spec.path, Path(f"{spec.path}.json")):
-            p.unlink(missing_ok=True)
-
-
-def _remove_dead_writers(d: Path) -> None:
-    """Partial tables (`*.tmp-<pid>`) of writers on this node that died."""
-    for f in d.glob("*.tmp-*"):
-        pid = f.name.rsplit("-", 1)[1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            f.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # alive, another user's
-
-
 def _allocate(out: Path | None, num_rows: int, row_len: int, dt: np.dtype) -> np.ndarray:
     """The table's storage: memory, or a file of its full size at out + `.tmp-<pid>` (its space
     reserved up front: a disk that fills while a mapped page is written kills the process)."""
     if out is None:
         return np.empty((num_rows, row_len), dtype=dt)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f"{out.name}.tmp-{_me()}")
     nbytes = num_rows * row_len * dt.itemsize
     fix = 'set data.table_dir to a local disk with room, or data.table = "memory"'
     try:
@@ -289,7 +362,7 @@ def _finish(table: np.ndarray, out: Path) -> None:
     """A written disk table made visible: flushed, its shape beside it, renamed into place."""
     table.flush()
     meta = Path(f"{out}.json")
-    tmp_meta = meta.with_name(f"{meta.name}.tmp-{os.getpid()}")
+    tmp_meta = meta.with_name(f"{meta.name}.tmp-{_me()}")
     tmp_meta.write_text(json.dumps({"dtype": table.dtype.name, "shape": list(table.shape)}))
     os.replace(tmp_meta, meta)
     os.replace(table.filename, out)

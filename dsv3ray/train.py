@@ -24,7 +24,15 @@ import torch
 import torch.distributed as dist
 
 from dsv3ray import checkpoint as ckpt
-from dsv3ray.data import PreparedData, load_table, remove_table, resolve_data, size_text, table_spec
+from dsv3ray.data import (
+    PreparedData,
+    hold_tables,
+    load_table,
+    release_table,
+    resolve_data,
+    size_text,
+    table_spec,
+)
 from dsv3ray.errors import ConfigError, UserError
 from dsv3ray.hetero import (
     BatchBalancer,
@@ -345,7 +353,7 @@ def train(run) -> dict:
         "num_eval": data.num_eval,
         # where each worker keeps the splits' id -> tokens tables ([data] table)
         "tables": {
-            split: table_spec(run.data, data, split, p["seq_len"] + 1, run_dir)
+            split: table_spec(run.data, data, split, p["seq_len"] + 1)
             for split in ("train", *(() if eval_on_train else ("eval",)))
         },
         "eval_on_train": eval_on_train,
@@ -583,9 +591,9 @@ def train_loop(config: dict) -> None:
         _Worker(config).run()
     except UserError as e:
         ray.get(mailbox.put.remote("user_error", str(e)))
-        _remove_tables(config)
+        _release_tables(config)
         raise
-    _remove_tables(config)
+    _release_tables(config)
 
 
 def _quiet_report_log() -> None:
@@ -601,13 +609,13 @@ def _quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def _remove_tables(config: dict) -> None:
-    """This node's disk tables, once its workers are done (a restart after a failure keeps them)."""
+def _release_tables(config: dict) -> None:
+    """This run is done with its node's disk tables (a restart after a failure keeps them)."""
     import ray.train
 
     if ray.train.get_context().get_local_rank() == 0:
         for spec in config["tables"].values():
-            remove_table(spec)
+            release_table(spec)
 
 
 class _Worker:
@@ -665,6 +673,8 @@ class _Worker:
         ray.data.DataContext.get_current().enable_progress_bars = False
         local_rank = ray.train.get_context().get_local_rank()
         tables = self.c["tables"]
+        if local_rank == 0:
+            hold_tables(list(tables.values()))
         self.train_NS = load_table(ray.train.get_dataset_shard("train"), tables["train"], local_rank)
         if self.c["eval_on_train"]:
             self.eval_NS = self.train_NS

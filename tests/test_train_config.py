@@ -2,6 +2,7 @@
 
 import errno
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -19,9 +20,10 @@ from dsv3ray.data import (
     DataConfig,
     build_table,
     check_prepared,
+    hold_tables,
     load_table,
     map_table,
-    remove_table,
+    release_table,
     table_spec,
     write_synthetic_prepared,
 )
@@ -134,19 +136,23 @@ class _NoRead:
         raise AssertionError("a complete disk table must not be read again")
 
 
-def _spec(tmp_path, run="run", **cfg):
-    d = tmp_path / "d"
+def _spec(tmp_path, data="d", **cfg):
+    d = tmp_path / data
     if not d.exists():
         write_synthetic_prepared(d, num_train=40, num_eval=8, seq_len=8, vocab_size=64)
     p = check_prepared(d)
     c = DataConfig(prepared=str(d), table_dir=str(tmp_path / "tables"), **cfg)
-    return p, table_spec(c, p, "train", 9, tmp_path / run)
+    return p, table_spec(c, p, "train", 9)
 
 
 def _prepared_iter(p):
     import pyarrow.parquet as pq
 
     return _Iter([pq.read_table(f) for f in reversed(p.train_files)] or [])
+
+
+def _files(d):
+    return sorted(f.name.replace(socket.gethostname(), "HOST") for f in d.iterdir())
 
 
 def test_table_spec_modes_and_keys(tmp_path):
@@ -160,11 +166,10 @@ def test_table_spec_modes_and_keys(tmp_path):
     _, disk = _spec(tmp_path, table="disk")
     _, memory = _spec(tmp_path, table="memory", table_memory_mb=0)
     assert auto_big.disk and disk.disk and not memory.disk
-    _, other_run = _spec(tmp_path, run="run2", table="disk")
-    assert (
-        disk.key == auto_big.key != other_run.key
-        and disk.path.parent == tmp_path / "tables" / "dsv3ray-tables"
-    )
+    # the key is the data's: runs on the same shards share a file, other shards get their own
+    _, other_data = _spec(tmp_path, data="d2", table="disk")
+    assert disk.key == auto_big.key != other_data.key
+    assert disk.path.parent == tmp_path / "tables" / "dsv3ray-tables"
 
 
 def test_disk_table_written_once_per_node_mapped_and_reused(tmp_path):
@@ -174,13 +179,29 @@ def test_disk_table_written_once_per_node_mapped_and_reused(tmp_path):
     t = load_table(_prepared_iter(p), spec, local_rank=0, log=lines.append)
     assert isinstance(t, np.memmap) and not t.flags.writeable and np.array_equal(t, in_memory)
     assert t.dtype == np.uint16 and "written to" in lines[0]
-    assert sorted(f.name for f in spec.path.parent.iterdir()) == [spec.path.name, spec.path.name + ".json"]
-    # a restarted worker group: the node's first worker maps the complete file, reads nothing
+    name = spec.path.name
+    me = f"HOST-{os.getpid()}"
+    assert _files(spec.path.parent) == [".lock", name, f"{name}.holder-{me}", f"{name}.json", f"{name}.lock"]
+    # the node's first worker of a restarted group (or of another run on the same data) maps the
+    # complete file and reads nothing, though the run that wrote it is gone
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = spec.path.parent / f"{name}.holder-{socket.gethostname()}-{os.getpid()}"
+    mine.rename(mine.with_name(f"{name}.holder-{socket.gethostname()}-{dead.pid}"))
     again = load_table(_NoRead(), spec, local_rank=0, log=lines.append)
-    assert np.array_equal(again, in_memory) and "earlier start" in lines[1]
-    # another worker of the node waits for the file, then maps it
-    remove_table(spec)
-    assert not list(spec.path.parent.iterdir())
+    assert np.array_equal(again, in_memory) and "written earlier" in lines[1]
+    assert _files(spec.path.parent) == [".lock", name, f"{name}.holder-{me}", f"{name}.json", f"{name}.lock"]
+    # another run holds it too (a live process): released by this run, the table stays; once the
+    # other run is gone, the next release anywhere on the node removes it
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (spec.path.parent / f"{name}.holder-{socket.gethostname()}-{other.pid}").touch()
+    release_table(spec)
+    assert spec.path.is_file()
+    other.kill()
+    other.wait()
+    release_table(spec)
+    assert _files(spec.path.parent) == [".lock", f"{name}.lock"]
+    # a worker of the node that is not its first waits for the file, then maps it
     got = {}
     waiter = threading.Thread(target=lambda: got.update(t=map_table(spec.path, poll_s=0.01)))
     waiter.start()
@@ -191,28 +212,51 @@ def test_disk_table_written_once_per_node_mapped_and_reused(tmp_path):
     assert np.array_equal(got["t"], in_memory)
 
 
+def test_a_restarted_run_holds_all_its_tables_before_loading_one(tmp_path):
+    """The first split's load collects tables no live run holds: the run's other split, whose
+    holder died with the last start, must be held again first."""
+    import pyarrow.parquet as pq
+
+    p, train = _spec(tmp_path, table="disk")
+    ev = table_spec(DataConfig(table="disk", table_dir=str(tmp_path / "tables")), p, "eval", 9)
+    load_table(_prepared_iter(p), train, 0, log=lambda _: None)
+    load_table(_Iter([pq.read_table(f) for f in p.eval_files]), ev, 0, log=lambda _: None)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for h in train.path.parent.glob("*.holder-*"):
+        h.rename(h.with_name(h.name.replace(f"-{os.getpid()}", f"-{dead.pid}")))
+    hold_tables([train, ev])
+    for spec in (train, ev):
+        assert load_table(_NoRead(), spec, 0, log=lambda _: None).shape[1] == 9
+
+
 def test_disk_table_renumbers_skipped_shards_and_cleans_up(tmp_path):
     rows = np.arange(12, dtype=np.int32).reshape(4, 3)
     spec = data_mod.TableSpec(
         "train", 2, 3, "int32", dense=False, disk=True, key="k", table_dir=str(tmp_path)
     )
-    # a partial table of a dead writer is removed; a live one's is not
+    # partial files of a dead writer are removed, a live one's are not
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     spec.path.parent.mkdir(parents=True)
-    (spec.path.parent / f"x.tokens.tmp-{dead.pid}").write_bytes(b"partial")
-    (spec.path.parent / f"y.tokens.tmp-{os.getpid()}").write_bytes(b"partial")
+    host = socket.gethostname()
+    (spec.path.parent / f"x.tokens.tmp-{host}-{dead.pid}").write_bytes(b"partial")
+    (spec.path.parent / f"y.tokens.tmp-{host}-{os.getpid()}").write_bytes(b"partial")
     t = load_table(_Iter([_batch([9, 5], rows[[1, 0]], np.int32)]), spec, 0, log=lambda _: None)
     assert np.array_equal(t, rows[:2]) and t.dtype == np.int32
-    left = sorted(f.name for f in spec.path.parent.iterdir())
-    assert left == ["k.train.tokens", "k.train.tokens.json", f"y.tokens.tmp-{os.getpid()}"]
-    # a write that fails after its file was made leaves nothing behind
+    left = _files(spec.path.parent)
+    me = f"HOST-{os.getpid()}"
+    assert left == [
+        ".lock", "k.train.tokens", f"k.train.tokens.holder-{me}", "k.train.tokens.json", "k.train.tokens.lock",
+        f"y.tokens.tmp-{me}",
+    ]  # fmt: skip
+    # a write that fails after its file was made leaves no partial file behind
     bad = data_mod.TableSpec("eval", 2, 3, "int32", dense=True, disk=True, key="k", table_dir=str(tmp_path))
     with pytest.raises(UserError, match="outside 0..1"):
         load_table(
             _Iter([_batch([0, 1], rows[:2], np.int32), _batch([7], rows[:1], np.int32)]), bad, 0, print
         )
-    assert sorted(f.name for f in spec.path.parent.iterdir()) == left
+    assert not [f for f in _files(spec.path.parent) if f.startswith("k.eval.tokens.tmp")]
 
 
 def test_disk_table_without_room_is_one_line(tmp_path, monkeypatch):
@@ -223,7 +267,7 @@ def test_disk_table_without_room_is_one_line(tmp_path, monkeypatch):
     p, spec = _spec(tmp_path, table="disk")
     with pytest.raises(UserError, match=r"token table .* \(No space left on device\): set data.table_dir"):
         load_table(_prepared_iter(p), spec, local_rank=0, log=lambda _: None)
-    assert not list(spec.path.parent.iterdir())
+    assert not [f for f in spec.path.parent.iterdir() if ".tmp-" in f.name]
 
 
 def test_cli_train_prints_one_line_and_exits_2(tmp_path, capsys):
