@@ -50,6 +50,25 @@ def byte_runs(parts: list[bytes]) -> tuple[bytes, np.ndarray, np.ndarray]:
     return joined, starts, starts + np.fromiter(map(len, parts), np.int64, len(parts))
 
 
+def _runs_to_spaces(joined: bytes, text_start, text_end):
+    """(joined with one space for each run of newlines, the texts' starts and ends in it, per byte
+    of it: the length of the run that space stands for, else 0)."""
+    b = np.frombuffer(joined, np.uint8)
+    nl = b == 10
+    cont = np.zeros_like(nl)
+    cont[1:] = nl[1:] & nl[:-1]  # a newline after a newline: dropped
+    keep = ~cont
+    out = b[keep].copy()
+    run_start = np.flatnonzero(nl & ~cont)
+    run_end = np.flatnonzero(nl & np.append(~nl[1:], True)) + 1
+    before = np.concatenate(([0], np.cumsum(keep)))  # bytes kept before each position
+    at = before[run_start]
+    out[at] = 32
+    k = np.zeros(out.size, np.int64)
+    k[at] = run_end - run_start
+    return out.tobytes(), before[text_start], before[text_end], k
+
+
 def padded(joined: bytes) -> np.ndarray:
     """The buffer as uint8 with 8 bytes of padding (a key word is read past the last byte)."""
     return np.frombuffer(joined + bytes(8), dtype=np.uint8)
@@ -254,12 +273,26 @@ class SpaceChunks:
     spaces). starts/ends: each chunk's bytes in `joined`; doc: its text; first: it starts its
     text; text_start: each text's first byte; bad_doc: texts with an empty chunk (a space at an
     end or next to another) or one over `max_chunk` bytes. `encoded`: the texts' UTF-8 bytes
-    (surrogatepass), when the caller has them."""
+    (surrogatepass), when the caller has them.
 
-    def __init__(self, texts: list[str], max_chunk: int, encoded: list[bytes] | None = None):
+    newlines: a run of newlines cuts chunks too (a newline ends every stage's words and the
+    tokenizer's pre-tokens): `joined` then has one space in place of each run, `nl_after[i]` is
+    the length of the run after chunk i (0: a space or the text's end follows it) and `first`
+    also marks a chunk right after a run (no space before it). Text joined by newlines (code,
+    lists, wrapped lines) otherwise makes chunks such as "end.\\nNext" that recur far less than
+    their words."""
+
+    def __init__(
+        self, texts: list[str], max_chunk: int, encoded: list[bytes] | None = None, newlines: bool = False
+    ):
         n = len(texts)
         parts = encoded if encoded is not None else [t.encode("utf-8", "surrogatepass") for t in texts]
         self.joined, self.text_start, text_end = byte_runs(parts)  # text_end: the joining space, or the end
+        nl_k = None
+        if newlines and b"\n" in self.joined:
+            self.joined, self.text_start, text_end, nl_k = _runs_to_spaces(
+                self.joined, self.text_start, text_end
+            )
         self.buf = padded(self.joined)
         size = len(self.joined)
         spaces = np.flatnonzero(self.buf[:size] == 32)
@@ -268,6 +301,10 @@ class SpaceChunks:
         per_doc = np.searchsorted(spaces, text_end) - np.searchsorted(spaces, self.text_start) + 1
         self.doc = np.repeat(np.arange(n), per_doc)
         self.first = self.starts == self.text_start[self.doc]
+        self.nl_after = np.zeros(self.starts.size, np.int64)
+        if nl_k is not None:
+            self.nl_after[self.ends < size] = nl_k[np.minimum(self.ends, size - 1)][self.ends < size]
+            self.first[1:] |= self.nl_after[:-1] > 0
         lens = self.ends - self.starts
         self.bad_doc = np.zeros(n, dtype=bool)
         self.bad_doc[self.doc[(lens == 0) | (lens > max_chunk)]] = True

@@ -209,6 +209,31 @@ class _ChunkCache:
         safe[at] = ~(white[: at.size] | white[at.size :])
         return safe, simple
 
+    def newline_ids(self, most: int) -> list[list[int]] | None:
+        """The ids of a run of 1, 2, ..., `most` newlines between two chunks (no space on either
+        side), as the library encodes it there: the pre-tokenizer leaves a run's last newline to
+        itself before a non-space, so the run is not encoded as it would be alone. None when an
+        added token holds a newline or the ids depend on what follows (no such tokenizer here)."""
+        if any("\n" in t for t in self.added_in_chunk + self.added_spanning):
+            return None
+        enc = self.hf.encode
+        out = []
+        for k in range(1, most + 1):
+            found = set()
+            for before, after in (("x", "a"), ("1", "0"), (".", "("), ("A", "'s")):
+                full = enc(before + "\n" * k + after, add_special_tokens=False).ids
+                head, tail = (
+                    enc(before, add_special_tokens=False).ids,
+                    enc(after, add_special_tokens=False).ids,
+                )
+                if full[: len(head)] != head or full[len(full) - len(tail) :] != tail:
+                    return None
+                found.add(tuple(full[len(head) : len(full) - len(tail)]))
+            if len(found) != 1:
+                return None
+            out.append(list(found.pop()))
+        return out
+
     def spanning_ok(self, texts: list[str]) -> np.ndarray:
         """Per text: it holds no added token with a space in it (those are matched on the whole text)."""
         ok = np.ones(len(texts), dtype=bool)

@@ -55,10 +55,32 @@ def parts():
         "a ",
         "a  b",
         "Σ Σ",
+        *NEWLINE_EDGES,
         "the " * 30_000 + "end",
     ]  # last: > MAX_PREDICT_CHARS
     texts = [normalize_text(d) for d in docs] + fuzz + edge
     return tok, scorer, texts
+
+
+# runs of newlines cut chunks (SpaceChunks(newlines=True)); served: a run between two chunks, of
+# at most ChunkPass.MAX_NEWLINES newlines
+NEWLINE_EDGES = [
+    "one\ntwo three", "a\n\nb", "a\n\n\nb c", "a\n\n\n\nb", "end.\nNext (x)\n\n- item\n's 12\n3",
+    "a\n\n\n\n\nb", "a\n", "\na", "a \nb", "a\n b", "\n", "a\n\n",
+]  # fmt: skip
+NEWLINE_SERVED = 5  # the first five
+
+
+def test_runs_of_newlines_between_chunks_are_served_exactly(parts):
+    tok, scorer, _ = parts
+    cp = ChunkPass(tok, scorer.batch, MinHasher(64, 5, 0.8, 0), MAX_PREDICT_CHARS, MAX_MINHASH_CHARS)
+    assert cp.newlines and [len(ids) for ids in cp.nl_ids][:1] == [1]
+    _check(cp, tok, scorer, NEWLINE_EDGES, batch=len(NEWLINE_EDGES))
+    lk = cp.lookup(NEWLINE_EDGES)
+    served = lk.tokens & lk.quality & lk.minhash
+    assert served.tolist() == [True] * NEWLINE_SERVED + [False] * (len(NEWLINE_EDGES) - NEWLINE_SERVED)
+    g = lk.groups[0]  # "one", a run of one newline, "two", "three"
+    assert g.entry[g.bounds[0] : g.bounds[1]].tolist()[1] == cp.nl_entry[0]
 
 
 def _check(cp: ChunkPass, tok, scorer, texts, batch: int, every: int = 1):
