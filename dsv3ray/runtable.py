@@ -309,6 +309,23 @@ class SpaceChunks:
         self.bad_doc = np.zeros(n, dtype=bool)
         self.bad_doc[self.doc[(lens == 0) | (lens > max_chunk)]] = True
 
+    def with_runs(
+        self, entry: np.ndarray, run_entry: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(the chunks' entries with each run of newlines' entry after its chunk: run_entry[k - 1]
+        for a run of k, their texts, the texts with a run longer than run_entry holds)."""
+        nl = np.flatnonzero(self.nl_after)
+        if not nl.size:
+            return entry, self.doc, np.zeros(0, np.int64)
+        k = self.nl_after[nl]
+        at = np.arange(entry.size) + np.concatenate(([0], np.cumsum(self.nl_after[:-1] > 0)))
+        full = np.empty(entry.size + nl.size, np.int64)
+        doc = np.empty(full.size, self.doc.dtype)
+        full[at], doc[at] = entry, self.doc
+        full[at[nl] + 1] = run_entry[np.minimum(k, run_entry.size) - 1]
+        doc[at[nl] + 1] = self.doc[nl]
+        return full, doc, self.doc[nl[k > run_entry.size]]
+
     def raw(self, at: np.ndarray) -> list[bytes]:
         """The bytes of the chunks at positions `at`."""
         j, s, e = self.joined, self.starts, self.ends

@@ -130,6 +130,7 @@ class _ChunkCache:
     """
 
     MAX_CHUNK = 256  # bytes: a text with a longer chunk (a blob, not words) is not cached
+    MAX_NEWLINES = 4  # a longer run of newlines between two chunks: the library
     GROUP_CHARS = 256 << 10  # texts looked up together
 
     def __init__(self, hf: _HFTokenizer, max_entries: int = 1 << 18, max_pieces: int = 1 << 20):
@@ -140,6 +141,8 @@ class _ChunkCache:
             re.compile("|".join(map(re.escape, self.added_in_chunk))) if self.added_in_chunk else None
         )
         self.added_spanning = [t for t in added if " " in t]  # checked on the whole text
+        # runs of newlines cut chunks too (SpaceChunks(newlines=True)) when their ids are known
+        self.nl_ids = self.newline_ids(self.MAX_NEWLINES)
         self.table = RunTable(max_entries)
         self.ids = Ragged((np.int32,))
         # pre-token pieces (encode_chunks): their entries, and each entry's ids (an entry past the
@@ -150,8 +153,19 @@ class _ChunkCache:
         self._clear()
 
     def _clear(self) -> None:
+        """Empty, but for the entries of runs of 1..MAX_NEWLINES newlines between two chunks."""
         self.table.clear()
         self.ids.clear()
+        self.nl_entry = np.zeros(0, np.int64)
+        if self.nl_ids is not None:
+            raw = [b"\n" * k for k in range(1, self.MAX_NEWLINES + 1)]
+            lens = np.array([len(r) for r in raw], np.int64)
+            ends = np.cumsum(lens)
+            self.nl_entry = self.table.append(
+                np.arange(lens.size), raw, keys(padded(b"".join(raw)), ends - lens, ends, 1)
+            )
+            sizes = np.array([len(ids) for ids in self.nl_ids], np.int64)
+            self.ids.append(0, sizes, [np.array([i for ids in self.nl_ids for i in ids], np.int32)])
 
     def _clear_pieces(self) -> None:
         self.piece_table.clear()
@@ -162,7 +176,8 @@ class _ChunkCache:
         self.piece_ids.append(0, one - 1, [np.zeros(0, dtype=np.int32)])
 
     def __len__(self) -> int:
-        return self.table.size
+        """Chunks cached."""
+        return self.table.size - self.nl_entry.size
 
     @staticmethod
     def applies(hf: _HFTokenizer) -> bool:
@@ -373,7 +388,7 @@ class _ChunkCache:
         n = len(texts)
         if not n:
             return np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64), np.ones(0, dtype=bool)
-        ch = SpaceChunks(texts, self.MAX_CHUNK)
+        ch = SpaceChunks(texts, self.MAX_CHUNK, newlines=self.nl_ids is not None)
         ok = self.spanning_ok(texts) & ~ch.bad_doc
         doc = ch.doc
         key = keys(ch.buf, ch.starts, ch.ends, ch.first)
@@ -388,6 +403,9 @@ class _ChunkCache:
             else:
                 entry[missing] = added
                 ok[doc[missing[added < 0]]] = False
+        if self.nl_ids is not None:  # each run of newlines: its entry after its chunk
+            entry, doc, too_long = ch.with_runs(entry, self.nl_entry)
+            ok[too_long] = False
         good = ok[doc]
         count, (ids,) = self.ids.gather(entry[good])
         per_text = np.bincount(doc[good], weights=count, minlength=n).astype(np.int64)

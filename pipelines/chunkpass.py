@@ -211,17 +211,8 @@ class ChunkPass:
                 cover[:, col] &= np.bincount(doc[~ok_d[idx, col]], minlength=n) == 0
         if self.tok is not None:
             cover[:, 0] &= self.tok.spanning_ok(texts)
-        nl = np.flatnonzero(ch.nl_after)
-        if nl.size:  # each run of newlines: its entry after its chunk
-            k = ch.nl_after[nl]
-            cover[doc[nl[k > self.MAX_NEWLINES]]] = False
-            at = np.arange(entry.size) + np.concatenate(([0], np.cumsum(ch.nl_after[:-1] > 0)))
-            full = np.empty(entry.size + nl.size, np.int64)
-            full_doc = np.empty(full.size, doc.dtype)
-            full[at], full_doc[at] = entry, doc
-            full[at[nl] + 1] = self.nl_entry[np.minimum(k, self.MAX_NEWLINES) - 1]
-            full_doc[at[nl] + 1] = doc[nl]
-            entry, doc = full, full_doc
+        entry, doc, too_long = ch.with_runs(entry, self.nl_entry) if self.newlines else (entry, doc, [])
+        cover[too_long] = False  # (a run of more than MAX_NEWLINES newlines)
         return _Group(lo, n, entry, doc, np.searchsorted(doc, np.arange(n + 1)))
 
     def _add(self, raw: list[bytes], first: np.ndarray, key, at: np.ndarray) -> np.ndarray:

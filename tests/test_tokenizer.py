@@ -208,6 +208,17 @@ def test_chunk_table_keys_are_exact_at_every_length():
     assert [flat[offsets[j] : offsets[j + 1]].tolist() for j in range(len(mixed))] == [
         tok.encode(t) for t in mixed
     ]
+    # runs of newlines cut chunks: "a" and "b" (no space before either) are cached, not "a\nb";
+    # runs at an end, next to a space or over MAX_NEWLINES take the library
+    tok._chunks = _ChunkCache(tok.hf)
+    lines = ["a\nb", "a\n\nb x", "x\n\n\n\nab", "a\n", "\nb", "a \nb", "a\n b", "a\n\n\n\n\nb", "a.\n's\n1"]
+    flat, offsets, ok = tok._chunks.encode_flat(lines)
+    assert ok.tolist() == [True, True, True, False, False, False, False, False, True]
+    assert [flat[offsets[j] : offsets[j + 1]].tolist() for j in range(len(lines)) if ok[j]] == [
+        tok.encode(t) for t, good in zip(lines, ok) if good
+    ]
+    assert len(tok._chunks) == 8  # a, b, " x", x, ab, a., 's, 1 (first: no space before)
+    assert [a.tolist() for a in tok.encode_batch(lines)] == [tok.encode(t) for t in lines]
     blob = "ab" * 200  # one 400-byte chunk: the library, not the cache
     tok._chunks = _ChunkCache(tok.hf)
     texts = [f"x {blob} y", "x y"]
