@@ -51,22 +51,22 @@ def byte_runs(parts: list[bytes]) -> tuple[bytes, np.ndarray, np.ndarray]:
 
 
 def _runs_to_spaces(joined: bytes, text_start, text_end):
-    """(joined with one space for each run of newlines, the texts' starts and ends in it, per byte
-    of it: the length of the run that space stands for, else 0)."""
-    b = np.frombuffer(joined, np.uint8)
-    nl = b == 10
-    cont = np.zeros_like(nl)
-    cont[1:] = nl[1:] & nl[:-1]  # a newline after a newline: dropped
-    keep = ~cont
-    out = b[keep].copy()
-    run_start = np.flatnonzero(nl & ~cont)
-    run_end = np.flatnonzero(nl & np.append(~nl[1:], True)) + 1
-    before = np.concatenate(([0], np.cumsum(keep)))  # bytes kept before each position
-    at = before[run_start]
-    out[at] = 32
-    k = np.zeros(out.size, np.int64)
-    k[at] = run_end - run_start
-    return out.tobytes(), before[text_start], before[text_end], k
+    """(joined with one space for each run of newlines, the texts' starts and ends in it, where
+    those spaces are (sorted), the length of the run each stands for). Newlines are sparse: work on
+    their positions, one pass over the bytes."""
+    nl = np.flatnonzero(np.frombuffer(joined, np.uint8) == 10)
+    head = np.ones(nl.size, dtype=bool)
+    head[1:] = np.diff(nl) != 1  # a run's first newline; the others are dropped
+    run = nl[head]
+    k = np.diff(np.append(np.flatnonzero(head), nl.size))
+    if run.size == nl.size:  # single newlines only: nothing moves
+        return joined.replace(b"\n", b" "), text_start, text_end, run, k
+    dropped = nl[~head]
+    out = np.delete(np.frombuffer(joined, np.uint8), dropped)
+    run = run - np.searchsorted(dropped, run)
+    out[run] = 32
+    starts, ends = (p - np.searchsorted(dropped, p) for p in (text_start, text_end))
+    return out.tobytes(), starts, ends, run, k
 
 
 def padded(joined: bytes) -> np.ndarray:
@@ -288,9 +288,9 @@ class SpaceChunks:
         n = len(texts)
         parts = encoded if encoded is not None else [t.encode("utf-8", "surrogatepass") for t in texts]
         self.joined, self.text_start, text_end = byte_runs(parts)  # text_end: the joining space, or the end
-        nl_k = None
+        runs = None
         if newlines and b"\n" in self.joined:
-            self.joined, self.text_start, text_end, nl_k = _runs_to_spaces(
+            self.joined, self.text_start, text_end, *runs = _runs_to_spaces(
                 self.joined, self.text_start, text_end
             )
         self.buf = padded(self.joined)
@@ -302,9 +302,11 @@ class SpaceChunks:
         self.doc = np.repeat(np.arange(n), per_doc)
         self.first = self.starts == self.text_start[self.doc]
         self.nl_after = np.zeros(self.starts.size, np.int64)
-        if nl_k is not None:
-            self.nl_after[self.ends < size] = nl_k[np.minimum(self.ends, size - 1)][self.ends < size]
-            self.first[1:] |= self.nl_after[:-1] > 0
+        if runs is not None:  # the chunks that a run's space ends
+            at, k = runs
+            i = np.searchsorted(self.ends, at)
+            self.nl_after[i] = k
+            self.first[i + 1] = True
         lens = self.ends - self.starts
         self.bad_doc = np.zeros(n, dtype=bool)
         self.bad_doc[self.doc[(lens == 0) | (lens > max_chunk)]] = True
