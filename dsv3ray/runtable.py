@@ -69,6 +69,19 @@ def _runs_to_spaces(joined: bytes, text_start, text_end):
     return out.tobytes(), starts, ends, run, k
 
 
+def add_newline_runs(table: RunTable, ids: Ragged, run_ids: list[list[int]]) -> np.ndarray:
+    """Entries for runs of 1, 2, ... len(run_ids) newlines between two chunks (SpaceChunks
+    newlines=True): keyed as the run's bytes with flag 1 (no chunk holds a newline then), with
+    run_ids[k - 1] as a run of k's ids in `ids`; their entry numbers."""
+    raw = [b"\n" * k for k in range(1, len(run_ids) + 1)]
+    lens = np.arange(1, len(raw) + 1)
+    ends = np.cumsum(lens)
+    numbers = table.append(np.arange(len(raw)), raw, keys(padded(b"".join(raw)), ends - lens, ends, 1))
+    flat = np.array([i for r in run_ids for i in r], np.int32)
+    ids.append(int(numbers[0]), np.array([len(r) for r in run_ids], np.int64), [flat])
+    return numbers
+
+
 def padded(joined: bytes) -> np.ndarray:
     """The buffer as uint8 with 8 bytes of padding (a key word is read past the last byte)."""
     return np.frombuffer(joined + bytes(8), dtype=np.uint8)

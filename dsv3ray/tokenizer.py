@@ -27,7 +27,16 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv3ray.errors import UserError
-from dsv3ray.runtable import Ragged, RunTable, SpaceChunks, keys, padded, ranges, text_groups
+from dsv3ray.runtable import (
+    Ragged,
+    RunTable,
+    SpaceChunks,
+    add_newline_runs,
+    keys,
+    padded,
+    ranges,
+    text_groups,
+)
 
 EOS_TOKEN = "<|endoftext|>"
 # The byte-level pre-tokenizer's split (GPT-2's pattern) on text of printable ASCII and "\n" only,
@@ -162,14 +171,7 @@ class _ChunkCache:
         self.ids.clear()
         self.nl_entry = np.zeros(0, np.int64)
         if self.nl_ids is not None:
-            raw = [b"\n" * k for k in range(1, self.MAX_NEWLINES + 1)]
-            lens = np.array([len(r) for r in raw], np.int64)
-            ends = np.cumsum(lens)
-            self.nl_entry = self.table.append(
-                np.arange(lens.size), raw, keys(padded(b"".join(raw)), ends - lens, ends, 1)
-            )
-            sizes = np.array([len(ids) for ids in self.nl_ids], np.int64)
-            self.ids.append(0, sizes, [np.array([i for ids in self.nl_ids for i in ids], np.int32)])
+            self.nl_entry = add_newline_runs(self.table, self.ids, self.nl_ids)
 
     def _clear_pieces(self) -> None:
         self.piece_table.clear()

@@ -19,7 +19,8 @@ distinct chunks, 45% fewer of their bytes).
 
 A text is covered by a stage when its chunks allow it; the others take the stage's own path:
 - all stages: no empty chunk (a space at an end or next to another, a newline at an end or next
-  to a space) and none over MAX_CHUNK bytes, no run of more than MAX_NEWLINES newlines;
+  to a space) and none over MAX_CHUNK bytes, no run of more newlines than the tokenizer's cache
+  holds (dsv3ray.tokenizer._ChunkCache.MAX_NEWLINES);
 - tokens: at most `token_chars` characters (longer texts are encoded in pieces), every chunk
   keeps the tokenizer's chunk rule, and no added token with a space in it;
 - quality: at most the scorer's `max_chars` characters (its cut), no label token, no `</s>`;
@@ -39,7 +40,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dsv3ray.runtable import Ragged, RunTable, SpaceChunks, keys, padded, text_groups
+from dsv3ray.runtable import Ragged, RunTable, SpaceChunks, add_newline_runs, keys, padded, text_groups
+
+_NO_TOKENS_RUNS = 4  # runs of newlines served when tokens are not (1..4 newlines)
 
 
 @dataclass
@@ -68,7 +71,6 @@ class ChunkPass:
     None (that stage is not served)."""
 
     MAX_CHUNK = 256  # bytes
-    MAX_NEWLINES = 4  # a longer run of newlines: the text takes the stages' own paths
     # characters per group: a bigger group repeats each distinct chunk more (the lookup measured
     # 22.5 µs per document at 256K characters, 19.1 at 1M, 18.0 at 4M); 1M bounds its arrays
     GROUP_CHARS = 1 << 20
@@ -87,9 +89,8 @@ class ChunkPass:
         self.ft_words = Ragged((np.float64, np.int64, np.uint64), (logits, (), ()))
         self.mh_words = Ragged((np.uint64,))
         # runs of newlines cut chunks too where the tokenizer's ids of a run are known (below)
-        self.nl_ids = (
-            self.tok.newline_ids(self.MAX_NEWLINES) if self.tok is not None else [[]] * self.MAX_NEWLINES
-        )
+        # (the tokenizer's cache knows their ids; a longer run: the text takes the stages' own paths)
+        self.nl_ids = self.tok.nl_ids if self.tok is not None else [[]] * _NO_TOKENS_RUNS
         self.newlines = self.active and self.nl_ids is not None
         self._clear()
 
@@ -102,21 +103,13 @@ class ChunkPass:
             self._add_newline_runs()
 
     def _add_newline_runs(self) -> None:
-        """Entries 0..MAX_NEWLINES-1: a run of 1, 2, ... newlines between two chunks: the
-        tokenizer's ids of the run there, no fastText or MinHash word (a newline only separates
-        their words). Keyed as the run's bytes, which no chunk holds."""
-        raw = [b"\n" * k for k in range(1, self.MAX_NEWLINES + 1)]
-        m = len(raw)
-        lens = np.array([len(r) for r in raw], np.int64)
-        ends = np.cumsum(lens)
-        numbers = self.table.append(np.arange(m), raw, keys(padded(b"".join(raw)), ends - lens, ends, 1))
-        self.nl_entry = numbers
-        sizes = np.array([len(ids) for ids in self.nl_ids], np.int64)
-        flat = np.array([i for ids in self.nl_ids for i in ids], np.int32)
-        self.tok_ids.append(int(numbers[0]), sizes, [flat])
-        self.ft_words.append(int(numbers[0]), np.zeros(m, np.int64), [c[:0] for c in self.ft_words.cols])
-        self.mh_words.append(int(numbers[0]), np.zeros(m, np.int64), [np.zeros(0, np.uint64)])
-        self.ok_E[numbers] = True
+        """Entries for runs of 1, 2, ... newlines between two chunks: the tokenizer's ids of the
+        run there, no fastText or MinHash word (a newline only separates their words)."""
+        self.nl_entry = add_newline_runs(self.table, self.tok_ids, self.nl_ids)
+        m, first = self.nl_entry.size, int(self.nl_entry[0])
+        self.ft_words.append(first, np.zeros(m, np.int64), [c[:0] for c in self.ft_words.cols])
+        self.mh_words.append(first, np.zeros(m, np.int64), [np.zeros(0, np.uint64)])
+        self.ok_E[self.nl_entry] = True
 
     @property
     def active(self) -> bool:
@@ -212,7 +205,7 @@ class ChunkPass:
         if self.tok is not None:
             cover[:, 0] &= self.tok.spanning_ok(texts)
         entry, doc, too_long = ch.with_runs(entry, self.nl_entry) if self.newlines else (entry, doc, [])
-        cover[too_long] = False  # (a run of more than MAX_NEWLINES newlines)
+        cover[too_long] = False  # (a longer run of newlines than the entries hold)
         return _Group(lo, n, entry, doc, np.searchsorted(doc, np.arange(n + 1)))
 
     def _add(self, raw: list[bytes], first: np.ndarray, key, at: np.ndarray) -> np.ndarray:

@@ -63,7 +63,7 @@ def parts():
 
 
 # runs of newlines cut chunks (SpaceChunks(newlines=True)); served: a run between two chunks, of
-# at most ChunkPass.MAX_NEWLINES newlines
+# at most _ChunkCache.MAX_NEWLINES newlines
 NEWLINE_EDGES = [
     "one\ntwo three", "a\n\nb", "a\n\n\nb c", "a\n\n\n\nb", "end.\nNext (x)\n\n- item\n's 12\n3",
     "a\n\n\n\n\nb", "a\n", "\na", "a \nb", "a\n b", "\n", "a\n\n",
