@@ -349,8 +349,6 @@ def train(run) -> dict:
         "resume_from": p["resume_from"],
         "steps": p["steps"],
         "seq_len": p["seq_len"],
-        "num_train": data.num_train,
-        "num_eval": data.num_eval,
         # where each worker keeps the splits' id -> tokens tables ([data] table)
         "tables": {
             split: table_spec(run.data, data, split, p["seq_len"] + 1)
@@ -369,7 +367,7 @@ def train(run) -> dict:
             where = spec.table_dir or "the system temp dir"
             print(
                 f"[dsv3ray] {spec.split} table on disk ({size_text(spec.nbytes)}, data.table = {run.data.table!r}):"
-                f" one memory-mapped file per node under {where}, shared by the node's workers",
+                f" one memory-mapped file per node under {where}, shared by the node's workers and its other runs on this data",
                 flush=True,
             )
     # [distill]: teacher actors start before the workers; their handles travel in the loop config
