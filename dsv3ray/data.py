@@ -151,6 +151,7 @@ def resolve_data(cfg: DataConfig, prepare_cfg, run_dir: Path, corrupt_shard: str
 
 
 TABLE_SUBDIR = "dsv3ray-tables"
+_TABLE_FIX = 'set data.table_dir to a local disk with room, or data.table = "memory"'
 
 
 @dataclass
@@ -310,8 +311,7 @@ def _mkdir(d: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(
-            f"cannot create the token table directory {d} on this node ({e.strerror}):"
-            ' set data.table_dir to a local disk with room, or data.table = "memory"'
+            f"cannot create the token table directory {d} on this node ({e.strerror}): {_TABLE_FIX}"
         ) from None
 
 
@@ -340,7 +340,6 @@ def _allocate(out: Path | None, num_rows: int, row_len: int, dt: np.dtype) -> np
         return np.empty((num_rows, row_len), dtype=dt)
     tmp = out.with_name(f"{out.name}.tmp-{_me()}")
     nbytes = num_rows * row_len * dt.itemsize
-    fix = 'set data.table_dir to a local disk with room, or data.table = "memory"'
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -353,7 +352,7 @@ def _allocate(out: Path | None, num_rows: int, row_len: int, dt: np.dtype) -> np
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(
-            f"cannot write the {size_text(nbytes)} token table {out} on this node ({e.strerror}): {fix}"
+            f"cannot write the {size_text(nbytes)} token table {out} on this node ({e.strerror}): {_TABLE_FIX}"
         ) from None
     return np.memmap(tmp, dtype=dt, mode="r+", shape=(num_rows, row_len))
 

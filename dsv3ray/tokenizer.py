@@ -409,9 +409,8 @@ class _ChunkCache:
             else:
                 entry[missing] = added
                 ok[doc[missing[added < 0]]] = False
-        if self.nl_ids is not None:  # each run of newlines: its entry after its chunk
-            entry, doc, too_long = ch.with_runs(entry, self.nl_entry)
-            ok[too_long] = False
+        entry, doc, too_long = ch.with_runs(entry, self.nl_entry)  # each run of newlines after its chunk
+        ok[too_long] = False
         good = ok[doc]
         count, (ids,) = self.ids.gather(entry[good])
         per_text = np.bincount(doc[good], weights=count, minlength=n).astype(np.int64)

@@ -99,6 +99,7 @@ class ChunkPass:
         for r in (self.tok_ids, self.ft_words, self.mh_words):
             r.clear()
         self.ok_E = np.zeros((1 << 12, 2), dtype=bool)  # per entry: [tokens rule, fastText usable]
+        self.nl_entry = np.zeros(0, np.int64)  # (none: SpaceChunks does not cut at newlines then)
         if self.newlines:
             self._add_newline_runs()
 
@@ -204,7 +205,7 @@ class ChunkPass:
                 cover[:, col] &= np.bincount(doc[~ok_d[idx, col]], minlength=n) == 0
         if self.tok is not None:
             cover[:, 0] &= self.tok.spanning_ok(texts)
-        entry, doc, too_long = ch.with_runs(entry, self.nl_entry) if self.newlines else (entry, doc, [])
+        entry, doc, too_long = ch.with_runs(entry, self.nl_entry)
         cover[too_long] = False  # (a longer run of newlines than the entries hold)
         return _Group(lo, n, entry, doc, np.searchsorted(doc, np.arange(n + 1)))
 
