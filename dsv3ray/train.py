@@ -313,7 +313,7 @@ def train(run) -> dict:
     from ray.train.torch import TorchTrainer
 
     from actors.teacher import start_teacher_pool, stop_teacher_pool
-    from pipelines.dataset import read_prepared
+    from pipelines.dataset import quiet_ray_data_console, read_prepared
     from pipelines.sampler import CurriculumSampler
 
     cfg: TrainConfig = run.train
@@ -330,13 +330,17 @@ def train(run) -> dict:
         data.num_train, cfg.seed, getattr(run, "curriculum", None), total_samples
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
+    loud = quiet_ray_data_console()
     # Read once here; every worker then copies the same blocks out of the object store.
-    datasets = {
-        "train": read_prepared(data.dir, "train", files=data.train_files).materialize(),
-    }
-    eval_on_train = run.data.eval_split == "train"  # evaluates on training rows (a memorization check)
-    if not eval_on_train:
-        datasets["eval"] = read_prepared(data.dir, "eval", files=data.eval_files).materialize()
+    try:
+        datasets = {
+            "train": read_prepared(data.dir, "train", files=data.train_files).materialize(),
+        }
+        eval_on_train = run.data.eval_split == "train"  # evaluates on training rows (a memorization check)
+        if not eval_on_train:
+            datasets["eval"] = read_prepared(data.dir, "eval", files=data.eval_files).materialize()
+    finally:
+        loud()
     mailbox = ray.remote(num_cpus=0)(Mailbox).remote()
     loop_config = {
         "mailbox": mailbox,
@@ -668,7 +672,10 @@ class _Worker:
         import ray.data
         import ray.train
 
+        from pipelines.dataset import quiet_ray_data_console
+
         ray.data.DataContext.get_current().enable_progress_bars = False
+        quiet_ray_data_console()  # (this worker's process: for good)
         local_rank = ray.train.get_context().get_local_rank()
         tables = self.c["tables"]
         if local_rank == 0:

@@ -27,6 +27,31 @@ DRIVER_READ_BYTES = 256 << 20
 META_KEYS = ("seq_len", "vocab_size", "num_train", "num_eval", "tokenizer", "unigram_entropy", "eos_id")
 
 
+def _worth_showing(record) -> bool:
+    """Ray Data's console records shown while ours run: warnings and errors, but not the one saying
+    progress bars are off (we turn them off: our commands print their own progress)."""
+    return record.levelno >= 30 and "Progress bars disabled" not in record.getMessage()
+
+
+def quiet_ray_data_console():
+    """Filter Ray Data's console handler in this process with `_worth_showing`: its per-dataset
+    INFO lines ("execution finished in 1.8 seconds", one per split and pass) repeat what our
+    summaries say; its log file keeps everything. Returns the undo."""
+    import logging
+
+    import ray.data  # noqa: F401  (sets up its handlers)
+
+    handlers = [h for h in logging.getLogger("ray.data").handlers if h.get_name() == "console"]
+    for h in handlers:
+        h.addFilter(_worth_showing)
+
+    def undo():
+        for h in handlers:
+            h.removeFilter(_worth_showing)
+
+    return undo
+
+
 def load_meta(dir: str | Path) -> dict:
     path = Path(dir) / "meta.json"
     if not path.is_file():

@@ -389,6 +389,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     (pipelines.corpus), written to DIR/_corpus/ first.
     """
     from pipelines.clean import STAGES, CleanSettings
+    from pipelines.dataset import quiet_ray_data_console
     from pipelines.dedup import Deduplicator
     from pipelines.pack import Tokenize, unigram_entropy
     from pipelines.readers import QUARANTINE, expand_inputs, group_work, plan_work
@@ -422,6 +423,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     # 128 MiB would hand it whole work items at once, and hold them in memory)
     ctx.target_max_block_size = BLOCK_BYTES
     ctx._max_num_blocks_in_streaming_gen_buffer = GEN_BUFFER_BLOCKS
+    loud = quiet_ray_data_console()
     # the driver only decides dedup and packs (light): one cleaning/tokenizing actor per CPU
     workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     settings = CleanSettings(
@@ -619,6 +621,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
             ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
             ctx.target_max_block_size, ctx._max_num_blocks_in_streaming_gen_buffer,
         ) = saved  # fmt: skip
+        loud()
     _write_report(out, report, t_all)
     log(summary(report))
     return report

@@ -140,6 +140,33 @@ def test_deterministic_and_given_tokenizer(prepared, messy, tmp_path):
         assert a.equals(b), split  # same rows, same ids, with two cleaning workers instead of one
 
 
+def test_ray_data_console_quiet_while_we_run(prepared):
+    """Ray Data's per-dataset INFO lines and its "progress bars disabled" warning stay off the
+    console while prepare (or train's reads) run; real warnings still show; prepare puts the
+    handler back as it was (the fixture ran one)."""
+    import logging
+
+    from pipelines.dataset import _worth_showing, quiet_ray_data_console
+
+    console = [h for h in logging.getLogger("ray.data").handlers if h.get_name() == "console"]
+    assert console and all(_worth_showing not in h.filters for h in console)
+
+    def record(level, msg):
+        return logging.LogRecord("ray.data", level, __file__, 0, msg, None, None)
+
+    lines = [
+        record(logging.INFO, "Dataset dataset_0_0 execution finished in 1.70 seconds"),
+        record(logging.WARNING, "Progress bars disabled. To enable, set ..."),
+        record(logging.WARNING, "a block was lost"),
+    ]
+    undo = quiet_ray_data_console()
+    try:
+        assert [bool(console[0].filter(r)) for r in lines] == [False, False, True]
+    finally:
+        undo()
+    assert all(console[0].filter(r) for r in lines)
+
+
 def test_small_files_share_tasks_same_result(prepared, messy, tmp_path, monkeypatch):
     """The messy directory's small files run as one task (readers.group_work) in the fixture's run;
     one task per file gives the same report and the same shards."""
