@@ -17,7 +17,7 @@ Prints one JSON line: {"ratio": end to end, "steady_state_ratio": the extra docu
 over its extra seconds (fixed start-up costs cancel), "startup_s" (those fixed seconds),
 "pipeline_docs_per_s_per_core", "fasttext_docs_per_s" (the faster of a run before and one after the
 pipeline's: a drifting machine only lowers the ratios), "ratio_vs_fasttext_all_cores", "peak_rss_mb",
-"memory_growth", "cpu_s" (the big run's CPU seconds: cleaning actors, driver, the rest of Ray, and the
+"memory_growth", "cpu_s" (the big run's CPU seconds: cleaning workers, driver, the rest of Ray, and the
 wall time × CPUs available), per-stage
 µs per document, ...}.
 The tokenizer is given (as in a run that reuses one), so tokenizing happens in the cleaning pass.
@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -80,6 +81,8 @@ class PeakRSS:
     def __init__(self):
         self.peak = 0
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (command line, CPU seconds so far)
+        self.cleaners: set[int] = set()  # task workers: a process's title names the task it runs
+        # (ray::MapBatches(_read_clean)), else ray::IDLE; the only tasks here are the pipeline's
         self._base: dict[int, float] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -96,6 +99,8 @@ class PeakRSS:
                 continue
             total += rss
             self.cpu[p.pid] = (name, cpu.user + cpu.system)
+            if "ray::IDLE" in name or "MapBatches(" in name:  # (not Ray's own actors and daemons)
+                self.cleaners.add(p.pid)
         return total
 
     def _run(self):
@@ -115,12 +120,15 @@ class PeakRSS:
         self._sample()
 
     def cpu_seconds(self) -> dict:
-        """CPU seconds used while sampling: the cleaning actors, this process (the driver, with this
-        sampling thread), the rest of the local Ray (raylet, GCS, agents, Ray Data's own actors)."""
-        out = {"cleaning_actors": 0.0, "driver": 0.0, "ray_other": 0.0}
+        """CPU seconds used while sampling: the worker processes that ran cleaning (or tokenizing)
+        tasks, this process (the driver, with this sampling thread), the rest of the local Ray
+        (raylet, GCS, agents, Ray Data's own actors)."""
+        out = {"cleaning_workers": 0.0, "driver": 0.0, "ray_other": 0.0}
         for pid, (name, c) in self.cpu.items():
             used = c - self._base.get(pid, 0.0)
-            key = "driver" if name == "driver" else "cleaning_actors" if "_ReadClean" in name else "ray_other"
+            key = (
+                "driver" if name == "driver" else "cleaning_workers" if pid in self.cleaners else "ray_other"
+            )
             out[key] += used
         return {k: round(v, 2) for k, v in out.items()}
 
@@ -210,9 +218,15 @@ def measure(args, docs: list[str], tmp: Path) -> dict:
         configure_logging=False,
     )
     cfg = PrepareConfig(seq_len=512, tokenizer=str(tmp / "tok.json"), batch_size=args.batch_size)
-    # warm-up run: worker processes and actor imports are a fixed cost, not throughput
+    # warm-up run: starting worker processes and their imports is a cost of a cold cluster, not
+    # throughput (Ray reuses the processes for later runs' tasks); cut small, so that every CPU's
+    # worker takes a task (the measured runs then start alike); its wall time is reported
     (tmp / "warm.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs[:200]))
-    prepare([str(tmp / "warm.jsonl")], tmp / "out_warm", cfg, log=lambda _: None)
+    t0 = time.perf_counter()
+    prepare(
+        [str(tmp / "warm.jsonl")], tmp / "out_warm", replace(cfg, split_bytes=8 << 10), log=lambda _: None
+    )
+    warmup_s = time.perf_counter() - t0
     runs = {}
     for n in (args.docs // 4, args.docs):  # both inputs written first, line by line: the peak RSS
         with open(tmp / f"in_{n}.jsonl", "w") as f:  # of the runs holds no input-building garbage
@@ -237,10 +251,10 @@ def measure(args, docs: list[str], tmp: Path) -> dict:
     small = runs[args.docs // 4]
     per_core = big["docs_per_s"] / args.cpus
     # steady state: the extra documents of the big run over its extra seconds (both runs pay the
-    # same fixed costs: Ray Data planning, actor start, model loading), like the fastText baseline,
+    # same fixed costs: Ray Data planning, model loading, cold caches), like the fastText baseline,
     # which is timed without loading its model
     marginal = (args.docs - args.docs // 4) / max(big["wall_s"] - small["wall_s"], 1e-9) / args.cpus
-    # the fixed cost of a run (actor processes, models, cold caches, topic summary): the small run's
+    # the fixed cost of a run (models, cold caches, topic summary): the small run's
     # wall time minus its documents at the marginal rate
     startup_s = small["wall_s"] - (args.docs // 4) / (marginal * args.cpus)
     clean_per_core = args.docs / big["stages_s"]["clean_pass"] / args.cpus
@@ -256,6 +270,8 @@ def measure(args, docs: list[str], tmp: Path) -> dict:
         "fasttext_all_cores_docs_per_s_per_core": round(ft_all_cores, 1),
         "ratio_vs_fasttext_all_cores": round(per_core / ft_all_cores, 3),
         "startup_s": round(startup_s, 2),
+        # the warm-up: 200 documents on a cold cluster (worker processes started, imports)
+        "warmup_s": round(warmup_s, 2),
         "docs": args.docs,
         "corpus": args.corpus,
         "cpus": args.cpus,

@@ -14,12 +14,17 @@ Every input record (a JSON line, a parquet row, a text file) ends in exactly one
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import shutil
 import stat
+import threading
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +40,9 @@ from pipelines.readers import OK
 OVERSIZE_RULES = ("drop", "split")
 BLOCK_BYTES = 4 << 20  # Ray Data block size while preparing
 # Blocks a cleaning task may yield ahead of the driver's executor taking them (Ray Data's default,
-# 2, stalls the actor at every yield the executor is late for: the driver shares the cores; 16
-# blocks of at most BLOCK_BYTES bound the memory), and tasks queued per actor (the next work item
-# starts without a round trip to the executor; see _tasks_per_actor).
+# 2, stalls the task at every yield the executor is late for: the driver shares the cores; 16
+# blocks of at most BLOCK_BYTES bound the memory).
 GEN_BUFFER_BLOCKS = 16
-TASKS_PER_ACTOR = 4
 
 
 @dataclass
@@ -55,7 +58,9 @@ class PrepareConfig:
     truncate_tokens: bool = False  # True: keep only a document's first piece; False: keep all pieces
     batch_size: int = 1024  # documents per cleaning batch (512: 15% fewer docs/s, benchmarks/prepare.py)
     split_bytes: int = 4 << 20  # plain jsonl files larger than this are read in byte ranges, in parallel
-    num_workers: int = 0  # cleaning/tokenizing actors; 0 = one per CPU of the Ray cluster
+    num_workers: int = (
+        0  # cleaning/tokenizing tasks at once; 0 = one per CPU of the Ray cluster (and as many queued)
+    )
     rows_per_shard: int = 8192  # packed rows per output parquet shard
     seed: int = 0
     # 1. validate
@@ -130,44 +135,112 @@ class PrepareConfig:
 # the pipeline
 
 
-class _ReadClean:
-    """Ray Data actor UDF: a table of tasks (one; `readers.group_work`'s: work items read in order,
-    small files together) → cleaned tables of ~batch_size rows each.
+class _Kept:
+    """What a worker process keeps between the tasks of one prepare run: the run's cleaner (or
+    tokenizer), built by the run's first task in that process, so its later tasks find the
+    per-chunk caches warm. Ray hands later tasks, and later runs, to the same idle processes (their
+    imports done: a run on a warm cluster starts no process). One run's object at a time: dropped
+    when a task of another run arrives, or IDLE_S seconds after the last task ended (an idle worker
+    of a long-lived cluster holds nothing)."""
 
-    Reading inside the cleaning actor keeps one Ray task per work task, so they spread over the
-    actors. (A separate read map op fused with the cleaner is fed input rows in bundles of the
-    cleaner's batch size: 512 work items in one task, one busy actor.)"""
+    IDLE_S = 20.0
 
-    def __init__(self, settings, max_record_bytes: int, batch_size: int, text_key: str = "text"):
-        from pipelines.clean import Cleaner
+    def __init__(self):
+        self.key, self.value, self.active, self.ended = None, None, 0, 0.0
+        self.lock = threading.Lock()
+        self.reaper: threading.Thread | None = None
 
-        self.cleaner = Cleaner(settings)
-        self.max_record_bytes, self.batch_size, self.text_key = max_record_bytes, batch_size, text_key
+    @contextlib.contextmanager
+    def use(self, key: str, build):
+        with self.lock:
+            if self.key != key:
+                self.key, self.value = None, None  # (the last run's, before building this one's)
+                self.value, self.key = build(), key
+            self.active += 1
+            value = self.value
+            if self.reaper is None:
+                self.reaper = threading.Thread(target=self._reap, daemon=True, name="dsv3ray-kept")
+                self.reaper.start()
+        try:
+            yield value
+        finally:
+            with self.lock:
+                self.active -= 1
+                self.ended = time.monotonic()
 
-    def __call__(self, tasks: pa.Table):
-        from pipelines.readers import read_files_rows
+    def _reap(self):
+        while True:
+            time.sleep(self.IDLE_S / 4)
+            with self.lock:
+                idle = self.value is not None and not self.active
+                if idle and time.monotonic() - self.ended >= self.IDLE_S:
+                    self.key, self.value = None, None
+                    gc.collect()
 
-        parts = [part for task in tasks.to_pylist() for part in task["parts"]]
-        for rows, seconds in read_files_rows(
-            parts, self.max_record_bytes, self.batch_size, text_key=self.text_key
-        ):
-            yield self.cleaner.clean_rows(rows, seconds)
+
+_KEPT = _Kept()
 
 
-def _tasks_per_actor(items: list[dict], split_bytes: int) -> int | None:
-    """Work items queued per cleaning actor: TASKS_PER_ACTOR when no item holds more than
-    split_bytes of input (cut plain jsonl, small files); else Ray Data's default. Items are handed
-    out by count, not size, so deep queues behind large whole files (gzip, parquet, plain text)
-    could leave the other actors idle at the end."""
-    for it in items:
-        if it["start"] == 0 and it["end"] < 0:  # a whole file (a cut one's ranges are ~split_bytes)
-            try:
-                size = Path(it["path"]).stat().st_size
-            except OSError:
-                continue  # reported unreadable by its reader
-            if size > split_bytes:
-                return None
-    return TASKS_PER_ACTOR
+def _read_clean(
+    tasks: pa.Table, run: str, held: list, max_record_bytes: int, batch_size: int, text_key: str
+) -> Iterator[pa.Table]:
+    """Ray Data task UDF: a table of work tasks (one; `readers.group_work`'s: work items read in
+    order, small files together) → cleaned tables of ~batch_size rows each, by this process's
+    cleaner of the run (`_Kept`; built from `held`: [ref of its CleanSettings]).
+
+    Reading inside the cleaning task keeps one Ray task per work task, so they spread over the
+    workers. (A separate read map op fused with the cleaner is fed input rows in bundles of the
+    cleaner's batch size: 512 work items in one task, one busy worker.) Tasks, not an actor pool:
+    Ray Data runs a task again when its worker died, and Ray reuses the worker processes for the
+    next run's tasks (an actor pool's processes start, and import Ray Data, for every run: ~1.7 s
+    of two processes on 2 cores)."""
+    from pipelines.readers import read_files_rows
+
+    parts = [part for task in tasks.to_pylist() for part in task["parts"]]
+    with _KEPT.use(f"{run}/clean", lambda: _cleaner(held)) as cleaner:
+        for rows, seconds in read_files_rows(parts, max_record_bytes, batch_size, text_key=text_key):
+            yield cleaner.clean_rows(rows, seconds)
+
+
+def _cleaner(held: list):
+    import ray
+
+    from pipelines.clean import Cleaner
+
+    return Cleaner(ray.get(held[0]))
+
+
+def _tokenize(paths: pa.Table, run: str, held: list) -> Iterator[pa.Table]:
+    """Ray Data task UDF of pass 2: clean-text shard paths → tokenized tables (pipelines.pack.Tokenize,
+    kept per process for the run like the cleaner)."""
+    import ray
+
+    from pipelines.pack import Tokenize
+
+    with _KEPT.use(f"{run}/tokenize", lambda: Tokenize(**ray.get(held[0]))) as tokenize:
+        yield from tokenize(paths)
+
+
+def _concurrency(cfg: PrepareConfig, tasks: int) -> int:
+    """Cleaning/tokenizing tasks submitted at once: prepare.num_workers; by default twice the
+    cluster's CPUs: one runs per CPU, the others wait at the raylet, so a worker starts its next
+    task as it ends one, not after a round trip through the driver's executor (which shares the
+    CPUs with dedup and packing: one task per CPU left workers idle up to ~0.8 s between tasks,
+    and 200k documents took 14.1-14.5 s instead of 9.8-9.9)."""
+    import ray
+
+    if cfg.num_workers:
+        return max(1, min(cfg.num_workers, tasks))
+    return max(1, min(2 * int(ray.cluster_resources().get("CPU", 1)), tasks))
+
+
+def _hold(value) -> list:
+    """A task UDF's large argument (models, settings), put in the object store once by the driver,
+    which holds it for the run: [ref] (inside a list a ref reaches the task as the ref: only the
+    run's first task in a process reads it, to build what the process keeps)."""
+    import ray
+
+    return [ray.put(value)]
 
 
 class _Progress:
@@ -391,7 +464,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     from pipelines.clean import STAGES, CleanSettings
     from pipelines.dataset import quiet_ray_data_console
     from pipelines.dedup import Deduplicator
-    from pipelines.pack import Tokenize, unigram_entropy
+    from pipelines.pack import unigram_entropy
     from pipelines.readers import QUARANTINE, expand_inputs, group_work, plan_work
 
     cfg = cfg or PrepareConfig()
@@ -414,9 +487,16 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     saved = (
         ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
         ctx.target_max_block_size, ctx._max_num_blocks_in_streaming_gen_buffer,
+        ctx.op_resource_reservation_enabled, ctx.downstream_capacity_backpressure_ratio,
     )  # fmt: skip
     # order is part of the result: which duplicate survives, which rows pack together
     ctx.execution_options.preserve_order = True
+    # one map operator: Ray Data's per-operator reservation (half the CPUs each, the input
+    # operator's half lent out only later) ran the first ~1 s of a run on one task of two; and
+    # its backpressure on the driver's pace (the tasks' queued outputs over what the driver takes)
+    # left workers idle between tasks: a task's output is bounded by GEN_BUFFER_BLOCKS instead
+    ctx.op_resource_reservation_enabled = False
+    ctx.downstream_capacity_backpressure_ratio = None
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     # small blocks stream: the driver decides and packs while the workers clean (the default
@@ -424,8 +504,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     ctx.target_max_block_size = BLOCK_BYTES
     ctx._max_num_blocks_in_streaming_gen_buffer = GEN_BUFFER_BLOCKS
     loud = quiet_ray_data_console()
-    # the driver only decides dedup and packs (light): one cleaning/tokenizing actor per CPU
-    workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    run = uuid.uuid4().hex  # a worker process keeps its cleaner for this run's tasks (_Kept)
     settings = CleanSettings(
         normalize=cfg.normalize, min_words=cfg.min_words, max_chars=cfg.max_chars, oversize=cfg.oversize,
         dedup_exact=cfg.dedup_exact, dedup_near=cfg.dedup_near, minhash_perms=cfg.minhash_perms,
@@ -456,15 +535,12 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         tasks = group_work(items, cfg.split_bytes)  # (small files share a task)
         ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
         ds = ds.map_batches(
-            _ReadClean, batch_size=1, batch_format="pyarrow",
-            fn_constructor_kwargs={
-                "settings": settings, "max_record_bytes": cfg.max_record_bytes, "batch_size": cfg.batch_size,
-                "text_key": cfg.text_key,
+            _read_clean, batch_size=1, batch_format="pyarrow",
+            fn_kwargs={
+                "run": run, "held": _hold(settings), "max_record_bytes": cfg.max_record_bytes,
+                "batch_size": cfg.batch_size, "text_key": cfg.text_key,
             },
-            compute=ray.data.ActorPoolStrategy(
-                size=max(1, min(workers, len(tasks))),
-                max_tasks_in_flight_per_actor=_tasks_per_actor(items, cfg.split_bytes),
-            ),
+            compute=ray.data.TaskPoolStrategy(size=_concurrency(cfg, len(tasks))),
         )  # fmt: skip
         dedup = Deduplicator(cfg.dedup_exact, cfg.dedup_near)
         clean = None if fused else _CleanTextWriter(out / "_clean")  # pass 2's units of parallelism
@@ -558,16 +634,13 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
             ds2 = ray.data.from_items(
                 [{"path": str(p)} for p in clean.files], override_num_blocks=len(clean.files)
             )
+            held = _hold({
+                "tokenizer_json": tok.hf.to_str(), "max_doc_tokens": cfg.max_doc_tokens,
+                "eval_fraction": cfg.eval_fraction, "truncate": cfg.truncate_tokens, "max_chars": cfg.max_chars,
+            })  # fmt: skip
             ds2 = ds2.map_batches(
-                Tokenize, batch_size=1, batch_format="pyarrow",
-                fn_constructor_kwargs={
-                    "tokenizer_json": tok.hf.to_str(), "max_doc_tokens": cfg.max_doc_tokens,
-                    "eval_fraction": cfg.eval_fraction, "truncate": cfg.truncate_tokens,
-                    "max_chars": cfg.max_chars,
-                },
-                compute=ray.data.ActorPoolStrategy(  # (the _clean files are of bounded size)
-                    size=max(1, min(workers, len(clean.files))), max_tasks_in_flight_per_actor=TASKS_PER_ACTOR
-                ),
+                _tokenize, batch_size=1, batch_format="pyarrow", fn_kwargs={"run": run, "held": held},
+                compute=ray.data.TaskPoolStrategy(size=_concurrency(cfg, len(clean.files))),
             )  # fmt: skip
             packing = _Packing(cfg, tok, out)
             progress = _Progress("tokenize", log)
@@ -620,6 +693,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         (
             ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
             ctx.target_max_block_size, ctx._max_num_blocks_in_streaming_gen_buffer,
+            ctx.op_resource_reservation_enabled, ctx.downstream_capacity_backpressure_ratio,
         ) = saved  # fmt: skip
         loud()
     _write_report(out, report, t_all)

@@ -303,10 +303,10 @@ def test_read_prepared_small_split_in_process_equals_ray_data(prepared, monkeypa
     assert len(small["sample_id"]) == load_meta(prepared[0])["num_train"]
 
 
-def test_killed_cleaning_actor_loses_nothing(ray_local, corpus, tmp_path):
-    """A cleaning actor's process killed (SIGKILL) mid-run: Ray Data restarts it and re-runs its
-    work items (several are queued per actor, and their blocks may run ahead of the driver), and
-    the prepared shards and the accounting are exactly those of an undisturbed run."""
+def test_killed_cleaning_worker_loses_nothing(ray_local, corpus, tmp_path):
+    """A cleaning task's worker process killed (SIGKILL) mid-run: Ray Data runs its work item again
+    (its blocks may have run ahead of the driver), and the prepared shards and the accounting are
+    exactly those of an undisturbed run."""
     import signal
     import threading
     import time
@@ -327,23 +327,23 @@ def test_killed_cleaning_actor_loses_nothing(ray_local, corpus, tmp_path):
     killed, shards_then = [], []
     out = tmp_path / "killed"
 
-    def kill_one_actor():  # once the driver has packed a first shard: the actors are mid-run
+    def kill_one_worker():  # once the driver has packed a first shard: the workers are mid-run
         deadline = time.time() + 120
         while not killed and time.time() < deadline:
             if len(list((out / "train").glob("*.parquet"))) >= 1:
                 for p in psutil.process_iter(["pid", "cmdline"]):
-                    if "MapBatches(_ReadClean)" in " ".join(p.info["cmdline"] or []):
+                    if "MapBatches(_read_clean)" in " ".join(p.info["cmdline"] or []):
                         shards_then.append(len(list((out / "train").glob("*.parquet"))))
                         os.kill(p.info["pid"], signal.SIGKILL)
                         killed.append(p.info["pid"])
                         return
             time.sleep(0.02)
 
-    killer = threading.Thread(target=kill_one_actor, daemon=True)
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
     killer.start()
     report = prepare([str(tmp_path / "in.jsonl")], out, cfg, log=lambda _: None)
     killer.join()
-    assert killed, "no cleaning actor was found to kill"
+    assert killed, "no cleaning task's worker was found to kill"
     total = len(list((out / "train").glob("*.parquet")))
     assert shards_then[0] <= total // 2, (shards_then, total)  # killed in the first half of the run
     assert accounting_holds(report)

@@ -846,23 +846,36 @@ def test_tf_vectors_counts_each_texts_buckets():
     assert tf_vectors([], 16).shape == (0, 16)
 
 
-def test_tasks_per_actor_only_queues_deep_behind_small_items(tmp_path):
-    """Cut plain jsonl and small files: TASKS_PER_ACTOR queued per cleaning actor; a whole file
-    larger than split_bytes (here gzip) among the items: Ray Data's default (items go out by count)."""
-    import gzip as gz
+def test_a_worker_keeps_one_runs_object_and_drops_it_when_idle(monkeypatch):
+    """A worker process's tasks of one run share what the first one built (the cleaner, its
+    caches warm); a task of another run replaces it; IDLE_S after the last task ended (none
+    running) it is dropped, so an idle worker of a long-lived cluster holds nothing."""
+    import time
 
-    from pipelines.prepare import TASKS_PER_ACTOR, _tasks_per_actor
-    from pipelines.readers import plan_work
+    from pipelines.prepare import _Kept
 
-    line = json.dumps({"text": "words " * 40}) + "\n"
-    (tmp_path / "big.jsonl").write_text(line * 3000)  # ~730 KB: cut into ranges
-    (tmp_path / "small.txt").write_text("a small plain text file")
-    items = plan_work([tmp_path / "big.jsonl", tmp_path / "small.txt"], 64 << 10)
-    assert len(items) > 5 and _tasks_per_actor(items, 64 << 10) == TASKS_PER_ACTOR
-    (tmp_path / "big.jsonl.gz").write_bytes(gz.compress(os.urandom(100_000)))  # whole, > split
-    items = plan_work([tmp_path / "big.jsonl", tmp_path / "big.jsonl.gz"], 64 << 10)
-    assert _tasks_per_actor(items, 64 << 10) is None
-    assert _tasks_per_actor(items, 1 << 20) == TASKS_PER_ACTOR  # every file within split_bytes
+    monkeypatch.setattr(_Kept, "IDLE_S", 0.2)
+    kept, built = _Kept(), []
+
+    def build(name):
+        built.append(name)
+        return {"run": name}
+
+    with kept.use("a", lambda: build("a")) as first:
+        with kept.use("a", lambda: build("a")) as again:  # (a second task of the run meanwhile)
+            assert again is first
+    with kept.use("a", lambda: build("a")) as later:
+        assert later is first and built == ["a"]
+    with kept.use("b", lambda: build("b")) as other:
+        assert other == {"run": "b"} and built == ["a", "b"]
+        time.sleep(0.5)  # a running task is never reaped
+        assert kept.value is other
+    deadline = time.time() + 5
+    while kept.value is not None and time.time() < deadline:
+        time.sleep(0.02)
+    assert kept.value is None and kept.key is None
+    with kept.use("b", lambda: build("b")):  # (built again when the run goes on after a pause)
+        assert built == ["a", "b", "b"]
 
 
 def test_group_work_packs_small_files_in_order(tmp_path):
