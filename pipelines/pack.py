@@ -149,8 +149,8 @@ class Tokenize:
     def __call__(self, paths: pa.Table):
         """A table of clean-shard paths → one output table per 1024 documents, in order.
 
-        Reading inside the actor (not a separate read operator) keeps read and tokenize fused:
-        a separate read task would need a CPU the actor pool may hold.
+        Reading inside the task (not a separate read operator) keeps read and tokenize fused:
+        one Ray task per clean shard.
         """
         for path in paths.column("path").to_pylist():
             for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):

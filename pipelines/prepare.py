@@ -4,8 +4,8 @@ Stages, in order, each switchable in [prepare]:
   read/validate → normalize → length → quality (fastText, perplexity) → domain similarity
   → dedup (exact + MinHash LSH; the first copy that passed the filters survives)
   → tokenize + pack (train / eval by document hash).
-Workers (one cleaning actor per CPU) run everything per document, including tokenizing when the
-tokenizer is given; the driver takes the order-dependent dedup decision and packs, in input
+Workers (Ray Data tasks, one per CPU at a time, on reused worker processes) run everything per
+document, including tokenizing when the tokenizer is given; the driver takes the order-dependent dedup decision and packs, in input
 order. Without a tokenizer, one is trained on the kept text and a second pass tokenizes.
 Every input record (a JSON line, a parquet row, a text file) ends in exactly one of: kept, dropped
 (reason) or quarantined (reason, written to DIR/quarantine/), so

@@ -182,7 +182,7 @@ def test_small_files_share_tasks_same_result(prepared, messy, tmp_path, monkeypa
 
 
 def test_text_under_another_key(ray_local, corpus, tmp_path):
-    """prepare.text_key reaches the cleaning actors' readers: jsonl and parquet with "content"."""
+    """prepare.text_key reaches the cleaning tasks' readers: jsonl and parquet with "content"."""
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.jsonl").write_text("\n".join(json.dumps({"content": t}) for t in corpus[:60]) + "\n")
