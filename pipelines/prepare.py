@@ -5,8 +5,8 @@ Stages, in order, each switchable in [prepare]:
   → dedup (exact + MinHash LSH; the first copy that passed the filters survives)
   → tokenize + pack (train / eval by document hash).
 Workers (Ray Data tasks, one per CPU at a time, on reused worker processes) run everything per
-document, including tokenizing when the tokenizer is given; the driver takes the order-dependent dedup decision and packs, in input
-order. Without a tokenizer, one is trained on the kept text and a second pass tokenizes.
+document, including tokenizing when the tokenizer is given; the driver takes the order-dependent
+dedup decision and packs, in input order. Without a tokenizer, one is trained on the kept text and a second pass tokenizes.
 Every input record (a JSON line, a parquet row, a text file) ends in exactly one of: kept, dropped
 (reason) or quarantined (reason, written to DIR/quarantine/), so
 `input_records == kept + sum(dropped) + quarantined` holds on every run (see report.json).
@@ -58,9 +58,7 @@ class PrepareConfig:
     truncate_tokens: bool = False  # True: keep only a document's first piece; False: keep all pieces
     batch_size: int = 1024  # documents per cleaning batch (512: 15% fewer docs/s, benchmarks/prepare.py)
     split_bytes: int = 4 << 20  # plain jsonl files larger than this are read in byte ranges, in parallel
-    num_workers: int = (
-        0  # cleaning/tokenizing tasks at once; 0 = one per CPU of the Ray cluster (and as many queued)
-    )
+    num_workers: int = 0  # cleaning/tokenizing tasks at once; 0 = one per CPU (as many queued)
     rows_per_shard: int = 8192  # packed rows per output parquet shard
     seed: int = 0
     # 1. validate
