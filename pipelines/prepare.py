@@ -6,7 +6,8 @@ Stages, in order, each switchable in [prepare]:
   → tokenize + pack (train / eval by document hash).
 Workers (Ray Data tasks, one per CPU at a time, on reused worker processes) run everything per
 document, including tokenizing when the tokenizer is given; the driver takes the order-dependent
-dedup decision and packs, in input order. Without a tokenizer, one is trained on the kept text and a second pass tokenizes.
+dedup decision and packs, in input order. Without a tokenizer, one is trained on the kept text
+and a second pass tokenizes.
 Every input record (a JSON line, a parquet row, a text file) ends in exactly one of: kept, dropped
 (reason) or quarantined (reason, written to DIR/quarantine/), so
 `input_records == kept + sum(dropped) + quarantined` holds on every run (see report.json).
