@@ -195,8 +195,9 @@ class RunTable:
             clash |= m != k[rep]
         return at, inverse, clash
 
-    def append(self, at, raw: list[bytes], key) -> np.ndarray:
-        """New entries for the distinct, absent runs at `at` (their bytes `raw`); their numbers."""
+    def append(self, at, raw, key) -> np.ndarray:
+        """New entries for the distinct, absent runs at `at` (their bytes `raw`: a list, or
+        (joined, starts, ends) where run j is joined[starts[j]:ends[j]]); their numbers."""
         m = len(at)
         first = self.size
         assert first + m <= self.max_entries
@@ -212,8 +213,9 @@ class RunTable:
         self._head[numbers] = head[at]
         self._mid[numbers] = mid[at]
         self._tail[numbers] = tail[at]
-        for j in np.flatnonzero(~short).tolist():
-            self._long[int(lenf[at[j]]) & 1][raw[j]] = first + j
+        for j in np.flatnonzero(~short).tolist():  # (only these need the bytes)
+            run = raw[j] if isinstance(raw, list) else raw[0][raw[1][j] : raw[2][j]]
+            self._long[int(lenf[at[j]]) & 1][run] = first + j
         self.size += m
         self._insert(numbers[short])
         return numbers

@@ -32,6 +32,7 @@ from dsv3ray.runtable import (
     RunTable,
     SpaceChunks,
     add_newline_runs,
+    byte_runs,
     keys,
     padded,
     ranges,
@@ -105,15 +106,14 @@ def _pretoken_starts(b: np.ndarray) -> np.ndarray:
     return np.flatnonzero(start)
 
 
-_SPACE_TOP = 0x3000  # str.isspace holds for no code point above U+3000
-_IS_SPACE = np.array([chr(c).isspace() for c in range(_SPACE_TOP + 1)])
+_ASCII_SPACE = np.zeros(256, dtype=bool)  # bytes < 0x80 where str.isspace holds
+_ASCII_SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
 
 
-def _code_points(text: str) -> np.ndarray:
-    """The text's code points (uint8 for ASCII text, else uint32; lone surrogates are their own)."""
-    if text.isascii():
-        return np.frombuffer(text.encode("ascii"), np.uint8)
-    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+def _per_run(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """How many bytes of each run [starts, ends) the byte mask holds."""
+    c = np.concatenate(([0], np.cumsum(mask)))
+    return c[ends] - c[starts]
 
 
 class _ChunkCache:
@@ -152,6 +152,11 @@ class _ChunkCache:
         self.added_in_chunk = [t for t in added if " " not in t]
         self._added_re = (
             re.compile("|".join(map(re.escape, self.added_in_chunk))) if self.added_in_chunk else None
+        )
+        self._added_re_b = (  # the same, on UTF-8 bytes
+            re.compile(b"|".join(re.escape(t.encode()) for t in self.added_in_chunk))
+            if self.added_in_chunk
+            else None
         )
         self.added_spanning = [t for t in added if " " in t]  # checked on the whole text
         # runs of newlines cut chunks too (SpaceChunks(newlines=True)) when their ids are known
@@ -210,24 +215,34 @@ class _ChunkCache:
         )
 
     def _classes(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(_safe, only printable ASCII and newlines: _ASCII_PRETOKEN's alphabet) per chunk, in one
-        numpy pass over their code points; where an added token occurs in the chunks joined,
-        _safe is asked chunk by chunk."""
-        n = len(chunks)
-        cat = "".join(chunks)
-        lens = np.fromiter(map(len, chunks), dtype=np.int64, count=n)
-        end = np.cumsum(lens)
-        cp = _code_points(cat)
-        # printable ASCII (0x20-0x7e) or a newline, counted over each chunk
-        odd = np.concatenate(([0], np.cumsum(((cp - cp.dtype.type(0x20)) >= 0x5F) & (cp != 10))))
-        simple = odd[end] == odd[end - lens]
-        if self._added_re is not None and self._added_re.search(cat):
-            return np.fromiter(map(self._safe, chunks), dtype=bool, count=n), simple
+        """(_safe, only printable ASCII and newlines: _ASCII_PRETOKEN's alphabet) per chunk."""
+        joined, starts, ends = byte_runs([c.encode("utf-8", "surrogatepass") for c in chunks])
+        return self._classes_runs(joined, starts, ends)
+
+    def _classes_runs(
+        self, joined: bytes, starts: np.ndarray, ends: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """_classes of the UTF-8 runs joined[starts:ends], in numpy passes over the bytes: an edge
+        character that is not ASCII (rare) is decoded and asked str.isspace; a run holding an added
+        token (found in the bytes: UTF-8 has no match inside a character) is not safe."""
+        b = np.frombuffer(joined, np.uint8)
+        lens = ends - starts
+        # printable ASCII (0x20-0x7e) or a newline, counted over each run (a byte >= 0x80 is neither)
+        simple = _per_run(((b - np.uint8(0x20)) >= 0x5F) & (b != 10), starts, ends) == 0
         safe = lens > 0
         at = np.flatnonzero(safe)
-        edge = np.concatenate((cp[end[at] - lens[at]], cp[end[at] - 1])).astype(np.int64)
-        white = (edge <= _SPACE_TOP) & _IS_SPACE[np.minimum(edge, _SPACE_TOP)]
-        safe[at] = ~(white[: at.size] | white[at.size :])
+        head, tail = b[starts[at]], b[ends[at] - 1]
+        safe[at] = ~(_ASCII_SPACE[head] | _ASCII_SPACE[tail])
+        for j in at[(head >= 0x80) | (tail >= 0x80)].tolist():
+            c = joined[starts[j] : ends[j]].decode("utf-8", "surrogatepass")
+            safe[j] = not (c[0].isspace() or c[-1].isspace())
+        if self._added_re_b is not None:
+            hits = np.array([m.span() for m in self._added_re_b.finditer(joined)], np.int64).reshape(-1, 2)
+            if hits.size:  # (the runs need not be in buffer order)
+                order = np.argsort(starts, kind="stable")
+                run = np.searchsorted(starts[order], hits[:, 0], side="right") - 1
+                inside = (run >= 0) & (hits[:, 1] <= ends[order][np.maximum(run, 0)])
+                safe[order[run[inside]]] = False
         return safe, simple
 
     def newline_ids(self, most: int) -> list[list[int]] | None:
@@ -286,33 +301,45 @@ class _ChunkCache:
         self, chunks: list[str], first: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(safe: the rule holds for the chunk, token ids per chunk (0 for unsafe ones), the ids of
-        each safe chunk (of " " + chunk unless first[j]) end to end (int32)).
+        each safe chunk (of " " + chunk unless first[j]) end to end (int32)): `encode_runs` of
+        their UTF-8 bytes."""
+        joined, starts, ends = byte_runs([c.encode("utf-8", "surrogatepass") for c in chunks])
+        return self.encode_runs(joined, starts, ends, first)
+
+    def encode_runs(
+        self, joined: bytes, starts: np.ndarray, ends: np.ndarray, first: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """encode_chunks of the chunks joined[starts:ends] (UTF-8, surrogatepass), read in place.
 
         A chunk of printable ASCII and newlines is cut into the pre-tokenizer's pieces here
-        (`_pretoken_starts`, all the batch's such chunks at once) and each distinct piece is
-        encoded once (`_piece_entries`): new chunks are mostly new combinations of known pieces
-        (real text: ~10% of chunks are new, ~1% of pieces), and the library's BPE costs ~7 µs a
-        chunk. Other chunks take one library call."""
-        n = len(chunks)
-        safe, simple = self._classes(chunks)
+        (`_pretoken_starts`, all the batch's such chunks at once, their bytes copied into one
+        buffer in numpy) and each distinct piece is encoded once (`_piece_entries`): new chunks
+        are mostly new combinations of known pieces (real text: ~10% of chunks are new, ~1% of
+        pieces), and the library's BPE costs ~7 µs a chunk. Other chunks take one library call."""
+        n = starts.size
+        safe, simple = self._classes_runs(joined, starts, ends)
         sel = np.flatnonzero(safe)
         simple = simple[sel]
         count = np.zeros(sel.size, dtype=np.int64)
         flat = np.zeros(0, dtype=np.int32)
-        if simple.any():  # their pieces (_SEP between texts), the new ones encoded, then looked up
+        if simple.any():  # their pieces (_SEP between chunks), the new ones encoded, then looked up
             at = sel[simple]
-            f = first[at]
-            if f.all() or not f.any():  # (what the chunk pass asks: no list of " " + chunk)
-                pre = "" if f.all() else " "
-                joined = pre + (_SEP + pre).join(chunks if at.size == n else [chunks[j] for j in at.tolist()])
-            else:
-                joined = _SEP.join([chunks[j] if first[j] else " " + chunks[j] for j in at.tolist()])
-            entry = self._piece_entries(joined)
+            space = (~first[at]).astype(np.int64)  # " " before the chunk
+            lens = ends[at] - starts[at]
+            size = space + lens + 1  # (and _SEP after it)
+            out_start = np.cumsum(size) - size
+            out = np.zeros(int(size.sum()) - 1, dtype=np.uint8)  # (zero: _SEP)
+            out[out_start[space == 1]] = 32
+            out[ranges(out_start + space, lens)] = np.frombuffer(joined, np.uint8)[ranges(starts[at], lens)]
+            entry = self._piece_entries(out.tobytes())
             count_P, (flat,) = self.piece_ids.gather(entry)
             count[simple] = np.add.reduceat(count_P, np.concatenate(([0], np.flatnonzero(entry == 0) + 1)))
         rest = np.flatnonzero(~simple)
         if rest.size:  # the others: one library call
-            others = [chunks[j] if first[j] else " " + chunks[j] for j in sel[rest].tolist()]
+            others = [
+                ("" if first[j] else " ") + joined[starts[j] : ends[j]].decode("utf-8", "surrogatepass")
+                for j in sel[rest].tolist()
+            ]
             encs = self.hf.encode_batch_fast(others, add_special_tokens=False)
             rest_ids = [e.ids for e in encs]
             count[rest] = np.fromiter(map(len, rest_ids), dtype=np.int64, count=rest.size)
@@ -326,8 +353,8 @@ class _ChunkCache:
         sizes[sel] = count
         return safe, sizes, flat
 
-    def _piece_entries(self, joined: str) -> np.ndarray:
-        """The entry (in `piece_ids`) of each pre-token piece of `joined` (printable ASCII, newlines
+    def _piece_entries(self, raw: bytes) -> np.ndarray:
+        """The entry (in `piece_ids`) of each pre-token piece of `raw` (printable ASCII, newlines
         and \x00), cut by `_pretoken_starts`; the call's distinct pieces (Arrow's hash table) are
         looked up in `piece_table`. A piece not seen before is BPE-encoded by the model alone, once
         (on its byte-mapped text: ~2x faster than an encode call)."""
@@ -337,7 +364,6 @@ class _ChunkCache:
         table = self.piece_table
         if self.piece_ids.size > table.size:  # the last call kept pieces for itself
             self._clear_pieces()
-        raw = joined.encode("ascii")
         bounds = np.append(_pretoken_starts(np.frombuffer(raw, dtype=np.uint8)), len(raw))
         enc = pc.dictionary_encode(
             pa.LargeBinaryArray.from_buffers(
@@ -357,20 +383,25 @@ class _ChunkCache:
                 entry = table.lookup(d_raw, starts, ends, key)
                 new = np.flatnonzero(entry < 0)
             first = self.piece_ids.size
-            pieces = [d_raw[a:b] for a, b in zip(starts[new].tolist(), ends[new].tolist())]
             if first + new.size <= table.max_entries:
-                table.append(new, pieces, key)
-            self._add_pieces(pieces)  # (past the table's entries when more: kept for this call)
+                table.append(new, (d_raw, starts[new], ends[new]), key)
+            lens = ends[new] - starts[new]  # the new pieces joined by 0xff (in no piece)
+            size = lens + 1
+            joined = np.full(int(size.sum()) - 1, 0xFF, dtype=np.uint8)
+            joined[ranges(np.cumsum(size) - size, lens)] = np.frombuffer(d_raw, np.uint8)[
+                ranges(starts[new], lens)
+            ]
+            self._add_pieces(joined.tobytes())  # (past the table's entries when more: kept for this call)
             entry[new] = np.arange(first, first + new.size)
         return entry[enc.indices.to_numpy()]
 
-    def _add_pieces(self, pieces: list[bytes]) -> None:
-        """The next entries of `piece_ids`: the pieces' ids."""
+    def _add_pieces(self, joined: bytes) -> None:
+        """The next entries of `piece_ids`: the ids of the pieces `joined` by 0xff (at least one)."""
         bpe = self.hf.model.tokenize
         # byte-mapped all at once (GPT-2's byte-to-character map moves only space and newline in
         # this alphabet: the other printable ASCII bytes map to themselves)
-        mapped = b"\xff".join(pieces).decode("latin-1").replace(" ", "\u0120").replace("\n", "\u010a")
-        ids = [[t.id for t in bpe(piece)] for piece in mapped.split("\xff")] if pieces else []
+        mapped = joined.decode("latin-1").replace(" ", "\u0120").replace("\n", "\u010a")
+        ids = [[t.id for t in bpe(piece)] for piece in mapped.split("\xff")]
         sizes = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(sizes.sum()))
         self.piece_ids.append(self.piece_ids.size, sizes, [flat])
@@ -423,8 +454,7 @@ class _ChunkCache:
         breaks the rule or its key clashed), or None when the cache had to empty."""
         at, inverse, clash = self.table.distinct(ch.joined, ch.starts, ch.ends, missing, key)
         raw = ch.raw(at)
-        texts = [r.decode("utf-8", "surrogatepass") for r in raw]
-        safe, sizes, flat = self.encode_chunks(texts, ch.first[at])
+        safe, sizes, flat = self.encode_runs(ch.joined, ch.starts[at], ch.ends[at], ch.first[at])
         if self.table.size + int(safe.sum()) > self.table.max_entries:
             self._clear()
             return None

@@ -40,7 +40,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dsv3ray.runtable import Ragged, RunTable, SpaceChunks, add_newline_runs, keys, padded, text_groups
+from dsv3ray.runtable import (
+    Ragged,
+    RunTable,
+    SpaceChunks,
+    add_newline_runs,
+    keys,
+    padded,
+    ranges,
+    text_groups,
+)
 
 _NO_TOKENS_RUNS = 4  # runs of newlines served when tokens are not (1..4 newlines)
 
@@ -192,8 +201,7 @@ class ChunkPass:
                 return self._lookup_group(texts, lo, cover, encoded, False, False)
             d_new = d_new[:0]  # more than the table holds: not served
         if d_new.size:
-            raw = [d_joined[a:b] for a, b in zip(d_starts[d_new].tolist(), d_ends[d_new].tolist())]
-            d_entry[d_new] = self._add(raw, d_first[d_new], d_key, d_new)
+            d_entry[d_new] = self._add(d_joined, d_starts[d_new], d_ends[d_new], d_first[d_new], d_key, d_new)
         idx = enc.indices.to_numpy()
         entry = d_entry[idx]
         bad[doc[entry < 0]] = True  # (only their texts' chunks may hold -1: they are not gathered)
@@ -209,26 +217,36 @@ class ChunkPass:
         cover[too_long] = False  # (a longer run of newlines than the entries hold)
         return _Group(lo, n, entry, doc, np.searchsorted(doc, np.arange(n + 1)))
 
-    def _add(self, raw: list[bytes], first: np.ndarray, key, at: np.ndarray) -> np.ndarray:
-        """Entries for distinct new chunks (bytes `raw`, keys key[at]; first: a text's first
-        chunk): every stage's rows computed now."""
+    def _add(
+        self, d_joined: bytes, d_starts: np.ndarray, d_ends: np.ndarray, first: np.ndarray, key, at: np.ndarray
+    ) -> np.ndarray:  # fmt: skip
+        """Entries for distinct new chunks (d_joined[d_starts:d_ends], keys key[at]; first: a
+        text's first chunk): every stage's rows computed now. Their bytes are copied into one
+        buffer, a space before each (a separator for every stage), which each stage reads in
+        place: no Python object per chunk."""
+        lens = d_ends - d_starts
+        size = lens + 1
+        starts = np.cumsum(size) - lens  # (in `joined`)
+        ends = starts + lens
+        buf = np.full(int(size.sum()), 32, dtype=np.uint8)
+        buf[ranges(starts, lens)] = np.frombuffer(d_joined, np.uint8)[ranges(d_starts, lens)]
+        joined = buf.tobytes()
         first_entry = self.table.size
-        numbers = self.table.append(at, raw, key)
+        numbers = self.table.append(at, (joined, starts, ends), key)
         m = at.size
         ok = np.ones((m, 2), dtype=bool)
-        texts = [r.decode("utf-8", "surrogatepass") for r in raw]
         if self.tok is not None:
-            ok[:, 0], sizes, ids = self.tok.encode_chunks(texts, first)
+            ok[:, 0], sizes, ids = self.tok.encode_runs(joined, starts, ends, first)
             self.tok_ids.append(first_entry, sizes, [ids])
         else:
             self.tok_ids.append(first_entry, np.zeros(m, np.int64), [np.zeros(0, np.int32)])
         if self.scorer is not None:
-            ok[:, 1], words_C, values = self.scorer.chunk_words(raw)
+            ok[:, 1], words_C, values = self.scorer.chunk_words_runs(joined, starts)
             self.ft_words.append(first_entry, words_C, list(values))
         else:
             self.ft_words.append(first_entry, np.zeros(m, np.int64), [c[:0] for c in self.ft_words.cols])
         if self.minhash is not None:
-            w_W, words_C = self.minhash.words_batch(texts, raw)
+            w_W, words_C = self.minhash.words_runs(joined, starts, ends)
             self.mh_words.append(first_entry, words_C, [w_W])
         else:
             self.mh_words.append(first_entry, np.zeros(m, np.int64), [np.zeros(0, np.uint64)])

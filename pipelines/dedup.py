@@ -137,13 +137,43 @@ class MinHasher:
             for j in at.tolist():
                 parts[j] = texts[j].lower().encode("utf-8", "surrogatepass")
             joined = b"\n".join(parts)
-        n = len(joined)
-        b = np.frombuffer(bytearray(joined + bytes(16)), dtype=np.uint8)  # 16: read past a word's end
         doc_start = np.zeros(len(parts), dtype=np.int64)
         np.cumsum(
             np.fromiter(map(len, parts[:-1]), dtype=np.int64, count=max(len(parts) - 1, 0)) + 1,
             out=doc_start[1:],
         )
+        return self._words_at(joined, doc_start)
+
+    def words_runs(
+        self, joined: bytes, starts: np.ndarray, ends: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """words_batch of the texts joined[starts:ends] (UTF-8, surrogatepass; ascending, each
+        followed by a byte that is no word byte, such as a space, or by the end), read in place
+        but for those with a byte >= 0x80: str.lower of theirs takes their place."""
+        if not joined.isascii():
+            b = np.frombuffer(joined, dtype=np.uint8)
+            high = np.concatenate(([0], np.cumsum(b >= 0x80)))
+            at = np.flatnonzero(high[ends] > high[starts])
+            lower = [
+                joined[a:z].decode("utf-8", "surrogatepass").lower().encode("utf-8", "surrogatepass")
+                for a, z in zip(starts[at].tolist(), ends[at].tolist())
+            ]
+            segments, prev = [], 0
+            for a, z, low in zip(starts[at].tolist(), ends[at].tolist(), lower):
+                segments += [joined[prev:a], low]
+                prev = z
+            segments.append(joined[prev:])
+            joined = b"".join(segments)
+            grow = np.zeros(starts.size, dtype=np.int64)  # bytes added by each run's lowercasing
+            grow[at] = np.fromiter(map(len, lower), np.int64, at.size) - (ends[at] - starts[at])
+            starts = starts + np.cumsum(grow) - grow
+        return self._words_at(joined, starts)
+
+    def _words_at(self, joined: bytes, doc_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """words_batch's words of the texts starting at doc_start in `joined` (lowercase but for
+        ASCII letters, each followed by a byte that is no word byte or by the end)."""
+        n = len(joined)
+        b = np.frombuffer(bytearray(joined + bytes(16)), dtype=np.uint8)  # 16: read past a word's end
         is_word = np.zeros(n + 2, dtype=bool)
         c = b[:n]
         c += ((c - np.uint8(0x41)) < 26).view(np.uint8) << 5  # A-Z -> a-z

@@ -93,9 +93,12 @@ class SparseRows:
 
     def dot(self, c_KD: np.ndarray) -> np.ndarray:
         """self @ c_KD.T, (n, k)."""
-        prod_ZK = self.value[:, None] * c_KD.T[self.col]
-        n = self.shape[0]
-        return np.stack([np.bincount(self.row, p, minlength=n) for p in prod_ZK.T], axis=1)
+        out = np.zeros((self.shape[0], c_KD.shape[0]))
+        if self.row.size:  # rows are sorted: one sum per run of a row's cells
+            first = np.flatnonzero(np.r_[True, self.row[1:] != self.row[:-1]])
+            prod_ZK = np.take(c_KD.T, self.col, axis=0) * self.value[:, None]
+            out[self.row[first]] = np.add.reduceat(prod_ZK, first, axis=0)
+        return out
 
     def dense(self, rows: list[int] | np.ndarray) -> np.ndarray:
         """The given rows, dense (len(rows), dim)."""

@@ -172,13 +172,23 @@ class BatchPredictor:
         change the line's words: such texts are scored by `scores`), words per chunk, (logits,
         number of ids, hash) of each word, chunks end to end). Words are read in place."""
         joined, chunk_start, _ = byte_runs(chunks)
+        return self.chunk_words_runs(joined, chunk_start)
+
+    def chunk_words_runs(
+        self, joined: bytes, chunk_start: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """chunk_words of the chunks starting at chunk_start (ascending) in `joined`, each ended by
+        a space (or the end): read in place."""
         buf = padded(joined)
         starts, ends = _words(joined, buf)
         words_C = np.diff(np.searchsorted(starts, chunk_start), append=starts.size)
         logits, count, hash_, skip = self._values_at(joined, buf, starts, ends)
         eos = (ends - starts == len(_EOS_BYTES)) & _starting_with(joined, buf, starts, ends, _EOS_BYTES)
         usable = (
-            np.bincount(np.repeat(np.arange(len(chunks)), words_C)[skip | eos], minlength=len(chunks)) == 0
+            np.bincount(
+                np.repeat(np.arange(chunk_start.size), words_C)[skip | eos], minlength=chunk_start.size
+            )
+            == 0
         )
         return usable, words_C, (logits, count, hash_)
 

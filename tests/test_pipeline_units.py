@@ -20,6 +20,7 @@ os.environ.setdefault("DSV3RAY_CACHE", str(Path(tempfile.gettempdir()) / "dsv3ra
 
 from dsv3ray.config import section_from_dict  # noqa: E402
 from dsv3ray.errors import ConfigError, UserError  # noqa: E402
+from dsv3ray.runtable import byte_runs  # noqa: E402
 from pipelines.clean import Cleaner, CleanSettings, normalize_text, normalize_text_reference  # noqa: E402
 from pipelines.corpus import stdlib_documents, write_demo_corpus  # noqa: E402
 from pipelines.dedup import Deduplicator, MinHasher, SeenSet, lsh_params  # noqa: E402
@@ -292,6 +293,10 @@ def test_minhash_lsh_and_seen_set(docs):
     ]
     enc = [t.encode("utf-8", "surrogatepass") for t in texts]
     for got, want in zip(mh.words_batch(texts, enc), mh.words_batch(texts)):
+        assert np.array_equal(got, want)
+    # read in place from one buffer (the chunk pass's new chunks, a space before each): the same
+    joined, starts, ends = byte_runs(enc)
+    for got, want in zip(mh.words_runs(b" " + joined, starts + 1, ends + 1), mh.words_batch(texts)):
         assert np.array_equal(got, want)
 
     s = SeenSet(capacity=16)

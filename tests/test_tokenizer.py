@@ -121,7 +121,7 @@ def test_ascii_chunks_encode_piece_by_piece_like_the_library():
 
     import numpy as np
 
-    from dsv3ray.tokenizer import _ASCII_PRETOKEN, _SPACE_TOP, _ChunkCache, _pretoken_starts
+    from dsv3ray.tokenizer import _ASCII_PRETOKEN, _ASCII_SPACE, _ChunkCache, _pretoken_starts
 
     docs = [d for d, _ in zip(_stdlib_texts(), range(300))]
     tok = train_tokenizer(docs, vocab_size=800)
@@ -151,7 +151,7 @@ def test_ascii_chunks_encode_piece_by_piece_like_the_library():
         safe, simple = cache._classes(batch)  # (in one pass where no eos occurs)
         assert safe.tolist() == [cache._safe(c) for c in batch]
         assert simple.tolist() == [c.isascii() and c.replace("\n", "").isprintable() for c in batch]
-    assert not any(chr(c).isspace() for c in range(_SPACE_TOP + 1, 0x110000))
+    assert _ASCII_SPACE.tolist() == [chr(c).isspace() for c in range(128)] + [False] * 128
     cache = _ChunkCache(tok.hf, max_pieces=40)  # forgets its pieces again and again
     first = np.array([rng.random() < 0.3 for _ in chunks])
     for lo in range(0, len(chunks), 250):
