@@ -91,11 +91,14 @@ class MinHasher:
             raise ValueError(f"num_perm must be in [1, {self.MAX_PERM}], got {num_perm}")
         rng = np.random.default_rng([seed, 0x5EED])
         self.salt = np.uint64(rng.integers(0, 2**63, dtype=np.uint64))
-        # borrow_PP[i] = the order in which empty bin i looks for a non-empty bin (itself excluded)
+        # borrow_PP[i]: the order in which empty bin i looks for a non-empty bin (itself excluded)
         order = rng.random((num_perm, num_perm)).argsort(axis=1).astype(np.int16)
-        self.borrow_PP = np.array([o[o != i] for i, o in enumerate(order)], dtype=np.int16).reshape(
+        borrow_PP = np.array([o[o != i] for i, o in enumerate(order)], dtype=np.int16).reshape(
             num_perm, num_perm - 1
         )
+        self.borrow_T = np.ascontiguousarray(
+            borrow_PP.T
+        )  # [t]: each bin's t-th choice (a round reads one row)
         self.k = shingle_words
         self.bands, self.rows = lsh_params(num_perm, threshold)
         self.num_perm = num_perm
@@ -253,20 +256,20 @@ class MinHasher:
         bin_S = ((h_S >> np.uint64(32)) * np.uint64(P)) >> np.uint64(32)  # uniform in [0, P)
         sig = np.full(n * P, _SENTINEL, dtype=np.uint64)
         np.minimum.at(sig, d_S * P + bin_S.astype(np.int64), h_S & np.uint64(0xFFFFFFFF))
-        sig_DP = sig.reshape(n, P)
-        d_E, i_E = np.nonzero(sig_DP == _SENTINEL)
-        if d_E.size and P > 1:  # optimal densification: first non-empty bin in bin i's own order
-            src_E = np.empty(d_E.size, dtype=np.int64)
-            todo = np.arange(d_E.size)
+        full = sig != _SENTINEL
+        pos = np.flatnonzero(~full)  # the empty cells (document * P + bin)
+        if pos.size and P > 1:  # optimal densification: first non-empty bin in bin i's own order
+            i = pos % P
+            base = pos - i
             for t in range(P - 1):  # round t: the t-th choice of the bins still unresolved
-                cand = self.borrow_PP[i_E[todo], t].astype(np.int64)
-                full = sig_DP[d_E[todo], cand] != _SENTINEL
-                src_E[todo[full]] = cand[full]
-                todo = todo[~full]
-                if not todo.size:  # every document has a non-empty bin: all resolve
+                src = base + self.borrow_T[t].take(i)
+                ok = full[src]  # (a bin filled in an earlier round is no source: `full` is fixed)
+                sig[pos[ok]] = sig[src[ok]]
+                left = ~ok
+                pos, i, base = pos[left], i[left], base[left]
+                if not pos.size:  # every document has a non-empty bin: all resolve
                     break
-            sig_DP[d_E, i_E] = sig_DP[d_E, src_E]
-        return sig_DP.astype(np.uint32)
+        return sig.reshape(n, P).astype(np.uint32)
 
     def signature(self, text: str) -> np.ndarray:
         """(num_perm,) uint32 signature of one document."""

@@ -346,6 +346,33 @@ def test_minhash_estimates_jaccard_and_batches(docs):
     assert keys.shape == (len(texts), mh.bands) and np.array_equal(keys[3], mh.band_keys(batch[3]))
 
 
+def test_minhash_signatures_equal_the_definition():
+    """One hash per shingle, its bin's minimum; an empty bin copies the first originally non-empty
+    bin of its own order (a bin filled before it is no source): the loop over bins, per document."""
+    from pipelines.dedup import _SENTINEL, _mix64
+
+    rng = np.random.default_rng(5)
+    for P in (1, 2, 16, 128):
+        mh = MinHasher(P, seed=int(P))
+        order = mh.borrow_T.T  # [bin]: its choices in order
+        sizes = rng.choice([1, 2, 5, 40, 150, 600], size=60)
+        d_S = np.repeat(np.arange(sizes.size), sizes)
+        s_S = rng.integers(0, 2**63, size=d_S.size, dtype=np.uint64)
+        got = mh.signatures_from_shingles(sizes.size, s_S, d_S)
+        h_S = _mix64(s_S ^ mh.salt)
+        for d in range(sizes.size):
+            sig = [int(_SENTINEL)] * P
+            for h in h_S[d_S == d].tolist():
+                b = ((h >> 32) * P) >> 32
+                sig[b] = min(sig[b], h & 0xFFFFFFFF)
+            full = [v != int(_SENTINEL) for v in sig]
+            want = [
+                v if full[i] else sig[next(j for j in order[i].tolist() if full[j])]
+                for i, v in enumerate(sig)
+            ]
+            assert got[d].tolist() == want
+
+
 @pytest.mark.parametrize("exact,near", [(True, True), (True, False), (False, True)])
 def test_dedup_batches_equal_one_by_one(exact, near):
     def reference(hashes, keys):  # the rule, one document at a time, with Python sets
