@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import operator
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -40,6 +41,7 @@ from dsv3ray.runtable import (
 )
 
 EOS_TOKEN = "<|endoftext|>"
+_TOKEN_ID = operator.attrgetter("id")
 # The byte-level pre-tokenizer's split (GPT-2's pattern) on text of printable ASCII and "\n" only,
 # where \p{L} is [A-Za-z], \p{N} is [0-9] and \s is [ \n]: the same pieces, in the same order of
 # alternatives (both engines backtrack and take the first alternative that matches). "\x00" (not
@@ -401,9 +403,11 @@ class _ChunkCache:
         # byte-mapped all at once (GPT-2's byte-to-character map moves only space and newline in
         # this alphabet: the other printable ASCII bytes map to themselves)
         mapped = joined.decode("latin-1").replace(" ", "\u0120").replace("\n", "\u010a")
-        ids = [[t.id for t in bpe(piece)] for piece in mapped.split("\xff")]
-        sizes = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(sizes.sum()))
+        # the tokens of all pieces first, then their ids in one pass (a list of ids per piece
+        # costs as much as the BPE itself: 2.96 vs 1.97 µs a piece on real text)
+        tokens = list(map(bpe, mapped.split("\xff")))
+        sizes = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+        flat = np.fromiter(map(_TOKEN_ID, itertools.chain.from_iterable(tokens)), np.int32, int(sizes.sum()))
         self.piece_ids.append(self.piece_ids.size, sizes, [flat])
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
