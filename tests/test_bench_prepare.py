@@ -18,7 +18,7 @@ def test_prepare_benchmark_runs_and_reports(tmp_path):
     before = set(scratch.glob("dsv3ray-bench-*"))
     # its own process: the benchmark starts and stops a local Ray of its own
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "prepare.py"), "--docs", "800"],
+        [sys.executable, str(ROOT / "benchmarks" / "prepare.py"), "--docs", "800", "--repeats", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=280,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -32,6 +32,9 @@ def test_prepare_benchmark_runs_and_reports(tmp_path):
     )
     assert out["fasttext_all_cores_docs_per_s_per_core"] > 0 and 0 < out["ratio_vs_fasttext_all_cores"] < 5
     assert set(out["wall_s"]) == {"200", "800"} and out["memory_growth"] > 0
+    # each size ran twice; the fastest run counts
+    assert out["repeats"] == 2 and all(len(w) == 2 for w in out["wall_s_runs"].values())
+    assert all(out["wall_s"][n] == min(w) for n, w in out["wall_s_runs"].items())
     cpu = out["cpu_s"]  # sampled per process: the cleaning workers and the driver both worked
     assert set(cpu) == {"cleaning_workers", "driver", "ray_other", "available"}
     assert cpu["cleaning_workers"] > 0 and cpu["driver"] > 0 and cpu["available"] > 0
