@@ -138,10 +138,10 @@ class _ChunkCache:
     bytes and whether it starts its text; entries' ids are kept in a `runtable.Ragged`. A
     text with a chunk over MAX_CHUNK bytes is not cached (the cache's bytes stay bounded): its
     chunks are encoded for that call only (`encode_uncached`).
-    Chunks missing from the cache are checked against the rule and encoded once per batch, from
-    their pre-token pieces where they are printable ASCII (`encode_chunks`). At most `max_entries`
-    chunks are kept: the cache empties when a batch's new chunks would pass that bound, and a
-    batch whose new chunks alone pass it takes the library.
+    Chunks missing from the cache are checked against the rule and encoded once per batch, read in
+    place, from their pre-token pieces where they are printable ASCII (`encode_runs`). At most
+    `max_entries` chunks are kept: the cache empties when a batch's new chunks would pass that
+    bound, and a batch whose new chunks alone pass it takes the library.
     """
 
     MAX_CHUNK = 256  # bytes: a text with a longer chunk (a blob, not words) is not cached
@@ -165,7 +165,7 @@ class _ChunkCache:
         self.nl_ids = self.newline_ids(self.MAX_NEWLINES)
         self.table = RunTable(max_entries)
         self.ids = Ragged((np.int32,))
-        # pre-token pieces (encode_chunks): their entries, and each entry's ids (an entry past the
+        # pre-token pieces (encode_runs): their entries, and each entry's ids (an entry past the
         # table's is a piece kept for one call only: more distinct new pieces than it holds)
         self.piece_table = RunTable(max_pieces)
         self.piece_ids = Ragged((np.int32,))
