@@ -241,7 +241,7 @@ class ChunkPass:
         else:
             self.tok_ids.append(first_entry, np.zeros(m, np.int64), [np.zeros(0, np.int32)])
         if self.scorer is not None:
-            ok[:, 1], words_C, values = self.scorer.chunk_words_runs(joined, starts)
+            ok[:, 1], words_C, values = self.scorer.chunk_words(joined, starts)
             self.ft_words.append(first_entry, words_C, list(values))
         else:
             self.ft_words.append(first_entry, np.zeros(m, np.int64), [c[:0] for c in self.ft_words.cols])

@@ -96,9 +96,8 @@ class MinHasher:
         borrow_PP = np.array([o[o != i] for i, o in enumerate(order)], dtype=np.int16).reshape(
             num_perm, num_perm - 1
         )
-        self.borrow_T = np.ascontiguousarray(
-            borrow_PP.T
-        )  # [t]: each bin's t-th choice (a round reads one row)
+        # [t]: every bin's t-th choice (a densification round reads one row)
+        self.borrow_T = np.ascontiguousarray(borrow_PP.T)
         self.k = shingle_words
         self.bands, self.rows = lsh_params(num_perm, threshold)
         self.num_perm = num_perm
@@ -121,31 +120,16 @@ class MinHasher:
         w_W, words_D = self.words_batch(texts)
         return self.shingles_from_words(w_W, words_D)
 
-    def words_batch(
-        self, texts: list[str], encoded: list[bytes] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(uint64 hash of each word of the texts, in order (W,), words per text (N,)).
-        `encoded`: the texts' UTF-8 bytes (surrogatepass), when the caller has them."""
+    def words_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(uint64 hash of each word of the texts, in order (W,), words per text (N,))."""
         # ASCII letters are folded below (bytewise); str.lower only where there is more to fold
-        if encoded is None:
-            parts = [(t if t.isascii() else t.lower()).encode("utf-8", "surrogatepass") for t in texts]
-        else:
-            parts = encoded
-        joined = b"\n".join(parts)  # "\n": no word spans two documents
-        if encoded is not None and not joined.isascii():  # lowercase the texts with a byte >= 0x80
-            sizes = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
-            high = np.flatnonzero(np.frombuffer(joined, dtype=np.uint8) >= 0x80)
-            at = np.unique(np.searchsorted(np.cumsum(sizes + 1), high, side="right"))
-            parts = list(parts)
-            for j in at.tolist():
-                parts[j] = texts[j].lower().encode("utf-8", "surrogatepass")
-            joined = b"\n".join(parts)
+        parts = [(t if t.isascii() else t.lower()).encode("utf-8", "surrogatepass") for t in texts]
         doc_start = np.zeros(len(parts), dtype=np.int64)
         np.cumsum(
             np.fromiter(map(len, parts[:-1]), dtype=np.int64, count=max(len(parts) - 1, 0)) + 1,
             out=doc_start[1:],
         )
-        return self._words_at(joined, doc_start)
+        return self._words_at(b"\n".join(parts), doc_start)  # "\n": no word spans two documents
 
     def words_runs(
         self, joined: bytes, starts: np.ndarray, ends: np.ndarray

@@ -166,19 +166,12 @@ class BatchPredictor:
             count_M[found] = 1
         return logits_M, count_M, fnv1a_runs(buf, starts, ends), skip_M
 
-    def chunk_words(self, chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray, tuple]:
-        """The words of each chunk (space-free runs of text: pipelines.chunkpass), for scoring a
-        text from its chunks' words: (usable: the chunk has no label token and no `</s>` (those
-        change the line's words: such texts are scored by `scores`), words per chunk, (logits,
-        number of ids, hash) of each word, chunks end to end). Words are read in place."""
-        joined, chunk_start, _ = byte_runs(chunks)
-        return self.chunk_words_runs(joined, chunk_start)
-
-    def chunk_words_runs(
-        self, joined: bytes, chunk_start: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, tuple]:
-        """chunk_words of the chunks starting at chunk_start (ascending) in `joined`, each ended by
-        a space (or the end): read in place."""
+    def chunk_words(self, joined: bytes, chunk_start: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """The words of each chunk (space-free runs of text: pipelines.chunkpass) starting at
+        chunk_start (ascending) in `joined`, each ended by a space or the end, for scoring a text
+        from its chunks' words: (usable: the chunk has no label token and no `</s>` (those change
+        the line's words: such texts are scored by `scores`), words per chunk, (logits, number of
+        ids, hash) of each word, chunks end to end). Words are read in place."""
         buf = padded(joined)
         starts, ends = _words(joined, buf)
         words_C = np.diff(np.searchsorted(starts, chunk_start), append=starts.size)
