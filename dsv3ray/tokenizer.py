@@ -209,6 +209,7 @@ class _ChunkCache:
         )
 
     def _safe(self, chunk: str) -> bool:
+        """The rule for one chunk: the definition `_classes_runs` computes in numpy (tests compare)."""
         return (
             chunk != ""
             and not chunk[0].isspace()
