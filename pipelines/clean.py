@@ -243,7 +243,8 @@ class Cleaner:
         if self.chunks.active and looked.size:
             # a text longer than every stage's cut is looked up as "" (served by no stage: each
             # takes its own path; no chunk arrays for a 50 MB document)
-            short = [i for i in looked.tolist() if len(texts[i]) <= self.chunks.max_chars]
+            cut = self.chunks.max_chars
+            short = [i for i in looked.tolist() if len(texts[i]) <= cut]
             for i in short:
                 if encoded[i] is None:
                     encoded[i] = texts[i].encode("utf-8", "surrogatepass")
