@@ -11,7 +11,9 @@ The stream of each split is cut into non-overlapping rows of seq_len + 1 tokens 
 
 from __future__ import annotations
 
+import queue
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -187,9 +189,18 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
 
 class ShardWriter:
     """Rows → DIR/split/part-NNNNN.parquet, `rows_per_shard` rows each; dense sample ids from 0;
-    ids stored as `dtype` (see `token_dtype`, `row_schema`)."""
+    ids stored as `dtype` (see `token_dtype`, `row_schema`).
 
-    def __init__(self, out_dir: Path, rows_per_shard: int, dtype: np.dtype = np.dtype("<i4")):
+    background: shards are compressed and written by one thread of their own, in order, at most
+    QUEUED shards behind (zstd and the file write release the GIL): the caller's thread, the
+    prepare driver's one order-dependent thread, spends ~1 ms a shard instead of ~11 (4 MB of
+    uint16 rows). `close()` waits for the writes and raises the first error of any."""
+
+    QUEUED = 2
+
+    def __init__(
+        self, out_dir: Path, rows_per_shard: int, dtype: np.dtype = np.dtype("<i4"), background: bool = False
+    ):
         self.dir = out_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rows_per_shard = rows_per_shard
@@ -198,6 +209,12 @@ class ShardWriter:
         self.buffered = 0
         self.num_rows = 0
         self.shards = 0
+        self._queue: queue.Queue | None = None
+        self._error: BaseException | None = None
+        if background:
+            self._queue = queue.Queue(self.QUEUED)
+            self._thread = threading.Thread(target=self._drain, daemon=True, name="dsv3ray-shards")
+            self._thread.start()
 
     def add(self, row: np.ndarray) -> None:
         self.add_rows(row[None])
@@ -216,27 +233,52 @@ class ShardWriter:
         if not self.buffer:
             return
         rows_NL = np.concatenate(self.buffer)
-        n, length = rows_NL.shape
         if rows_NL.size and (rows_NL.min() < 0 or rows_NL.max() > np.iinfo(self.dtype).max):
             raise ValueError(f"token ids outside {self.dtype.name}: {rows_NL.min()}..{rows_NL.max()}")
+        shard = (self.dir / f"part-{self.shards:05d}.parquet", self.num_rows, rows_NL)
+        self.shards += 1
+        self.num_rows += rows_NL.shape[0]
+        self.buffer, self.buffered = [], 0
+        if self._queue is None:
+            self._write(*shard)
+            return
+        self._check()
+        self._queue.put(shard)
+
+    def close(self) -> None:
+        """Wait for the queued shards (background); raises a write's error. Idempotent."""
+        if self._queue is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._check()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _drain(self) -> None:
+        while (shard := self._queue.get()) is not None:
+            if self._error is None:  # (after an error the rest is not written; close() raises it)
+                try:
+                    self._write(*shard)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = e
+
+    def _write(self, path: Path, first_id: int, rows_NL: np.ndarray) -> None:
+        n, length = rows_NL.shape
         data = np.ascontiguousarray(rows_NL, dtype=self.dtype)
         schema = row_schema(length, self.dtype)
         rows = pa.FixedSizeBinaryArray.from_buffers(
             schema.field("input_ids").type, n, [None, pa.py_buffer(data)]
         )
-        table = pa.table(
-            [pa.array(np.arange(self.num_rows, self.num_rows + n, dtype=np.int64)), rows], schema=schema
-        )
+        table = pa.table([pa.array(np.arange(first_id, first_id + n, dtype=np.int64)), rows], schema=schema)
         # zstd, plain pages, no dictionary: measured on 1,575 rows of 513 real-text ids (uint16),
         # vs the int32 list column of earlier versions (byte-stream-split, zstd): writes 2.9x
         # faster, reads 5x faster, 6% smaller
         pq.write_table(
-            table, self.dir / f"part-{self.shards:05d}.parquet", compression="zstd", use_dictionary=False,
+            table, path, compression="zstd", use_dictionary=False,
             column_encoding={"sample_id": "PLAIN", "input_ids": "PLAIN"},
         )  # fmt: skip
-        self.shards += 1
-        self.num_rows += n
-        self.buffer, self.buffered = [], 0
 
 
 class Packer:
@@ -265,8 +307,10 @@ class Packer:
         self.pending, self.pending_len = ([rest] if rest.size else []), rest.size
 
     def finish(self) -> int:
-        """Write the last shard; returns the tokens of the dropped partial row."""
+        """Write the last shard (and wait for the writer); returns the tokens of the dropped
+        partial row."""
         self.writer.flush()
+        self.writer.close()
         dropped = self.pending_len
         self.pending, self.pending_len = [], 0
         return dropped

@@ -342,9 +342,13 @@ class _Packing:
         dtype = token_dtype(tok.vocab_size)
         self.packers = {
             "train": Packer(
-                cfg.seq_len, ShardWriter(out / "train", cfg.rows_per_shard, dtype), tok.vocab_size
+                cfg.seq_len,
+                ShardWriter(out / "train", cfg.rows_per_shard, dtype, background=True),
+                tok.vocab_size,
             ),
-            "eval": Packer(cfg.seq_len, ShardWriter(out / "eval", cfg.rows_per_shard, dtype)),
+            "eval": Packer(
+                cfg.seq_len, ShardWriter(out / "eval", cfg.rows_per_shard, dtype, background=True)
+            ),
         }
         self.docs: Counter = Counter()
         self.pieces = self.truncated = 0
@@ -365,6 +369,11 @@ class _Packing:
                     self.docs[split] += int(mask.sum())
                     self.packers[split].add(_rows_flat(offsets, values, mask))
         self.seconds += time.perf_counter() - t0
+
+    def close(self) -> None:
+        """The shard writers' threads end (after Packer.finish: nothing left to wait for)."""
+        for p in self.packers.values():
+            p.writer.close()
 
 
 def _load_models(cfg: PrepareConfig, log) -> dict:
@@ -526,6 +535,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         "quarantine_reasons": Counter(),
         "stages": {},
     }
+    packing = None
     try:
         # ---- pass 1: read → validate → normalize → length → scores and their decisions → dedup keys
         # (→ tokens when the tokenizer is given) on the workers; dedup decisions and packing on the driver
@@ -689,6 +699,8 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         if clean is not None:
             shutil.rmtree(out / "_clean")
     finally:
+        if packing is not None:
+            packing.close()  # (a run that stopped early: its writer threads end)
         (
             ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start,
             ctx.target_max_block_size, ctx._max_num_blocks_in_streaming_gen_buffer,

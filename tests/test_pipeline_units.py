@@ -657,6 +657,29 @@ def test_shard_rows_uint16_int32_and_lists_of_earlier_versions(tmp_path):
     assert rows_from_arrow(pa.array([b"\x01\x00\x02\x00"], pa.binary(4)), 1, "int32").tolist() == [[131073]]
 
 
+def test_shard_writer_in_the_background_writes_the_same_shards_and_reports_errors(tmp_path):
+    """The prepare driver's writer thread (background=True) writes byte for byte the shards the
+    caller's thread would; a write that fails raises in the caller, at close() or the next flush."""
+    rows = np.random.default_rng(0).integers(0, 1000, size=(50, 9))
+    for background in (False, True):
+        w = ShardWriter(tmp_path / str(background), 7, token_dtype(1000), background=background)
+        for k in range(0, 50, 6):
+            w.add_rows(rows[k : k + 6])
+        w.flush()
+        w.close()
+        assert w.num_rows == 50 and w.shards == 8
+    sync, bg = (sorted((tmp_path / d).iterdir()) for d in ("False", "True"))
+    assert [f.name for f in sync] == [f.name for f in bg]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(sync, bg))
+    w = ShardWriter(tmp_path / "gone", 2, background=True)
+    (tmp_path / "gone").rmdir()  # every write fails
+    w.add_rows(np.zeros((2, 3), np.int64))
+    with pytest.raises(OSError):
+        w.close()
+    with pytest.raises(OSError):
+        w.close()  # (still: the shard was not written)
+
+
 def test_packer_rows_and_entropy(tmp_path):
     w = ShardWriter(tmp_path / "train", rows_per_shard=3)
     p = Packer(seq_len=7, writer=w, vocab_size=50)
