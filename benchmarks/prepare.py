@@ -16,7 +16,9 @@ thousand); `docstrings`, the real docstrings of the stdlib and the installed pac
 Prints one JSON line: {"ratio": end to end, "steady_state_ratio": the extra documents of the big run
 over its extra seconds (fixed start-up costs cancel), "startup_s" (those fixed seconds),
 "pipeline_docs_per_s_per_core", "fasttext_docs_per_s" (the faster of a run before and one after the
-pipeline's: a drifting machine only lowers the ratios), "ratio_vs_fasttext_all_cores", "peak_rss_mb",
+pipeline's: a drifting machine only lowers the ratios), "ratio_vs_fasttext_all_cores", "driver" (the
+driver's CPU per document and the documents/s one driver keeps up with: a run's ceiling on a bigger
+cluster), "peak_rss_mb",
 "memory_growth", "cpu_s" (the big run's CPU seconds: cleaning workers, driver, the rest of Ray, and the
 wall time × CPUs available), per-stage
 µs per document, ...}. With --repeats N each size runs N times (alternating) and its fastest run
@@ -243,14 +245,15 @@ def measure(args, docs: list[str], tmp: Path) -> dict:
         for n in walls:
             path = tmp / f"in_{n}.jsonl"
             with PeakRSS() as mem:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 report = prepare([str(path)], tmp / f"out_{n}", cfg, log=lambda _: None)
-                wall = time.perf_counter() - t0
+                wall, thread_s = time.perf_counter() - t0, time.thread_time() - c0
             walls[n].append(round(wall, 2))
             peak = max(mem.peak / 2**20, runs.get(n, {}).get("peak_rss_mb", 0.0))
             if n not in runs or wall < runs[n]["wall"]:
                 runs[n] = {"wall": wall, "wall_s": round(wall, 2), "docs_per_s": n / wall}
                 runs[n]["cpu_s"] = mem.cpu_seconds()
+                runs[n]["driver_thread_s"] = thread_s  # (prepare's own thread: the order-dependent work)
                 runs[n]["kept"] = report["kept"]
                 runs[n]["stages_s"] = {k: v["seconds"] for k, v in report["stages"].items()}
             runs[n]["peak_rss_mb"] = peak
@@ -297,6 +300,15 @@ def measure(args, docs: list[str], tmp: Path) -> dict:
         "cpu_s": {**big["cpu_s"], "available": round(big["wall_s"] * args.cpus, 2)},
         # the same summed per document: steadier than wall time when other tenants share the machine
         "cpu_us_per_doc": round(1e6 * sum(big["cpu_s"].values()) / args.docs, 1),
+        # one run's ceiling however many cores clean: the driver decides dedup and packs in input
+        # order on one thread, and Ray Data's threads there share its GIL; its CPU per document
+        # (the thread alone; the process, the shard writer thread included), and the documents
+        # per second that one driver process keeps up with
+        "driver": {
+            "thread_us_per_doc": round(1e6 * big["driver_thread_s"] / args.docs, 1),
+            "process_us_per_doc": round(1e6 * big["cpu_s"]["driver"] / args.docs, 1),
+            "bound_docs_per_s": round(args.docs / max(big["cpu_s"]["driver"], 1e-9)),
+        },
         # the quality stage (fastText's scores, batched) per core inside the run, vs fastText's
         # predict; with all of the shared chunk lookup (which also serves MinHash and tokens)
         "quality_stage_docs_per_s": round(

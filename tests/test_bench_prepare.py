@@ -39,6 +39,9 @@ def test_prepare_benchmark_runs_and_reports(tmp_path):
     assert set(cpu) == {"cleaning_workers", "driver", "ray_other", "available"}
     assert cpu["cleaning_workers"] > 0 and cpu["driver"] > 0 and cpu["available"] > 0
     assert out["warmup_s"] > 0
+    drv = out["driver"]  # the driver's share: its thread within its process, the bound it sets
+    assert 0 < drv["thread_us_per_doc"] <= drv["process_us_per_doc"]
+    assert drv["bound_docs_per_s"] == round(800 / cpu["driver"])
     assert set(out["us_per_doc_per_core"]) >= {
         "read",
         "normalize",
