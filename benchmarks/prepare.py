@@ -301,13 +301,18 @@ def measure(args, docs: list[str], tmp: Path) -> dict:
         # the same summed per document: steadier than wall time when other tenants share the machine
         "cpu_us_per_doc": round(1e6 * sum(big["cpu_s"].values()) / args.docs, 1),
         # one run's ceiling however many cores clean: the driver decides dedup and packs in input
-        # order on one thread, and Ray Data's threads there share its GIL; its CPU per document
-        # (the thread alone; the process, the shard writer thread included), and the documents
-        # per second that one driver process keeps up with
+        # order on one thread. Its CPU per document, the thread's and the whole process's, and
+        # the documents/s one driver keeps up with: at most the thread's rate (were nothing else
+        # to take its GIL), at least the process's (were none of its other threads, shard writes
+        # and Ray's I/O, to run beside it). Measured per thread once: Ray Data's Python threads
+        # 2-3 µs per document, the shard writer 1-3, Ray's C++ threads 1-2 (benchmarks/RESULTS.md).
         "driver": {
             "thread_us_per_doc": round(1e6 * big["driver_thread_s"] / args.docs, 1),
             "process_us_per_doc": round(1e6 * big["cpu_s"]["driver"] / args.docs, 1),
-            "bound_docs_per_s": round(args.docs / max(big["cpu_s"]["driver"], 1e-9)),
+            "docs_per_s_bound": {
+                "thread": round(args.docs / max(big["driver_thread_s"], 1e-9)),
+                "process": round(args.docs / max(big["cpu_s"]["driver"], 1e-9)),
+            },
         },
         # the quality stage (fastText's scores, batched) per core inside the run, vs fastText's
         # predict; with all of the shared chunk lookup (which also serves MinHash and tokens)

@@ -41,7 +41,8 @@ def test_prepare_benchmark_runs_and_reports(tmp_path):
     assert out["warmup_s"] > 0
     drv = out["driver"]  # the driver's share: its thread within its process, the bound it sets
     assert 0 < drv["thread_us_per_doc"] <= drv["process_us_per_doc"]
-    assert drv["bound_docs_per_s"] == round(800 / cpu["driver"])
+    assert drv["docs_per_s_bound"]["process"] == round(800 / cpu["driver"])
+    assert drv["docs_per_s_bound"]["thread"] >= drv["docs_per_s_bound"]["process"]
     assert set(out["us_per_doc_per_core"]) >= {
         "read",
         "normalize",
