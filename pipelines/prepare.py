@@ -343,8 +343,9 @@ class _Packing:
         self.packers = {
             "train": Packer(
                 cfg.seq_len,
-                ShardWriter(out / "train", cfg.rows_per_shard, dtype, background=True),
-                tok.vocab_size,
+                ShardWriter(
+                    out / "train", cfg.rows_per_shard, dtype, background=True, vocab_size=tok.vocab_size
+                ),
             ),
             "eval": Packer(
                 cfg.seq_len, ShardWriter(out / "eval", cfg.rows_per_shard, dtype, background=True)
@@ -688,7 +689,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
             "num_train": num_train,
             "num_eval": num_eval,
             "tokenizer": "tokenizer.json",
-            "unigram_entropy": unigram_entropy(packers["train"].counts_V),
+            "unigram_entropy": unigram_entropy(packers["train"].writer.counts_V),
             "eos_id": tok.eos_id,
             "token_dtype": packers["train"].writer.dtype.name,
             "format": "input_ids = seq_len + 1 token ids end to end (fixed-size binary, little-endian "

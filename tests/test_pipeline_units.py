@@ -662,15 +662,21 @@ def test_shard_writer_in_the_background_writes_the_same_shards_and_reports_error
     caller's thread would; a write that fails raises in the caller, at close() or the next flush."""
     rows = np.random.default_rng(0).integers(0, 1000, size=(50, 9))
     for background in (False, True):
-        w = ShardWriter(tmp_path / str(background), 7, token_dtype(1000), background=background)
+        w = ShardWriter(tmp_path / str(background), 7, token_dtype(1000), background, vocab_size=1000)
         for k in range(0, 50, 6):
             w.add_rows(rows[k : k + 6])
         w.flush()
         w.close()
         assert w.num_rows == 50 and w.shards == 8
+        assert np.array_equal(w.counts_V, np.bincount(rows.reshape(-1), minlength=1000))
     sync, bg = (sorted((tmp_path / d).iterdir()) for d in ("False", "True"))
     assert [f.name for f in sync] == [f.name for f in bg]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(sync, bg))
+    w = ShardWriter(tmp_path / "over", 4, token_dtype(100), background=True)
+    w.add_rows(np.array([[1, 70_000]], np.int32))
+    w.flush()
+    with pytest.raises(ValueError, match="outside uint16"):  # (checked in the writer's thread)
+        w.close()
     w = ShardWriter(tmp_path / "gone", 2, background=True)
     (tmp_path / "gone").rmdir()  # every write fails
     w.add_rows(np.zeros((2, 3), np.int64))
@@ -681,8 +687,8 @@ def test_shard_writer_in_the_background_writes_the_same_shards_and_reports_error
 
 
 def test_packer_rows_and_entropy(tmp_path):
-    w = ShardWriter(tmp_path / "train", rows_per_shard=3)
-    p = Packer(seq_len=7, writer=w, vocab_size=50)
+    w = ShardWriter(tmp_path / "train", rows_per_shard=3, vocab_size=50)
+    p = Packer(seq_len=7, writer=w)
     rng = np.random.default_rng(0)
     docs = [rng.integers(1, 50, size=n).astype(np.int32) for n in (3, 20, 1, 9, 30)]
     for d in docs:
@@ -695,6 +701,7 @@ def test_packer_rows_and_entropy(tmp_path):
     flat = np.concatenate([np.concatenate([d, [0]]) for d in docs])
     rows = rows_from_arrow(table.column("input_ids"), 8)
     assert rows.dtype == np.int32 and np.array_equal(rows.reshape(-1), flat[: 8 * w.num_rows])
+    assert np.array_equal(w.counts_V, np.bincount(rows.reshape(-1), minlength=50))  # the written tokens
     ids_chunk = pq.ParquetFile(tmp_path / "train" / "part-00000.parquet").metadata.row_group(0).column(1)
     assert ids_chunk.compression == "ZSTD"
     assert unigram_entropy(np.array([5, 5, 0])) == pytest.approx(np.log(2))
