@@ -363,9 +363,16 @@ class Deduplicator:
         self.exact_seen = SeenSet()
         self.band_seen = SeenSet()
 
+    REASONS = ("", "duplicate_exact", "near_duplicate")  # check_codes' codes 0, 1, 2
+
     def check_batch(self, text_hash_N, band_keys_NB) -> list[str]:
         """Per document, in order: '' if new (and remembered), else 'duplicate_exact' or
-        'near_duplicate'. The tables are probed once for the whole batch; documents of the same
+        'near_duplicate' (check_codes, named)."""
+        return [self.REASONS[c] for c in self.check_codes(text_hash_N, band_keys_NB).tolist()]
+
+    def check_codes(self, text_hash_N, band_keys_NB) -> np.ndarray:
+        """Per document, in order (int8): 0 if new (and remembered), 1 for an exact duplicate, 2 for
+        a near duplicate. The tables are probed once for the whole batch; documents of the same
         batch that share a key are compared through small Python sets, in order."""
         h_N = SeenSet._fix(text_hash_N).reshape(-1)
         k_NB = SeenSet._fix(band_keys_NB)
@@ -384,21 +391,24 @@ class Deduplicator:
         for on, cols in ((self.exact, h_N[:, None]), (self.near and B > 0, k_NB)):
             if on and N:  # (also a key repeated inside one document: in no set yet)
                 flat = cols.reshape(-1)
-                _, inv, cnt = np.unique(flat, return_inverse=True, return_counts=True)
-                shared |= (cnt[inv] > 1).reshape(cols.shape).any(axis=1)
+                order = np.argsort(flat)
+                same = flat[order[1:]] == flat[order[:-1]]  # neighbours once sorted: a repeated key
+                repeated = np.zeros(flat.size, dtype=bool)
+                repeated[order[1:][same]] = repeated[order[:-1][same]] = True
+                shared |= repeated.reshape(cols.shape).any(axis=1)
         in_exact = self.exact & seen_exact
         in_band = self.near & seen_band
-        out = np.where(in_exact, "duplicate_exact", np.where(in_band, "near_duplicate", "")).tolist()
+        out = np.where(in_exact, 1, np.where(in_band, 2, 0)).astype(np.int8)
         new_exact: set[int] = set()
         new_bands: set[int] = set()
         for i in np.flatnonzero(shared & ~in_exact).tolist():  # the rule, in order
             h, keys = int(h_N[i]), k_NB[i].tolist()
             if self.exact and h in new_exact:
-                out[i] = "duplicate_exact"
+                out[i] = 1
             elif in_band[i] or (self.near and not new_bands.isdisjoint(keys)):
-                out[i] = "near_duplicate"
+                out[i] = 2
             else:
-                out[i] = ""
+                out[i] = 0
                 new_exact.add(h)
                 new_bands.update(keys)
         fresh = np.flatnonzero(~shared & ~in_exact & ~in_band)  # unique in the batch and new

@@ -579,16 +579,16 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
                 # OK rows hold the same number of band keys each (0 with near-dedup off), others none
                 keys = table.column("band_keys").combine_chunks().values.to_numpy()
                 kept = np.zeros(n, dtype=bool)
-                verdicts = dedup.check_batch(table.column("text_hash").to_numpy()[ok], keys)
-                for i, r in zip(ok.tolist(), verdicts):
-                    if r:
-                        reason[i] = r
-                    else:
-                        kept[i] = True
+                codes = dedup.check_codes(table.column("text_hash").to_numpy()[ok], keys)
+                kept[ok] = codes == 0
+                dup = codes > 0
+                for i, c in zip(ok[dup].tolist(), codes[dup].tolist()):
+                    reason[i] = dedup.REASONS[c]
                 t_dedup += time.perf_counter() - t0
                 report["kept"] += int(kept.sum())
-                for i in np.flatnonzero((status != QUARANTINE) & ~kept):
-                    report["dropped"][reason[i]] += 1
+                report["dropped"].update(
+                    [reason[i] for i in np.flatnonzero((status != QUARANTINE) & ~kept).tolist()]
+                )
                 has_text = table.column("text").is_valid().to_numpy(zero_copy_only=False)
                 topics.offer(table.column("text"), np.flatnonzero(has_text), kept, reason)
                 if fused:
