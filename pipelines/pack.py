@@ -237,14 +237,14 @@ class ShardWriter:
         if not self.buffer:
             return
         shard = (self.dir / f"part-{self.shards:05d}.parquet", self.num_rows, self.buffer)
+        if self._queue is None:
+            self._write(*shard)  # (an error leaves the counts as they were)
+        else:
+            self._check()
+            self._queue.put(shard)
         self.shards += 1
         self.num_rows += self.buffered
         self.buffer, self.buffered = [], 0
-        if self._queue is None:
-            self._write(*shard)
-            return
-        self._check()
-        self._queue.put(shard)
 
     def close(self) -> None:
         """Wait for the queued shards (background); raises a write's error. Idempotent."""

@@ -646,6 +646,7 @@ def test_shard_rows_uint16_int32_and_lists_of_earlier_versions(tmp_path):
         w = ShardWriter(tmp_path / "over", 4, token_dtype(100))
         w.add_rows(np.array([[1, 70_000]], np.int32))
         w.flush()
+    assert w.shards == 0 and w.num_rows == 0  # (nothing counted that was not written)
     old = pa.array([[1, 2, 3], [4, 5, 6]], pa.list_(pa.int32()))
     assert np.array_equal(rows_from_arrow(old[1:], 3), [[4, 5, 6]])
     with pytest.raises(ValueError, match="rows have 3 tokens"):
