@@ -474,7 +474,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     from pipelines.dataset import quiet_ray_data_console
     from pipelines.dedup import Deduplicator
     from pipelines.pack import unigram_entropy
-    from pipelines.readers import QUARANTINE, expand_inputs, group_work, plan_work
+    from pipelines.readers import QUARANTINE, SplitLines, expand_inputs, group_work, plan_work
 
     cfg = cfg or PrepareConfig()
     t_all = time.perf_counter()
@@ -543,6 +543,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         t_pass1 = time.perf_counter()
         items = plan_work(files, cfg.split_bytes)
         tasks = group_work(items, cfg.split_bytes)  # (small files share a task)
+        lines = SplitLines(items)  # (a split file's line numbers: counted here, in order)
         ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
         ds = ds.map_batches(
             _read_clean, batch_size=1, batch_format="pyarrow",
@@ -568,10 +569,12 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
                 report["input_records"] += n
                 status = table.column("status").to_numpy(zero_copy_only=False)
                 reason = table.column("reason").to_pylist()
+                line = lines.of(table)
                 for i in np.flatnonzero(status == QUARANTINE):
                     report["quarantined"] += 1
                     report["quarantine_reasons"][reason[i]] += 1
-                    rec = {k: table.column(k)[i].as_py() for k in ("source", "line", "reason", "excerpt")}
+                    rec = {"source": table.column("source")[i].as_py(), "line": int(line[i])}
+                    rec |= {k: table.column(k)[i].as_py() for k in ("reason", "excerpt")}
                     qf.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 # dedup, in input order, over what the workers kept
                 t0 = time.perf_counter()

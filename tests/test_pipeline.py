@@ -193,6 +193,38 @@ def test_text_under_another_key(ray_local, corpus, tmp_path):
     assert accounting_holds(report)
 
 
+def test_quarantine_lines_of_a_file_read_in_ranges(ray_local, corpus, tmp_path):
+    """A big jsonl file read in byte ranges by several tasks (nothing counted before the cuts):
+    every quarantined record names its line in the file, as a whole-file read would."""
+    lines, bad = [], {}
+    for i in range(3000):
+        if i % 211 == 5:
+            lines.append('{"text": broken')
+            bad[i + 1] = "malformed_json"
+        elif i % 307 == 9:
+            lines.append(json.dumps({"id": i}))
+            bad[i + 1] = "missing_text"
+        else:
+            lines.append(json.dumps({"text": corpus[i % len(corpus)] + f" copy {i}"}))
+    (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        "{oops\n" + json.dumps({"text": corpus[0]}) + "\n"
+    )  # a whole file first
+    cfg = PrepareConfig(**SMALL, split_bytes=64 << 10, num_workers=2)
+    report = prepare(
+        [str(tmp_path / "a.jsonl"), str(tmp_path / "big.jsonl")], tmp_path / "out", cfg, log=lambda _: None
+    )
+    assert report["input_records"] == 3002 and accounting_holds(report)
+    recs = [
+        json.loads(x) for x in (tmp_path / "out" / "quarantine" / "records.jsonl").read_text().splitlines()
+    ]
+    assert {(r["line"], r["reason"]) for r in recs if r["source"].endswith("big.jsonl")} == set(bad.items())
+    assert [(r["line"], r["reason"]) for r in recs if r["source"].endswith("a.jsonl")] == [
+        (1, "malformed_json")
+    ]
+    assert list(recs[0]) == ["source", "line", "reason", "excerpt"]
+
+
 def test_fuzzed_garbage_and_domain(ray_local, corpus, tmp_path):
     rng = random.Random(7)
     inp = tmp_path / "fuzz"

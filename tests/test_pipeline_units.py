@@ -783,17 +783,29 @@ def test_big_jsonl_is_read_in_ranges_with_exact_line_numbers(tmp_path):
     lines = [json.dumps({"text": f"doc {i} " * (i % 50 + 1)}) if i % 97 else "{bad" for i in range(5000)]
     lines[1234] = json.dumps({"text": "y" * 300_000})  # a huge line across a cut point
     p.write_text("\n".join(lines) + "\n")
-    items = plan_work([p, tmp_path / "missing.jsonl"], split_bytes=50_000)
+    from pipelines.readers import SplitLines
+
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(lines[:3]) + "\n")
+    items = plan_work([small, p, tmp_path / "missing.jsonl"], split_bytes=50_000)
     assert len(items) > 10 and items[-1]["path"].endswith("missing.jsonl")
     ranges = [it for it in items if it["path"] == str(p)]
     assert [a["end"] for a in ranges[:-1]] == [b["start"] for b in ranges[1:]] and ranges[-1]["end"] == -1
+    data = p.read_bytes()
+    assert all(data[it["start"] - 1] == ord("\n") for it in ranges[1:])  # cut at line starts
     got = [
-        r
-        for it in ranges
-        for r in read_records(it["path"], 1 << 20, it["start"], it["end"], it["first_line"])
+        r for it in items for r in read_records(it["path"], 1 << 20, it["start"], it["end"], it["first_line"])
     ]
-    assert got == list(read_records(p, 1 << 20))  # same records, same line numbers as one reader
-    assert sum(r[3] == "malformed_json" for r in got) == 52 and got[97][1] == 98
+    want = [r for f in (small, p, tmp_path / "missing.jsonl") for r in read_records(f, 1 << 20)]
+    assert [r[:1] + r[2:] for r in got] == [r[:1] + r[2:] for r in want]  # the same rows, in order
+    # the driver's line numbers (the ranges' readers number from 1), over tables of any cut
+    numbering, lines_got = SplitLines(items), []
+    for a in range(0, len(got), 777):
+        part = got[a : a + 777]
+        table = pa.table({"source": [r[0] for r in part], "line": [r[1] for r in part]})
+        lines_got += numbering.of(table).tolist()
+    assert lines_got == [r[1] for r in want]
+    assert sum(r[3] == "malformed_json" for r in got) == 52 + 1 and lines_got[3 + 97] == 98  # (+ small.jsonl)
 
 
 def test_rows_flat_equals_pyarrow_filter():
