@@ -85,7 +85,7 @@ class PeakRSS:
         self.peak = 0
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (command line, CPU seconds so far)
         self.cleaners: set[int] = set()  # task workers: a process's title names the task it runs
-        # (ray::MapBatches(_read_clean)), else ray::IDLE; the only tasks here are the pipeline's
+        # (ray::ReadClean), else ray::IDLE; the only tasks here are the pipeline's
         self._base: dict[int, float] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -102,7 +102,7 @@ class PeakRSS:
                 continue
             total += rss
             self.cpu[p.pid] = (name, cpu.user + cpu.system)
-            if "ray::IDLE" in name or "MapBatches(" in name:  # (not Ray's own actors and daemons)
+            if "ray::IDLE" in name or "ray::ReadClean" in name:  # (not Ray's own actors and daemons)
                 self.cleaners.add(p.pid)
         return total
 

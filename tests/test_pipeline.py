@@ -364,7 +364,7 @@ def test_killed_cleaning_worker_loses_nothing(ray_local, corpus, tmp_path):
         while not killed and time.time() < deadline:
             if len(list((out / "train").glob("*.parquet"))) >= 1:
                 for p in psutil.process_iter(["pid", "cmdline"]):
-                    if "MapBatches(_read_clean)" in " ".join(p.info["cmdline"] or []):
+                    if "ray::ReadClean" in " ".join(p.info["cmdline"] or []):
                         shards_then.append(len(list((out / "train").glob("*.parquet"))))
                         os.kill(p.info["pid"], signal.SIGKILL)
                         killed.append(p.info["pid"])
