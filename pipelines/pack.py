@@ -127,7 +127,7 @@ def tokenize_documents(
 
 
 class Tokenize:
-    """Ray Data UDF: clean-text shards (text, text_hash) → (tokens list<int32>, eval bool, pieces)."""
+    """Pass 2's work: clean-text shards (text, text_hash) → (tokens list<int32>, eval bool, pieces)."""
 
     def __init__(
         self,
@@ -148,15 +148,11 @@ class Tokenize:
         self.truncate = truncate
         self.max_chars = max_chars
 
-    def __call__(self, paths: pa.Table):
-        """A table of clean-shard paths → one output table per 1024 documents, in order.
-
-        Reading inside the task (not a separate read operator) keeps read and tokenize fused:
-        one Ray task per clean shard.
-        """
-        for path in paths.column("path").to_pylist():
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                yield self.tokenize(pa.Table.from_batches([batch]))
+    def __call__(self, path: str):
+        """A clean-text shard → one output table per 1024 documents, in order (read and tokenized
+        in one Ray task per shard: pipelines.prepare)."""
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield self.tokenize(pa.Table.from_batches([batch]))
 
     def tokenize(self, table: pa.Table) -> pa.Table:
         return pa.table(

@@ -183,41 +183,14 @@ _KEPT = _Kept()
 def _read_clean(
     parts: list[dict], run: str, held: list, max_record_bytes: int, batch_size: int, text_key: str
 ) -> Iterator[pa.Table]:
-    """One read task of `_CleanSource`: a work task's items (`readers.group_work`'s: read in order,
-    small files together) → cleaned tables of ~batch_size rows each, by this process's cleaner of
-    the run (`_Kept`; built from `held`: [ref of its CleanSettings])."""
+    """Pass 1's read task (`_tasks_source`): a work task's items (`readers.group_work`'s: read in
+    order, small files together) → cleaned tables of ~batch_size rows each, by this process's
+    cleaner of the run (`_Kept`; built from `held`: [ref of its CleanSettings])."""
     from pipelines.readers import read_files_rows
 
     with _KEPT.use(f"{run}/clean", lambda: _cleaner(held)) as cleaner:
         for rows, seconds in read_files_rows(parts, max_record_bytes, batch_size, text_key=text_key):
             yield cleaner.clean_rows(rows, seconds)
-
-
-def _clean_source(tasks: list[dict], **kwargs):
-    """The cleaning pass as Ray Data's read: one read task per work task, reading and cleaning it
-    (`_read_clean`). Read tasks travel as task arguments: nothing is put in the object store per
-    work task (`ray.data.from_items` put a block for each: ~1.4 ms of the driver's time apiece before
-    the run started, 34 s for a 100 GB input in 4 MB ranges). Tasks, not an actor pool: Ray Data
-    runs a task again when its worker died, and Ray reuses the worker processes for the next run's
-    tasks (an actor pool's processes start, and import Ray Data, for every run: ~1.7 s of two
-    processes on 2 cores)."""
-    import functools
-
-    from ray.data import Datasource, ReadTask
-    from ray.data.block import BlockMetadata
-
-    class CleanSource(Datasource):
-        def get_name(self) -> str:  # (the operator and its processes: ray::ReadClean)
-            return "Clean"
-
-        def estimate_inmemory_data_size(self):
-            return None
-
-        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
-            return [ReadTask(functools.partial(_read_clean, t["parts"], **kwargs), meta) for t in tasks]
-
-    return CleanSource()
 
 
 def _cleaner(held: list):
@@ -228,15 +201,42 @@ def _cleaner(held: list):
     return Cleaner(ray.get(held[0]))
 
 
-def _tokenize(paths: pa.Table, run: str, held: list) -> Iterator[pa.Table]:
-    """Ray Data task UDF of pass 2: clean-text shard paths → tokenized tables (pipelines.pack.Tokenize,
-    kept per process for the run like the cleaner)."""
+def _tokenize(path: str, run: str, held: list) -> Iterator[pa.Table]:
+    """Pass 2's read task: a clean-text shard → tokenized tables (pipelines.pack.Tokenize, kept per
+    process for the run like the cleaner)."""
     import ray
 
     from pipelines.pack import Tokenize
 
     with _KEPT.use(f"{run}/tokenize", lambda: Tokenize(**ray.get(held[0]))) as tokenize:
-        yield from tokenize(paths)
+        yield from tokenize(path)
+
+
+def _tasks_source(name: str, fn, args: list, **kwargs):
+    """A Ray Data datasource whose read tasks are fn(arg, **kwargs) for each of `args`, in order:
+    a pass's work, read and processed in one task each (ray::Read<name>). Read tasks travel as task
+    arguments: nothing is put in the object store per task (`ray.data.from_items` put a block for
+    each: ~1.4 ms of the driver's time apiece before a run started, 34 s for a 100 GB input in 4 MB
+    ranges). Tasks, not an actor pool: Ray Data runs a task again when its worker died, and Ray
+    reuses the worker processes for the next run's tasks (an actor pool's processes start, and
+    import Ray Data, for every run: ~1.7 s of two processes on 2 cores)."""
+    import functools
+
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class TasksSource(Datasource):
+        def get_name(self) -> str:
+            return name
+
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+            return [ReadTask(functools.partial(fn, a, **kwargs), meta) for a in args]
+
+    return TasksSource()
 
 
 def _concurrency(cfg: PrepareConfig, tasks: int) -> int:
@@ -563,9 +563,9 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         items = plan_work(files, cfg.split_bytes)
         tasks = group_work(items, cfg.split_bytes)  # (small files share a task)
         lines = SplitLines(items)  # (a split file's line numbers: counted here, in order)
-        source = _clean_source(
-            tasks, run=run, held=_hold(settings), max_record_bytes=cfg.max_record_bytes,
-            batch_size=cfg.batch_size, text_key=cfg.text_key,
+        source = _tasks_source(
+            "Clean", _read_clean, [t["parts"] for t in tasks], run=run, held=_hold(settings),
+            max_record_bytes=cfg.max_record_bytes, batch_size=cfg.batch_size, text_key=cfg.text_key,
         )  # fmt: skip
         ds = ray.data.read_datasource(
             source, override_num_blocks=max(1, len(tasks)), concurrency=_concurrency(cfg, len(tasks))
@@ -661,17 +661,14 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         # ---- pass 2 (tokenizer trained above): tokenize (workers) → pack (driver, in order)
         t0 = time.perf_counter()
         if not fused:
-            ds2 = ray.data.from_items(
-                [{"path": str(p)} for p in clean.files], override_num_blocks=len(clean.files)
-            )
             held = _hold({
                 "tokenizer_json": tok.hf.to_str(), "max_doc_tokens": cfg.max_doc_tokens,
                 "eval_fraction": cfg.eval_fraction, "truncate": cfg.truncate_tokens, "max_chars": cfg.max_chars,
             })  # fmt: skip
-            ds2 = ds2.map_batches(
-                _tokenize, batch_size=1, batch_format="pyarrow", fn_kwargs={"run": run, "held": held},
-                compute=ray.data.TaskPoolStrategy(size=_concurrency(cfg, len(clean.files))),
-            )  # fmt: skip
+            source = _tasks_source("Tokenize", _tokenize, [str(p) for p in clean.files], run=run, held=held)
+            ds2 = ray.data.read_datasource(
+                source, override_num_blocks=len(clean.files), concurrency=_concurrency(cfg, len(clean.files))
+            )
             packing = _Packing(cfg, tok, out)
             progress = _Progress("tokenize", log)
             for table in ds2.iter_batches(batch_size=None, batch_format="pyarrow"):
