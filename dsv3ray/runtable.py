@@ -342,8 +342,3 @@ class SpaceChunks:
         full[at[nl] + 1] = run_entry[np.minimum(k, run_entry.size) - 1]
         doc[at[nl] + 1] = self.doc[nl]
         return full, doc, self.doc[nl[k > run_entry.size]]
-
-    def raw(self, at: np.ndarray) -> list[bytes]:
-        """The bytes of the chunks at positions `at`."""
-        j, s, e = self.joined, self.starts, self.ends
-        return [j[s[i] : e[i]] for i in at.tolist()]

@@ -458,7 +458,6 @@ class _ChunkCache:
         """Encode and cache the distinct chunks at `missing`; their entries (-1 where a chunk
         breaks the rule or its key clashed), or None when the cache had to empty."""
         at, inverse, clash = self.table.distinct(ch.joined, ch.starts, ch.ends, missing, key)
-        raw = ch.raw(at)
         safe, sizes, flat = self.encode_runs(ch.joined, ch.starts[at], ch.ends[at], ch.first[at])
         if self.table.size + int(safe.sum()) > self.table.max_entries:
             self._clear()
@@ -466,7 +465,8 @@ class _ChunkCache:
         sel = np.flatnonzero(safe)
         new = np.full(at.size, -1, dtype=np.int64)
         first = self.table.size
-        new[sel] = self.table.append(at[sel], [raw[j] for j in sel.tolist()], key)
+        kept = at[sel]  # (their bytes read in place: only chunks too long for a key need them)
+        new[sel] = self.table.append(kept, (ch.joined, ch.starts[kept], ch.ends[kept]), key)
         self.ids.append(first, sizes[sel], [flat])  # (unsafe chunks have no ids in flat)
         result = new[inverse]
         result[clash] = -1
