@@ -175,14 +175,15 @@ def detect_format(path: Path, head: bytes) -> str:
 
 
 def plan_work(files: list[Path], split_bytes: int) -> list[dict]:
-    """Work items {path, start, end, first_line}: whole files, except plain (uncompressed) jsonl
-    files larger than `split_bytes`, which are cut into byte ranges at line starts so that one big
-    file is read and cleaned by many workers. Only the bytes around each cut are read here (a scan
-    of the whole file cost the driver ~0.5 s per GB from the page cache, before any worker started): a range's lines are
-    numbered from 1 by its reader, and `SplitLines` gives a split file's rows their line numbers."""
+    """Work items {path, start, end}: whole files, except plain (uncompressed) jsonl files larger
+    than `split_bytes`, which are cut into byte ranges at line starts so that one big file is read
+    and cleaned by many workers. Only the bytes around each cut are read here (a scan of the whole
+    file to count lines cost the driver ~0.5 s per GB from the page cache, before any worker
+    started): a range's reader numbers its lines from 1, and `SplitLines` gives a split file's rows
+    their line numbers."""
     items = []
     for f in files:
-        whole = {"path": str(f), "start": 0, "end": -1, "first_line": 1}
+        whole = {"path": str(f), "start": 0, "end": -1}
         try:
             size = f.stat().st_size
             if size <= split_bytes:
@@ -251,7 +252,7 @@ def _split_jsonl(fh, path: str, size: int, split_bytes: int) -> list[dict]:
         starts.append(pos)
         target = pos + split_bytes
     ends = starts[1:] + [-1]
-    return [{"path": path, "start": a, "end": b, "first_line": 1} for a, b in zip(starts, ends)]
+    return [{"path": path, "start": a, "end": b} for a, b in zip(starts, ends)]
 
 
 class SplitLines:
@@ -284,11 +285,10 @@ def read_records(
     max_record_bytes: int,
     start: int = 0,
     end: int = -1,
-    first_line: int = 1,
     text_key: str = "text",
 ) -> Iterator[tuple]:
     """Yield (source, line, status, reason, excerpt, text) for every record of one file, or of
-    the byte range [start, end) of a plain jsonl file (see plan_work)."""
+    the byte range [start, end) of a plain jsonl file (see plan_work; its lines numbered from 1)."""
     path = Path(path)
     src = str(path)
     kind = _not_regular(path)
@@ -299,9 +299,9 @@ def read_records(
         try:
             with open(path, "rb") as f:
                 f.seek(start)
-                yield from _read_jsonl(f, src, max_record_bytes, end=end, lineno=first_line - 1, key=text_key)
+                yield from _read_jsonl(f, src, max_record_bytes, end=end, key=text_key, whole=False)
         except OSError as e:
-            yield (src, first_line, QUARANTINE, "unreadable_file", str(e), None)
+            yield (src, 1, QUARANTINE, "unreadable_file", str(e), None)
         return
     try:
         with open(path, "rb") as raw:
@@ -362,9 +362,12 @@ def _json_kind(head: bytes) -> str | None:
 
 
 def _read_jsonl(
-    f, src: str, max_bytes: int, end: int = -1, lineno: int = 0, key: str = "text"
+    f, src: str, max_bytes: int, end: int = -1, key: str = "text", whole: bool = True
 ) -> Iterator[tuple]:
-    if lineno == 0 and end < 0:  # a whole file: is it JSON rather than jsonl?
+    """Rows of a jsonl file, or of a byte range of one (whole=False: never taken for JSON, even the
+    last range, which reads to the end), lines numbered from 1."""
+    lineno = 0
+    if whole:  # is it JSON rather than jsonl?
         kind = _json_kind(f.peek(8192)[:8192])
         if kind is not None:  # (streamed: its first line may be the whole file)
             yield from _read_json_stream(f, src, max_bytes, key, array=kind == "array")
@@ -692,9 +695,7 @@ def read_files_rows(
     rows, size = [], 0
     t0 = time.perf_counter()  # reading time only: the clock restarts when the consumer returns
     for item in items:
-        for rec in read_records(
-            item["path"], max_record_bytes, item["start"], item["end"], item["first_line"], text_key
-        ):
+        for rec in read_records(item["path"], max_record_bytes, item["start"], item["end"], text_key):
             rows.append(rec)
             size += len(rec[5]) if rec[5] else 0
             if len(rows) >= batch_size or size >= max_batch_bytes:

@@ -202,7 +202,7 @@ def test_readers_compressed_inputs(tmp_path):
     (tmp_path / "noext").write_bytes(zstd(body))  # no suffix: the magic bytes decide, then the content
     assert len(list(read_records(tmp_path / "noext", 1 << 20))) == len(docs)
     items = plan_work([tmp_path / "c.jsonl.zst"], split_bytes=64)  # never cut a compressed file
-    assert items == [{"path": str(tmp_path / "c.jsonl.zst"), "start": 0, "end": -1, "first_line": 1}]
+    assert items == [{"path": str(tmp_path / "c.jsonl.zst"), "start": 0, "end": -1}]
 
 
 def test_readers_text_key(tmp_path):
@@ -793,9 +793,7 @@ def test_big_jsonl_is_read_in_ranges_with_exact_line_numbers(tmp_path):
     assert [a["end"] for a in ranges[:-1]] == [b["start"] for b in ranges[1:]] and ranges[-1]["end"] == -1
     data = p.read_bytes()
     assert all(data[it["start"] - 1] == ord("\n") for it in ranges[1:])  # cut at line starts
-    got = [
-        r for it in items for r in read_records(it["path"], 1 << 20, it["start"], it["end"], it["first_line"])
-    ]
+    got = [r for it in items for r in read_records(it["path"], 1 << 20, it["start"], it["end"])]
     want = [r for f in (small, p, tmp_path / "missing.jsonl") for r in read_records(f, 1 << 20)]
     assert [r[:1] + r[2:] for r in got] == [r[:1] + r[2:] for r in want]  # the same rows, in order
     # the driver's line numbers (the ranges' readers number from 1), over tables of any cut
@@ -806,6 +804,14 @@ def test_big_jsonl_is_read_in_ranges_with_exact_line_numbers(tmp_path):
         lines_got += numbering.of(table).tolist()
     assert lines_got == [r[1] for r in want]
     assert sum(r[3] == "malformed_json" for r in got) == 52 + 1 and lines_got[3 + 97] == 98  # (+ small.jsonl)
+    # the last range reads to the end of the file: it is never taken for a JSON array or stream
+    tail = tmp_path / "tail.jsonl"
+    tail.write_text(json.dumps({"text": "a"}) + "\n[1, 2]\n" + json.dumps({"text": "b"}) + "\n")
+    cut = len(json.dumps({"text": "a"})) + 1
+    assert [(r[1], r[3], r[5]) for r in read_records(tail, 1 << 20, cut, -1)] == [
+        (1, "not_an_object", None),
+        (2, "", "b"),
+    ]
 
 
 def test_rows_flat_equals_pyarrow_filter():
