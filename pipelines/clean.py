@@ -151,8 +151,8 @@ class CleanSettings:
     shingle_words: int
     near_threshold: float
     seed: int
-    # (payloads out of repr: Ray Data formats the UDF's constructor kwargs when it plans a run,
-    # ~0.1 s of start-up for the model's megabytes)
+    # (payloads out of repr: Ray Data formatted a UDF's arguments when it planned a run, ~0.1 s of
+    # start-up for the model's megabytes; a dataclass repr is still what a log or error shows)
     quality_model: bytes | None = field(default=None, repr=False)  # fastText .bin contents
     quality_label: str = "__label__good"
     quality_threshold: float = 0.5

@@ -253,7 +253,7 @@ def _concurrency(cfg: PrepareConfig, tasks: int) -> int:
 
 
 def _hold(value) -> list:
-    """A task UDF's large argument (models, settings), put in the object store once by the driver,
+    """A read task's large argument (models, settings), put in the object store once by the driver,
     which holds it for the run: [ref] (inside a list a ref reaches the task as the ref: only the
     run's first task in a process reads it, to build what the process keeps)."""
     import ray
@@ -519,10 +519,11 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     )  # fmt: skip
     # order is part of the result: which duplicate survives, which rows pack together
     ctx.execution_options.preserve_order = True
-    # one map operator: Ray Data's per-operator reservation (half the CPUs each, the input
-    # operator's half lent out only later) ran the first ~1 s of a run on one task of two; and
-    # its backpressure on the driver's pace (the tasks' queued outputs over what the driver takes)
-    # left workers idle between tasks: a task's output is bounded by GEN_BUFFER_BLOCKS instead
+    # one operator per pass (a read that cleans): Ray Data's per-operator reservation (half the
+    # CPUs each, the input operator's half lent out only later) ran the first ~1 s of a run on
+    # one task of two; and its backpressure on the driver's pace (the tasks' queued outputs over
+    # what the driver takes) left workers idle between tasks: a task's output is bounded by
+    # GEN_BUFFER_BLOCKS instead
     ctx.op_resource_reservation_enabled = False
     ctx.downstream_capacity_backpressure_ratio = None
     ctx.enable_progress_bars = False
