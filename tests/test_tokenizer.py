@@ -76,6 +76,53 @@ def test_chunk_cache_encodes_exactly_like_the_library():
     assert [len(a) for a in Tokenizer(cut).encode_batch(docs[:3])] == [5, 5, 5]
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: s.update(normalizer={"type": "NFC"}),
+        lambda s: s["pre_tokenizer"].update(add_prefix_space=True),
+        lambda s: s["pre_tokenizer"].update(use_regex=False),
+        lambda s: s.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [s["pre_tokenizer"]]}),
+        lambda s: s["model"].update(dropout=0.1),
+        lambda s: s.update(
+            post_processor={
+                "type": "ByteLevel",
+                "add_prefix_space": False,
+                "trim_offsets": False,
+                "use_regex": True,
+            }
+        ),
+        lambda s: s.update(
+            padding={
+                "strategy": "BatchLongest",
+                "direction": "Right",
+                "pad_to_multiple_of": None,
+                "pad_id": 0,
+                "pad_type_id": 0,
+                "pad_token": "[PAD]",
+            }
+        ),
+    ],
+)
+def test_the_chunk_rule_holds_only_for_a_plain_byte_level_bpe(change):
+    """Each option that makes a text's ids differ from its chunks' (or whose effect was never
+    checked against them) turns the chunk cache off: the library encodes."""
+    import json
+
+    from tokenizers import Tokenizer as HF
+
+    tok = train_tokenizer(TEXTS, vocab_size=400)
+    assert tok._chunks is not None
+    spec = json.loads(tok.hf.to_str())
+    change(spec)
+    other = Tokenizer(HF.from_str(json.dumps(spec)))
+    assert other._chunks is None
+    if not spec["model"].get("dropout"):  # (dropout: a random encoding each call)
+        assert [a.tolist() for a in other.encode_batch(TEXTS[:3])] == [
+            e.ids for e in other.hf.encode_batch(TEXTS[:3])
+        ]
+
+
 def test_texts_with_a_chunk_over_max_chunk_encode_chunk_by_chunk_like_the_library():
     """A chunk over MAX_CHUNK bytes (code lines joined by newlines, a long URL, a table rule) is not
     cached; its text is encoded chunk by chunk for the call (`encode_uncached`), not by the
