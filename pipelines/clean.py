@@ -153,7 +153,8 @@ class CleanSettings:
     seed: int
     # (payloads out of repr: Ray Data formatted a UDF's arguments when it planned a run, ~0.1 s of
     # start-up for the model's megabytes; a dataclass repr is still what a log or error shows)
-    quality_model: bytes | None = field(default=None, repr=False)  # fastText .bin contents
+    # fastText's model: QualityScorer.payload (its batched predictor, or its .bin contents)
+    quality_model: object | None = field(default=None, repr=False)
     quality_label: str = "__label__good"
     quality_threshold: float = 0.5
     unigram_lm: object | None = field(default=None, repr=False)  # pipelines.quality.UnigramLM
@@ -181,9 +182,9 @@ class Cleaner:
         )
         self.scorer = None
         if settings.quality_model is not None:
-            from pipelines.quality import load_scorer_from_bytes
+            from pipelines.quality import load_scorer
 
-            self.scorer = load_scorer_from_bytes(settings.quality_model, settings.quality_label)
+            self.scorer = load_scorer(settings.quality_model, settings.quality_label)
         self.tok = None
         if settings.tokenizer_json is not None:
             from tokenizers import Tokenizer as HF

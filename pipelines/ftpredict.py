@@ -120,6 +120,24 @@ class BatchPredictor:
         self.table = RunTable(min(max_entries, max(1 << 10, (256 << 20) // (8 * L))))  # <= 256 MB of logits
         self._clear()
 
+    def __getstate__(self) -> dict:
+        """Pickled without fastText's model and with an empty word table: a cleaning worker
+        rebuilds the predictor from its arrays (vocabulary table, row logits: ~1.2 MB for the
+        default model) instead of writing the model's .bin to a file and loading it, and computing
+        those arrays again (~50 ms per worker per run). A model with character n-grams cannot
+        travel so: its words' subwords are the model's to compute."""
+        if self.subwords:
+            raise TypeError("a predictor of a model with character n-grams needs the model: send its .bin")
+        state = self.__dict__.copy()
+        state["model"], state["table"] = None, self.table.max_entries
+        del state["values_V"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.table = RunTable(state["table"])
+        self._clear()
+
     def _clear(self) -> None:
         self.table.clear()
         cap = 1 << 10  # grown by doubling (amortized: a batch's new words do not copy the table)

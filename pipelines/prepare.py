@@ -412,8 +412,8 @@ def _load_models(cfg: PrepareConfig, log) -> dict:
                     f"prepare.quality_model {path} does not exist: train one with `dsv3ray quality train` or unset it"
                 )
         # a bad file or label: one line here, not a worker traceback
-        QualityScorer(path, cfg.quality_label, batched=False)
-        out["quality_model"] = path.read_bytes()
+        scorer = QualityScorer(path, cfg.quality_label)
+        out["quality_model"] = scorer.payload(path)
         out["quality_model_path"] = str(path)
     if cfg.perplexity:
         out["unigram_lm"] = UnigramLM.fit(reference_texts(cfg.perplexity_reference))

@@ -161,6 +161,29 @@ class QualityScorer:
             out.append(next((float(p) for p, lab in pairs if lab == label), 0.0))
         return out
 
+    @classmethod
+    def of_predictor(cls, batch, label: str = GOOD) -> QualityScorer:
+        """A scorer that is only its batched predictor (`pipelines.ftpredict.BatchPredictor`, as
+        a worker receives it: no fastText model in the process, so no `fasttext_scores`)."""
+        scorer = cls.__new__(cls)
+        scorer.model, scorer.label, scorer.batch = None, label, batch
+        return scorer
+
+    def payload(self, model_path: str | Path):
+        """What a worker needs to score as this scorer (loaded from `model_path`) does: the
+        batched predictor where it travels without the model (pickled:
+        pipelines.ftpredict.BatchPredictor.__getstate__), else the model file's contents."""
+        if self.batch is not None and not self.batch.subwords:
+            return self.batch
+        return Path(model_path).read_bytes()
+
+
+def load_scorer(payload, label: str = GOOD) -> QualityScorer:
+    """The scorer of a `QualityScorer.payload`."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return load_scorer_from_bytes(bytes(payload), label)
+    return QualityScorer.of_predictor(payload, label)
+
 
 def load_scorer_from_bytes(data: bytes, label: str = GOOD) -> QualityScorer:
     """Workers receive the model's bytes (no shared filesystem needed) and load a private copy."""

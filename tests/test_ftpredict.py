@@ -4,6 +4,7 @@ non-ASCII and very long words), for the default model and for models with word t
 character n-grams and three labels, across batches and a table small enough to empty."""
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -15,7 +16,12 @@ os.environ.setdefault("DSV3RAY_CACHE", str(Path(tempfile.gettempdir()) / "dsv3ra
 
 from dsv3ray.runtable import byte_runs, padded  # noqa: E402
 from pipelines.ftpredict import UNICODE_SPACES, BatchPredictor, fnv1a_reference, fnv1a_runs  # noqa: E402
-from pipelines.quality import MAX_PREDICT_CHARS, QualityScorer, default_quality_model  # noqa: E402
+from pipelines.quality import (  # noqa: E402
+    MAX_PREDICT_CHARS,
+    QualityScorer,
+    default_quality_model,
+    load_scorer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +102,30 @@ def test_other_models_score_equal_fasttext(tmp_path, texts, kw):
     assert scorer.batch is not None
     ref = _check(scorer, texts[400:1400])
     assert np.ptp(ref[ref > 0]) > 0.3  # the model tells texts apart: scores spread
+    if scorer.batch.subwords:  # character n-grams: the worker gets the model itself
+        assert scorer.payload(path) == path.read_bytes()
+        with pytest.raises(TypeError, match="character n-grams"):
+            pickle.dumps(scorer.batch)
+        np.testing.assert_allclose(
+            load_scorer(scorer.payload(path), "__label__a").scores(texts[400:1400]), ref, atol=2e-6
+        )
+
+
+def test_the_predictor_travels_without_the_model(texts):
+    """What a cleaning worker receives of the default model: its batched predictor, pickled
+    without fastText's model and with an empty word table; it scores as the model does."""
+    scorer = QualityScorer(default_quality_model())
+    scorer.batch.scores(texts[:300], MAX_PREDICT_CHARS)  # (a warm table: not sent)
+    payload = scorer.payload(default_quality_model())
+    assert payload is scorer.batch
+    blob = pickle.dumps(payload)
+    assert len(blob) < default_quality_model().stat().st_size / 4  # smaller than the .bin
+    worker = load_scorer(pickle.loads(blob))
+    assert worker.model is None and worker.batch.model is None and worker.batch.table.size == 0
+    ref = np.array(scorer.fasttext_scores(texts), dtype=np.float64)
+    got = worker.scores(texts)
+    assert np.array_equal(got == 0, ref == 0)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
 
 
 def test_three_labels_and_uncovered_losses(tmp_path, texts):
