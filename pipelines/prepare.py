@@ -489,6 +489,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     An input "corpus:stdlib" (or "corpus:stdlib:BYTES") stands for the built-in demo corpus
     (pipelines.corpus), written to DIR/_corpus/ first.
     """
+    from pipelines import native
     from pipelines.clean import STAGES, CleanSettings
     from pipelines.dataset import quiet_ray_data_console
     from pipelines.dedup import Deduplicator
@@ -507,6 +508,12 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     if demo:  # the built-in corpus is written into DIR/_corpus (cleared above)
         files += expand_inputs(_demo_inputs(demo, out, log))
     models = _load_models(cfg, log)
+    # the C helpers, built here once for this machine's workers (else each would on first use)
+    native_helpers = native.library() is not None
+    if not native_helpers:
+        log(
+            "prepare: the C helpers (pipelines/native.c) are not available here: the numpy paths run (slower)"
+        )
     # a known tokenizer: tokenize in the cleaning pass (one pass); else train one on the kept text
     fused = cfg.tokenizer is not None
     tok = Tokenizer.load(cfg.tokenizer) if fused else None  # a bad path: one line, before Ray starts
@@ -555,6 +562,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         "quarantined": 0,
         "quarantine_reasons": Counter(),
         "stages": {},
+        "native_helpers": native_helpers,  # (this machine's; a cluster node without a C compiler: numpy)
     }
     packing = None
     try:

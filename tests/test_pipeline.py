@@ -85,6 +85,9 @@ def test_contract_and_accounting(prepared, messy):
     assert accounting_holds(report)
     disk = json.loads((out / "report.json").read_text())
     assert accounting_holds(disk) and disk["kept"] == report["kept"]
+    from pipelines import native
+
+    assert disk["native_helpers"] is (native.library() is not None)  # (the C helpers: built here)
     # planted: docs[3], docs[5] (equal after normalize), corpus[0] in parquet; the stdlib repeats some too
     assert disk["dropped"]["duplicate_exact"] >= 3
     assert disk["dropped"]["near_duplicate"] >= 1

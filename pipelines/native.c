@@ -1,0 +1,91 @@
+/* Hot loops of the cleaning workers in C. Each function gives, bit for bit, what the numpy
+ * function named in its comment gives (that function stays the reference and the fallback; the
+ * tests compare the two). Built on first use by pipelines/native.py (cc -O2 -shared -fPIC) and
+ * called through ctypes: no Python headers, no Python objects here. */
+#include <stdint.h>
+#include <stdlib.h>
+
+/* pipelines.dedup._mix64: splitmix64's finalizer. */
+static inline uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 30;
+    x *= 0xBF58476D1CE4E5B9ULL;
+    x ^= x >> 27;
+    x *= 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+/* One document's bins after hashing (row: P values, `empty` where no shingle fell) → densified,
+ * written to out (P uint32). */
+static void densify(int64_t P, uint64_t *row, unsigned char *full, const int16_t *borrow, uint32_t *out)
+{
+    const uint64_t empty = (uint64_t)1 << 32;
+    for (int64_t b = 0; b < P; b++)
+        full[b] = row[b] != empty;
+    for (int64_t b = 0; b < P; b++) {
+        if (full[b])
+            continue;
+        for (int64_t t = 0; t < P - 1; t++) { /* (the sources: non-empty after hashing) */
+            int64_t src = borrow[t * P + b];
+            if (full[src]) {
+                row[b] = row[src];
+                break;
+            }
+        }
+    }
+    for (int64_t b = 0; b < P; b++)
+        out[b] = (uint32_t)row[b]; /* (an empty bin left: 2^32 -> 0, as numpy's cast) */
+}
+
+static inline void add_shingle(uint64_t *row, int64_t P, uint64_t s, uint64_t salt)
+{
+    uint64_t h = mix64(s ^ salt);
+    uint64_t *cell = row + (int64_t)(((h >> 32) * (uint64_t)P) >> 32);
+    uint64_t v = h & 0xFFFFFFFFULL, c = *cell;
+    *cell = v < c ? v : c; /* (no branch: a random value is the smaller one half the time) */
+}
+
+/* pipelines.dedup.MinHasher.signatures_from_shingles: the signatures (n documents x P bins,
+ * uint32, row-major into `out`) of S shingles, shingle j (s[j]) of document d[j] (0 <= d[j] < n).
+ * One-permutation hashing: the mixed hash's high 32 bits pick the bin, its low 32 bits are the
+ * value, a bin keeps its minimum. Optimal densification: an empty bin takes the value of the first
+ * bin in its own order (borrow: (P - 1) x P, row t = every bin's t-th choice) that was non-empty
+ * after hashing; a document with no shingle keeps every bin 0. Shingles sorted by document (as
+ * the batches give them) are hashed one document at a time into one row of bins (in cache);
+ * otherwise into all n rows first. Returns 0, or -1 when scratch memory could not be allocated. */
+int minhash_signatures(int64_t n, int64_t P, int64_t S, const uint64_t *s, const int64_t *d,
+                       uint64_t salt, const int16_t *borrow, uint32_t *out)
+{
+    const uint64_t empty = (uint64_t)1 << 32; /* above every value */
+    int sorted = 1;
+    for (int64_t j = 1; j < S && sorted; j++)
+        sorted = d[j] >= d[j - 1];
+    int64_t rows = sorted ? 1 : n;
+    uint64_t *sig = malloc((size_t)(rows * P) * sizeof *sig + 1);
+    unsigned char *full = malloc((size_t)P + 1);
+    if (!sig || !full) {
+        free(sig);
+        free(full);
+        return -1;
+    }
+    if (sorted) {
+        int64_t j = 0;
+        for (int64_t doc = 0; doc < n; doc++) {
+            for (int64_t b = 0; b < P; b++)
+                sig[b] = empty;
+            for (; j < S && d[j] == doc; j++)
+                add_shingle(sig, P, s[j], salt);
+            densify(P, sig, full, borrow, out + doc * P);
+        }
+    } else {
+        for (int64_t c = 0; c < n * P; c++)
+            sig[c] = empty;
+        for (int64_t j = 0; j < S; j++)
+            add_shingle(sig + d[j] * P, P, s[j], salt);
+        for (int64_t doc = 0; doc < n; doc++)
+            densify(P, sig + doc * P, full, borrow, out + doc * P);
+    }
+    free(sig);
+    free(full);
+    return 0;
+}

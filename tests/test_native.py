@@ -1,0 +1,77 @@
+"""The C helpers (pipelines/native.c) give bit for bit what their numpy definitions give, are
+built once per machine and source, and step aside cleanly: no compiler or DSV3RAY_NATIVE=0 means
+the numpy paths, with one warning."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("DSV3RAY_CACHE", str(Path(tempfile.gettempdir()) / "dsv3ray-test-cache"))
+
+from pipelines import native  # noqa: E402
+from pipelines.dedup import MinHasher  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_cc = pytest.mark.skipif(native.library() is None, reason="no C compiler: the numpy paths run")
+
+
+@needs_cc
+@pytest.mark.parametrize("num_perm", [1, 2, 7, 128, 2048])
+def test_minhash_signatures_in_c_equal_numpy(num_perm):
+    """Shingles sorted by document (as batches give them) and not, documents without a shingle,
+    with one, with more than bins, a single bin, the largest table."""
+    rng = np.random.default_rng(num_perm)
+    mh = MinHasher(num_perm, seed=num_perm)
+    sizes = rng.choice([0, 1, 2, 5, 40, 150, 3000], size=80)
+    d_S = np.repeat(np.arange(sizes.size), sizes)
+    s_S = rng.integers(0, 2**64, size=d_S.size, dtype=np.uint64)
+    for d, s in ((d_S, s_S), (d_S[::-1].copy(), s_S), (np.zeros(0, np.int64), s_S[:0])):
+        want = mh.signatures_from_shingles_numpy(sizes.size, s, d)
+        got = native.minhash_signatures(sizes.size, num_perm, s, d, mh.salt, mh.borrow_T)
+        assert got.dtype == np.uint32 and np.array_equal(got, want)
+    assert (got == 0).all()  # no shingle at all: every bin 0, as numpy's cast of the empty mark
+    with pytest.raises(IndexError):  # (C would write outside the output)
+        native.minhash_signatures(3, num_perm, s_S[:1], np.array([3]), mh.salt, mh.borrow_T)
+
+
+@needs_cc
+def test_the_library_is_built_once_per_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSV3RAY_CACHE", str(tmp_path))
+    path = native.build()
+    assert path.parent == tmp_path and path.is_file() and path.suffix == ".so"
+    mtime = path.stat().st_mtime_ns
+    assert native.build() == path and path.stat().st_mtime_ns == mtime  # cached: not compiled again
+    assert not list(tmp_path.glob("*.part"))
+
+
+def _fresh_process(env: dict) -> subprocess.CompletedProcess:
+    code = (
+        "import numpy as np; from pipelines import native; from pipelines.dedup import MinHasher\n"
+        "m = MinHasher(16, seed=1); s = np.arange(50, dtype=np.uint64); d = np.arange(50) // 10\n"
+        "print(native.library() is None, m.signatures_from_shingles(5, s, d).sum() == "
+        "m.signatures_from_shingles_numpy(5, s, d).sum())"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_without_a_compiler_the_numpy_paths_run(tmp_path):
+    done = _fresh_process({"CC": "/nonexistent/cc", "DSV3RAY_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True"]
+    assert "numpy paths run" in done.stderr and done.stderr.count("were not built") == 1
+    done = _fresh_process({"CC": "/bin/false", "DSV3RAY_CACHE": str(tmp_path)})  # a compiler that fails
+    assert done.stdout.split() == ["True", "True"] and "exited 1" in done.stderr
+    done = _fresh_process({"DSV3RAY_NATIVE": "0"})  # switched off
+    assert done.stdout.split() == ["True", "True"] and done.stderr == ""
