@@ -89,3 +89,38 @@ int minhash_signatures(int64_t n, int64_t P, int64_t S, const uint64_t *s, const
     free(full);
     return 0;
 }
+
+/* pipelines.clean._whitespace_runs: n bytes of texts joined by (and starting and ending with) byte
+ * sep (> 32), with no control byte but tab and newline; each maximal run of whitespace (bytes <=
+ * 32) next to a sep goes, one without a newline becomes one space, one with k newlines becomes
+ * min(k, 2) newlines. Writes the result to out (n bytes at most); returns its length. */
+int64_t whitespace_runs(const uint8_t *in, int64_t n, uint8_t sep, uint8_t *out)
+{
+    int64_t o = 0, i = 0;
+    while (i < n) {
+        uint8_t c = in[i];
+        if (c > 32) {
+            out[o++] = c;
+            i++;
+            continue;
+        }
+        int64_t j = i, k = 0;
+        while (j < n && in[j] <= 32) {
+            k += in[j] == '\n';
+            j++;
+        }
+        /* (the byte before a run is no whitespace, so it is the last one written) */
+        int edge = (o == 0 || out[o - 1] == sep) || (j >= n || in[j] == sep);
+        if (!edge) {
+            if (k == 0) {
+                out[o++] = ' ';
+            } else {
+                out[o++] = '\n';
+                if (k > 1)
+                    out[o++] = '\n';
+            }
+        }
+        i = j;
+    }
+    return o;
+}

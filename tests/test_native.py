@@ -40,6 +40,25 @@ def test_minhash_signatures_in_c_equal_numpy(num_perm):
 
 
 @needs_cc
+def test_whitespace_runs_in_c_equal_numpy():
+    """Fuzzed texts of spaces, tabs, newlines and letters, joined by the separator as
+    normalize_batch joins them: runs inside, at both ends, whole texts of whitespace, empty texts."""
+    import random
+
+    from pipelines.clean import _whitespace_runs
+
+    rng = random.Random(0)
+    pool = list(" \t\nab.") + ["  ", "\n\n", " \n ", "\t\n\t"]
+    texts = [b"", b" ", b"\n", b"a", b" a ", b"a  b"] + [
+        "".join(rng.choice(pool) for _ in range(rng.randint(0, 25))).encode() for _ in range(20_000)
+    ]
+    for lo in (0, 3, 5000):
+        joined = b"\xff" + b"\xff".join(texts[lo : lo + 8000]) + b"\xff"
+        assert native.whitespace_runs(joined, 0xFF) == _whitespace_runs(joined, 0xFF)
+    assert native.whitespace_runs(b"\xff\xff", 0xFF) == b"\xff\xff"
+
+
+@needs_cc
 def test_the_library_is_built_once_per_source(tmp_path, monkeypatch):
     monkeypatch.setenv("DSV3RAY_CACHE", str(tmp_path))
     path = native.build()
