@@ -44,7 +44,15 @@ def fnv1a_reference(word: bytes) -> int:
 def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """fnv1a_reference of each word buf[starts:ends] of a uint8 buffer (read in place),
     sign-extended from int32 to 64 bits as fastText's n-gram mix reads it (`uint64_t h = int32
-    hash`); returns uint64 [len(starts)]."""
+    hash`); returns uint64 [len(starts)]. In C where built (pipelines.native), else numpy below."""
+    from pipelines import native
+
+    done = native.fnv1a_runs(buf, starts, ends)
+    return done if done is not None else fnv1a_runs_numpy(buf, starts, ends)
+
+
+def fnv1a_runs_numpy(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """fnv1a_runs in numpy: the definition the C version is tested against."""
     lens = ends - starts
     h = np.full(lens.size, 2166136261, dtype=np.uint32)
     short = np.flatnonzero(lens <= _SHORT)

@@ -124,3 +124,16 @@ int64_t whitespace_runs(const uint8_t *in, int64_t n, uint8_t sep, uint8_t *out)
     }
     return o;
 }
+
+/* pipelines.ftpredict.fnv1a_runs: fastText's 32-bit FNV-1a hash of each run buf[starts[i]:ends[i]]
+ * (its bytes read as signed chars, as fastText's Dictionary::hash does), sign-extended to 64 bits
+ * (as its n-gram mix reads it), into out[i]. */
+void fnv1a_runs(int64_t m, const uint8_t *buf, const int64_t *starts, const int64_t *ends, uint64_t *out)
+{
+    for (int64_t i = 0; i < m; i++) {
+        uint32_t h = 2166136261u;
+        for (int64_t p = starts[i]; p < ends[i]; p++)
+            h = (h ^ (uint32_t)(int32_t)(int8_t)buf[p]) * 16777619u;
+        out[i] = (uint64_t)(int64_t)(int32_t)h;
+    }
+}

@@ -54,6 +54,8 @@ def _load() -> ctypes.CDLL | None:
     lib.minhash_signatures.restype = ctypes.c_int
     lib.whitespace_runs.argtypes = [vp, i64, ctypes.c_uint8, vp]
     lib.whitespace_runs.restype = i64
+    lib.fnv1a_runs.argtypes = [i64, vp, vp, vp, vp]
+    lib.fnv1a_runs.restype = None
     return lib
 
 
@@ -121,6 +123,22 @@ def whitespace_runs(joined: bytes, sep: int) -> bytes | None:
     out = np.empty(src.size, dtype=np.uint8)
     size = lib.whitespace_runs(_ptr(src), src.size, sep, _ptr(out))
     return out[:size].tobytes()
+
+
+def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """pipelines.ftpredict.fnv1a_runs in C (a loop per word instead of one numpy pass per byte
+    position), or None when the library is not available (the caller's numpy path then)."""
+    lib = library()
+    if lib is None:
+        return None
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    ends = np.ascontiguousarray(ends, dtype=np.int64)
+    if starts.size and (starts.min() < 0 or ends.max() > buf.size or (ends < starts).any()):
+        raise IndexError("fnv1a_runs: a run outside the buffer")  # (C reads there)
+    buf = np.ascontiguousarray(buf, dtype=np.uint8)
+    out = np.empty(starts.size, dtype=np.uint64)
+    lib.fnv1a_runs(starts.size, _ptr(buf), _ptr(starts), _ptr(ends), _ptr(out))
+    return out
 
 
 if __name__ == "__main__":  # build ahead (a cluster image), and say where it went

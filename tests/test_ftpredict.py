@@ -15,7 +15,13 @@ import pytest
 os.environ.setdefault("DSV3RAY_CACHE", str(Path(tempfile.gettempdir()) / "dsv3ray-test-cache"))
 
 from dsv3ray.runtable import byte_runs, padded  # noqa: E402
-from pipelines.ftpredict import UNICODE_SPACES, BatchPredictor, fnv1a_reference, fnv1a_runs  # noqa: E402
+from pipelines.ftpredict import (  # noqa: E402
+    UNICODE_SPACES,
+    BatchPredictor,
+    fnv1a_reference,
+    fnv1a_runs,
+    fnv1a_runs_numpy,
+)
 from pipelines.quality import (  # noqa: E402
     MAX_PREDICT_CHARS,
     QualityScorer,
@@ -168,7 +174,8 @@ def test_word_hash_and_separators():
     enc = [w.encode("utf-8", "surrogatepass") for w in words]
     want = [(h - (1 << 32) if h >= 1 << 31 else h) & ((1 << 64) - 1) for h in map(fnv1a_reference, enc)]
     joined, starts, ends = byte_runs(enc)
-    assert fnv1a_runs(padded(joined), starts, ends).tolist() == want
+    assert fnv1a_runs(padded(joined), starts, ends).tolist() == want  # (in C where built)
+    assert fnv1a_runs_numpy(padded(joined), starts, ends).tolist() == want
     assert fnv1a_reference(b"a") == (2166136261 ^ 97) * 16777619 % (1 << 32)
     assert set(UNICODE_SPACES) == {chr(c) for c in range(128, 0x110000) if chr(c).isspace()}
 
