@@ -168,6 +168,10 @@ class _ChunkCache:
         # table's is a piece kept for one call only: more distinct new pieces than it holds)
         self.piece_table = RunTable(max_pieces)
         self.piece_ids = Ragged((np.int32,))
+        # the BPE of new pieces by something faster that gives the library's ids (pipelines.native
+        # installs its C one): called with the pieces joined by 0xff (byte-level, unmapped), it
+        # gives (tokens per piece, their ids end to end), or None (the library then); None: the library
+        self.piece_bpe = None
         self._clear_pieces()
         self._clear()
 
@@ -400,6 +404,10 @@ class _ChunkCache:
 
     def _add_pieces(self, joined: bytes) -> None:
         """The next entries of `piece_ids`: the ids of the pieces `joined` by 0xff (at least one)."""
+        done = self.piece_bpe(joined) if self.piece_bpe is not None else None
+        if done is not None:
+            self.piece_ids.append(self.piece_ids.size, done[0], [done[1]])
+            return
         bpe = self.hf.model.tokenize
         # byte-mapped all at once (GPT-2's byte-to-character map moves only space and newline in
         # this alphabet: the other printable ASCII bytes map to themselves)

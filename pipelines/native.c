@@ -137,3 +137,68 @@ void fnv1a_runs(int64_t m, const uint8_t *buf, const int64_t *starts, const int6
         out[i] = (uint64_t)(int64_t)(int32_t)h;
     }
 }
+
+/* Byte-level BPE (the Hugging Face tokenizers library's BPE model without dropout, prefixes,
+ * suffixes, byte fallback or ignore_merges) of pieces joined by byte `sep`: each piece starts as
+ * one symbol per byte (byte_id: the id of its single-byte token), then, while some adjacent pair
+ * has a merge, the pair of lowest rank (the leftmost among equals) becomes its merged token: the
+ * order of the library's queue of (rank, position). Merges: an open-addressing table of `mask + 1`
+ * slots, key (left id << 32 | right id), UINT64_MAX where empty, with each merge's rank and
+ * token. Ids end to end into out_ids (at most one per byte), each piece's count into out_sizes
+ * (as many as pieces). Returns the number of pieces, or -1 when a piece is longer than `cap`
+ * symbols (scratch) or a byte has no token (nothing usable written then). */
+static inline int64_t merge_slot(const uint64_t *keys, uint64_t mask, uint64_t key)
+{
+    uint64_t h = (key * 0x9E3779B97F4A7C15ULL) >> 32;
+    for (;;) {
+        uint64_t k = keys[h & mask];
+        if (k == key)
+            return (int64_t)(h & mask);
+        if (k == UINT64_MAX)
+            return -1;
+        h++;
+    }
+}
+
+int64_t bpe_pieces(const uint8_t *joined, int64_t size, uint8_t sep, const int32_t *byte_id,
+                   const uint64_t *keys, const int32_t *rank, const int32_t *merged, uint64_t mask,
+                   int32_t *sym, int64_t cap, int32_t *out_ids, int64_t *out_sizes)
+{
+    int64_t pieces = 0, o = 0, start = 0;
+    for (int64_t end = 0; end <= size; end++) {
+        if (end < size && joined[end] != sep)
+            continue;
+        int64_t n = end - start;
+        if (n > cap)
+            return -1;
+        for (int64_t i = 0; i < n; i++) {
+            int32_t id = byte_id[joined[start + i]];
+            if (id < 0)
+                return -1;
+            sym[i] = id;
+        }
+        for (;;) {
+            int64_t best = -1;
+            int32_t best_rank = INT32_MAX, best_id = 0;
+            for (int64_t i = 0; i + 1 < n; i++) {
+                int64_t s = merge_slot(keys, mask, ((uint64_t)(uint32_t)sym[i] << 32) | (uint32_t)sym[i + 1]);
+                if (s >= 0 && rank[s] < best_rank) {
+                    best_rank = rank[s];
+                    best_id = merged[s];
+                    best = i;
+                }
+            }
+            if (best < 0)
+                break;
+            sym[best] = best_id;
+            for (int64_t i = best + 1; i + 1 < n; i++)
+                sym[i] = sym[i + 1];
+            n--;
+        }
+        for (int64_t i = 0; i < n; i++)
+            out_ids[o++] = sym[i];
+        out_sizes[pieces++] = n;
+        start = end + 1;
+    }
+    return pieces;
+}

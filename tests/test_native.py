@@ -58,6 +58,87 @@ def test_whitespace_runs_in_c_equal_numpy():
     assert native.whitespace_runs(b"\xff\xff", 0xFF) == b"\xff\xff"
 
 
+def _library_bpe(hf, joined: bytes):
+    """The library's ids of pieces joined by 0xff (dsv3ray.tokenizer._ChunkCache._add_pieces)."""
+    mapped = joined.decode("latin-1").replace(" ", "\u0120").replace("\n", "\u010a")
+    tokens = [[t.id for t in hf.model.tokenize(p)] for p in mapped.split("\xff")]
+    return [len(t) for t in tokens], [i for t in tokens for i in t]
+
+
+@pytest.fixture(scope="module")
+def tokenizers_():
+    """Tokenizers trained here, small and large vocabularies, and one with its merges written the
+    older way ("a b" strings)."""
+    import json
+
+    from tokenizers import Tokenizer as HF
+
+    from dsv3ray.tokenizer import train_tokenizer
+    from pipelines.corpus import stdlib_documents
+
+    docs = [d["text"] for d, _ in zip(stdlib_documents(min_chars=200), range(600))]
+    out = [train_tokenizer(docs, vocab_size=v).hf for v in (300, 4000)]
+    spec = json.loads(out[1].to_str())
+    spec["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]]
+    return out + [HF.from_str(json.dumps(spec))], docs
+
+
+@needs_cc
+def test_piece_bpe_in_c_equals_the_library(tokenizers_):
+    """Real text's pre-token pieces and fuzzed ones (runs of one byte, spaces, newlines, long
+    pieces), through each tokenizer: the library's ids, piece by piece."""
+    import random
+
+    from dsv3ray.tokenizer import _pretoken_starts
+
+    hfs, docs = tokenizers_
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n"]
+    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(3000)]
+    fuzz += [c * n for c in " \n=ab_" for n in (1, 2, 3, 7, 64, 300)] + ["ab" * 50, " the", "\n\n\n"]
+    text = "\x00".join(d.encode("ascii", "ignore").decode() for d in docs[:300]).encode()
+    text = bytes(b for b in text if b == 10 or b == 0 or 32 <= b < 127)
+    cuts = np.append(_pretoken_starts(np.frombuffer(text, np.uint8)), len(text))
+    real = {text[a:b] for a, b in zip(cuts[:-1], cuts[1:])} - {b"\x00"}
+    for hf in hfs:
+        bpe = native.PieceBPE.of_json(hf.to_str())
+        for pieces in (sorted(real), [f.encode() for f in fuzz]):
+            for lo in range(0, len(pieces), 500):
+                joined = b"\xff".join(pieces[lo : lo + 500])
+                sizes, ids = bpe(joined)
+                assert (sizes.tolist(), ids.tolist()) == _library_bpe(hf, joined)
+    assert bpe(b"x" * (native.PieceBPE.MAX_SYMBOLS + 1)) is None  # too long for its scratch: the library
+
+
+@needs_cc
+def test_piece_bpe_steps_aside_for_models_it_does_not_reproduce(tokenizers_):
+    import json
+
+    hf = tokenizers_[0][0]
+    for change in (
+        lambda m: m.update(dropout=0.1),
+        lambda m: m.update(continuing_subword_prefix="##"),
+        lambda m: m.update(end_of_word_suffix="</w>"),
+        lambda m: m.update(byte_fallback=True),
+        lambda m: m.update(ignore_merges=True),
+    ):
+        spec = json.loads(hf.to_str())
+        change(spec["model"])
+        assert native.PieceBPE.of_json(json.dumps(spec)) is None
+    assert native.PieceBPE.of_json(hf.to_str()) is not None
+
+
+@needs_cc
+def test_a_tokenizer_with_the_c_bpe_encodes_as_the_library(tokenizers_):
+    from dsv3ray.tokenizer import Tokenizer
+
+    hfs, docs = tokenizers_
+    tok = Tokenizer(hfs[1])
+    tok.chunk_cache.piece_bpe = native.PieceBPE.of_json(hfs[1].to_str())
+    got = [a.tolist() for a in tok.encode_batch(docs)]
+    assert got == [e.ids for e in hfs[1].encode_batch(docs, add_special_tokens=False)]
+
+
 @needs_cc
 def test_the_library_is_built_once_per_source(tmp_path, monkeypatch):
     monkeypatch.setenv("DSV3RAY_CACHE", str(tmp_path))
