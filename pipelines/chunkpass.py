@@ -50,6 +50,7 @@ from dsv3ray.runtable import (
     ranges,
     text_groups,
 )
+from pipelines import native
 
 _NO_TOKENS_RUNS = 4  # runs of newlines served when tokens are not (1..4 newlines)
 
@@ -255,9 +256,10 @@ class ChunkPass:
         self.ok_E[numbers] = ok
         return numbers
 
-    def _rows(self, lk: ChunkLookup, want: np.ndarray, ragged: Ragged):
-        """Per group with wanted texts: (its wanted texts (indices into the lookup), items per
-        wanted text, each column's items in text order)."""
+    @staticmethod
+    def _wanted(lk: ChunkLookup, want: np.ndarray):
+        """Per group with wanted texts: (its wanted texts (indices into the lookup), their chunks'
+        entries end to end, text i's chunks: [bounds[i], bounds[i + 1]))."""
         for g in lk.groups:
             w = want[g.lo : g.lo + g.n]
             if not w.any():
@@ -267,11 +269,16 @@ class ChunkPass:
             else:
                 entries = g.entry[w[g.doc]]
                 bounds = np.concatenate(([0], np.cumsum(np.diff(g.bounds)[w])))
+            yield g.lo + np.flatnonzero(w), entries, bounds
+
+    def _rows(self, lk: ChunkLookup, want: np.ndarray, ragged: Ragged):
+        """Per group with wanted texts: (its wanted texts (indices into the lookup), items per
+        wanted text, each column's items in text order)."""
+        for idx, entries, bounds in self._wanted(lk, want):
             count, cols = ragged.gather(entries)
             items = np.concatenate(([0], np.cumsum(count)))
             per_text = items[bounds[1:]] - items[bounds[:-1]]
-            wanted = np.flatnonzero(w)
-            yield g.lo + wanted, per_text, cols
+            yield idx, per_text, cols
 
     def quality(self, lk: ChunkLookup, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(fastText's score (float32 [n], NaN where not computed), computed): for wanted texts
@@ -287,10 +294,17 @@ class ChunkPass:
         """(MinHash signatures (uint32 [n, num_perm], zero where not computed), computed)."""
         want = want & lk.minhash
         out = np.zeros((lk.n, self.minhash.num_perm if self.minhash else 0), dtype=np.uint32)
+        if want.any() and native.library() is not None:  # gathered, shingled and hashed in one C pass
+            for idx, entries, bounds in self._wanted(lk, want):
+                out[idx] = native.minhash_rows(self.minhash, entries, bounds, self.mh_words)
+            return out, want
+        return self._signatures_numpy(lk, want, out), want
+
+    def _signatures_numpy(self, lk: ChunkLookup, want: np.ndarray, out: np.ndarray) -> np.ndarray:
         for idx, per_text, (w_W,) in self._rows(lk, want, self.mh_words):
             shingles = self.minhash.shingles_from_words(w_W, per_text)
-            out[idx] = self.minhash.signatures_from_shingles(idx.size, *shingles)
-        return out, want
+            out[idx] = self.minhash.signatures_from_shingles_numpy(idx.size, *shingles)
+        return out
 
     def tokens(self, lk: ChunkLookup, want: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(token ids end to end (int32), offsets [n + 1] (computed texts only hold ids), computed)."""

@@ -202,3 +202,53 @@ int64_t bpe_pieces(const uint8_t *joined, int64_t size, uint8_t sep, const int32
     }
     return pieces;
 }
+
+/* pipelines.chunkpass.ChunkPass.signatures' numpy path (gather the texts' word hashes from their
+ * chunks' rows, pipelines.dedup.MinHasher.shingles_from_words, then minhash_signatures) in one
+ * pass: text t's words are the rows (off[e] .. off[e + 1] of `words`) of the chunks entries[c],
+ * c in bounds[t] .. bounds[t + 1]; its shingles are each k consecutive words' polynomial
+ * (s = s * mult + w, mod 2^64; rolled here), or one of all its words when it has fewer than k.
+ * Returns 0, or -1 when scratch memory could not be allocated. */
+int minhash_rows(int64_t n, const int64_t *bounds, const int64_t *entries, const int64_t *off,
+                 const uint64_t *words, int64_t k, uint64_t mult, int64_t P, uint64_t salt,
+                 const int16_t *borrow, uint32_t *out)
+{
+    const uint64_t empty = (uint64_t)1 << 32;
+    uint64_t *row = malloc((size_t)P * sizeof *row + 1), *ring = malloc((size_t)k * sizeof *ring + 1);
+    unsigned char *full = malloc((size_t)P + 1);
+    if (!row || !ring || !full) {
+        free(row);
+        free(ring);
+        free(full);
+        return -1;
+    }
+    uint64_t top = 1; /* mult^(k - 1): the oldest word's weight in a shingle */
+    for (int64_t j = 0; j + 1 < k; j++)
+        top *= mult;
+    for (int64_t t = 0; t < n; t++) {
+        for (int64_t b = 0; b < P; b++)
+            row[b] = empty;
+        int64_t m = 0;
+        uint64_t s = 0;
+        for (int64_t c = bounds[t]; c < bounds[t + 1]; c++) {
+            int64_t e = entries[c];
+            for (int64_t p = off[e]; p < off[e + 1]; p++) {
+                uint64_t w = words[p];
+                if (m >= k)
+                    s -= ring[m % k] * top;
+                s = s * mult + w;
+                ring[m % k] = w;
+                m++;
+                if (m >= k)
+                    add_shingle(row, P, s, salt);
+            }
+        }
+        if (m < k)
+            add_shingle(row, P, s, salt);
+        densify(P, row, full, borrow, out + t * P);
+    }
+    free(row);
+    free(ring);
+    free(full);
+    return 0;
+}

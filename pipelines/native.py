@@ -58,6 +58,8 @@ def _load() -> ctypes.CDLL | None:
     lib.fnv1a_runs.restype = None
     lib.bpe_pieces.argtypes = [vp, i64, ctypes.c_uint8, vp, vp, vp, vp, ctypes.c_uint64, vp, i64, vp, vp]
     lib.bpe_pieces.restype = i64
+    lib.minhash_rows.argtypes = [i64, vp, vp, vp, vp, i64, ctypes.c_uint64, i64, ctypes.c_uint64, vp, vp]
+    lib.minhash_rows.restype = ctypes.c_int
     return lib
 
 
@@ -140,6 +142,34 @@ def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndar
     buf = np.ascontiguousarray(buf, dtype=np.uint8)
     out = np.empty(starts.size, dtype=np.uint64)
     lib.fnv1a_runs(starts.size, _ptr(buf), _ptr(starts), _ptr(ends), _ptr(out))
+    return out
+
+
+def minhash_rows(minhash, entries: np.ndarray, bounds: np.ndarray, ragged) -> np.ndarray | None:
+    """pipelines.chunkpass.ChunkPass.signatures' numpy path for one group in C: the signatures
+    (len(bounds) - 1 texts, uint32) of texts whose chunks are entries[bounds[t]:bounds[t + 1]],
+    each chunk's words a row of `ragged` (its word hashes). None when the library is not available."""
+    from pipelines.dedup import _P
+
+    lib = library()
+    if lib is None:
+        return None
+    entries = np.ascontiguousarray(entries, dtype=np.int64)
+    bounds = np.ascontiguousarray(bounds, dtype=np.int64)
+    n = bounds.size - 1
+    if bounds[0] != 0 or bounds[-1] != entries.size or (np.diff(bounds) < 0).any():
+        raise ValueError("minhash_rows: bounds are no ascending cut of the entries")
+    if entries.size and (entries.min() < 0 or entries.max() >= ragged.size):  # (C reads there)
+        raise IndexError(f"minhash_rows: an entry outside 0..{ragged.size - 1}")
+    (words,) = ragged.cols
+    borrow_T = np.ascontiguousarray(minhash.borrow_T, dtype=np.int16)
+    out = np.empty((n, minhash.num_perm), dtype=np.uint32)
+    failed = lib.minhash_rows(
+        n, _ptr(bounds), _ptr(entries), _ptr(ragged.off), _ptr(words), minhash.k, _P, minhash.num_perm,
+        int(minhash.salt), _ptr(borrow_T), _ptr(out),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("minhash_rows: no scratch memory")
     return out
 
 

@@ -140,6 +140,26 @@ def test_a_tokenizer_with_the_c_bpe_encodes_as_the_library(tokenizers_):
 
 
 @needs_cc
+def test_minhash_from_the_chunks_rows_in_c_equals_numpy(tokenizers_):
+    """ChunkPass.signatures: gathered, shingled and hashed in one C pass, or through numpy's
+    gather, shingles and signatures; every text or every third, shingles of 1..7 words (texts of
+    fewer words than that: one shingle of them all; none: every bin 0)."""
+    from pipelines.chunkpass import ChunkPass
+
+    _, docs = tokenizers_
+    texts = docs[:200] + ["", "a", "a b", "one two three four", "x " * 3000] + [d[:40] for d in docs[:60]]
+    for k in (1, 3, 7):
+        cp = ChunkPass(None, None, MinHasher(64, k, 0.8, k), minhash_chars=1 << 20)
+        for lo in range(0, len(texts), 100):
+            lk = cp.lookup(texts[lo : lo + 100])
+            for every in (1, 3):
+                want = np.arange(lk.n) % every == 0
+                got, done = cp.signatures(lk, want)
+                numpy_ = cp._signatures_numpy(lk, want & lk.minhash, np.zeros_like(got))
+                assert done.any() and np.array_equal(got, numpy_)
+
+
+@needs_cc
 def test_the_library_is_built_once_per_source(tmp_path, monkeypatch):
     monkeypatch.setenv("DSV3RAY_CACHE", str(tmp_path))
     path = native.build()
