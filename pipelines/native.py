@@ -44,11 +44,10 @@ def _load() -> ctypes.CDLL | None:
     if os.environ.get("DSV3RAY_NATIVE", "1") == "0":
         return None
     try:
-        path = build()
+        lib = ctypes.CDLL(str(build()))  # (a cached file another machine's loader refuses: OSError)
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("dsv3ray: the C helpers (%s) were not built (%s): the numpy paths run", SOURCE.name, e)
         return None
-    lib = ctypes.CDLL(str(path))
     i64, vp = ctypes.c_int64, ctypes.c_void_p
     lib.minhash_signatures.argtypes = [i64, i64, i64, vp, vp, ctypes.c_uint64, vp, vp]
     lib.minhash_signatures.restype = ctypes.c_int

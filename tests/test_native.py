@@ -193,5 +193,13 @@ def test_without_a_compiler_the_numpy_paths_run(tmp_path):
     assert "numpy paths run" in done.stderr and done.stderr.count("were not built") == 1
     done = _fresh_process({"CC": "/bin/false", "DSV3RAY_CACHE": str(tmp_path)})  # a compiler that fails
     assert done.stdout.split() == ["True", "True"] and "exited 1" in done.stderr
+    bad = tmp_path / "cache"
+    bad.mkdir()
+    env = {"DSV3RAY_CACHE": str(bad)}
+    assert _fresh_process(env).stdout.split() == ["False", "True"]  # built there
+    for so in bad.glob("native-*.so"):
+        so.write_bytes(b"not a shared library")  # (a cached file this machine cannot load)
+    done = _fresh_process(env)
+    assert done.stdout.split() == ["True", "True"] and "were not built" in done.stderr
     done = _fresh_process({"DSV3RAY_NATIVE": "0"})  # switched off
     assert done.stdout.split() == ["True", "True"] and done.stderr == ""
