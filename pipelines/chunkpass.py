@@ -285,10 +285,19 @@ class ChunkPass:
         the lookup covers for quality."""
         want = want & lk.quality
         out = np.full(lk.n, np.nan, dtype=np.float32)
+        if want.any() and native.library() is not None and self.scorer.row_logits.ndim == 1:
+            for idx, entries, bounds in self._wanted(lk, want):  # (the sums in C, the same bits)
+                out[idx] = self.scorer.probabilities(
+                    *native.quality_rows(self.scorer, entries, bounds, self.ft_words)
+                )
+            return out, want
+        return self._quality_numpy(lk, want, out), want
+
+    def _quality_numpy(self, lk: ChunkLookup, want: np.ndarray, out: np.ndarray) -> np.ndarray:
         for idx, per_text, (logits, count, hash_) in self._rows(lk, want, self.ft_words):
             doc_W = np.repeat(np.arange(idx.size), per_text)
             out[idx] = self.scorer.combine(idx.size, doc_W, logits, count, hash_)
-        return out, want
+        return out
 
     def signatures(self, lk: ChunkLookup, want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(MinHash signatures (uint32 [n, num_perm], zero where not computed), computed)."""

@@ -265,6 +265,11 @@ class BatchPredictor:
     def combine(self, N, doc_W, logits_W, count_W, hash_W) -> np.ndarray:
         """Scores of N documents from their words' values, in order (doc_W: each word's document,
         sorted): their rows, then the word n-grams'."""
+        return self.probabilities(*self.sums(N, doc_W, logits_W, count_W, hash_W))
+
+    def sums(self, N, doc_W, logits_W, count_W, hash_W) -> tuple[np.ndarray, np.ndarray]:
+        """(each document's summed rows: its words', then its word n-grams', the number of ids):
+        combine's sums (pipelines.native.quality_rows: the same in C, the same bits)."""
         sum_N = np.zeros((N,) + logits_W.shape[1:])
         _add_per_doc(sum_N, doc_W, logits_W)
         count_N = np.bincount(doc_W, weights=count_W, minlength=N)
@@ -280,6 +285,11 @@ class BatchPredictor:
             bucket_G = (mix[same] % self.bucket).astype(np.int64)
             _add_per_doc(sum_N, doc_W[:m][same], np.take(self.row_logits, self.nwords + bucket_G, axis=0))
             count_N += np.bincount(doc_W[:m][same], minlength=N)
+        return sum_N, count_N
+
+    def probabilities(self, sum_N: np.ndarray, count_N: np.ndarray) -> np.ndarray:
+        """The label's probability per document from its sums (float32; 0 where it has no id)."""
+        N = count_N.size
         out = np.zeros(N, np.float32)
         has = count_N > 0
         z = sum_N[has] / (count_N[has] if sum_N.ndim == 1 else count_N[has, None])

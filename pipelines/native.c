@@ -252,3 +252,102 @@ int minhash_rows(int64_t n, const int64_t *bounds, const int64_t *entries, const
     free(full);
     return 0;
 }
+
+/* numpy's pairwise sum of n contiguous doubles (np.add.reduce's: 8 partial sums in blocks of up
+ * to 128, halves above; fewer than 8: in order from 0.0). */
+static double pairwise_sum(const double *a, int64_t n)
+{
+    if (n < 8) {
+        double res = 0.;
+        for (int64_t i = 0; i < n; i++)
+            res += a[i];
+        return res;
+    }
+    if (n <= 128) {
+        double r[8];
+        int64_t i;
+        for (int j = 0; j < 8; j++)
+            r[j] = a[j];
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int j = 0; j < 8; j++)
+                r[j] += a[i + j];
+        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++)
+            res += a[i];
+        return res;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+/* np.add.reduceat's sum of one segment: its first value, plus the pairwise sum of the rest. */
+static inline double segment_sum(const double *a, int64_t n)
+{
+    return a[0] + pairwise_sum(a + 1, n - 1);
+}
+
+static int grow(void **p, int64_t *cap, int64_t need, size_t item)
+{
+    if (need <= *cap)
+        return 0;
+    int64_t c = need > 2 * *cap ? need : 2 * *cap;
+    void *q = realloc(*p, (size_t)c * item);
+    if (!q)
+        return -1;
+    *p = q, *cap = c;
+    return 0;
+}
+
+/* pipelines.ftpredict.BatchPredictor.combine's sums for a model with one logit column (a binary
+ * one): per text (its chunks entries[bounds[t]:bounds[t + 1]], each chunk's words a row of
+ * logits / counts / hashes), the sum of its words' logits, then of each word k-gram's row
+ * (k = 2..ngrams: mix = mix * mixc + hash, row nwords + mix % bucket), each sum taken as
+ * np.add.reduceat takes it and added in the same order, into sums[t]; the number of ids into
+ * counts[t]. The float operations are numpy's, in numpy's order: the same bits. Returns 0, or -1
+ * when scratch memory could not be allocated. */
+int quality_rows(int64_t n, const int64_t *bounds, const int64_t *entries, const int64_t *off,
+                 const double *logits, const int64_t *count, const uint64_t *hash, const double *row_logits,
+                 int64_t nwords, uint64_t bucket, int64_t ngrams, uint64_t mixc, double *sums, double *counts)
+{
+    double *val = NULL;
+    uint64_t *h = NULL, *mix = NULL;
+    int64_t cap_v = 0, cap_h = 0, cap_m = 0, failed = 0;
+    for (int64_t t = 0; t < n && !failed; t++) {
+        int64_t W = 0, ids = 0;
+        for (int64_t c = bounds[t]; c < bounds[t + 1]; c++)
+            W += off[entries[c] + 1] - off[entries[c]];
+        if (grow((void **)&val, &cap_v, W + 1, sizeof *val) || grow((void **)&h, &cap_h, W + 1, sizeof *h) ||
+            grow((void **)&mix, &cap_m, W + 1, sizeof *mix)) {
+            failed = 1;
+            break;
+        }
+        int64_t w = 0;
+        for (int64_t c = bounds[t]; c < bounds[t + 1]; c++)
+            for (int64_t p = off[entries[c]]; p < off[entries[c] + 1]; p++, w++) {
+                val[w] = logits[p];
+                h[w] = hash[p];
+                ids += count[p];
+            }
+        double s = 0.0;
+        if (W > 0)
+            s += segment_sum(val, W);
+        for (int64_t i = 0; i < W; i++)
+            mix[i] = h[i];
+        for (int64_t k = 1; k < ngrams && W - k > 0; k++) {
+            int64_t m = W - k;
+            for (int64_t i = 0; i < m; i++) {
+                mix[i] = mix[i] * mixc + h[i + k];
+                val[i] = row_logits[nwords + (int64_t)(mix[i] % bucket)];
+            }
+            s += segment_sum(val, m);
+            ids += m;
+        }
+        sums[t] = s;
+        counts[t] = (double)ids;
+    }
+    free(val);
+    free(h);
+    free(mix);
+    return failed ? -1 : 0;
+}

@@ -59,6 +59,23 @@ def _load() -> ctypes.CDLL | None:
     lib.bpe_pieces.restype = i64
     lib.minhash_rows.argtypes = [i64, vp, vp, vp, vp, i64, ctypes.c_uint64, i64, ctypes.c_uint64, vp, vp]
     lib.minhash_rows.restype = ctypes.c_int
+    lib.quality_rows.argtypes = [
+        i64,
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        vp,
+        i64,
+        ctypes.c_uint64,
+        i64,
+        ctypes.c_uint64,
+        vp,
+        vp,
+    ]
+    lib.quality_rows.restype = ctypes.c_int
     return lib
 
 
@@ -170,6 +187,37 @@ def minhash_rows(minhash, entries: np.ndarray, bounds: np.ndarray, ragged) -> np
     if failed:
         raise MemoryError("minhash_rows: no scratch memory")
     return out
+
+
+def quality_rows(
+    predictor, entries: np.ndarray, bounds: np.ndarray, ragged
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """pipelines.ftpredict.BatchPredictor.sums for texts whose chunks are
+    entries[bounds[t]:bounds[t + 1]] (each chunk's fastText words a row of `ragged`: logits,
+    number of ids, hash), in C and bit for bit: (sum_N, count_N). None when the library is not
+    available or the model has more than one logit column (numpy then)."""
+    from pipelines.ftpredict import _MIX
+
+    lib = library()
+    if lib is None or predictor.row_logits.ndim != 1:
+        return None
+    entries = np.ascontiguousarray(entries, dtype=np.int64)
+    bounds = np.ascontiguousarray(bounds, dtype=np.int64)
+    n = bounds.size - 1
+    if bounds[0] != 0 or bounds[-1] != entries.size or (np.diff(bounds) < 0).any():
+        raise ValueError("quality_rows: bounds are no ascending cut of the entries")
+    if entries.size and (entries.min() < 0 or entries.max() >= ragged.size):  # (C reads there)
+        raise IndexError(f"quality_rows: an entry outside 0..{ragged.size - 1}")
+    logits, count, hash_ = ragged.cols
+    row_logits = np.ascontiguousarray(predictor.row_logits, dtype=np.float64)
+    sums, counts = np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64)
+    failed = lib.quality_rows(
+        n, _ptr(bounds), _ptr(entries), _ptr(ragged.off), _ptr(logits), _ptr(count), _ptr(hash_), _ptr(row_logits),
+        predictor.nwords, int(predictor.bucket), predictor.n, int(_MIX), _ptr(sums), _ptr(counts),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("quality_rows: no scratch memory")
+    return sums, counts
 
 
 def _byte_chars() -> list[str]:

@@ -160,6 +160,47 @@ def test_minhash_from_the_chunks_rows_in_c_equals_numpy(tokenizers_):
 
 
 @needs_cc
+@pytest.mark.parametrize("word_ngrams", [1, 2, 3])
+def test_quality_sums_in_c_are_numpys_bits(tokenizers_, tmp_path, word_ngrams):
+    """fastText's sums from the chunks' rows in C take numpy's float operations in numpy's order
+    (np.add.reduceat: the first value plus the pairwise sum of the rest): the same bits for every
+    text, and so the same scores; on real text, repeated words and texts of 0..2 words."""
+    import fasttext
+
+    from pipelines.chunkpass import ChunkPass
+    from pipelines.quality import QualityScorer
+
+    _, docs = tokenizers_
+    lines = [f"__label__{'ab'[i % 2]} {' '.join(d.split()[i % 5 :])}" for i, d in enumerate(docs[:300])]
+    (tmp_path / "t.txt").write_text("\n".join(" ".join(ln.split()) for ln in lines) + "\n", encoding="utf-8")
+    model = fasttext.train_supervised(
+        input=str(tmp_path / "t.txt"), epoch=2, thread=1, seed=0, verbose=0, dim=8, wordNgrams=word_ngrams, bucket=5000
+    )  # fmt: skip
+    model.save_model(str(tmp_path / "m.bin"))
+    scorer = QualityScorer(tmp_path / "m.bin", label="__label__a")
+    texts = (
+        docs
+        + ["", "word", "two words", "the the the the the the the the the the"]
+        + [d[:60] for d in docs[:80]]
+    )
+    cp = ChunkPass(None, scorer.batch, None, quality_chars=1 << 20)
+    for lo in range(0, len(texts), 128):
+        lk = cp.lookup(texts[lo : lo + 128])
+        want = lk.quality & (np.arange(lk.n) % 2 == 0 if lo % 256 else True)
+        for idx, entries, bounds in cp._wanted(lk, want):
+            got = native.quality_rows(scorer.batch, entries, bounds, cp.ft_words)
+            (_, per_text, (logits, count, hash_)), *_ = [
+                r for r in cp._rows(lk, want, cp.ft_words) if r[0][0] == idx[0]
+            ]
+            doc_W = np.repeat(np.arange(idx.size), per_text)
+            want_sums = scorer.batch.sums(idx.size, doc_W, logits, count, hash_)
+            assert np.array_equal(got[0].view(np.int64), want_sums[0].view(np.int64))  # (bits)
+            assert np.array_equal(got[1], want_sums[1])
+        scores, done = cp.quality(lk, want)
+        assert np.array_equal(scores[done], cp._quality_numpy(lk, want, np.zeros(lk.n, np.float32))[done])
+
+
+@needs_cc
 def test_the_library_is_built_once_per_source(tmp_path, monkeypatch):
     monkeypatch.setenv("DSV3RAY_CACHE", str(tmp_path))
     path = native.build()
