@@ -161,6 +161,20 @@ def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndar
     return out
 
 
+def _texts_rows(
+    name: str, entries: np.ndarray, bounds: np.ndarray, ragged
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(entries, bounds, texts) as the *_rows functions take them, checked: C reads the rows of
+    `ragged` that they name."""
+    entries = np.ascontiguousarray(entries, dtype=np.int64)
+    bounds = np.ascontiguousarray(bounds, dtype=np.int64)
+    if bounds[0] != 0 or bounds[-1] != entries.size or (np.diff(bounds) < 0).any():
+        raise ValueError(f"{name}: bounds are no ascending cut of the entries")
+    if entries.size and (entries.min() < 0 or entries.max() >= ragged.size):
+        raise IndexError(f"{name}: an entry outside 0..{ragged.size - 1}")
+    return entries, bounds, bounds.size - 1
+
+
 def minhash_rows(minhash, entries: np.ndarray, bounds: np.ndarray, ragged) -> np.ndarray | None:
     """pipelines.chunkpass.ChunkPass.signatures' numpy path for one group in C: the signatures
     (len(bounds) - 1 texts, uint32) of texts whose chunks are entries[bounds[t]:bounds[t + 1]],
@@ -170,13 +184,7 @@ def minhash_rows(minhash, entries: np.ndarray, bounds: np.ndarray, ragged) -> np
     lib = library()
     if lib is None:
         return None
-    entries = np.ascontiguousarray(entries, dtype=np.int64)
-    bounds = np.ascontiguousarray(bounds, dtype=np.int64)
-    n = bounds.size - 1
-    if bounds[0] != 0 or bounds[-1] != entries.size or (np.diff(bounds) < 0).any():
-        raise ValueError("minhash_rows: bounds are no ascending cut of the entries")
-    if entries.size and (entries.min() < 0 or entries.max() >= ragged.size):  # (C reads there)
-        raise IndexError(f"minhash_rows: an entry outside 0..{ragged.size - 1}")
+    entries, bounds, n = _texts_rows("minhash_rows", entries, bounds, ragged)
     (words,) = ragged.cols
     borrow_T = np.ascontiguousarray(minhash.borrow_T, dtype=np.int16)
     out = np.empty((n, minhash.num_perm), dtype=np.uint32)
@@ -201,13 +209,7 @@ def quality_rows(
     lib = library()
     if lib is None or predictor.row_logits.ndim != 1:
         return None
-    entries = np.ascontiguousarray(entries, dtype=np.int64)
-    bounds = np.ascontiguousarray(bounds, dtype=np.int64)
-    n = bounds.size - 1
-    if bounds[0] != 0 or bounds[-1] != entries.size or (np.diff(bounds) < 0).any():
-        raise ValueError("quality_rows: bounds are no ascending cut of the entries")
-    if entries.size and (entries.min() < 0 or entries.max() >= ragged.size):  # (C reads there)
-        raise IndexError(f"quality_rows: an entry outside 0..{ragged.size - 1}")
+    entries, bounds, n = _texts_rows("quality_rows", entries, bounds, ragged)
     logits, count, hash_ = ragged.cols
     row_logits = np.ascontiguousarray(predictor.row_logits, dtype=np.float64)
     sums, counts = np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64)

@@ -157,6 +157,10 @@ def test_minhash_from_the_chunks_rows_in_c_equals_numpy(tokenizers_):
                 got, done = cp.signatures(lk, want)
                 numpy_ = cp._signatures_numpy(lk, want & lk.minhash, np.zeros_like(got))
                 assert done.any() and np.array_equal(got, numpy_)
+    with pytest.raises(IndexError):  # (C would read rows that are not there)
+        native.minhash_rows(cp.minhash, np.array([cp.mh_words.size]), np.array([0, 1]), cp.mh_words)
+    with pytest.raises(ValueError):
+        native.minhash_rows(cp.minhash, np.array([0]), np.array([0, 2]), cp.mh_words)
 
 
 @needs_cc
