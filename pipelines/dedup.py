@@ -386,6 +386,13 @@ class Deduplicator:
         h_N = SeenSet._fix(text_hash_N).reshape(-1)
         k_NB = SeenSet._fix(band_keys_NB)
         k_NB = k_NB.reshape(h_N.size, k_NB.size // max(h_N.size, 1))
+        from pipelines import native
+
+        done = native.dedup_codes(self, h_N, k_NB)  # (in C where built: the rule, one document at a time)
+        return done if done is not None else self._check_codes_numpy(h_N, k_NB)
+
+    def _check_codes_numpy(self, h_N: np.ndarray, k_NB: np.ndarray) -> np.ndarray:
+        """check_codes in numpy (the keys fixed and shaped): the reference of the C version."""
         seen_exact = self.exact_seen.contains_many(h_N) if self.exact else np.zeros(h_N.size, bool)
         seen_band = (
             self.band_seen.contains_many(k_NB.reshape(-1)).reshape(k_NB.shape).any(axis=1)

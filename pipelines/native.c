@@ -351,3 +351,63 @@ int quality_rows(int64_t n, const int64_t *bounds, const int64_t *entries, const
     free(mix);
     return failed ? -1 : 0;
 }
+
+/* A pipelines.dedup.SeenSet: keys in a table of mask + 1 int64 slots (0: empty), linear probing
+ * from ((key * 0x9E3779B97F4A7C15) >> 20) & mask. The key's slot, or the empty slot ending its
+ * probe sequence. */
+static inline int64_t seen_slot(const int64_t *table, int64_t mask, int64_t key)
+{
+    uint64_t s = (((uint64_t)key * 0x9E3779B97F4A7C15ULL) >> 20) & (uint64_t)mask;
+    while (table[s] != 0 && table[s] != key)
+        s = (s + 1) & (uint64_t)mask;
+    return (int64_t)s;
+}
+
+/* pipelines.dedup.Deduplicator.check_codes from document `from` on, in order: 1 when `exact` and
+ * its text hash h[i] is in the exact table (seen before, or earlier in the batch), else 2 when
+ * `near` and one of its B band keys k[i * B ..] is in the band table, else 0, and its hash and
+ * keys go into the tables (keys are SeenSet._fix'ed: never 0). counts[0], counts[1]: the tables'
+ * key counts, updated; a document whose keys would take a table past load 1/2 is not decided:
+ * its index is returned (need[0], need[1]: the keys it would add), and the caller grows the table
+ * (SeenSet._grow) and calls again from it. Returns n when every document is decided. */
+int64_t dedup_codes(int64_t from, int64_t n, int64_t B, const int64_t *h, const int64_t *k, int exact,
+                    int near, int64_t *et, int64_t emask, int64_t *bt, int64_t bmask, int64_t *counts,
+                    int64_t *need, int8_t *out)
+{
+    for (int64_t i = from; i < n; i++) {
+        const int64_t *keys = k + i * B;
+        if (exact && et[seen_slot(et, emask, h[i])] != 0) {
+            out[i] = 1;
+            continue;
+        }
+        int dup = 0;
+        for (int64_t j = 0; near && j < B && !dup; j++)
+            dup = bt[seen_slot(bt, bmask, keys[j])] != 0;
+        if (dup) {
+            out[i] = 2;
+            continue;
+        }
+        int64_t new_b = 0; /* (its distinct keys: a key may repeat inside a document) */
+        for (int64_t j = 0; near && j < B; j++) {
+            int again = 0;
+            for (int64_t q = 0; q < j && !again; q++)
+                again = keys[q] == keys[j];
+            new_b += !again;
+        }
+        int64_t new_e = exact ? 1 : 0;
+        if (2 * (counts[0] + new_e) > emask + 1 || 2 * (counts[1] + new_b) > bmask + 1) {
+            need[0] = new_e, need[1] = new_b;
+            return i;
+        }
+        out[i] = 0;
+        if (exact)
+            et[seen_slot(et, emask, h[i])] = h[i];
+        for (int64_t j = 0; near && j < B; j++) {
+            int64_t s = seen_slot(bt, bmask, keys[j]);
+            if (bt[s] == 0)
+                bt[s] = keys[j];
+        }
+        counts[0] += new_e, counts[1] += new_b;
+    }
+    return n;
+}

@@ -76,6 +76,23 @@ def _load() -> ctypes.CDLL | None:
         vp,
     ]
     lib.quality_rows.restype = ctypes.c_int
+    lib.dedup_codes.argtypes = [
+        i64,
+        i64,
+        i64,
+        vp,
+        vp,
+        ctypes.c_int,
+        ctypes.c_int,
+        vp,
+        i64,
+        vp,
+        i64,
+        vp,
+        vp,
+        vp,
+    ]
+    lib.dedup_codes.restype = i64
     return lib
 
 
@@ -220,6 +237,34 @@ def quality_rows(
     if failed:
         raise MemoryError("quality_rows: no scratch memory")
     return sums, counts
+
+
+def dedup_codes(dedup, h_N: np.ndarray, k_NB: np.ndarray) -> np.ndarray | None:
+    """pipelines.dedup.Deduplicator.check_codes (keys already SeenSet._fix'ed, k_NB: (N, B)) in C,
+    one document after another into the same tables (grown as the numpy path grows them); None
+    when the library is not available."""
+    lib = library()
+    if lib is None:
+        return None
+    h_N = np.ascontiguousarray(h_N, dtype=np.int64)
+    k_NB = np.ascontiguousarray(k_NB, dtype=np.int64)
+    n, B = k_NB.shape
+    out = np.empty(n, dtype=np.int8)
+    counts, need = np.array([dedup.exact_seen.count, dedup.band_seen.count], np.int64), np.zeros(2, np.int64)
+    sets = (dedup.exact_seen, dedup.band_seen)
+    done = 0
+    while True:
+        et, bt = (t.table for t in sets)
+        done = lib.dedup_codes(
+            done, n, B, _ptr(h_N), _ptr(k_NB), int(dedup.exact), int(dedup.near and B > 0), _ptr(et), et.size - 1,
+            _ptr(bt), bt.size - 1, _ptr(counts), _ptr(need), _ptr(out),
+        )  # fmt: skip
+        dedup.exact_seen.count, dedup.band_seen.count = int(counts[0]), int(counts[1])
+        if done >= n:
+            return out
+        for t, extra in zip(sets, need.tolist()):  # (a document's keys did not fit: as add_many grows)
+            while (t.count + extra) * 2 > t.table.size:
+                t._grow()
 
 
 def _byte_chars() -> list[str]:

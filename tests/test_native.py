@@ -205,6 +205,42 @@ def test_quality_sums_in_c_are_numpys_bits(tokenizers_, tmp_path, word_ngrams):
 
 
 @needs_cc
+@pytest.mark.parametrize("exact,near", [(True, True), (True, False), (False, True)])
+def test_dedup_decisions_in_c_equal_numpy(exact, near):
+    """Batches with exact and near duplicates inside and across them, keys repeated inside a
+    document, key 0, tables small enough to grow mid-batch: the same codes, the same keys, counts
+    and table sizes after every batch."""
+    from pipelines.dedup import Deduplicator, SeenSet
+
+    rng = np.random.default_rng(int(exact) * 2 + int(near))
+    ours, ref = Deduplicator(exact, near), Deduplicator(exact, near)
+    for d in (ours, ref):
+        d.exact_seen, d.band_seen = SeenSet(16), SeenSet(16)
+    pool_h = rng.integers(-(2**63), 2**63 - 1, 400)
+    pool_k = rng.integers(-(2**63), 2**63 - 1, 900)
+    dups = 0
+    for batch in range(40):
+        n, B = int(rng.integers(0, 60)), 6 if near else 0
+        h = np.where(rng.random(n) < 0.3, rng.choice(pool_h, n), rng.integers(-(2**63), 2**63 - 1, n))
+        k = np.where(
+            rng.random((n, B)) < 0.1, rng.choice(pool_k, (n, B)), rng.integers(-(2**63), 2**63 - 1, (n, B))
+        )
+        k[rng.random((n, B)) < 0.02] = 0
+        if n > 2 and B:
+            k[1, 1] = k[1, 0]  # (a key twice in one document)
+        h_N, k_NB = SeenSet._fix(h), SeenSet._fix(k).reshape(n, B)
+        got = native.dedup_codes(ours, h_N, k_NB)
+        want = ref._check_codes_numpy(h_N, k_NB)
+        assert got.tolist() == want.tolist(), batch
+        dups += int((got > 0).sum())
+        for a, b in ((ours.exact_seen, ref.exact_seen), (ours.band_seen, ref.band_seen)):
+            assert a.count == b.count and a.table.size == b.table.size
+            assert np.array_equal(np.sort(a.table[a.table != 0]), np.sort(b.table[b.table != 0]))
+    assert (not exact or ours.exact_seen.table.size > 16) and (not near or ours.band_seen.table.size > 16)
+    assert dups > 50  # (duplicates, inside batches and across them)
+
+
+@needs_cc
 def test_the_library_is_built_once_per_source(tmp_path, monkeypatch):
     monkeypatch.setenv("DSV3RAY_CACHE", str(tmp_path))
     path = native.build()
