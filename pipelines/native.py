@@ -48,52 +48,30 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("dsv3ray: the C helpers (%s) were not built (%s): the numpy paths run", SOURCE.name, e)
         return None
-    i64, vp = ctypes.c_int64, ctypes.c_void_p
-    lib.minhash_signatures.argtypes = [i64, i64, i64, vp, vp, ctypes.c_uint64, vp, vp]
-    lib.minhash_signatures.restype = ctypes.c_int
-    lib.whitespace_runs.argtypes = [vp, i64, ctypes.c_uint8, vp]
-    lib.whitespace_runs.restype = i64
-    lib.fnv1a_runs.argtypes = [i64, vp, vp, vp, vp]
-    lib.fnv1a_runs.restype = None
-    lib.bpe_pieces.argtypes = [vp, i64, ctypes.c_uint8, vp, vp, vp, vp, ctypes.c_uint64, vp, i64, vp, vp]
-    lib.bpe_pieces.restype = i64
-    lib.minhash_rows.argtypes = [i64, vp, vp, vp, vp, i64, ctypes.c_uint64, i64, ctypes.c_uint64, vp, vp]
-    lib.minhash_rows.restype = ctypes.c_int
-    lib.quality_rows.argtypes = [
-        i64,
-        vp,
-        vp,
-        vp,
-        vp,
-        vp,
-        vp,
-        vp,
-        i64,
-        ctypes.c_uint64,
-        i64,
-        ctypes.c_uint64,
-        vp,
-        vp,
-    ]
-    lib.quality_rows.restype = ctypes.c_int
-    lib.dedup_codes.argtypes = [
-        i64,
-        i64,
-        i64,
-        vp,
-        vp,
-        ctypes.c_int,
-        ctypes.c_int,
-        vp,
-        i64,
-        vp,
-        i64,
-        vp,
-        vp,
-        vp,
-    ]
-    lib.dedup_codes.restype = i64
+    for name, (args, result) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = [_CTYPES[a] for a in args], _CTYPES.get(result)
     return lib
+
+
+# each C function's arguments and result: i int64, u uint64, b uint8, c int, p a pointer (an
+# array's data), - none
+_CTYPES = {
+    "i": ctypes.c_int64,
+    "u": ctypes.c_uint64,
+    "b": ctypes.c_uint8,
+    "c": ctypes.c_int,
+    "p": ctypes.c_void_p,
+}
+_SIGNATURES = {
+    "minhash_signatures": ("iiippupp", "c"),
+    "whitespace_runs": ("pibp", "i"),
+    "fnv1a_runs": ("ipppp", "-"),
+    "bpe_pieces": ("pibppppupipp", "i"),
+    "minhash_rows": ("ippppiuiupp", "c"),
+    "quality_rows": ("ipppppppiuiupp", "c"),
+    "dedup_codes": ("iiippccpipippp", "i"),
+}
 
 
 def build() -> Path:
