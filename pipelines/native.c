@@ -1,6 +1,6 @@
-/* Hot loops of the cleaning workers in C. Each function gives, bit for bit, what the numpy
- * function named in its comment gives (that function stays the reference and the fallback; the
- * tests compare the two). Built on first use by pipelines/native.py (cc -O2 -shared -fPIC) and
+/* Hot loops of the data pipeline in C (the cleaning workers', the driver's dedup decisions). Each
+ * function gives, bit for bit, what the function named in its comment gives (numpy's, or for the
+ * BPE the tokenizers library's: it stays the reference and the fallback; the tests compare them). Built on first use by pipelines/native.py (cc -O2 -shared -fPIC) and
  * called through ctypes: no Python headers, no Python objects here. */
 #include <stdint.h>
 #include <stdlib.h>

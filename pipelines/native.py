@@ -1,7 +1,8 @@
-"""C versions of the cleaning workers' hot loops (`pipelines/native.c`), built on first use.
+"""C versions of the data pipeline's hot loops (`pipelines/native.c`: the cleaning workers', and
+the driver's dedup decisions), built on first use.
 
-Each C function gives bit for bit what a numpy function of `pipelines/` gives; that function stays
-the reference (tests compare the two) and the fallback. The library is compiled once per machine
+Each C function gives bit for bit what its reference gives (a numpy function of `pipelines/`; for
+the BPE, the tokenizers library); the reference stays the fallback, and tests compare the two. The library is compiled once per machine
 and source (`$CC` or `cc`, -O2, no machine-specific flags: a cache shared by different machines
 stays valid), cached under the dsv3ray cache directory keyed by the source's hash, written
 atomically (workers starting together may all compile; one file wins), and loaded with ctypes.
@@ -266,7 +267,7 @@ class PieceBPE:
     def __init__(self, lib, byte_id, keys, rank, merged):
         self.lib, self.byte_id, self.keys, self.rank, self.merged = lib, byte_id, keys, rank, merged
         self.mask = keys.size - 1
-        self.sym = np.empty(self.MAX_SYMBOLS, dtype=np.int32)
+        self.sym = np.empty(self.MAX_SYMBOLS, dtype=np.int32)  # (scratch: one call at a time, as its cache)
 
     @classmethod
     def of_json(cls, tokenizer_json: str) -> PieceBPE | None:
