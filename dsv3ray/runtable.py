@@ -122,6 +122,11 @@ class RunTable:
         self._long: tuple[dict, dict] = ({}, {})  # [flag] string bytes -> entry
         self.size = 0
 
+    def arrays(self) -> tuple:
+        """(slots (int32), shift, lenf, head, mid, tail): the table as a C probe reads it (entry
+        e's key: lenf[e], head[e], ...; a key's first slot: _hash64 >> shift; linear probing)."""
+        return self._slots, int(self._shift), self._lenf, self._head, self._mid, self._tail
+
     @staticmethod
     def _hash64(lenf, head, mid, tail) -> np.ndarray:
         with np.errstate(over="ignore"):
@@ -145,11 +150,16 @@ class RunTable:
         entry = self._probe(key)
         long = np.flatnonzero(lenf > 2 * SHORT + 1)  # never in the table (their length): the dicts
         if long.size:
-            entry[long] = [
-                self._long[f].get(joined[a:b], -1)
-                for a, b, f in zip(starts[long].tolist(), ends[long].tolist(), (lenf[long] & 1).tolist())
-            ]
+            entry[long] = self.lookup_long(joined, starts[long], ends[long], lenf[long] & 1)
         return entry
+
+    def lookup_long(self, joined: bytes, starts, ends, flags) -> list[int]:
+        """Entry number of each run over SHORT bytes (kept in a dict per flag, not the table), -1
+        where absent."""
+        return [
+            self._long[f].get(joined[a:b], -1)
+            for a, b, f in zip(starts.tolist(), ends.tolist(), flags.tolist())
+        ]
 
     def _probe(self, key) -> np.ndarray:
         pos = self._hash_slots(key)

@@ -30,6 +30,10 @@ context-dependent lowercase mapping (final sigma) looks past case-ignorable char
 space (or a newline) is none. Texts are looked up in groups of about GROUP_CHARS characters (their per-chunk
 arrays stay in cache); a stage gathers only the texts it is asked for (what earlier stages kept).
 Memory is bounded: at most `max_entries` chunks are kept, then the table empties.
+
+A group's cut and probe run as one C pass where the C helpers are built (pipelines.native
+chunk_scan: the same items, entries and table as the numpy path's SpaceChunks, distinct values and
+RunTable probe, which tests compare); new chunks' rows are computed here in either case.
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dsv3ray.runtable import (
+    SHORT,
     Ragged,
     RunTable,
     SpaceChunks,
     add_newline_runs,
+    byte_runs,
     keys,
     padded,
     ranges,
@@ -169,6 +175,14 @@ class ChunkPass:
     ) -> _Group | None:  # fmt: skip
         """The group's chunks looked up (new ones added); None when the table is full and the
         lookup should start again on an empty one (may_restart, not may_clear)."""
+        if native.library() is not None:
+            return self._lookup_group_native(texts, lo, cover, encoded, may_clear, may_restart)
+        return self._lookup_group_numpy(texts, lo, cover, encoded, may_clear, may_restart)
+
+    def _lookup_group_numpy(
+        self, texts: list[str], lo: int, cover: np.ndarray, encoded: list[bytes] | None, may_clear: bool,
+        may_restart: bool,
+    ) -> _Group | None:  # fmt: skip
         ch = SpaceChunks(texts, self.MAX_CHUNK, encoded, newlines=self.newlines)
         n, doc = len(texts), ch.doc
         bad = ch.bad_doc.copy()
@@ -199,7 +213,7 @@ class ChunkPass:
                 if not may_clear:
                     return None
                 self._clear()  # full: start again (every entry found above is gone)
-                return self._lookup_group(texts, lo, cover, encoded, False, False)
+                return self._lookup_group_numpy(texts, lo, cover, encoded, False, False)
             d_new = d_new[:0]  # more than the table holds: not served
         if d_new.size:
             d_entry[d_new] = self._add(d_joined, d_starts[d_new], d_ends[d_new], d_first[d_new], d_key, d_new)
@@ -217,6 +231,47 @@ class ChunkPass:
         entry, doc, too_long = ch.with_runs(entry, self.nl_entry)
         cover[too_long] = False  # (a longer run of newlines than the entries hold)
         return _Group(lo, n, entry, doc, np.searchsorted(doc, np.arange(n + 1)))
+
+    def _lookup_group_native(
+        self, texts: list[str], lo: int, cover: np.ndarray, encoded: list[bytes] | None, may_clear: bool,
+        may_restart: bool,
+    ) -> _Group | None:  # fmt: skip
+        """_lookup_group with its cut and probe in one C pass (pipelines.native.chunk_scan): the
+        same chunks, entries and coverage; the misses' rows are added as the numpy path adds them."""
+        parts = encoded if encoded is not None else [t.encode("utf-8", "surrogatepass") for t in texts]
+        joined, text_start, text_end = byte_runs(parts)
+        entry, doc, bounds, bad, m_start, m_end, m_flag = native.chunk_scan(
+            self.table, joined, text_start, text_end, self.newlines, self.tok is not None, self.MAX_CHUNK,
+            self.nl_entry,
+        )  # fmt: skip
+        n = len(texts)
+        key = keys(padded(joined), m_start, m_end, m_flag)
+        found = np.full(m_start.size, -1, np.int64)
+        long = np.flatnonzero(m_end - m_start > SHORT)  # (the table keeps those in dicts: C never finds them)
+        if long.size:
+            found[long] = self.table.lookup_long(joined, m_start[long], m_end[long], m_flag[long])
+        new = np.flatnonzero(found < 0)
+        if self.table.size + new.size > self.table.max_entries:
+            if new.size <= self.table.max_entries and (may_clear or may_restart):
+                if not may_clear:
+                    return None
+                self._clear()  # full: start again (every entry found above is gone)
+                return self._lookup_group_native(texts, lo, cover, encoded, False, False)
+            new = new[:0]  # more than the table holds: not served
+        if new.size:
+            found[new] = self._add(joined, m_start[new], m_end[new], m_flag[new].astype(bool), key, new)
+        miss = np.flatnonzero(entry < 0)
+        entry[miss] = found[-2 - entry[miss]]
+        bad[doc[miss[entry[miss] < 0]]] = True  # (only their texts' chunks may hold -1: not gathered)
+        cover &= ~bad[:, None]
+        # a chunk that breaks the tokens rule / has a label token or </s> (rare: checked when some
+        # entry of the table does)
+        for col in (0, 1):
+            if not self.ok_E[: self.table.size, col].all():
+                cover[:, col] &= np.bincount(doc[~self.ok_E[np.maximum(entry, 0), col]], minlength=n) == 0
+        if self.tok is not None:
+            cover[:, 0] &= self.tok.spanning_ok(texts)
+        return _Group(lo, n, entry, doc, bounds)
 
     def _add(
         self, d_joined: bytes, d_starts: np.ndarray, d_ends: np.ndarray, first: np.ndarray, key, at: np.ndarray

@@ -4,6 +4,7 @@
  * called through ctypes: no Python headers, no Python objects here. */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* pipelines.dedup._mix64: splitmix64's finalizer. */
 static inline uint64_t mix64(uint64_t x)
@@ -410,4 +411,185 @@ int64_t dedup_codes(int64_t from, int64_t n, int64_t B, const int64_t *h, const 
         counts[0] += new_e, counts[1] += new_b;
     }
     return n;
+}
+
+/* dsv3ray.runtable: a run's key (lenf = 2 * length + flag, its bytes 0-8, 8-16 and last 8 read
+ * as little-endian words, bytes past the run zeroed: `keys`) and its hash (`RunTable._hash64`). */
+typedef struct {
+    int64_t lenf;
+    uint64_t head, mid, tail;
+} run_key;
+
+static inline uint64_t load_le64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+static inline run_key key_of(const uint8_t *buf, int64_t s, int64_t e, int flag)
+{
+    run_key k;
+    int64_t len = e - s;
+    uint64_t h = load_le64(buf + s);
+    k.lenf = 2 * len + flag;
+    k.head = len >= 8 ? h : h & ((1ULL << (8 * len)) - 1);
+    k.mid = len > 16 ? load_le64(buf + s + 8) : 0;
+    k.tail = len > 8 ? load_le64(buf + e - 8) : 0;
+    return k;
+}
+
+static inline uint64_t key_hash(run_key k)
+{
+    const uint64_t K_LEN = 0xC2B2AE3D27D4EB4FULL, K_MIX = 0x9E3779B97F4A7C15ULL;
+    return ((((((uint64_t)k.lenf * K_LEN) ^ k.head) * K_MIX ^ k.mid) * K_LEN) ^ k.tail) * K_MIX;
+}
+
+static inline int same_key(run_key a, run_key b)
+{
+    return a.head == b.head && a.tail == b.tail && a.mid == b.mid && a.lenf == b.lenf;
+}
+
+/* A call's distinct missing runs: an open-addressing set (linear probing, load <= 1/2) of their
+ * numbers, their keys and starts kept for comparing (a run over 24 bytes: its bytes too). */
+typedef struct {
+    int32_t *slots;
+    int64_t mask, count, cap;
+    run_key *key;
+    int64_t *start;
+} miss_set;
+
+static int miss_rehash(miss_set *m, int64_t slots)
+{
+    int32_t *s = malloc((size_t)slots * sizeof *s);
+    if (!s)
+        return -1;
+    for (int64_t i = 0; i < slots; i++)
+        s[i] = -1;
+    for (int64_t j = 0; j < m->count; j++) {
+        uint64_t p = key_hash(m->key[j]) & (uint64_t)(slots - 1);
+        while (s[p] >= 0)
+            p = (p + 1) & (uint64_t)(slots - 1);
+        s[p] = (int32_t)j;
+    }
+    free(m->slots);
+    m->slots = s, m->mask = slots - 1;
+    return 0;
+}
+
+/* The number of the distinct missing run with this key (bytes buf[s:s + len]), added if new;
+ * -1 when scratch memory could not be allocated. */
+static int64_t miss_number(miss_set *m, const uint8_t *buf, int64_t s, int64_t len, run_key key, uint64_t h)
+{
+    uint64_t q = h & (uint64_t)m->mask;
+    for (;; q = (q + 1) & (uint64_t)m->mask) {
+        int32_t j = m->slots[q];
+        if (j < 0)
+            break;
+        if (same_key(m->key[j], key) && (len <= 24 || !memcmp(buf + m->start[j], buf + s, (size_t)len)))
+            return j;
+    }
+    if (m->count + 1 > m->cap) {
+        int64_t cap = 2 * m->cap;
+        run_key *k = realloc(m->key, (size_t)cap * sizeof *k);
+        if (!k)
+            return -1;
+        m->key = k;
+        int64_t *st = realloc(m->start, (size_t)cap * sizeof *st);
+        if (!st)
+            return -1;
+        m->start = st, m->cap = cap;
+    }
+    int64_t j = m->count++;
+    m->key[j] = key, m->start[j] = s;
+    m->slots[q] = (int32_t)j;
+    if (2 * m->count > m->mask + 1 && miss_rehash(m, 2 * (m->mask + 1)))
+        return -1;
+    return j;
+}
+
+/* pipelines.chunkpass.ChunkPass._lookup_group's numpy path before its new chunks are added
+ * (dsv3ray.runtable.SpaceChunks, the group's distinct chunks, RunTable.lookup, SpaceChunks.with_runs)
+ * in one pass over the bytes. buf: the n texts joined (text t: text_start[t] .. text_end[t]), 8
+ * readable bytes past the end. A text is cut at every space and, when `newlines`, at every run of
+ * newlines, which is an item of its own after its chunk: nl_entry[k - 1] for a run of k <= max_nl.
+ * A chunk's key flag is 1 when `mark_first` and it starts its text or follows a run. Per item, its
+ * entry (the table's: slots of slot_mask + 1, hash >> shift, the entries' keys t_*) into entry[],
+ * its text into doc[]; text t's items: bounds[t] .. bounds[t + 1]. A chunk not in the table (every
+ * chunk over 24 bytes: the table's owner keeps those in a dict) is a miss: each distinct one once
+ * into miss_start/miss_end/miss_flag, and entry -2 - (its number). A text with an empty chunk, one
+ * over max_chunk bytes or a run over max_nl: bad[t] = 1 and no items (its other chunks' misses are
+ * kept, as the numpy path adds them: both tables grow alike).
+ * entry/doc hold one item per byte and text; the misses as many. Returns the number of misses,
+ * or -1 when scratch memory could not be allocated. */
+int64_t chunk_scan(const uint8_t *buf, int64_t n, const int64_t *text_start, const int64_t *text_end,
+                   int newlines, int mark_first, int64_t max_chunk, int64_t max_nl, const int64_t *nl_entry,
+                   const int32_t *slots, int64_t slot_mask, int64_t shift, const int64_t *t_lenf,
+                   const uint64_t *t_head, const uint64_t *t_mid, const uint64_t *t_tail, int64_t *entry,
+                   int64_t *doc, int64_t *bounds, uint8_t *bad, int64_t *miss_start, int64_t *miss_end,
+                   int64_t *miss_flag)
+{
+    miss_set m = {0};
+    m.cap = 256;
+    m.key = malloc((size_t)m.cap * sizeof *m.key);
+    m.start = malloc((size_t)m.cap * sizeof *m.start);
+    int64_t o = 0, failed = !m.key || !m.start || miss_rehash(&m, 1024);
+    for (int64_t t = 0; t < n && !failed; t++) {
+        int64_t s = text_start[t], end = text_end[t];
+        int first = 1;
+        bounds[t] = o;
+        bad[t] = 0;
+        for (;;) {
+            int64_t e = s, k = 0, len, found = -1;
+            while (e < end && buf[e] != ' ' && !(newlines && buf[e] == '\n'))
+                e++;
+            if (e < end && buf[e] == '\n')
+                for (k = 1; e + k < end && buf[e + k] == '\n'; k++)
+                    ;
+            len = e - s;
+            int flag = mark_first && first;
+            bad[t] |= len == 0 || len > max_chunk || k > max_nl;
+            if (len > 0 && len <= max_chunk) {
+                run_key key = key_of(buf, s, e, flag);
+                uint64_t h = key_hash(key);
+                for (uint64_t q = h >> shift; len <= 24; q = (q + 1) & (uint64_t)slot_mask) {
+                    int32_t x = slots[q];
+                    if (x < 0)
+                        break;
+                    if (t_head[x] == key.head && t_tail[x] == key.tail && t_mid[x] == key.mid &&
+                        t_lenf[x] == key.lenf) {
+                        found = x;
+                        break;
+                    }
+                }
+                if (found < 0) {
+                    int64_t j = miss_number(&m, buf, s, len, key, h);
+                    if (j < 0) {
+                        failed = 1;
+                        break;
+                    }
+                    if (m.start[j] == s) /* (new: its first occurrence) */
+                        miss_start[j] = s, miss_end[j] = e, miss_flag[j] = flag;
+                    found = -2 - j;
+                }
+            }
+            entry[o] = found, doc[o++] = t;
+            if (k && k <= max_nl)
+                entry[o] = nl_entry[k - 1], doc[o++] = t;
+            if (e >= end)
+                break;
+            first = k > 0;
+            s = e + (k ? k : 1);
+        }
+        if (bad[t]) /* (its items are not used; its chunks' misses stay) */
+            o = bounds[t];
+    }
+    bounds[n] = o;
+    free(m.slots);
+    free(m.key);
+    free(m.start);
+    return failed ? -1 : m.count;
 }

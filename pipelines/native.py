@@ -72,6 +72,7 @@ _SIGNATURES = {
     "minhash_rows": ("ippppiuiupp", "c"),
     "quality_rows": ("ipppppppiuiupp", "c"),
     "dedup_codes": ("iiippccpipippp", "i"),
+    "chunk_scan": ("pippcciippiippppppppppp", "i"),
 }
 
 
@@ -244,6 +245,43 @@ def dedup_codes(dedup, h_N: np.ndarray, k_NB: np.ndarray) -> np.ndarray | None:
         for t, extra in zip(sets, need.tolist()):  # (a document's keys did not fit: as add_many grows)
             while (t.count + extra) * 2 > t.table.size:
                 t._grow()
+
+
+def chunk_scan(
+    table, joined: bytes, text_start: np.ndarray, text_end: np.ndarray, newlines: bool, mark_first: bool,
+    max_chunk: int, nl_entry: np.ndarray,
+) -> tuple[np.ndarray, ...] | None:  # fmt: skip
+    """The chunks of texts joined[text_start[t]:text_end[t]] looked up in `table`
+    (dsv3ray.runtable.RunTable) in one C pass (`chunk_scan` in native.c): (entry per item (-2 - k:
+    distinct miss k), text per item, bounds [n + 1], bad [n] bool, the misses' starts, ends and key
+    flags). None when the library is not available."""
+    lib = library()
+    if lib is None:
+        return None
+    from dsv3ray.runtable import padded
+
+    n = text_start.size
+    buf = padded(joined)
+    text_start = np.ascontiguousarray(text_start, dtype=np.int64)
+    text_end = np.ascontiguousarray(text_end, dtype=np.int64)
+    if n and (text_start.min() < 0 or text_end.max() > len(joined) or (text_end < text_start).any()):
+        raise IndexError("chunk_scan: a text outside the buffer")  # (C reads there)
+    nl_entry = np.ascontiguousarray(nl_entry, dtype=np.int64)
+    cap = len(joined) + n + 1  # (an item takes a byte at least, or ends its text)
+    entry, doc = np.empty(cap, np.int64), np.empty(cap, np.int64)
+    bounds, bad = np.empty(n + 1, np.int64), np.empty(n, np.bool_)
+    m_start, m_end, m_flag = (np.empty(cap, np.int64) for _ in range(3))
+    slots, shift, lenf, head, mid, tail = table.arrays()
+    misses = lib.chunk_scan(
+        _ptr(buf), n, _ptr(text_start), _ptr(text_end), int(newlines), int(mark_first), max_chunk,
+        nl_entry.size, _ptr(nl_entry), _ptr(slots), slots.size - 1, shift,
+        _ptr(lenf), _ptr(head), _ptr(mid), _ptr(tail), _ptr(entry), _ptr(doc), _ptr(bounds), _ptr(bad),
+        _ptr(m_start), _ptr(m_end), _ptr(m_flag),
+    )  # fmt: skip
+    if misses < 0:
+        raise MemoryError("chunk_scan: no scratch memory")
+    items = int(bounds[n])
+    return entry[:items], doc[:items], bounds, bad, m_start[:misses], m_end[:misses], m_flag[:misses]
 
 
 def _byte_chars() -> list[str]:

@@ -284,3 +284,71 @@ def test_without_a_compiler_the_numpy_paths_run(tmp_path):
     assert done.stdout.split() == ["True", "True"] and "were not built" in done.stderr
     done = _fresh_process({"DSV3RAY_NATIVE": "0"})  # switched off
     assert done.stdout.split() == ["True", "True"] and done.stderr == ""
+
+
+def _covered_entries(lk) -> list:
+    """Per text: its chunks' entries where some stage is served from them, else None."""
+    cover = lk.tokens | lk.quality | lk.minhash
+    return [
+        g.entry[g.bounds[t] : g.bounds[t + 1]].tolist() if cover[g.lo + t] else None
+        for g in lk.groups
+        for t in range(g.n)
+    ]
+
+
+@needs_cc
+@pytest.mark.parametrize("stages", ["all", "minhash", "minhash, newlines in chunks"])
+def test_chunk_lookup_in_c_equals_numpy(tokenizers_, stages):
+    """ChunkPass's cut and probe in one C pass (chunk_scan) or in numpy (SpaceChunks, Arrow's
+    distinct values, RunTable.lookup, with_runs): the same coverage per stage, the same entries per
+    text and the same table, on real and fuzzed text (double and edge spaces, runs of 1-6
+    newlines, chunks over 24 and over 256 bytes, non-ASCII), with the first-chunk flag and newline
+    runs (tokens served) or without (MinHash only), runs of newlines cut chunks or not, in several
+    groups a lookup, through a table that fills and empties."""
+    import random
+
+    from dsv3ray.tokenizer import Tokenizer
+    from pipelines.chunkpass import ChunkPass
+    from pipelines.clean import normalize_text
+    from pipelines.quality import MAX_PREDICT_CHARS, QualityScorer, default_quality_model
+
+    hfs, docs = tokenizers_
+    rng = random.Random(1)
+    words = " ".join(docs[:100]).split()
+    odd = ["é", "日本語", "w" * 24, "z" * 25, "q" * 40, "v" * 256, "u" * 257, "don't", "a\tb", "</s>"]
+    seps = [" "] * 12 + ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
+    bad = ["  ", "\n" * 6, " \n", "\n "]  # (a text with one is not served)
+
+    def sep():
+        return rng.choice(bad) if rng.random() < 0.005 else rng.choice(seps)
+
+    fuzz = [
+        "".join((rng.choice(odd) if rng.random() < 0.02 else rng.choice(words)) + sep()
+                for _ in range(rng.randint(0, 60))).strip(" " if rng.random() < 0.9 else "")
+        for _ in range(1200)
+    ]  # fmt: skip
+    texts = [normalize_text(d) for d in docs] + docs[:50] + fuzz
+    texts += ["", " ", "a", "a b", "a\nb", "\na", "a\n", "x" * 2000]
+    rng.shuffle(texts)
+    minhash = MinHasher(64, 5, 0.8, 0)
+    for max_entries in (1 << 18, 3000):
+        tok = Tokenizer(hfs[1]) if stages == "all" else None
+        scorer = QualityScorer(default_quality_model()).batch if stages == "all" else None
+        c_path, numpy_path = (
+            ChunkPass(tok, scorer, minhash, MAX_PREDICT_CHARS, 1 << 20, max_entries=max_entries) for _ in "ab"
+        )
+        numpy_path._lookup_group = numpy_path._lookup_group_numpy  # (the dispatch picks C otherwise)
+        c_path.GROUP_CHARS = numpy_path.GROUP_CHARS = 40_000  # (several groups a lookup)
+        if stages.endswith("chunks"):
+            for cp in (c_path, numpy_path):
+                cp.newlines = False
+                cp._clear()
+        for lo in range(0, len(texts), 500):
+            c, n = (cp.lookup(texts[lo : lo + 500]) for cp in (c_path, numpy_path))
+            for stage in ("tokens", "quality", "minhash"):
+                assert np.array_equal(getattr(c, stage), getattr(n, stage)), stage
+            assert c.minhash.mean() > (0.4 if max_entries > 3000 else 0.05)  # (a small table: a full one)
+            assert _covered_entries(c) == _covered_entries(n)
+            assert c_path.table.size == numpy_path.table.size
+    with pytest.raises(IndexError):  # (C would read past the buffer)
+        native.chunk_scan(c_path.table, b"ab", np.array([0]), np.array([3]), False, False, 256, np.zeros(0))
