@@ -28,6 +28,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv3ray.errors import UserError
 from dsv3ray.runtable import (
+    SHORT,
     Ragged,
     RunTable,
     SpaceChunks,
@@ -172,6 +173,10 @@ class _ChunkCache:
         # installs its C one): called with the pieces joined by 0xff (byte-level, unmapped), it
         # gives (tokens per piece, their ids end to end), or None (the library then); None: the library
         self.piece_bpe = None
+        # the cut and table probe of pieces in one pass (pipelines.native installs its C one):
+        # called with (piece_table, raw), it gives (entry per piece, -2 - k for distinct miss k;
+        # the misses' starts, ends) as _piece_entries_numpy finds them; None: numpy
+        self.piece_scan = None
         self._clear_pieces()
         self._clear()
 
@@ -365,12 +370,58 @@ class _ChunkCache:
         and \x00), cut by `_pretoken_starts`; the call's distinct pieces (Arrow's hash table) are
         looked up in `piece_table`. A piece not seen before is BPE-encoded by the model alone, once
         (on its byte-mapped text: ~2x faster than an encode call)."""
+        table = self.piece_table
+        if self.piece_ids.size > table.size:  # the last call kept pieces for itself
+            self._clear_pieces()
+        if self.piece_scan is not None:
+            return self._piece_entries_scanned(raw)
+        return self._piece_entries_numpy(raw)
+
+    def _piece_entries_scanned(self, raw: bytes) -> np.ndarray:
+        """_piece_entries with the cut and probe by `piece_scan` (one pass); new pieces are
+        encoded and added as the numpy path adds them."""
+        table = self.piece_table
+        for clear in (False, True):
+            if clear:  # full: every entry found above is gone
+                self._clear_pieces()
+            entry, starts, ends = self.piece_scan(table, raw)
+            key = keys(padded(raw), starts, ends, 0)
+            found = np.full(starts.size, -1, np.int64)
+            long = np.flatnonzero(
+                ends - starts > SHORT
+            )  # (kept in the table's dicts: never found by a probe)
+            if long.size:
+                found[long] = table.lookup_long(raw, starts[long], ends[long], np.zeros(long.size, np.int64))
+            new = np.flatnonzero(found < 0)
+            if table.size + new.size <= table.max_entries:
+                break
+        if new.size:
+            found[new] = self._new_pieces(raw, starts[new], ends[new], key, new)
+        miss = np.flatnonzero(entry < 0)
+        entry[miss] = found[-2 - entry[miss]]
+        return entry
+
+    def _new_pieces(
+        self, raw: bytes, starts: np.ndarray, ends: np.ndarray, key, at: np.ndarray
+    ) -> np.ndarray:
+        """Entries for distinct new pieces raw[starts:ends] (keys key[at]): in the table where it
+        holds them (else kept for this call only), their ids BPE-encoded; their entry numbers."""
+        table = self.piece_table
+        first = self.piece_ids.size
+        if first + at.size <= table.max_entries:
+            table.append(at, (raw, starts, ends), key)
+        lens = ends - starts  # the new pieces joined by 0xff (in no piece)
+        size = lens + 1
+        joined = np.full(int(size.sum()) - 1, 0xFF, dtype=np.uint8)
+        joined[ranges(np.cumsum(size) - size, lens)] = np.frombuffer(raw, np.uint8)[ranges(starts, lens)]
+        self._add_pieces(joined.tobytes())  # (past the table's entries when more: kept for this call)
+        return np.arange(first, first + at.size)
+
+    def _piece_entries_numpy(self, raw: bytes) -> np.ndarray:
         import pyarrow as pa
         import pyarrow.compute as pc
 
         table = self.piece_table
-        if self.piece_ids.size > table.size:  # the last call kept pieces for itself
-            self._clear_pieces()
         bounds = np.append(_pretoken_starts(np.frombuffer(raw, dtype=np.uint8)), len(raw))
         enc = pc.dictionary_encode(
             pa.LargeBinaryArray.from_buffers(
@@ -389,17 +440,7 @@ class _ChunkCache:
                 self._clear_pieces()  # full: every entry found above is gone
                 entry = table.lookup(d_raw, starts, ends, key)
                 new = np.flatnonzero(entry < 0)
-            first = self.piece_ids.size
-            if first + new.size <= table.max_entries:
-                table.append(new, (d_raw, starts[new], ends[new]), key)
-            lens = ends[new] - starts[new]  # the new pieces joined by 0xff (in no piece)
-            size = lens + 1
-            joined = np.full(int(size.sum()) - 1, 0xFF, dtype=np.uint8)
-            joined[ranges(np.cumsum(size) - size, lens)] = np.frombuffer(d_raw, np.uint8)[
-                ranges(starts[new], lens)
-            ]
-            self._add_pieces(joined.tobytes())  # (past the table's entries when more: kept for this call)
-            entry[new] = np.arange(first, first + new.size)
+            entry[new] = self._new_pieces(d_raw, starts[new], ends[new], key, new)
         return entry[enc.indices.to_numpy()]
 
     def _add_pieces(self, joined: bytes) -> None:

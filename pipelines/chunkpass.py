@@ -47,7 +47,6 @@ import pyarrow.compute as pc
 from dsv3ray.runtable import (
     SHORT,
     Ragged,
-    RunTable,
     SpaceChunks,
     add_newline_runs,
     byte_runs,
@@ -99,7 +98,7 @@ class ChunkPass:
         self.scorer, self.minhash = scorer, minhash
         # each stage's cut: longer texts are not served for it
         self.quality_chars, self.minhash_chars, self.token_chars = quality_chars, minhash_chars, token_chars
-        self.table = RunTable(max_entries)
+        self.table = native.CRunTable(max_entries)  # (insertions in C where it is built)
         logits = scorer.row_logits.shape[1:] if scorer is not None else ()
         self.tok_ids = Ragged((np.int32,))
         self.ft_words = Ragged((np.float64, np.int64, np.uint64), (logits, (), ()))

@@ -196,8 +196,7 @@ class Cleaner:
 
             single_threaded()
             self.tok = Tokenizer(HF.from_str(settings.tokenizer_json))
-            if self.tok.chunk_cache is not None:  # new pieces' BPE in C where it is exact and built
-                self.tok.chunk_cache.piece_bpe = native.PieceBPE.of_json(settings.tokenizer_json)
+            native.install(self.tok, settings.tokenizer_json)  # (new pieces' cut, probe and BPE in C)
         from pipelines.chunkpass import ChunkPass
         from pipelines.quality import MAX_PREDICT_CHARS
 

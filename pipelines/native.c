@@ -511,6 +511,133 @@ static int64_t miss_number(miss_set *m, const uint8_t *buf, int64_t s, int64_t l
     return j;
 }
 
+/* A dsv3ray.runtable.RunTable as its probe reads it (RunTable.arrays). */
+typedef struct {
+    const int32_t *slots;
+    uint64_t mask;
+    int64_t shift;
+    const int64_t *lenf;
+    const uint64_t *head, *mid, *tail;
+} table_view;
+
+static int miss_init(miss_set *m)
+{
+    m->cap = 256;
+    m->key = malloc((size_t)m->cap * sizeof *m->key);
+    m->start = malloc((size_t)m->cap * sizeof *m->start);
+    return !m->key || !m->start || miss_rehash(m, 1024);
+}
+
+static void miss_free(miss_set *m)
+{
+    free(m->slots);
+    free(m->key);
+    free(m->start);
+}
+
+/* Runs looked up a block at a time: the table is megabytes (its slots, then its entries' keys),
+ * so each probe would wait on memory in turn; a block's slots are prefetched first, then the keys
+ * of the entries they hold, then the probes run. */
+enum { BLOCK = 32 };
+
+typedef struct {
+    int64_t n, s[BLOCK], e[BLOCK];
+    uint8_t flag[BLOCK], valid[BLOCK];
+    run_key key[BLOCK];
+    uint64_t h[BLOCK];
+    int64_t found[BLOCK];
+} run_block;
+
+/* found[r] for the block's valid runs: the entry of buf[s:e] (key flag `flag`), or, absent from
+ * the table (every run over 24 bytes: the table's owner keeps those in a dict), -2 - its number
+ * among the call's distinct misses (its first occurrence written to miss_start/miss_end/
+ * miss_flag); -1 for an invalid run. Returns -1 when scratch memory could not be allocated. */
+static int lookup_block(const table_view *tv, miss_set *m, const uint8_t *buf, run_block *b,
+                        int64_t *miss_start, int64_t *miss_end, int64_t *miss_flag)
+{
+    for (int64_t r = 0; r < b->n; r++) {
+        if (!b->valid[r])
+            continue;
+        b->key[r] = key_of(buf, b->s[r], b->e[r], b->flag[r]);
+        b->h[r] = key_hash(b->key[r]);
+        __builtin_prefetch(tv->slots + (b->h[r] >> tv->shift));
+    }
+    for (int64_t r = 0; r < b->n; r++) {
+        int32_t x = b->valid[r] ? tv->slots[b->h[r] >> tv->shift] : -1;
+        if (x >= 0) {
+            __builtin_prefetch(tv->head + x);
+            __builtin_prefetch(tv->tail + x);
+            __builtin_prefetch(tv->mid + x);
+            __builtin_prefetch(tv->lenf + x);
+        }
+    }
+    for (int64_t r = 0; r < b->n; r++) {
+        b->found[r] = -1;
+        if (!b->valid[r])
+            continue;
+        int64_t s = b->s[r], len = b->e[r] - s;
+        run_key key = b->key[r];
+        for (uint64_t q = b->h[r] >> tv->shift; len <= 24; q = (q + 1) & tv->mask) {
+            int32_t x = tv->slots[q];
+            if (x < 0)
+                break;
+            if (tv->head[x] == key.head && tv->tail[x] == key.tail && tv->mid[x] == key.mid &&
+                tv->lenf[x] == key.lenf) {
+                b->found[r] = x;
+                break;
+            }
+        }
+        if (b->found[r] >= 0)
+            continue;
+        int64_t j = miss_number(m, buf, s, len, key, b->h[r]);
+        if (j < 0)
+            return -1;
+        if (m->start[j] == s) { /* (new: its first occurrence) */
+            miss_start[j] = s, miss_end[j] = b->e[r];
+            if (miss_flag)
+                miss_flag[j] = b->flag[r];
+        }
+        b->found[r] = -2 - j;
+    }
+    return 0;
+}
+
+/* dsv3ray.runtable.RunTable._insert: entries numbers[0..m) (keys in lenf/head/mid/tail) into the
+ * slots (slot_mask + 1 of them, load below 1/2: a free slot is always found), each at the first
+ * free slot from its hash >> shift, one after another (the numpy path places contested slots in
+ * rounds: other slots, the same entries found). */
+void runtable_insert(int32_t *slots, int64_t slot_mask, int64_t shift, const int64_t *lenf, const uint64_t *head,
+                     const uint64_t *mid, const uint64_t *tail, const int64_t *numbers, int64_t m)
+{
+    for (int64_t j = 0; j < m; j++) {
+        int64_t x = numbers[j];
+        run_key k = {lenf[x], head[x], mid[x], tail[x]};
+        uint64_t q = key_hash(k) >> shift;
+        while (slots[q] >= 0)
+            q = (q + 1) & (uint64_t)slot_mask;
+        slots[q] = (int32_t)x;
+    }
+}
+
+/* The first space (or, when `newlines`, newline) in buf[e:end], else end: eight bytes a step (the
+ * lowest byte the zero-byte test flags is the first zero byte; buf is readable 8 bytes past end). */
+static inline int64_t next_cut(const uint8_t *buf, int64_t e, int64_t end, int newlines)
+{
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    for (; e < end; e += 8) {
+        uint64_t w = load_le64(buf + e), x = w ^ (ones * ' '), hit = (x - ones) & ~x & highs;
+        if (newlines) {
+            uint64_t y = w ^ (ones * '\n');
+            hit |= (y - ones) & ~y & highs;
+        }
+        if (hit) {
+            e += __builtin_ctzll(hit) >> 3;
+            return e < end ? e : end;
+        }
+    }
+    return end;
+}
+
 /* pipelines.chunkpass.ChunkPass._lookup_group's numpy path before its new chunks are added
  * (dsv3ray.runtable.SpaceChunks, the group's distinct chunks, RunTable.lookup, SpaceChunks.with_runs)
  * in one pass over the bytes. buf: the n texts joined (text t: text_start[t] .. text_end[t]), 8
@@ -518,13 +645,12 @@ static int64_t miss_number(miss_set *m, const uint8_t *buf, int64_t s, int64_t l
  * newlines, which is an item of its own after its chunk: nl_entry[k - 1] for a run of k <= max_nl.
  * A chunk's key flag is 1 when `mark_first` and it starts its text or follows a run. Per item, its
  * entry (the table's: slots of slot_mask + 1, hash >> shift, the entries' keys t_*) into entry[],
- * its text into doc[]; text t's items: bounds[t] .. bounds[t + 1]. A chunk not in the table (every
- * chunk over 24 bytes: the table's owner keeps those in a dict) is a miss: each distinct one once
- * into miss_start/miss_end/miss_flag, and entry -2 - (its number). A text with an empty chunk, one
- * over max_chunk bytes or a run over max_nl: bad[t] = 1 and no items (its other chunks' misses are
- * kept, as the numpy path adds them: both tables grow alike).
- * entry/doc hold one item per byte and text; the misses as many. Returns the number of misses,
- * or -1 when scratch memory could not be allocated. */
+ * its text into doc[]; text t's items: bounds[t] .. bounds[t + 1]. A chunk not in the table is a
+ * miss (lookup_block): entry -2 - its number, each distinct one once into miss_start/miss_end/
+ * miss_flag. A text with an empty chunk, one over max_chunk bytes or a run over max_nl: bad[t] = 1
+ * and no items (its other chunks' misses are kept, as the numpy path adds them: both tables grow
+ * alike). entry/doc hold one item per byte and text; the misses as many. Returns the number of
+ * misses, or -1 when scratch memory could not be allocated. */
 int64_t chunk_scan(const uint8_t *buf, int64_t n, const int64_t *text_start, const int64_t *text_end,
                    int newlines, int mark_first, int64_t max_chunk, int64_t max_nl, const int64_t *nl_entry,
                    const int32_t *slots, int64_t slot_mask, int64_t shift, const int64_t *t_lenf,
@@ -533,63 +659,121 @@ int64_t chunk_scan(const uint8_t *buf, int64_t n, const int64_t *text_start, con
                    int64_t *miss_flag)
 {
     miss_set m = {0};
-    m.cap = 256;
-    m.key = malloc((size_t)m.cap * sizeof *m.key);
-    m.start = malloc((size_t)m.cap * sizeof *m.start);
-    int64_t o = 0, failed = !m.key || !m.start || miss_rehash(&m, 1024);
-    for (int64_t t = 0; t < n && !failed; t++) {
-        int64_t s = text_start[t], end = text_end[t];
-        int first = 1;
-        bounds[t] = o;
-        bad[t] = 0;
-        for (;;) {
-            int64_t e = s, k = 0, len, found = -1;
-            while (e < end && buf[e] != ' ' && !(newlines && buf[e] == '\n'))
-                e++;
+    table_view tv = {slots, (uint64_t)slot_mask, shift, t_lenf, t_head, t_mid, t_tail};
+    run_block b;
+    int64_t t = 0, s = n ? text_start[0] : 0, o = 0, failed = miss_init(&m);
+    int64_t text[BLOCK], k_run[BLOCK];
+    uint8_t starts_text[BLOCK], ends_text[BLOCK];
+    int first = 1;
+    while (t < n && !failed) {
+        for (b.n = 0; b.n < BLOCK && t < n; b.n++) { /* the next chunks, across texts */
+            int64_t r = b.n, end = text_end[t], e = next_cut(buf, s, end, newlines), k = 0;
             if (e < end && buf[e] == '\n')
                 for (k = 1; e + k < end && buf[e + k] == '\n'; k++)
                     ;
-            len = e - s;
-            int flag = mark_first && first;
-            bad[t] |= len == 0 || len > max_chunk || k > max_nl;
-            if (len > 0 && len <= max_chunk) {
-                run_key key = key_of(buf, s, e, flag);
-                uint64_t h = key_hash(key);
-                for (uint64_t q = h >> shift; len <= 24; q = (q + 1) & (uint64_t)slot_mask) {
-                    int32_t x = slots[q];
-                    if (x < 0)
-                        break;
-                    if (t_head[x] == key.head && t_tail[x] == key.tail && t_mid[x] == key.mid &&
-                        t_lenf[x] == key.lenf) {
-                        found = x;
-                        break;
-                    }
-                }
-                if (found < 0) {
-                    int64_t j = miss_number(&m, buf, s, len, key, h);
-                    if (j < 0) {
-                        failed = 1;
-                        break;
-                    }
-                    if (m.start[j] == s) /* (new: its first occurrence) */
-                        miss_start[j] = s, miss_end[j] = e, miss_flag[j] = flag;
-                    found = -2 - j;
-                }
+            if (s == text_start[t])
+                bad[t] = 0;
+            b.s[r] = s, b.e[r] = e, b.flag[r] = mark_first && first;
+            b.valid[r] = e > s && e - s <= max_chunk;
+            bad[t] |= !b.valid[r] || k > max_nl;
+            text[r] = t, k_run[r] = k, starts_text[r] = s == text_start[t];
+            ends_text[r] = e >= end;
+            if (e >= end) {
+                if (++t < n)
+                    s = text_start[t];
+                first = 1;
+            } else {
+                first = k > 0;
+                s = e + (k ? k : 1);
             }
-            entry[o] = found, doc[o++] = t;
-            if (k && k <= max_nl)
-                entry[o] = nl_entry[k - 1], doc[o++] = t;
-            if (e >= end)
-                break;
-            first = k > 0;
-            s = e + (k ? k : 1);
         }
-        if (bad[t]) /* (its items are not used; its chunks' misses stay) */
-            o = bounds[t];
+        if (lookup_block(&tv, &m, buf, &b, miss_start, miss_end, miss_flag)) {
+            failed = 1;
+            break;
+        }
+        for (int64_t r = 0; r < b.n; r++) { /* the block's items */
+            int64_t tt = text[r];
+            if (starts_text[r])
+                bounds[tt] = o;
+            entry[o] = b.found[r], doc[o++] = tt;
+            if (k_run[r] && k_run[r] <= max_nl)
+                entry[o] = nl_entry[k_run[r] - 1], doc[o++] = tt;
+            if (ends_text[r] && bad[tt]) /* (its items are not used; its chunks' misses stay) */
+                o = bounds[tt];
+        }
     }
     bounds[n] = o;
-    free(m.slots);
-    free(m.key);
-    free(m.start);
+    miss_free(&m);
+    return failed ? -1 : m.count;
+}
+
+/* _ASCII_PRETOKEN in dsv3ray/tokenizer.py (GPT-2's split on printable ASCII and newlines; \x00
+ * a piece of its own): the end of the piece that starts at b[i], as the regex's first matching
+ * alternative ends it. */
+static inline int pre_class(uint8_t c)
+{
+    if ((c | 32) >= 'a' && (c | 32) <= 'z')
+        return 0; /* letter */
+    if (c >= '0' && c <= '9')
+        return 1; /* digit */
+    if (c == ' ' || c == '\n')
+        return 3; /* whitespace */
+    return c == 0 ? 4 : 2; /* \x00, other */
+}
+
+static inline int64_t pretoken_end(const uint8_t *b, int64_t n, int64_t i)
+{
+    uint8_t c = b[i];
+    if (c == '\'' && i + 1 < n) { /* 's 't 'm 'd 're 've 'll */
+        uint8_t x = b[i + 1], y = i + 2 < n ? b[i + 2] : 0;
+        if (x == 's' || x == 't' || x == 'm' || x == 'd')
+            return i + 2;
+        if (((x == 'r' || x == 'v') && y == 'e') || (x == 'l' && y == 'l'))
+            return i + 3;
+    }
+    int cls = pre_class(c);
+    int64_t j = i + 1;
+    if (c == ' ' && j < n && pre_class(b[j]) <= 2) /* " ?X+": the space and the run after it */
+        cls = pre_class(b[j++]);
+    if (cls <= 2) {
+        while (j < n && pre_class(b[j]) == cls)
+            j++;
+        return j;
+    }
+    if (cls == 4)
+        return i + 1;
+    while (j < n && pre_class(b[j]) == 3)
+        j++;
+    if (j < n && j - i >= 2) /* [ \n]+(?![^ \n]): the run but its last, which the next piece takes */
+        return j - 1;
+    return j; /* the run to the end, or one byte ([ \n]+) */
+}
+
+/* dsv3ray.tokenizer._ChunkCache._piece_entries' numpy path before its new pieces are encoded
+ * (_pretoken_starts, the distinct pieces, RunTable.lookup) in one pass: buf[0:size] (8 readable
+ * bytes past it) cut into _ASCII_PRETOKEN's pieces, each looked up (key flag 0) in the table
+ * (lookup_block); entry per piece into entry[] (-2 - k: distinct miss k, its first occurrence
+ * into miss_start/miss_end), the number of pieces into *pieces. entry and the misses hold one
+ * per byte. Returns the number of misses, or -1 when scratch memory could not be allocated. */
+int64_t piece_scan(const uint8_t *buf, int64_t size, const int32_t *slots, int64_t slot_mask, int64_t shift,
+                   const int64_t *t_lenf, const uint64_t *t_head, const uint64_t *t_mid, const uint64_t *t_tail,
+                   int64_t *entry, int64_t *pieces, int64_t *miss_start, int64_t *miss_end)
+{
+    miss_set m = {0};
+    table_view tv = {slots, (uint64_t)slot_mask, shift, t_lenf, t_head, t_mid, t_tail};
+    run_block b;
+    int64_t o = 0, i = 0, failed = miss_init(&m);
+    while (i < size && !failed) {
+        for (b.n = 0; b.n < BLOCK && i < size; b.n++) {
+            int64_t e = pretoken_end(buf, size, i);
+            b.s[b.n] = i, b.e[b.n] = e, b.flag[b.n] = 0, b.valid[b.n] = 1;
+            i = e;
+        }
+        failed = lookup_block(&tv, &m, buf, &b, miss_start, miss_end, NULL);
+        for (int64_t r = 0; r < b.n && !failed; r++)
+            entry[o++] = b.found[r];
+    }
+    *pieces = o;
+    miss_free(&m);
     return failed ? -1 : m.count;
 }

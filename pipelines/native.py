@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dsv3ray.runtable import RunTable, padded
+
 SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O2", "-shared", "-fPIC", "-std=c99"]
 _UNSET = object()
@@ -73,6 +75,8 @@ _SIGNATURES = {
     "quality_rows": ("ipppppppiuiupp", "c"),
     "dedup_codes": ("iiippccpipippp", "i"),
     "chunk_scan": ("pippcciippiippppppppppp", "i"),
+    "piece_scan": ("pipiipppppppp", "i"),
+    "runtable_insert": ("piipppppi", "-"),
 }
 
 
@@ -258,8 +262,6 @@ def chunk_scan(
     lib = library()
     if lib is None:
         return None
-    from dsv3ray.runtable import padded
-
     n = text_start.size
     buf = padded(joined)
     text_start = np.ascontiguousarray(text_start, dtype=np.int64)
@@ -282,6 +284,58 @@ def chunk_scan(
         raise MemoryError("chunk_scan: no scratch memory")
     items = int(bounds[n])
     return entry[:items], doc[:items], bounds, bad, m_start[:misses], m_end[:misses], m_flag[:misses]
+
+
+def piece_scan(table, raw: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The pre-token pieces of `raw` (dsv3ray.tokenizer._ASCII_PRETOKEN's) looked up in `table`
+    (a RunTable, key flag 0) in one C pass (`piece_scan` in native.c): (entry per piece (-2 - k:
+    distinct miss k), the misses' starts and ends). None when the library is not available."""
+    lib = library()
+    if lib is None:
+        return None
+    buf = padded(raw)
+    entry, count = np.empty(len(raw), np.int64), np.zeros(1, np.int64)
+    m_start, m_end = np.empty(len(raw), np.int64), np.empty(len(raw), np.int64)
+    slots, shift, lenf, head, mid, tail = table.arrays()
+    misses = lib.piece_scan(
+        _ptr(buf), len(raw), _ptr(slots), slots.size - 1, shift, _ptr(lenf), _ptr(head), _ptr(mid), _ptr(tail),
+        _ptr(entry), _ptr(count), _ptr(m_start), _ptr(m_end),
+    )  # fmt: skip
+    if misses < 0:
+        raise MemoryError("piece_scan: no scratch memory")
+    return entry[: int(count[0])], m_start[:misses], m_end[:misses]
+
+
+class CRunTable(RunTable):
+    """A dsv3ray.runtable.RunTable whose insertions run in C (`runtable_insert`: one entry after
+    another, instead of numpy rounds that place contested slots; the same entries are found)."""
+
+    def _insert(self, numbers: np.ndarray) -> None:
+        lib = library()
+        if lib is None:
+            return super()._insert(numbers)
+        numbers = np.ascontiguousarray(numbers, dtype=np.int64)
+        if numbers.size and (numbers.min() < 0 or numbers.max() >= self.size):
+            raise IndexError("runtable_insert: an entry outside the table")  # (C reads its key)
+        if 2 * self.size > self._slots.size:
+            raise ValueError("runtable_insert: the slots would be over half full")  # (C would not end)
+        slots, shift, lenf, head, mid, tail = self.arrays()
+        lib.runtable_insert(
+            _ptr(slots), slots.size - 1, shift, _ptr(lenf), _ptr(head), _ptr(mid), _ptr(tail), _ptr(numbers),
+            numbers.size,
+        )  # fmt: skip
+
+
+def install(tok, tokenizer_json: str) -> None:
+    """The C helpers in a dsv3ray.tokenizer.Tokenizer's chunk cache, where it has one and the
+    library is built: the pieces' cut and probe (piece_scan) and their BPE where it is exact
+    (PieceBPE)."""
+    cache = tok.chunk_cache
+    if cache is not None and library() is not None:
+        cache.piece_scan = piece_scan
+        cache.piece_bpe = PieceBPE.of_json(tokenizer_json)
+        cache.piece_table = CRunTable(cache.piece_table.max_entries)  # (its insertions in C)
+        cache._clear_pieces()
 
 
 def _byte_chars() -> list[str]:

@@ -143,10 +143,9 @@ class Tokenize:
 
         single_threaded()  # one actor per CPU
         self.tok = Tokenizer(HF.from_str(tokenizer_json))
-        if self.tok.chunk_cache is not None:  # new pieces' BPE in C where it is exact and built
-            from pipelines.native import PieceBPE
+        from pipelines import native
 
-            self.tok.chunk_cache.piece_bpe = PieceBPE.of_json(tokenizer_json)
+        native.install(self.tok, tokenizer_json)  # (new pieces' cut, probe and BPE in C)
         self.max_doc_tokens = max_doc_tokens
         self.eval_fraction = eval_fraction
         self.truncate = truncate

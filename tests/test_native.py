@@ -129,14 +129,57 @@ def test_piece_bpe_steps_aside_for_models_it_does_not_reproduce(tokenizers_):
 
 
 @needs_cc
-def test_a_tokenizer_with_the_c_bpe_encodes_as_the_library(tokenizers_):
+def test_a_tokenizer_with_the_c_helpers_encodes_as_the_library(tokenizers_):
     from dsv3ray.tokenizer import Tokenizer
 
     hfs, docs = tokenizers_
     tok = Tokenizer(hfs[1])
-    tok.chunk_cache.piece_bpe = native.PieceBPE.of_json(hfs[1].to_str())
+    native.install(tok, hfs[1].to_str())
+    assert tok.chunk_cache.piece_bpe is not None and tok.chunk_cache.piece_scan is not None
     got = [a.tolist() for a in tok.encode_batch(docs)]
     assert got == [e.ids for e in hfs[1].encode_batch(docs, add_special_tokens=False)]
+
+
+@needs_cc
+def test_piece_scan_in_c_cuts_as_the_pattern_and_finds_as_numpy(tokenizers_):
+    """piece_scan's cut is _ASCII_PRETOKEN's (real text and fuzz: every printable ASCII byte,
+    newlines, \x00, contractions at every place, runs of whitespace before letters, \x00 and the
+    end); _piece_entries through it (and C's insertions) gives the numpy path's entries, piece
+    table and ids, through a table that fills and empties (and a call with more new pieces than it
+    holds)."""
+    import random
+
+    from dsv3ray.runtable import RunTable
+    from dsv3ray.tokenizer import _ASCII_PRETOKEN, Tokenizer
+
+    hfs, docs = tokenizers_
+    rng = random.Random(2)
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\n", " ", " ", "\x00", "'s", "'re", "'ll", "'"]
+    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(2000)]
+    fuzz += ["", "'", "'s", "  ", " \n a", "a  \x00 ", "x\n\n\n", "\x00'd", " 'll", "a'm"]
+    real = [d.encode("ascii", "ignore").decode() for d in docs[:200]]
+    real = ["".join(c for c in d if c == "\n" or " " <= c < "\x7f") for d in real]
+    for text in fuzz + real:
+        raw = text.encode()
+        entry, starts, ends = native.piece_scan(Tokenizer(hfs[0]).chunk_cache.piece_table, raw)
+        cut = [m.span() for m in _ASCII_PRETOKEN.finditer(text)]
+        assert entry.size == len(cut) and sum(b - a for a, b in cut) == len(raw)
+        assert {(a, b) for a, b in zip(starts.tolist(), ends.tolist())} <= set(cut)
+        pieces = [raw[a:b] for a, b in cut]
+        assert len(starts) == len(set(pieces) - {b"\x00"})  # (the separator: the table's entry 0)
+    for max_pieces in (1 << 20, 300, 20):
+        scanned, numpy_ = (Tokenizer(hfs[1]).chunk_cache for _ in "ab")
+        for cache, table in ((scanned, native.CRunTable), (numpy_, RunTable)):
+            cache.piece_table = table(max_pieces)  # (C's insertions, or numpy's)
+            cache._clear_pieces()
+        scanned.piece_scan = native.piece_scan
+        for lo in range(0, len(fuzz + real), 150):
+            raw = "\x00".join((fuzz + real)[lo : lo + 150]).encode()
+            got, want = scanned._piece_entries(raw), numpy_._piece_entries(raw)
+            assert got.tolist() == want.tolist()
+            assert scanned.piece_table.size == numpy_.piece_table.size
+            assert np.array_equal(scanned.piece_ids.cols[0][: scanned.piece_ids.off[scanned.piece_ids.size]],
+                                  numpy_.piece_ids.cols[0][: numpy_.piece_ids.off[numpy_.piece_ids.size]])  # fmt: skip
 
 
 @needs_cc
@@ -304,9 +347,10 @@ def test_chunk_lookup_in_c_equals_numpy(tokenizers_, stages):
     text and the same table, on real and fuzzed text (double and edge spaces, runs of 1-6
     newlines, chunks over 24 and over 256 bytes, non-ASCII), with the first-chunk flag and newline
     runs (tokens served) or without (MinHash only), runs of newlines cut chunks or not, in several
-    groups a lookup, through a table that fills and empties."""
+    groups a lookup, through a table that fills and empties (insertions in C, or numpy's)."""
     import random
 
+    from dsv3ray.runtable import RunTable
     from dsv3ray.tokenizer import Tokenizer
     from pipelines.chunkpass import ChunkPass
     from pipelines.clean import normalize_text
@@ -338,6 +382,9 @@ def test_chunk_lookup_in_c_equals_numpy(tokenizers_, stages):
             ChunkPass(tok, scorer, minhash, MAX_PREDICT_CHARS, 1 << 20, max_entries=max_entries) for _ in "ab"
         )
         numpy_path._lookup_group = numpy_path._lookup_group_numpy  # (the dispatch picks C otherwise)
+        numpy_path.table = RunTable(max_entries)  # (numpy's insertions too)
+        numpy_path._clear()
+        assert isinstance(c_path.table, native.CRunTable)
         c_path.GROUP_CHARS = numpy_path.GROUP_CHARS = 40_000  # (several groups a lookup)
         if stages.endswith("chunks"):
             for cp in (c_path, numpy_path):
@@ -352,3 +399,15 @@ def test_chunk_lookup_in_c_equals_numpy(tokenizers_, stages):
             assert c_path.table.size == numpy_path.table.size
     with pytest.raises(IndexError):  # (C would read past the buffer)
         native.chunk_scan(c_path.table, b"ab", np.array([0]), np.array([3]), False, False, 256, np.zeros(0))
+
+
+def test_every_c_function_has_its_signature():
+    """Each function native.c exports is in native._SIGNATURES with one type per parameter (one
+    called without its argtypes gets its pointers truncated: a crash, not an error)."""
+    import re
+
+    source = native.SOURCE.read_text()
+    exported = re.findall(r"^(?:int|int64_t|void) (\w+)\(([^)]*)\)", source, flags=re.M)
+    assert {name for name, _ in exported} == set(native._SIGNATURES)
+    for name, params in exported:
+        assert len(native._SIGNATURES[name][0]) == params.count(",") + 1, name
