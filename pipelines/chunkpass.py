@@ -98,7 +98,7 @@ class ChunkPass:
         self.scorer, self.minhash = scorer, minhash
         # each stage's cut: longer texts are not served for it
         self.quality_chars, self.minhash_chars, self.token_chars = quality_chars, minhash_chars, token_chars
-        self.table = native.CRunTable(max_entries)  # (insertions in C where it is built)
+        self.table = native.make_table(max_entries)  # (lookups and insertions in C where it is built)
         logits = scorer.row_logits.shape[1:] if scorer is not None else ()
         self.tok_ids = Ragged((np.int32,))
         self.ft_words = Ragged((np.float64, np.int64, np.uint64), (logits, (), ()))
@@ -244,11 +244,14 @@ class ChunkPass:
             self.nl_entry,
         )  # fmt: skip
         n = len(texts)
-        key = keys(padded(joined), m_start, m_end, m_flag)
         found = np.full(m_start.size, -1, np.int64)
-        long = np.flatnonzero(m_end - m_start > SHORT)  # (the table keeps those in dicts: C never finds them)
-        if long.size:
-            found[long] = self.table.lookup_long(joined, m_start[long], m_end[long], m_flag[long])
+        if isinstance(self.table, native.CRunTable):  # (it keys its entries itself, long ones too)
+            key = (2 * (m_end - m_start) + m_flag,)
+        else:  # (a RunTable keeps chunks over SHORT bytes in dicts: C never finds them)
+            key = keys(padded(joined), m_start, m_end, m_flag)
+            long = np.flatnonzero(m_end - m_start > SHORT)
+            if long.size:
+                found[long] = self.table.lookup_long(joined, m_start[long], m_end[long], m_flag[long])
         new = np.flatnonzero(found < 0)
         if self.table.size + new.size > self.table.max_entries:
             if new.size <= self.table.max_entries and (may_clear or may_restart):

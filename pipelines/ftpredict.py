@@ -139,12 +139,22 @@ class BatchPredictor:
         state = self.__dict__.copy()
         state["model"], state["table"] = None, self.table.max_entries
         del state["values_V"]
+        state.pop("_vocab_c", None)  # (made again where it is used: the library is that machine's)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.table = RunTable(state["table"])
         self._clear()
+
+    def _vocab_table(self):
+        """The vocabulary's table for lookups: in C where the library is built (a CRunTable made
+        from it once per process: long words need no Python dict lookup), else itself."""
+        if getattr(self, "_vocab_c", None) is None:
+            from pipelines import native
+
+            self._vocab_c = native.CRunTable.of(self.vocab) if native.library() is not None else self.vocab
+        return self._vocab_c
 
     def _clear(self) -> None:
         self.table.clear()
@@ -186,7 +196,7 @@ class BatchPredictor:
                 logits_M[i] = self.row_logits[ids].sum(0)
                 count_M[i] = ids.size
         elif n:  # the word's id, looked up by its bytes
-            wid = self.vocab.lookup(joined, starts, ends, keys(buf, starts, ends, 0))
+            wid = self._vocab_table().lookup(joined, starts, ends, keys(buf, starts, ends, 0))
             found = np.flatnonzero((wid >= 0) & ~skip_M)
             logits_M[found] = self.row_logits[wid[found]]
             count_M[found] = 1

@@ -430,6 +430,20 @@ static inline uint64_t load_le64(const uint8_t *p)
     return v;
 }
 
+/* All of a run's bytes hashed (8 a step; the buffer is readable 8 bytes past the run). */
+static inline uint64_t bytes_hash(const uint8_t *p, int64_t len)
+{
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ (uint64_t)len;
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8)
+        h = mix64(h ^ load_le64(p + i));
+    if (i < len)
+        h = mix64(h ^ (load_le64(p + i) & ((1ULL << (8 * (len - i))) - 1)));
+    return h;
+}
+
+/* A run of at most 24 bytes is keyed exactly by (lenf, bytes 0-8, 8-16, last 8); a longer one's mid
+ * is a hash of all its bytes (a table that holds such runs compares their bytes too: CRunTable). */
 static inline run_key key_of(const uint8_t *buf, int64_t s, int64_t e, int flag)
 {
     run_key k;
@@ -437,7 +451,7 @@ static inline run_key key_of(const uint8_t *buf, int64_t s, int64_t e, int flag)
     uint64_t h = load_le64(buf + s);
     k.lenf = 2 * len + flag;
     k.head = len >= 8 ? h : h & ((1ULL << (8 * len)) - 1);
-    k.mid = len > 16 ? load_le64(buf + s + 8) : 0;
+    k.mid = len > 24 ? bytes_hash(buf + s, len) : len > 16 ? load_le64(buf + s + 8) : 0;
     k.tail = len > 8 ? load_le64(buf + e - 8) : 0;
     return k;
 }
@@ -518,7 +532,25 @@ typedef struct {
     int64_t shift;
     const int64_t *lenf;
     const uint64_t *head, *mid, *tail;
+    const uint8_t *arena;     /* a CRunTable's: runs over 24 bytes are entries, their bytes here */
+    const int64_t *arena_off; /* (entry e's at arena_off[e]); NULL: such runs are never entries */
 } table_view;
+
+/* The entry of the run buf[s:s + len] (key, its hash h) in the table, or -1. */
+static inline int64_t table_find(const table_view *tv, const uint8_t *buf, int64_t s, int64_t len, run_key key,
+                                 uint64_t h)
+{
+    if (len > 24 && !tv->arena)
+        return -1;
+    for (uint64_t q = h >> tv->shift;; q = (q + 1) & tv->mask) {
+        int32_t x = tv->slots[q];
+        if (x < 0)
+            return -1;
+        if (tv->head[x] == key.head && tv->tail[x] == key.tail && tv->mid[x] == key.mid && tv->lenf[x] == key.lenf &&
+            (len <= 24 || !memcmp(buf + s, tv->arena + tv->arena_off[x], (size_t)len)))
+            return x;
+    }
+}
 
 static int miss_init(miss_set *m)
 {
@@ -549,7 +581,7 @@ typedef struct {
 } run_block;
 
 /* found[r] for the block's valid runs: the entry of buf[s:e] (key flag `flag`), or, absent from
- * the table (every run over 24 bytes: the table's owner keeps those in a dict), -2 - its number
+ * the table (a run over 24 bytes always, unless the table is a CRunTable), -2 - its number
  * among the call's distinct misses (its first occurrence written to miss_start/miss_end/
  * miss_flag); -1 for an invalid run. Returns -1 when scratch memory could not be allocated. */
 static int lookup_block(const table_view *tv, miss_set *m, const uint8_t *buf, run_block *b,
@@ -577,16 +609,7 @@ static int lookup_block(const table_view *tv, miss_set *m, const uint8_t *buf, r
             continue;
         int64_t s = b->s[r], len = b->e[r] - s;
         run_key key = b->key[r];
-        for (uint64_t q = b->h[r] >> tv->shift; len <= 24; q = (q + 1) & tv->mask) {
-            int32_t x = tv->slots[q];
-            if (x < 0)
-                break;
-            if (tv->head[x] == key.head && tv->tail[x] == key.tail && tv->mid[x] == key.mid &&
-                tv->lenf[x] == key.lenf) {
-                b->found[r] = x;
-                break;
-            }
-        }
+        b->found[r] = table_find(tv, buf, s, len, key, b->h[r]);
         if (b->found[r] >= 0)
             continue;
         int64_t j = miss_number(m, buf, s, len, key, b->h[r]);
@@ -654,12 +677,12 @@ static inline int64_t next_cut(const uint8_t *buf, int64_t e, int64_t end, int n
 int64_t chunk_scan(const uint8_t *buf, int64_t n, const int64_t *text_start, const int64_t *text_end,
                    int newlines, int mark_first, int64_t max_chunk, int64_t max_nl, const int64_t *nl_entry,
                    const int32_t *slots, int64_t slot_mask, int64_t shift, const int64_t *t_lenf,
-                   const uint64_t *t_head, const uint64_t *t_mid, const uint64_t *t_tail, int64_t *entry,
-                   int64_t *doc, int64_t *bounds, uint8_t *bad, int64_t *miss_start, int64_t *miss_end,
-                   int64_t *miss_flag)
+                   const uint64_t *t_head, const uint64_t *t_mid, const uint64_t *t_tail, const uint8_t *arena,
+                   const int64_t *arena_off, int64_t *entry, int64_t *doc, int64_t *bounds, uint8_t *bad,
+                   int64_t *miss_start, int64_t *miss_end, int64_t *miss_flag)
 {
     miss_set m = {0};
-    table_view tv = {slots, (uint64_t)slot_mask, shift, t_lenf, t_head, t_mid, t_tail};
+    table_view tv = {slots, (uint64_t)slot_mask, shift, t_lenf, t_head, t_mid, t_tail, arena, arena_off};
     run_block b;
     int64_t t = 0, s = n ? text_start[0] : 0, o = 0, failed = miss_init(&m);
     int64_t text[BLOCK], k_run[BLOCK];
@@ -757,10 +780,11 @@ static inline int64_t pretoken_end(const uint8_t *b, int64_t n, int64_t i)
  * per byte. Returns the number of misses, or -1 when scratch memory could not be allocated. */
 int64_t piece_scan(const uint8_t *buf, int64_t size, const int32_t *slots, int64_t slot_mask, int64_t shift,
                    const int64_t *t_lenf, const uint64_t *t_head, const uint64_t *t_mid, const uint64_t *t_tail,
-                   int64_t *entry, int64_t *pieces, int64_t *miss_start, int64_t *miss_end)
+                   const uint8_t *arena, const int64_t *arena_off, int64_t *entry, int64_t *pieces,
+                   int64_t *miss_start, int64_t *miss_end)
 {
     miss_set m = {0};
-    table_view tv = {slots, (uint64_t)slot_mask, shift, t_lenf, t_head, t_mid, t_tail};
+    table_view tv = {slots, (uint64_t)slot_mask, shift, t_lenf, t_head, t_mid, t_tail, arena, arena_off};
     run_block b;
     int64_t o = 0, i = 0, failed = miss_init(&m);
     while (i < size && !failed) {
@@ -776,4 +800,29 @@ int64_t piece_scan(const uint8_t *buf, int64_t size, const int32_t *slots, int64
     *pieces = o;
     miss_free(&m);
     return failed ? -1 : m.count;
+}
+
+/* pipelines.native.CRunTable's keys of runs buf[starts[j]:ends[j]] (key_of; flags[j]: 0/1) into
+ * lenf/head/mid/tail. */
+void run_keys(const uint8_t *buf, const int64_t *starts, const int64_t *ends, const int64_t *flags, int64_t m,
+              int64_t *lenf, uint64_t *head, uint64_t *mid, uint64_t *tail)
+{
+    for (int64_t j = 0; j < m; j++) {
+        run_key k = key_of(buf, starts[j], ends[j], (int)flags[j]);
+        lenf[j] = k.lenf, head[j] = k.head, mid[j] = k.mid, tail[j] = k.tail;
+    }
+}
+
+/* pipelines.native.CRunTable.lookup: the entry of each run buf[starts[j]:ends[j]] (flags[j]), -1
+ * where absent, into out. */
+void run_lookup(const uint8_t *buf, const int64_t *starts, const int64_t *ends, const int64_t *flags, int64_t m,
+                const int32_t *slots, int64_t slot_mask, int64_t shift, const int64_t *t_lenf, const uint64_t *t_head,
+                const uint64_t *t_mid, const uint64_t *t_tail, const uint8_t *arena, const int64_t *arena_off,
+                int64_t *out)
+{
+    table_view tv = {slots, (uint64_t)slot_mask, shift, t_lenf, t_head, t_mid, t_tail, arena, arena_off};
+    for (int64_t j = 0; j < m; j++) {
+        run_key k = key_of(buf, starts[j], ends[j], (int)flags[j]);
+        out[j] = table_find(&tv, buf, starts[j], ends[j] - starts[j], k, key_hash(k));
+    }
 }

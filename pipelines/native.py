@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsv3ray.runtable import RunTable, padded
+from dsv3ray.runtable import SHORT, RunTable, byte_runs, padded, ranges
 
 SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O2", "-shared", "-fPIC", "-std=c99"]
@@ -74,9 +74,11 @@ _SIGNATURES = {
     "minhash_rows": ("ippppiuiupp", "c"),
     "quality_rows": ("ipppppppiuiupp", "c"),
     "dedup_codes": ("iiippccpipippp", "i"),
-    "chunk_scan": ("pippcciippiippppppppppp", "i"),
-    "piece_scan": ("pipiipppppppp", "i"),
+    "chunk_scan": ("pippcciippiippppppppppppp", "i"),
+    "piece_scan": ("pipiipppppppppp", "i"),
     "runtable_insert": ("piipppppi", "-"),
+    "run_keys": ("ppppipppp", "-"),
+    "run_lookup": ("ppppipiippppppp", "-"),
 }
 
 
@@ -273,11 +275,9 @@ def chunk_scan(
     entry, doc = np.empty(cap, np.int64), np.empty(cap, np.int64)
     bounds, bad = np.empty(n + 1, np.int64), np.empty(n, np.bool_)
     m_start, m_end, m_flag = (np.empty(cap, np.int64) for _ in range(3))
-    slots, shift, lenf, head, mid, tail = table.arrays()
     misses = lib.chunk_scan(
         _ptr(buf), n, _ptr(text_start), _ptr(text_end), int(newlines), int(mark_first), max_chunk,
-        nl_entry.size, _ptr(nl_entry), _ptr(slots), slots.size - 1, shift,
-        _ptr(lenf), _ptr(head), _ptr(mid), _ptr(tail), _ptr(entry), _ptr(doc), _ptr(bounds), _ptr(bad),
+        nl_entry.size, _ptr(nl_entry), *_view(table), _ptr(entry), _ptr(doc), _ptr(bounds), _ptr(bad),
         _ptr(m_start), _ptr(m_end), _ptr(m_flag),
     )  # fmt: skip
     if misses < 0:
@@ -296,45 +296,152 @@ def piece_scan(table, raw: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray] |
     buf = padded(raw)
     entry, count = np.empty(len(raw), np.int64), np.zeros(1, np.int64)
     m_start, m_end = np.empty(len(raw), np.int64), np.empty(len(raw), np.int64)
-    slots, shift, lenf, head, mid, tail = table.arrays()
     misses = lib.piece_scan(
-        _ptr(buf), len(raw), _ptr(slots), slots.size - 1, shift, _ptr(lenf), _ptr(head), _ptr(mid), _ptr(tail),
-        _ptr(entry), _ptr(count), _ptr(m_start), _ptr(m_end),
+        _ptr(buf), len(raw), *_view(table), _ptr(entry), _ptr(count), _ptr(m_start), _ptr(m_end),
     )  # fmt: skip
     if misses < 0:
         raise MemoryError("piece_scan: no scratch memory")
     return entry[: int(count[0])], m_start[:misses], m_end[:misses]
 
 
+def _view(table) -> list[int]:
+    """A RunTable as the C probes read it: slots, slot mask, shift, the entries' keys, and a
+    CRunTable's arena of long runs' bytes (0, 0 for a RunTable: it keeps them in dicts)."""
+    slots, shift, lenf, head, mid, tail = table.arrays()
+    long = (_ptr(table._arena), _ptr(table._arena_off)) if isinstance(table, CRunTable) else (0, 0)
+    return [_ptr(slots), slots.size - 1, shift, _ptr(lenf), _ptr(head), _ptr(mid), _ptr(tail), *long]
+
+
 class CRunTable(RunTable):
-    """A dsv3ray.runtable.RunTable whose insertions run in C (`runtable_insert`: one entry after
-    another, instead of numpy rounds that place contested slots; the same entries are found)."""
+    """A dsv3ray.runtable.RunTable whose lookups and insertions run in C, long runs included: a
+    run of over 24 bytes is an entry too, keyed with a hash of all its bytes as `mid` and its bytes
+    kept in an arena (a probe compares them: exact), where RunTable keeps it in a dict (a Python
+    lookup per run). Its entries are numbered as RunTable numbers them (tests compare); its keys
+    are computed here from the runs' bytes (only the flag is read from the `key` it is given).
+    Made only where the library is built (`make_table`)."""
+
+    def clear(self) -> None:
+        super().clear()
+        self._arena = np.zeros(1 << 12, dtype=np.uint8)  # long entries' bytes
+        self._arena_used = 0
+        self._arena_off = np.full(self._lenf.size, -1, dtype=np.int64)  # entry -> its bytes, -1: short
+
+    def lookup(self, joined: bytes, starts, ends, key) -> np.ndarray:
+        return self._lookup(joined, starts, ends, np.asarray(key[0]) & 1)
+
+    def lookup_long(self, joined: bytes, starts, ends, flags) -> np.ndarray:
+        return self._lookup(joined, starts, ends, flags)
+
+    def _lookup(self, joined: bytes, starts, ends, flags) -> np.ndarray:
+        starts, ends, flags = (np.ascontiguousarray(a, dtype=np.int64) for a in (starts, ends, flags))
+        _check_runs("CRunTable.lookup", len(joined), starts, ends)
+        out = np.empty(starts.size, dtype=np.int64)
+        buf = padded(joined)
+        library().run_lookup(
+            _ptr(buf), _ptr(starts), _ptr(ends), _ptr(flags), starts.size, *_view(self), _ptr(out)
+        )
+        return out
+
+    def append(self, at, raw, key) -> np.ndarray:
+        m = len(at)
+        first = self.size
+        assert first + m <= self.max_entries
+        if first + m > self._lenf.size:
+            cap = min(self.max_entries, max(first + m, 2 * self._lenf.size))
+            self._lenf, self._head, self._mid, self._tail = (
+                np.resize(a, cap) for a in (self._lenf, self._head, self._mid, self._tail)
+            )
+            self._arena_off = np.resize(self._arena_off, cap)
+        joined, starts, ends = byte_runs(raw) if isinstance(raw, list) else raw
+        starts, ends = (np.ascontiguousarray(a, dtype=np.int64) for a in (starts, ends))
+        _check_runs("CRunTable.append", len(joined), starts, ends)
+        flags = np.ascontiguousarray(np.asarray(key[0])[at] & 1, dtype=np.int64)
+        numbers = np.arange(first, first + m)
+        buf = padded(joined)
+        cols = [a[first : first + m] for a in (self._lenf, self._head, self._mid, self._tail)]  # (views)
+        library().run_keys(_ptr(buf), _ptr(starts), _ptr(ends), _ptr(flags), m, *map(_ptr, cols))
+        lens = ends - starts
+        self._arena_off[first : first + m] = -1
+        long = np.flatnonzero(lens > SHORT)
+        if long.size:  # their bytes, end to end in the arena
+            size = lens[long]
+            need = self._arena_used + int(size.sum())
+            if need > self._arena.size:
+                self._arena = np.resize(self._arena, max(need, 2 * self._arena.size))
+            at_arena = self._arena_used + np.cumsum(size) - size
+            self._arena[ranges(at_arena, size)] = buf[ranges(starts[long], size)]
+            self._arena_off[numbers[long]] = at_arena
+            self._arena_used = need
+        self.size += m
+        self._insert(numbers)
+        return numbers
 
     def _insert(self, numbers: np.ndarray) -> None:
-        lib = library()
-        if lib is None:
-            return super()._insert(numbers)
         numbers = np.ascontiguousarray(numbers, dtype=np.int64)
         if numbers.size and (numbers.min() < 0 or numbers.max() >= self.size):
             raise IndexError("runtable_insert: an entry outside the table")  # (C reads its key)
-        if 2 * self.size > self._slots.size:
-            raise ValueError("runtable_insert: the slots would be over half full")  # (C would not end)
         slots, shift, lenf, head, mid, tail = self.arrays()
-        lib.runtable_insert(
+        library().runtable_insert(
             _ptr(slots), slots.size - 1, shift, _ptr(lenf), _ptr(head), _ptr(mid), _ptr(tail), _ptr(numbers),
             numbers.size,
         )  # fmt: skip
 
+    @classmethod
+    def of(cls, table: RunTable) -> CRunTable:
+        """The same entries, numbered alike, in a CRunTable: each entry's bytes read back from its
+        key (at most 24 bytes: bytes 0-8, 8-16 and the last 8 hold them) or from the table's dicts
+        (longer ones)."""
+        out = cls(table.max_entries)
+        n = table.size
+        if not n:
+            return out
+        lenf = table._lenf[:n]
+        size = np.where(lenf >= 0, lenf >> 1, 0)
+        for d in table._long:  # (long entries: lenf -1 in the table)
+            for run, e in d.items():
+                size[e] = len(run)
+        short = lenf >= 0
+        rows = (
+            np.stack([table._head[:n], table._mid[:n], table._tail[:n]], axis=1).astype("<u8").view(np.uint8)
+        )
+        ends = np.cumsum(size)
+        starts = ends - size
+        buf = np.zeros(int(ends[-1]), np.uint8)
+        e = np.repeat(np.flatnonzero(short), size[short])  # a short entry's bytes from its key row
+        p = ranges(np.zeros(int(short.sum()), np.int64), size[short])  # (0.. its size - 1)
+        split = np.where(size[e] <= 16, 8, 16)  # bytes before it: head (and mid); after: tail's last
+        src = np.where(p < split, p, 16 + p - (size[e] - 8))
+        buf[ranges(starts[short], size[short])] = rows.reshape(n, 24)[e, src]
+        flags = np.where(short, lenf & 1, 0)
+        for f, d in enumerate(table._long):
+            for run, x in d.items():
+                buf[starts[x] : ends[x]] = np.frombuffer(run, np.uint8)
+                flags[x] = f
+        out.append(np.arange(n), (buf.tobytes(), starts, ends), (2 * size + flags,))
+        return out
+
+
+def _check_runs(name: str, size: int, starts: np.ndarray, ends: np.ndarray) -> None:
+    if starts.size and (starts.min() < 0 or ends.max() > size or (ends < starts).any()):
+        raise IndexError(f"{name}: a run outside the buffer")  # (C reads there)
+
+
+def make_table(max_entries: int) -> RunTable:
+    """A CRunTable where the library is built, else a RunTable."""
+    return CRunTable(max_entries) if library() is not None else RunTable(max_entries)
+
 
 def install(tok, tokenizer_json: str) -> None:
     """The C helpers in a dsv3ray.tokenizer.Tokenizer's chunk cache, where it has one and the
-    library is built: the pieces' cut and probe (piece_scan) and their BPE where it is exact
-    (PieceBPE)."""
+    library is built: its tables (CRunTable), the pieces' cut and probe (piece_scan) and their BPE
+    where it is exact (PieceBPE)."""
     cache = tok.chunk_cache
     if cache is not None and library() is not None:
         cache.piece_scan = piece_scan
         cache.piece_bpe = PieceBPE.of_json(tokenizer_json)
-        cache.piece_table = CRunTable(cache.piece_table.max_entries)  # (its insertions in C)
+        cache.table = CRunTable(cache.table.max_entries)  # (lookups and insertions in C)
+        cache.piece_table = CRunTable(cache.piece_table.max_entries)
+        cache._clear()
         cache._clear_pieces()
 
 

@@ -411,3 +411,33 @@ def test_every_c_function_has_its_signature():
     assert {name for name, _ in exported} == set(native._SIGNATURES)
     for name, params in exported:
         assert len(native._SIGNATURES[name][0]) == params.count(",") + 1, name
+
+
+@needs_cc
+def test_a_c_table_made_of_a_table_finds_its_entries():
+    """CRunTable.of: every entry of a RunTable (runs of 1-40 bytes, both flags, long ones from its
+    dicts) at the same number, nothing else found; then both grow alike."""
+    import random
+
+    from dsv3ray.runtable import RunTable, byte_runs, keys, padded
+
+    rng = random.Random(3)
+    words = sorted(
+        {bytes(rng.choice(b"ab\xc3\xa9 ") for _ in range(rng.randint(1, 40))) for _ in range(3000)}
+    )
+    table = RunTable(1 << 13)
+    flags = np.array([rng.random() < 0.3 for _ in words], np.int64)
+    joined, starts, ends = byte_runs(words)
+    key = keys(padded(joined), starts, ends, flags)
+    table.append(np.arange(len(words)), words, key)
+    c = native.CRunTable.of(table)
+    assert c.size == table.size
+    assert c.lookup(joined, starts, ends, key).tolist() == list(range(len(words)))
+    other = keys(padded(joined), starts, ends, 1 - flags)  # (the other flag: absent unless added so)
+    assert np.array_equal(c.lookup(joined, starts, ends, other), table.lookup(joined, starts, ends, other))
+    more = [w + b"!" for w in words[:100]]
+    j2, s2, e2 = byte_runs(more)
+    k2 = keys(padded(j2), s2, e2, 0)
+    assert np.array_equal(c.append(np.arange(100), more, k2), table.append(np.arange(100), more, k2))
+    assert np.array_equal(c.lookup(j2, s2, e2, k2), table.lookup(j2, s2, e2, k2))
+    assert native.CRunTable.of(RunTable(8)).size == 0

@@ -1,6 +1,6 @@
 """RunTable (dsv3ray/runtable.py) against a Python dict: strings that differ only in their first,
 middle or last 8 bytes, in their length (around 8/9, 16/17, 24/25) or in their flag get distinct
-entries, and every lookup returns the entry of exactly that string. Ragged rows gather as
+entries, and every lookup returns the entry of exactly that string (its C version, CRunTable, too). Ragged rows gather as
 Python slices would; SpaceChunks cuts texts at every space."""
 
 import random
@@ -18,8 +18,16 @@ def _runs(words: list[bytes]):
     return joined, padded(joined), starts, ends
 
 
+def _tables():
+    """RunTable, and pipelines.native's C one where its library is built."""
+    from pipelines import native
+
+    return [RunTable] + ([native.CRunTable] if native.library() is not None else [])
+
+
+@pytest.mark.parametrize("table_type", _tables())
 @pytest.mark.parametrize("crowded", [False, True])
-def test_runtable_matches_a_dict(crowded):
+def test_runtable_matches_a_dict(crowded, table_type):
     rng = random.Random(0)
     base = [b"a" * n for n in range(1, 40)]
     words = set(base)
@@ -28,7 +36,7 @@ def test_runtable_matches_a_dict(crowded):
             words.add(w[:i] + b"b" + w[i + 1 :])
     words |= {bytes(rng.choice(b"ab\xc3\xa9") for _ in range(rng.randint(1, 30))) for _ in range(2000)}
     words = sorted(words)
-    table = RunTable(max_entries=1 << 14)
+    table = table_type(max_entries=1 << 14)
     if crowded:  # every key starts its probe in one of 64 slots: long probe chains, keys compared
         table._shift = np.uint64(64 - 6)
     reference: dict[tuple[bytes, int], int] = {}
