@@ -158,7 +158,14 @@ class MinHasher:
 
     def _words_at(self, joined: bytes, doc_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """words_batch's words of the texts starting at doc_start in `joined` (lowercase but for
-        ASCII letters, each followed by a byte that is no word byte or by the end)."""
+        ASCII letters, each followed by a byte that is no word byte or by the end): in C where
+        built (pipelines.native.minhash_words), else numpy."""
+        from pipelines import native
+
+        done = native.minhash_words(joined, doc_start)
+        return done if done is not None else self._words_at_numpy(joined, doc_start)
+
+    def _words_at_numpy(self, joined: bytes, doc_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(joined)
         b = np.frombuffer(bytearray(joined + bytes(16)), dtype=np.uint8)  # 16: read past a word's end
         is_word = np.zeros(n + 2, dtype=bool)

@@ -826,3 +826,57 @@ void run_lookup(const uint8_t *buf, const int64_t *starts, const int64_t *ends, 
         out[j] = table_find(&tv, buf, starts[j], ends[j] - starts[j], k, key_hash(k));
     }
 }
+
+/* pipelines.dedup.MinHasher._words_at: the words of in[0:n] (maximal runs of bytes that are ASCII
+ * letters, digits, underscore or >= 0x80; A-Z folded to a-z), each one's hash into hashes[] (at
+ * most 8 bytes: ((len * k1) ^ its bytes as a little-endian word) * k2; 9-16: that, then
+ * (h ^ bytes 8-16) * k1; longer: (sum of byte_j * p^j ^ len * k2) * k1, mod 2^64), and per text t
+ * the words starting in doc_start[t] .. doc_start[t + 1] (ascending) into words_D. Returns the
+ * number of words, or -1 when scratch memory could not be allocated. */
+static inline int mh_word_byte(uint8_t c)
+{
+    return c >= 0x80 || (uint8_t)(c - 'a') < 26 || (uint8_t)(c - '0') < 10 || c == '_';
+}
+
+int64_t minhash_words(const uint8_t *in, int64_t n, const int64_t *doc_start, int64_t D, uint64_t p, uint64_t k1,
+                      uint64_t k2, uint64_t *hashes, int64_t *words_D)
+{
+    uint8_t *b = malloc((size_t)n + 16);
+    if (!b)
+        return -1;
+    for (int64_t i = 0; i < n; i++)
+        b[i] = (uint8_t)(in[i] - 'A') < 26 ? in[i] + 32 : in[i];
+    memset(b + n, 0, 16);
+    for (int64_t t = 0; t < D; t++)
+        words_D[t] = 0;
+    int64_t w = 0, d = -1;
+    for (int64_t i = 0; i < n;) {
+        if (!mh_word_byte(b[i])) {
+            i++;
+            continue;
+        }
+        int64_t s = i;
+        while (i < n && mh_word_byte(b[i]))
+            i++;
+        int64_t len = i - s;
+        uint64_t lo = load_le64(b + s), h;
+        h = (((uint64_t)len * k1) ^ (len >= 8 ? lo : lo & ((1ULL << (8 * len)) - 1))) * k2;
+        if (len > 8) {
+            uint64_t hi = load_le64(b + s + 8);
+            h = (h ^ (len >= 16 ? hi : hi & ((1ULL << (8 * (len - 8))) - 1))) * k1;
+        }
+        if (len > 16) {
+            uint64_t poly = 0, pw = 1;
+            for (int64_t j = 0; j < len; j++, pw *= p)
+                poly += (uint64_t)b[s + j] * pw;
+            h = (poly ^ ((uint64_t)len * k2)) * k1;
+        }
+        hashes[w++] = h;
+        while (d + 1 < D && doc_start[d + 1] <= s)
+            d++;
+        if (d >= 0)
+            words_D[d]++;
+    }
+    free(b);
+    return w;
+}

@@ -79,6 +79,7 @@ _SIGNATURES = {
     "runtable_insert": ("piipppppi", "-"),
     "run_keys": ("ppppipppp", "-"),
     "run_lookup": ("ppppipiippppppp", "-"),
+    "minhash_words": ("pipiuuupp", "i"),
 }
 
 
@@ -162,6 +163,35 @@ def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndar
     out = np.empty(starts.size, dtype=np.uint64)
     lib.fnv1a_runs(starts.size, _ptr(buf), _ptr(starts), _ptr(ends), _ptr(out))
     return out
+
+
+def minhash_words(joined: bytes, doc_start: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """pipelines.dedup.MinHasher._words_at in C (one pass, no per-byte numpy arrays): (each
+    word's hash, words per text), or None when the library is not available."""
+    from pipelines.dedup import _K1, _K2, _P
+
+    lib = library()
+    if lib is None:
+        return None
+    src = np.frombuffer(joined, dtype=np.uint8)
+    doc_start = np.ascontiguousarray(doc_start, dtype=np.int64)
+    if doc_start.size and (np.diff(doc_start) < 0).any():
+        raise ValueError("minhash_words: doc_start is not ascending")
+    hashes, words_D = np.empty(src.size // 2 + 1, np.uint64), np.empty(doc_start.size, np.int64)
+    words = lib.minhash_words(
+        _ptr(src),
+        src.size,
+        _ptr(doc_start),
+        doc_start.size,
+        _P,
+        int(_K1),
+        int(_K2),
+        _ptr(hashes),
+        _ptr(words_D),
+    )
+    if words < 0:
+        raise MemoryError("minhash_words: no scratch memory")
+    return hashes[:words], words_D
 
 
 def _texts_rows(

@@ -441,3 +441,31 @@ def test_a_c_table_made_of_a_table_finds_its_entries():
     assert np.array_equal(c.append(np.arange(100), more, k2), table.append(np.arange(100), more, k2))
     assert np.array_equal(c.lookup(j2, s2, e2, k2), table.lookup(j2, s2, e2, k2))
     assert native.CRunTable.of(RunTable(8)).size == 0
+
+
+@needs_cc
+def test_minhash_words_in_c_equal_numpy():
+    """MinHasher._words_at in C: the same word hashes (words of 1-8, 9-16 and longer bytes: each
+    hash form), and the same words per text, on fuzzed bytes (every byte value, A-Z to fold,
+    bytes >= 0x80, runs of separators) and any cut into texts, and on real text."""
+    import random
+
+    rng = random.Random(0)
+    m = MinHasher(64, 5, 0.8, 0)
+    alphabet = list(b"aZ_9 .\n") + [0xC3, 0xA9, 0xFF, 0x80, 0x41, 0x5A, 0x60, 0x7B, 0x40, 0x2F, 0x3A]
+    cases = []
+    for _ in range(400):
+        raw = bytes(
+            rng.choice(alphabet) if rng.random() < 0.9 else rng.randint(0, 255)
+            for _ in range(rng.randint(0, 400))
+        )
+        cuts = sorted(rng.sample(range(len(raw) + 1), min(len(raw) + 1, rng.randint(0, 6))))
+        cases.append((raw, np.array(cuts, np.int64)))
+    text = " ".join(
+        d["text"] for d, _ in zip(__import__("pipelines.corpus").corpus.stdlib_documents(), range(50))
+    )
+    raw = text.encode("utf-8", "surrogatepass")
+    cases.append((raw, np.arange(0, len(raw), 997)))
+    for raw, doc_start in cases:
+        got, want = native.minhash_words(raw, doc_start), m._words_at_numpy(raw, doc_start)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), raw
