@@ -147,7 +147,7 @@ void fnv1a_runs(int64_t m, const uint8_t *buf, const int64_t *starts, const int6
  * slots, key (left id << 32 | right id), UINT64_MAX where empty, with each merge's rank and
  * token. Ids end to end into out_ids (at most one per byte), each piece's count into out_sizes
  * (as many as pieces). Returns the number of pieces, or -1 when a piece is longer than `cap`
- * symbols (scratch) or a byte has no token (nothing usable written then). */
+ * symbols (sym: 3 * cap scratch) or a byte has no token (nothing usable written then). */
 static inline int64_t merge_slot(const uint64_t *keys, uint64_t mask, uint64_t key)
 {
     uint64_t h = (key * 0x9E3779B97F4A7C15ULL) >> 32;
@@ -161,10 +161,24 @@ static inline int64_t merge_slot(const uint64_t *keys, uint64_t mask, uint64_t k
     }
 }
 
+/* The rank and merged token of the pair (a, b), or rank INT32_MAX where no merge joins them. */
+static inline int32_t pair_rank(const uint64_t *keys, const int32_t *rank, const int32_t *merged, uint64_t mask,
+                                int32_t a, int32_t b, int32_t *to)
+{
+    int64_t s = merge_slot(keys, mask, ((uint64_t)(uint32_t)a << 32) | (uint32_t)b);
+    if (s < 0)
+        return INT32_MAX;
+    *to = merged[s];
+    return rank[s];
+}
+
 int64_t bpe_pieces(const uint8_t *joined, int64_t size, uint8_t sep, const int32_t *byte_id,
                    const uint64_t *keys, const int32_t *rank, const int32_t *merged, uint64_t mask,
                    int32_t *sym, int64_t cap, int32_t *out_ids, int64_t *out_sizes)
 {
+    /* sym: scratch of 3 * cap: the symbols, each adjacent pair's rank and merged token (a pair's
+     * rank is looked up once, and again only when a merge next to it changes it) */
+    int32_t *pr = sym + cap, *to = sym + 2 * cap;
     int64_t pieces = 0, o = 0, start = 0;
     for (int64_t end = 0; end <= size; end++) {
         if (end < size && joined[end] != sep)
@@ -178,23 +192,27 @@ int64_t bpe_pieces(const uint8_t *joined, int64_t size, uint8_t sep, const int32
                 return -1;
             sym[i] = id;
         }
+        for (int64_t i = 0; i + 1 < n; i++)
+            pr[i] = pair_rank(keys, rank, merged, mask, sym[i], sym[i + 1], to + i);
         for (;;) {
             int64_t best = -1;
-            int32_t best_rank = INT32_MAX, best_id = 0;
-            for (int64_t i = 0; i + 1 < n; i++) {
-                int64_t s = merge_slot(keys, mask, ((uint64_t)(uint32_t)sym[i] << 32) | (uint32_t)sym[i + 1]);
-                if (s >= 0 && rank[s] < best_rank) {
-                    best_rank = rank[s];
-                    best_id = merged[s];
-                    best = i;
-                }
-            }
+            int32_t best_rank = INT32_MAX;
+            for (int64_t i = 0; i + 1 < n; i++) /* the lowest rank, the leftmost among equals */
+                if (pr[i] < best_rank)
+                    best_rank = pr[i], best = i;
             if (best < 0)
                 break;
-            sym[best] = best_id;
-            for (int64_t i = best + 1; i + 1 < n; i++)
+            sym[best] = to[best];
+            for (int64_t i = best + 1; i + 1 < n; i++) {
                 sym[i] = sym[i + 1];
+                if (i + 2 < n)
+                    pr[i] = pr[i + 1], to[i] = to[i + 1];
+            }
             n--;
+            if (best > 0)
+                pr[best - 1] = pair_rank(keys, rank, merged, mask, sym[best - 1], sym[best], to + best - 1);
+            if (best + 1 < n)
+                pr[best] = pair_rank(keys, rank, merged, mask, sym[best], sym[best + 1], to + best);
         }
         for (int64_t i = 0; i < n; i++)
             out_ids[o++] = sym[i];

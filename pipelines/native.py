@@ -496,7 +496,8 @@ class PieceBPE:
     def __init__(self, lib, byte_id, keys, rank, merged):
         self.lib, self.byte_id, self.keys, self.rank, self.merged = lib, byte_id, keys, rank, merged
         self.mask = keys.size - 1
-        self.sym = np.empty(self.MAX_SYMBOLS, dtype=np.int32)  # (scratch: one call at a time, as its cache)
+        # (scratch: symbols, pairs' ranks and tokens; one call at a time, as its cache)
+        self.sym = np.empty(3 * self.MAX_SYMBOLS, dtype=np.int32)
 
     @classmethod
     def of_json(cls, tokenizer_json: str) -> PieceBPE | None:
@@ -549,7 +550,7 @@ class PieceBPE:
         out_sizes = np.empty(joined.count(b"\xff") + 1, dtype=np.int64)
         done = self.lib.bpe_pieces(
             _ptr(src), src.size, 0xFF, _ptr(self.byte_id), _ptr(self.keys), _ptr(self.rank), _ptr(self.merged),
-            self.mask, _ptr(self.sym), self.sym.size, _ptr(out_ids), _ptr(out_sizes),
+            self.mask, _ptr(self.sym), self.MAX_SYMBOLS, _ptr(out_ids), _ptr(out_sizes),
         )  # fmt: skip
         if done < 0:
             return None
