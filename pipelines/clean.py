@@ -92,11 +92,13 @@ def normalize_batch(texts: list[str]) -> tuple[list[str], list[bytes | None]]:
     if at:  # joined by 0xFF (in no UTF-8 text)
         enc = [texts[i].encode("ascii") for i in at]
         joined = b"\xff" + b"\xff".join(enc) + b"\xff"
-        if b"\r" in joined:
-            joined = joined.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        joined = joined.translate(None, _ASCII_CONTROL)
-        done = native.whitespace_runs(joined, 0xFF)  # (in C where built: one pass)
-        joined = done if done is not None else _whitespace_runs(joined, 0xFF)
+        done = native.normalize_ascii(joined, 0xFF)  # (in C where built: all of it in one pass)
+        if done is not None:
+            joined = done
+        else:
+            if b"\r" in joined:
+                joined = joined.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            joined = _whitespace_runs(joined.translate(None, _ASCII_CONTROL), 0xFF)
         for i, e, b in zip(at, enc, joined.split(b"\xff")[1:-1]):
             parts[i] = b
             if b != e:  # (a clean text keeps its str)

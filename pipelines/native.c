@@ -6,6 +6,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Eight bytes at p as a little-endian word (unaligned). */
+static inline uint64_t load_le64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
 /* pipelines.dedup._mix64: splitmix64's finalizer. */
 static inline uint64_t mix64(uint64_t x)
 {
@@ -91,35 +102,49 @@ int minhash_signatures(int64_t n, int64_t P, int64_t S, const uint64_t *s, const
     return 0;
 }
 
-/* pipelines.clean._whitespace_runs: n bytes of texts joined by (and starting and ending with) byte
- * sep (> 32), with no control byte but tab and newline; each maximal run of whitespace (bytes <=
- * 32) next to a sep goes, one without a newline becomes one space, one with k newlines becomes
- * min(k, 2) newlines. Writes the result to out (n bytes at most); returns its length. */
-int64_t whitespace_runs(const uint8_t *in, int64_t n, uint8_t sep, uint8_t *out)
+/* pipelines.clean.normalize_batch's ASCII pass (\r\n and \r to \n, control bytes but tab and
+ * newline deleted, then pipelines.clean._whitespace_runs) in one pass: n bytes of ASCII texts
+ * joined by (and starting and ending with) byte sep (> 127); each maximal run of whitespace next
+ * to a sep goes, one without a newline becomes one space, one with k newlines becomes min(k, 2)
+ * newlines. Bytes that need nothing (33..126, sep) are copied eight at a time up to the next one
+ * that does. out: n + 8 bytes (a copy writes 8). Returns the length written. */
+int64_t normalize_ascii(const uint8_t *in, int64_t n, uint8_t sep, uint8_t *out)
 {
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
     int64_t o = 0, i = 0;
     while (i < n) {
+        while (i + 8 <= n) { /* (the lowest byte a zero-byte test flags is the first such byte) */
+            uint64_t w = load_le64(in + i), x = w ^ (ones * 0x7F);
+            uint64_t hit = ((w - ones * 0x21) & ~w & highs) | ((x - ones) & ~x & highs);
+            memcpy(out + o, in + i, 8);
+            int64_t k = hit ? __builtin_ctzll(hit) >> 3 : 8;
+            o += k, i += k;
+            if (hit)
+                break;
+        }
+        if (i >= n)
+            break;
         uint8_t c = in[i];
-        if (c > 32) {
+        if (c > 32 && c != 127) {
             out[o++] = c;
             i++;
             continue;
         }
         int64_t j = i, k = 0;
-        while (j < n && in[j] <= 32) {
-            k += in[j] == '\n';
-            j++;
+        int ws = 0;
+        for (; j < n && (in[j] <= 32 || in[j] == 127); j++) { /* a run: whitespace, and bytes deleted */
+            uint8_t b = in[j];
+            ws |= b == ' ' || b == '\t' || b == '\n' || b == '\r';
+            k += b == '\n' || b == '\r';
+            if (b == '\r' && j + 1 < n && in[j + 1] == '\n')
+                j++;
         }
         /* (the byte before a run is no whitespace, so it is the last one written) */
         int edge = (o == 0 || out[o - 1] == sep) || (j >= n || in[j] == sep);
-        if (!edge) {
-            if (k == 0) {
-                out[o++] = ' ';
-            } else {
+        if (ws && !edge) {
+            out[o++] = k ? '\n' : ' ';
+            if (k > 1)
                 out[o++] = '\n';
-                if (k > 1)
-                    out[o++] = '\n';
-            }
         }
         i = j;
     }
@@ -437,16 +462,6 @@ typedef struct {
     int64_t lenf;
     uint64_t head, mid, tail;
 } run_key;
-
-static inline uint64_t load_le64(const uint8_t *p)
-{
-    uint64_t v;
-    memcpy(&v, p, 8);
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    v = __builtin_bswap64(v);
-#endif
-    return v;
-}
 
 /* All of a run's bytes hashed (8 a step; the buffer is readable 8 bytes past the run). */
 static inline uint64_t bytes_hash(const uint8_t *p, int64_t len)

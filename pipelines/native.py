@@ -68,7 +68,6 @@ _CTYPES = {
 }
 _SIGNATURES = {
     "minhash_signatures": ("iiippupp", "c"),
-    "whitespace_runs": ("pibp", "i"),
     "fnv1a_runs": ("ipppp", "-"),
     "bpe_pieces": ("pibppppupipp", "i"),
     "minhash_rows": ("ippppiuiupp", "c"),
@@ -80,6 +79,7 @@ _SIGNATURES = {
     "run_keys": ("ppppipppp", "-"),
     "run_lookup": ("ppppipiippppppp", "-"),
     "minhash_words": ("pipiuuupp", "i"),
+    "normalize_ascii": ("pibp", "i"),
 }
 
 
@@ -137,16 +137,17 @@ def minhash_signatures(
     return out
 
 
-def whitespace_runs(joined: bytes, sep: int) -> bytes | None:
-    """pipelines.clean._whitespace_runs in C (one pass instead of a dozen numpy ones), or None
-    when the library is not available (the caller's numpy path then)."""
+def normalize_ascii(joined: bytes, sep: int) -> bytes | None:
+    """pipelines.clean.normalize_batch's pass over ASCII texts joined by `sep` (\r folded, control
+    bytes deleted, clean._whitespace_runs) in one C pass, or None when the library is not available."""
     lib = library()
     if lib is None:
         return None
+    if sep < 128:
+        raise ValueError("normalize_ascii: the separator must be no ASCII byte")
     src = np.frombuffer(joined, dtype=np.uint8)
-    out = np.empty(src.size, dtype=np.uint8)
-    size = lib.whitespace_runs(_ptr(src), src.size, sep, _ptr(out))
-    return out[:size].tobytes()
+    out = np.empty(src.size + 8, dtype=np.uint8)
+    return out[: lib.normalize_ascii(_ptr(src), src.size, sep, _ptr(out))].tobytes()
 
 
 def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:

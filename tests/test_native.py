@@ -40,22 +40,40 @@ def test_minhash_signatures_in_c_equal_numpy(num_perm):
 
 
 @needs_cc
-def test_whitespace_runs_in_c_equal_numpy():
-    """Fuzzed texts of spaces, tabs, newlines and letters, joined by the separator as
-    normalize_batch joins them: runs inside, at both ends, whole texts of whitespace, empty texts."""
+def test_normalize_ascii_in_c_equals_numpy():
+    """Fuzzed ASCII texts of spaces, tabs, newlines, \r (alone and before \n), control bytes and
+    DEL (deleted: inside words and inside runs of whitespace), letters, joined by the separator as
+    normalize_batch joins them: runs inside, at both ends, whole texts of whitespace or of control
+    bytes, empty texts; against \r folding, bytes.translate and _whitespace_runs (numpy)."""
     import random
 
-    from pipelines.clean import _whitespace_runs
+    from pipelines.clean import _ASCII_CONTROL, _whitespace_runs
+
+    def numpy_(joined: bytes) -> bytes:
+        joined = joined.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        return _whitespace_runs(joined.translate(None, _ASCII_CONTROL), 0xFF)
 
     rng = random.Random(0)
-    pool = list(" \t\nab.") + ["  ", "\n\n", " \n ", "\t\n\t"]
-    texts = [b"", b" ", b"\n", b"a", b" a ", b"a  b"] + [
+    pool = list(" \t\nab.~!") + [
+        "  ",
+        "\n\n",
+        " \n ",
+        "\t\n\t",
+        "\r",
+        "\r\n",
+        "\x00",
+        "\x01",
+        "\x0b",
+        "\x1f",
+        "\x7f",
+    ]
+    texts = [b"", b" ", b"\n", b"a", b" a ", b"a  b", b"\x01", b"a\x7fb", b"a \x7f b", b"\r\r\n"] + [
         "".join(rng.choice(pool) for _ in range(rng.randint(0, 25))).encode() for _ in range(20_000)
     ]
     for lo in (0, 3, 5000):
         joined = b"\xff" + b"\xff".join(texts[lo : lo + 8000]) + b"\xff"
-        assert native.whitespace_runs(joined, 0xFF) == _whitespace_runs(joined, 0xFF)
-    assert native.whitespace_runs(b"\xff\xff", 0xFF) == b"\xff\xff"
+        assert native.normalize_ascii(joined, 0xFF) == numpy_(joined)
+    assert native.normalize_ascii(b"\xff\xff", 0xFF) == b"\xff\xff"
 
 
 def _library_bpe(hf, joined: bytes):
