@@ -76,8 +76,9 @@ def normalize_text_reference(text: str) -> str:
 _ASCII_CONTROL = bytes([*range(0, 9), *range(11, 32), 127])  # (\r is folded into \n first)
 
 
-def normalize_batch(texts: list[str]) -> tuple[list[str], list[bytes | None]]:
-    """normalize_text of each text, and the UTF-8 bytes of the ASCII ones (None for the others).
+def normalize_batch(texts: list[str]) -> tuple[list[str], list[bytes | None], np.ndarray]:
+    """normalize_text of each text, the UTF-8 bytes of the ASCII ones (None for the others), and
+    their number of words after it where the C pass counted them (str.split's; -1 elsewhere).
 
     The ASCII texts in a few passes over them joined (the same results: tests compare them on
     fuzzed text): ASCII needs no NFC and has no C1 or zero-width characters; after \r is folded
@@ -88,13 +89,14 @@ def normalize_batch(texts: list[str]) -> tuple[list[str], list[bytes | None]]:
     UTF-8 could not beat (measured 30% slower on the stdlib docs, mostly clean)."""
     n = len(texts)
     out, parts = list(texts), [None] * n
+    words = np.full(n, -1, dtype=np.int64)
     at = [i for i, t in enumerate(texts) if t.isascii()]
     if at:  # joined by 0xFF (in no UTF-8 text)
         enc = [texts[i].encode("ascii") for i in at]
         joined = b"\xff" + b"\xff".join(enc) + b"\xff"
         done = native.normalize_ascii(joined, 0xFF)  # (in C where built: all of it in one pass)
         if done is not None:
-            joined = done
+            joined, words[at] = done
         else:
             if b"\r" in joined:
                 joined = joined.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
@@ -106,7 +108,7 @@ def normalize_batch(texts: list[str]) -> tuple[list[str], list[bytes | None]]:
     if len(at) < n:
         for i in set(range(n)).difference(at):
             out[i] = normalize_text(texts[i])
-    return out, parts
+    return out, parts, words
 
 
 def _whitespace_runs(joined: bytes, sep: int) -> bytes:
@@ -224,15 +226,18 @@ class Cleaner:
         t0 = time.perf_counter()
         valid = np.flatnonzero(status == OK)
         encoded: list[bytes | None] = [None] * n  # UTF-8 of final texts, for the chunk lookup
+        words = np.full(n, -1, dtype=np.int64)  # (counted by normalize's C pass where it ran)
         if s.normalize:
-            norm, parts = normalize_batch([texts[i] for i in valid])  # (parts: ASCII ones' bytes)
+            norm, parts, words[valid] = normalize_batch(
+                [texts[i] for i in valid]
+            )  # (parts: ASCII ones' bytes)
             for j, i in enumerate(valid.tolist()):
                 texts[i], encoded[i] = norm[j], parts[j]
         timing["normalize"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        words = np.zeros(n, dtype=np.int64)
-        for i in valid.tolist():  # (capped: no 8M-word list for a 50 MB doc)
+        words = np.minimum(words, s.min_words + 1)  # (str.split with maxsplit=min_words counts so far)
+        for i in valid[words[valid] < 0].tolist():  # (capped: no 8M-word list for a 50 MB doc)
             words[i] = len(texts[i].split(maxsplit=s.min_words))
         for i in valid[words[valid] < s.min_words].tolist():
             status[i], reason[i] = DROP, ("empty" if words[i] == 0 else "too_short")

@@ -106,16 +106,17 @@ int minhash_signatures(int64_t n, int64_t P, int64_t S, const uint64_t *s, const
  * newline deleted, then pipelines.clean._whitespace_runs) in one pass: n bytes of ASCII texts
  * joined by (and starting and ending with) byte sep (> 127); each maximal run of whitespace next
  * to a sep goes, one without a newline becomes one space, one with k newlines becomes min(k, 2)
- * newlines. Bytes that need nothing (33..126, sep) are copied eight at a time up to the next one
- * that does. out: n + 8 bytes (a copy writes 8). Returns the length written. */
-int64_t normalize_ascii(const uint8_t *in, int64_t n, uint8_t sep, uint8_t *out)
+ * newlines. Bytes that need nothing (33..126) are copied eight at a time up to the next one that
+ * does. Text t's words (str.split's of the result: its runs of whitespace + 1, 0 when empty) into
+ * words[t]. out: n + 8 bytes (a copy writes 8). Returns the length written. */
+int64_t normalize_ascii(const uint8_t *in, int64_t n, uint8_t sep, uint8_t *out, int64_t *words)
 {
     const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
-    int64_t o = 0, i = 0;
+    int64_t o = 0, i = 0, t = -1, runs = 0, text_o = 0;
     while (i < n) {
         while (i + 8 <= n) { /* (the lowest byte a zero-byte test flags is the first such byte) */
-            uint64_t w = load_le64(in + i), x = w ^ (ones * 0x7F);
-            uint64_t hit = ((w - ones * 0x21) & ~w & highs) | ((x - ones) & ~x & highs);
+            uint64_t w = load_le64(in + i), x = w ^ (ones * 0x7F), y = w ^ (ones * sep);
+            uint64_t hit = ((w - ones * 0x21) & ~w & highs) | ((x - ones) & ~x & highs) | ((y - ones) & ~y & highs);
             memcpy(out + o, in + i, 8);
             int64_t k = hit ? __builtin_ctzll(hit) >> 3 : 8;
             o += k, i += k;
@@ -125,6 +126,11 @@ int64_t normalize_ascii(const uint8_t *in, int64_t n, uint8_t sep, uint8_t *out)
         if (i >= n)
             break;
         uint8_t c = in[i];
+        if (c == sep) { /* a text ends: its words are its runs of whitespace + 1 (0: empty) */
+            if (t >= 0)
+                words[t] = o > text_o ? runs + 1 : 0;
+            t++, runs = 0, text_o = o + 1;
+        }
         if (c > 32 && c != 127) {
             out[o++] = c;
             i++;
@@ -145,6 +151,7 @@ int64_t normalize_ascii(const uint8_t *in, int64_t n, uint8_t sep, uint8_t *out)
             out[o++] = k ? '\n' : ' ';
             if (k > 1)
                 out[o++] = '\n';
+            runs++;
         }
         i = j;
     }

@@ -79,7 +79,7 @@ _SIGNATURES = {
     "run_keys": ("ppppipppp", "-"),
     "run_lookup": ("ppppipiippppppp", "-"),
     "minhash_words": ("pipiuuupp", "i"),
-    "normalize_ascii": ("pibp", "i"),
+    "normalize_ascii": ("pibpp", "i"),
 }
 
 
@@ -137,17 +137,21 @@ def minhash_signatures(
     return out
 
 
-def normalize_ascii(joined: bytes, sep: int) -> bytes | None:
-    """pipelines.clean.normalize_batch's pass over ASCII texts joined by `sep` (\r folded, control
-    bytes deleted, clean._whitespace_runs) in one C pass, or None when the library is not available."""
+def normalize_ascii(joined: bytes, sep: int) -> tuple[bytes, np.ndarray] | None:
+    """pipelines.clean.normalize_batch's pass over ASCII texts joined by (and starting and ending
+    with) `sep` (\r folded, control bytes deleted, clean._whitespace_runs) in one C pass: (the
+    result, each text's number of words after it (str.split's)), or None when the library is not
+    available."""
     lib = library()
     if lib is None:
         return None
-    if sep < 128:
-        raise ValueError("normalize_ascii: the separator must be no ASCII byte")
+    if sep < 128 or joined[:1] != bytes([sep]) or joined[-1:] != bytes([sep]):
+        raise ValueError("normalize_ascii: texts must be joined by a non-ASCII byte, at both ends too")
     src = np.frombuffer(joined, dtype=np.uint8)
     out = np.empty(src.size + 8, dtype=np.uint8)
-    return out[: lib.normalize_ascii(_ptr(src), src.size, sep, _ptr(out))].tobytes()
+    words = np.empty(joined.count(sep) - 1, dtype=np.int64)
+    size = lib.normalize_ascii(_ptr(src), src.size, sep, _ptr(out), _ptr(words))
+    return out[:size].tobytes(), words
 
 
 def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:

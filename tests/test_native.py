@@ -44,7 +44,8 @@ def test_normalize_ascii_in_c_equals_numpy():
     """Fuzzed ASCII texts of spaces, tabs, newlines, \r (alone and before \n), control bytes and
     DEL (deleted: inside words and inside runs of whitespace), letters, joined by the separator as
     normalize_batch joins them: runs inside, at both ends, whole texts of whitespace or of control
-    bytes, empty texts; against \r folding, bytes.translate and _whitespace_runs (numpy)."""
+    bytes, empty texts; against \r folding, bytes.translate and _whitespace_runs (numpy); and each
+    text's words after it, str.split's."""
     import random
 
     from pipelines.clean import _ASCII_CONTROL, _whitespace_runs
@@ -72,8 +73,12 @@ def test_normalize_ascii_in_c_equals_numpy():
     ]
     for lo in (0, 3, 5000):
         joined = b"\xff" + b"\xff".join(texts[lo : lo + 8000]) + b"\xff"
-        assert native.normalize_ascii(joined, 0xFF) == numpy_(joined)
-    assert native.normalize_ascii(b"\xff\xff", 0xFF) == b"\xff\xff"
+        got, words = native.normalize_ascii(joined, 0xFF)
+        assert got == numpy_(joined)
+        assert words.tolist() == [len(t.split()) for t in got.split(b"\xff")[1:-1]]
+    assert native.normalize_ascii(b"\xff\xff", 0xFF)[0] == b"\xff\xff"
+    with pytest.raises(ValueError):  # (C counts texts between separators at both ends)
+        native.normalize_ascii(b"a\xffb", 0xFF)
 
 
 def _library_bpe(hf, joined: bytes):

@@ -885,9 +885,11 @@ def test_jsonl_lines_parse_as_with_json_alone():
 
 
 def test_normalize_batch_equals_normalize_text():
-    """The batch path (ASCII texts in numpy passes over the batch joined, the others one at a
-    time) gives normalize_text's result on fuzzed ASCII and mixed text: runs of spaces, tabs and
-    newlines inside and at the ends, \r, control characters, empty and all-whitespace texts."""
+    """The batch path (ASCII texts in one pass over the batch joined, the others one at a time)
+    gives normalize_text's result on fuzzed ASCII and mixed text: runs of spaces, tabs and newlines
+    inside and at the ends, \r, control characters, empty and all-whitespace texts; and, where its
+    C pass counted them, str.split's words of the result."""
+    from pipelines import native
     from pipelines.clean import normalize_batch
 
     ascii_ = list(" \t\n\r\x0b\x0c\x1c\x1f\x00\x07\x7f abZ.,") + ["  ", "\n\n", " \n "]
@@ -900,10 +902,14 @@ def test_normalize_batch_equals_normalize_text():
         texts.append("".join(rng.choice(pool) for _ in range(rng.randint(0, 30))))
     for lo in (0, 7, 1000):
         batch = texts[lo : lo + 9000]
-        out, parts = normalize_batch(batch)
+        out, parts, words = normalize_batch(batch)
         assert out == [normalize_text_reference(t) for t in batch]
         assert parts == [o.encode() if t.isascii() else None for t, o in zip(batch, out)]
-    assert normalize_batch([]) == ([], [])
+        counted = words >= 0  # (where the C pass ran: the ASCII texts) str.split's words
+        assert [len(o.split()) for o, c in zip(out, counted) if c] == words[counted].tolist()
+        assert counted.sum() == sum(t.isascii() for t in batch) or native.library() is None
+    out, parts, words = normalize_batch([])
+    assert (out, parts, words.size) == ([], [], 0)
 
 
 def test_tf_vectors_counts_each_texts_buckets():
