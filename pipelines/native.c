@@ -338,6 +338,21 @@ static inline double segment_sum(const double *a, int64_t n)
     return a[0] + pairwise_sum(a + 1, n - 1);
 }
 
+/* a % d by a multiplication (inv = UINT64_MAX / d: the quotient it gives is short by at most 2):
+ * a 64-bit division costs ~40 cycles here, and fastText's n-grams take one each. */
+static inline uint64_t mod_u64(uint64_t a, uint64_t d, uint64_t inv)
+{
+#ifdef __SIZEOF_INT128__
+    uint64_t r = a - (uint64_t)(((__uint128_t)a * inv) >> 64) * d;
+    while (r >= d)
+        r -= d;
+    return r;
+#else
+    (void)inv;
+    return a % d;
+#endif
+}
+
 static int grow(void **p, int64_t *cap, int64_t need, size_t item)
 {
     if (need <= *cap)
@@ -362,7 +377,7 @@ int quality_rows(int64_t n, const int64_t *bounds, const int64_t *entries, const
                  int64_t nwords, uint64_t bucket, int64_t ngrams, uint64_t mixc, double *sums, double *counts)
 {
     double *val = NULL;
-    uint64_t *h = NULL, *mix = NULL;
+    uint64_t *h = NULL, *mix = NULL, inv_bucket = bucket ? UINT64_MAX / bucket : 0; /* (0: no n-grams) */
     int64_t cap_v = 0, cap_h = 0, cap_m = 0, failed = 0;
     for (int64_t t = 0; t < n && !failed; t++) {
         int64_t W = 0, ids = 0;
@@ -373,13 +388,22 @@ int quality_rows(int64_t n, const int64_t *bounds, const int64_t *entries, const
             failed = 1;
             break;
         }
-        int64_t w = 0;
-        for (int64_t c = bounds[t]; c < bounds[t + 1]; c++)
+        int64_t w = 0, end = bounds[t + 1];
+        for (int64_t c = bounds[t]; c < end; c++) {
+            if (c + 16 < end) /* (rows of random entries: fetched ahead) */
+                __builtin_prefetch(off + entries[c + 16]);
+            if (c + 8 < end) {
+                int64_t q = off[entries[c + 8]];
+                __builtin_prefetch(logits + q);
+                __builtin_prefetch(hash + q);
+                __builtin_prefetch(count + q);
+            }
             for (int64_t p = off[entries[c]]; p < off[entries[c] + 1]; p++, w++) {
                 val[w] = logits[p];
                 h[w] = hash[p];
                 ids += count[p];
             }
+        }
         double s = 0.0;
         if (W > 0)
             s += segment_sum(val, W);
@@ -387,10 +411,13 @@ int quality_rows(int64_t n, const int64_t *bounds, const int64_t *entries, const
             mix[i] = h[i];
         for (int64_t k = 1; k < ngrams && W - k > 0; k++) {
             int64_t m = W - k;
-            for (int64_t i = 0; i < m; i++) {
+            for (int64_t i = 0; i < m; i++) { /* the n-grams' rows, prefetched while the next are hashed */
                 mix[i] = mix[i] * mixc + h[i + k];
-                val[i] = row_logits[nwords + (int64_t)(mix[i] % bucket)];
+                val[i] = (double)(nwords + (int64_t)mod_u64(mix[i], bucket, inv_bucket));
+                __builtin_prefetch(row_logits + (int64_t)val[i]);
             }
+            for (int64_t i = 0; i < m; i++)
+                val[i] = row_logits[(int64_t)val[i]];
             s += segment_sum(val, m);
             ids += m;
         }
