@@ -196,8 +196,10 @@ def _read_clean(
 def _cleaner(held: list):
     import ray
 
+    from dsv3ray.malloc import tune_this_process
     from pipelines.clean import Cleaner
 
+    tune_this_process()  # (a batch's large arrays reuse freed heap memory: dsv3ray.malloc)
     return Cleaner(ray.get(held[0]))
 
 
