@@ -181,6 +181,9 @@ def main(argv=None) -> int:
         "docstrings: real docstrings of the stdlib and installed packages (long tail; --docs caps it)",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    from dsv3ray.malloc import tune_this_process
+
+    tune_this_process()  # (as `dsv3ray prepare` does: dsv3ray/cli.py)
     if args.batch_size is None:
         from pipelines.prepare import PrepareConfig
 

@@ -18,7 +18,8 @@ Ray Train runs the training loop in a thread of the worker:
   thread on the main arena, which can serve any size; a GPU process keeps its arenas (its large
   tensors live on the device, and many threads allocating on the host would contend for one).
 - `tune_this_process()`: the same thresholds set with mallopt in a running process (the CLI's
-  driver, benchmarks, torchrun workers), for the allocations of its main thread.
+  driver, benchmarks, torchrun workers, `prepare`'s cleaning workers when they build their
+  cleaner), for the allocations of its main thread.
 
 A variable the user set wins; DSV3RAY_MALLOC=system turns both off (e.g. under LD_PRELOAD of
 jemalloc/tcmalloc, which ignore glibc's settings anyway). Other C libraries: nothing is changed.
