@@ -376,10 +376,18 @@ class ChunkPass:
         """(token ids end to end (int32), offsets [n + 1] (computed texts only hold ids), computed)."""
         want = want & lk.tokens
         parts, per_text_N = [], np.zeros(lk.n, np.int64)
-        for idx, per_text, (ids,) in self._rows(lk, want, self.tok_ids):
-            parts.append(ids)
-            per_text_N[idx] = per_text
+        if native.library() is not None:  # (gathered in C, rows prefetched)
+            for idx, entries, bounds in self._wanted(lk, want):
+                per_text_N[idx], ids = native.rows_gather(entries, bounds, self.tok_ids)
+                parts.append(ids)
+        else:
+            self._tokens_numpy(lk, want, parts, per_text_N)
         offsets = np.zeros(lk.n + 1, np.int64)
         np.cumsum(per_text_N, out=offsets[1:])
         flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
         return flat, offsets, want
+
+    def _tokens_numpy(self, lk: ChunkLookup, want: np.ndarray, parts: list, per_text_N: np.ndarray) -> None:
+        for idx, per_text, (ids,) in self._rows(lk, want, self.tok_ids):
+            parts.append(ids)
+            per_text_N[idx] = per_text

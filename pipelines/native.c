@@ -947,3 +947,33 @@ int64_t minhash_words(const uint8_t *in, int64_t n, const int64_t *doc_start, in
     free(b);
     return w;
 }
+
+/* pipelines.chunkpass.ChunkPass._rows' gather for one int32 column (dsv3ray.runtable.Ragged.gather
+ * of the entries, then summed per text): text t's items are the rows off[e] .. off[e + 1] of the
+ * chunks entries[c], c in bounds[t] .. bounds[t + 1]. With out NULL: each text's number of items
+ * into per_text, their total returned; else the items end to end into out (as many as that total).
+ * The rows of random entries are prefetched a few chunks ahead. */
+int64_t rows_gather_i32(int64_t n, const int64_t *bounds, const int64_t *entries, const int64_t *off,
+                        const int32_t *items, int64_t *per_text, int32_t *out)
+{
+    int64_t total = 0, m = n ? bounds[n] : 0;
+    for (int64_t t = 0; t < n; t++) {
+        int64_t count = 0;
+        for (int64_t c = bounds[t]; c < bounds[t + 1]; c++) {
+            if (c + 16 < m)
+                __builtin_prefetch(off + entries[c + 16]);
+            if (out && c + 8 < m)
+                __builtin_prefetch(items + off[entries[c + 8]]);
+            int64_t a = off[entries[c]], b = off[entries[c] + 1];
+            if (out)
+                for (int64_t p = a; p < b; p++)
+                    out[total + count++] = items[p];
+            else
+                count += b - a;
+        }
+        if (!out)
+            per_text[t] = count;
+        total += count;
+    }
+    return total;
+}

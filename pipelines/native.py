@@ -80,6 +80,7 @@ _SIGNATURES = {
     "run_lookup": ("ppppipiippppppp", "-"),
     "minhash_words": ("pipiuuupp", "i"),
     "normalize_ascii": ("pibpp", "i"),
+    "rows_gather_i32": ("ipppppp", "i"),
 }
 
 
@@ -211,6 +212,28 @@ def _texts_rows(
     if entries.size and (entries.min() < 0 or entries.max() >= ragged.size):
         raise IndexError(f"{name}: an entry outside 0..{ragged.size - 1}")
     return entries, bounds, bounds.size - 1
+
+
+def rows_gather(entries: np.ndarray, bounds: np.ndarray, ragged) -> tuple[np.ndarray, np.ndarray] | None:
+    """The int32 items of `ragged` (one column: a chunk's token ids) of texts whose chunks are
+    entries[bounds[t]:bounds[t + 1]], in C: (items per text, the items end to end), as
+    Ragged.gather and a per-text sum give them; None when the library is not available."""
+    lib = library()
+    if lib is None:
+        return None
+    entries, bounds, n = _texts_rows("rows_gather", entries, bounds, ragged)
+    (items,) = ragged.cols
+    if items.dtype != np.int32 or items.ndim != 1:
+        raise TypeError("rows_gather: one int32 column")
+    per_text = np.empty(n, np.int64)
+    total = lib.rows_gather_i32(
+        n, _ptr(bounds), _ptr(entries), _ptr(ragged.off), _ptr(items), _ptr(per_text), 0
+    )
+    out = np.empty(total, np.int32)
+    lib.rows_gather_i32(
+        n, _ptr(bounds), _ptr(entries), _ptr(ragged.off), _ptr(items), _ptr(per_text), _ptr(out)
+    )
+    return per_text, out
 
 
 def minhash_rows(minhash, entries: np.ndarray, bounds: np.ndarray, ragged) -> np.ndarray | None:

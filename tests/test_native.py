@@ -492,3 +492,25 @@ def test_minhash_words_in_c_equal_numpy():
     for raw, doc_start in cases:
         got, want = native.minhash_words(raw, doc_start), m._words_at_numpy(raw, doc_start)
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), raw
+
+
+@needs_cc
+def test_token_rows_gathered_in_c_equal_numpy(tokenizers_):
+    """ChunkPass.tokens: the chunks' token ids gathered per text in C, or by Ragged.gather: the
+    same ids and counts, every text or every third."""
+    from dsv3ray.tokenizer import Tokenizer
+    from pipelines.chunkpass import ChunkPass
+
+    hfs, docs = tokenizers_
+    cp = ChunkPass(Tokenizer(hfs[1]))
+    for lo in range(0, len(docs), 150):
+        lk = cp.lookup(docs[lo : lo + 150])
+        for every in (1, 3):
+            want = (np.arange(lk.n) % every == 0) & lk.tokens
+            flat, offsets, done = cp.tokens(lk, want)
+            parts, per_text = [], np.zeros(lk.n, np.int64)
+            cp._tokens_numpy(lk, want, parts, per_text)
+            assert done.any() and np.array_equal(np.diff(offsets), per_text)
+            assert np.array_equal(flat, np.concatenate(parts))
+    with pytest.raises(IndexError):  # (C would read rows that are not there)
+        native.rows_gather(np.array([cp.tok_ids.size]), np.array([0, 1]), cp.tok_ids)
