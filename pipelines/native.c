@@ -279,16 +279,21 @@ int minhash_rows(int64_t n, const int64_t *bounds, const int64_t *entries, const
     for (int64_t t = 0; t < n; t++) {
         for (int64_t b = 0; b < P; b++)
             row[b] = empty;
-        int64_t m = 0;
+        int64_t m = 0, at = 0, end = bounds[t + 1], last = n ? bounds[n] : 0; /* at: m % k, kept */
         uint64_t s = 0;
-        for (int64_t c = bounds[t]; c < bounds[t + 1]; c++) {
+        for (int64_t c = bounds[t]; c < end; c++) {
+            if (c + 16 < last) /* (rows of random entries: fetched ahead) */
+                __builtin_prefetch(off + entries[c + 16]);
+            if (c + 8 < last)
+                __builtin_prefetch(words + off[entries[c + 8]]);
             int64_t e = entries[c];
             for (int64_t p = off[e]; p < off[e + 1]; p++) {
                 uint64_t w = words[p];
                 if (m >= k)
-                    s -= ring[m % k] * top;
+                    s -= ring[at] * top;
                 s = s * mult + w;
-                ring[m % k] = w;
+                ring[at] = w;
+                at = at + 1 == k ? 0 : at + 1;
                 m++;
                 if (m >= k)
                     add_shingle(row, P, s, salt);
