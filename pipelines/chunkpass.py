@@ -52,7 +52,6 @@ from dsv3ray.runtable import (
     byte_runs,
     keys,
     padded,
-    ranges,
     text_groups,
 )
 from pipelines import native
@@ -287,7 +286,7 @@ class ChunkPass:
         starts = np.cumsum(size) - lens  # (in `joined`)
         ends = starts + lens
         buf = np.full(int(size.sum()), 32, dtype=np.uint8)
-        buf[ranges(starts, lens)] = np.frombuffer(d_joined, np.uint8)[ranges(d_starts, lens)]
+        native.copy_runs(np.frombuffer(d_joined, np.uint8), d_starts, lens, buf, starts)
         joined = buf.tobytes()
         first_entry = self.table.size
         numbers = self.table.append(at, (joined, starts, ends), key)

@@ -982,3 +982,12 @@ int64_t rows_gather_i32(int64_t n, const int64_t *bounds, const int64_t *entries
     }
     return total;
 }
+
+/* Runs src[src_start[j]:src_start[j] + len[j]] copied to dst[dst_start[j]:...], for j < m (the
+ * numpy path: dst[ranges(dst_start, len)] = src[ranges(src_start, len)]). */
+void copy_runs(const uint8_t *src, const int64_t *src_start, const int64_t *len, int64_t m, uint8_t *dst,
+               const int64_t *dst_start)
+{
+    for (int64_t j = 0; j < m; j++)
+        memcpy(dst + dst_start[j], src + src_start[j], (size_t)len[j]);
+}

@@ -81,6 +81,7 @@ _SIGNATURES = {
     "minhash_words": ("pipiuuupp", "i"),
     "normalize_ascii": ("pibpp", "i"),
     "rows_gather_i32": ("ipppppp", "i"),
+    "copy_runs": ("pppipp", "-"),
 }
 
 
@@ -212,6 +213,32 @@ def _texts_rows(
     if entries.size and (entries.min() < 0 or entries.max() >= ragged.size):
         raise IndexError(f"{name}: an entry outside 0..{ragged.size - 1}")
     return entries, bounds, bounds.size - 1
+
+
+def copy_runs(
+    src: np.ndarray, src_start: np.ndarray, lens: np.ndarray, dst: np.ndarray, dst_start: np.ndarray
+) -> None:
+    """dst[ranges(dst_start, lens)] = src[ranges(src_start, lens)] (uint8 arrays): a memcpy per run
+    in C where the library is built (no index array per byte), else that numpy line."""
+    lib = library()
+    if lib is None:
+        dst[ranges(dst_start, lens)] = src[ranges(src_start, lens)]
+        return
+    src_start, lens, dst_start = (
+        np.ascontiguousarray(a, dtype=np.int64) for a in (src_start, lens, dst_start)
+    )
+    if lens.size and (
+        lens.min() < 0 or src_start.min() < 0 or dst_start.min() < 0
+        or (src_start + lens).max() > src.size or (dst_start + lens).max() > dst.size
+    ):  # fmt: skip
+        raise IndexError("copy_runs: a run outside its array")  # (C reads and writes there)
+    if (
+        src.dtype != np.uint8
+        or dst.dtype != np.uint8
+        or not (src.flags.c_contiguous and dst.flags.c_contiguous)
+    ):
+        raise TypeError("copy_runs: contiguous uint8 arrays")
+    lib.copy_runs(_ptr(src), _ptr(src_start), _ptr(lens), lens.size, _ptr(dst), _ptr(dst_start))
 
 
 def rows_gather(entries: np.ndarray, bounds: np.ndarray, ragged) -> tuple[np.ndarray, np.ndarray] | None:
@@ -427,7 +454,7 @@ class CRunTable(RunTable):
             if need > self._arena.size:
                 self._arena = np.resize(self._arena, max(need, 2 * self._arena.size))
             at_arena = self._arena_used + np.cumsum(size) - size
-            self._arena[ranges(at_arena, size)] = buf[ranges(starts[long], size)]
+            copy_runs(buf, starts[long], size, self._arena, at_arena)
             self._arena_off[numbers[long]] = at_arena
             self._arena_used = need
         self.size += m

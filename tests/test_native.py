@@ -514,3 +514,22 @@ def test_token_rows_gathered_in_c_equal_numpy(tokenizers_):
             assert np.array_equal(flat, np.concatenate(parts))
     with pytest.raises(IndexError):  # (C would read rows that are not there)
         native.rows_gather(np.array([cp.tok_ids.size]), np.array([0, 1]), cp.tok_ids)
+
+
+@needs_cc
+def test_copy_runs_in_c_equals_numpy():
+    """copy_runs: runs of 0-300 bytes, anywhere in the source, to any places in the destination
+    (the numpy line it replaces gives the same array); a run past either end is refused."""
+    from dsv3ray.runtable import ranges
+
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, 20_000, dtype=np.uint8)
+    lens = rng.integers(0, 300, 60)
+    src_start = rng.integers(0, src.size - 300, 60)
+    dst_start = np.cumsum(lens + 3) - lens  # (apart, in order)
+    got, want = (np.full(int(dst_start[-1] + lens[-1] + 5), 32, np.uint8) for _ in "ab")
+    native.copy_runs(src, src_start, lens, got, dst_start)
+    want[ranges(dst_start, lens)] = src[ranges(src_start, lens)]
+    assert np.array_equal(got, want)
+    with pytest.raises(IndexError):  # (C would write past the destination)
+        native.copy_runs(src, np.array([0]), np.array([10]), got, np.array([got.size - 5]))
