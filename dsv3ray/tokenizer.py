@@ -28,7 +28,6 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv3ray.errors import UserError
 from dsv3ray.runtable import (
-    SHORT,
     Ragged,
     RunTable,
     SpaceChunks,
@@ -173,10 +172,9 @@ class _ChunkCache:
         # installs its C one): called with the pieces joined by 0xff (byte-level, unmapped), it
         # gives (tokens per piece, their ids end to end), or None (the library then); None: the library
         self.piece_bpe = None
-        # the cut and table probe of pieces in one pass (pipelines.native installs its C one):
-        # called with (piece_table, raw), it gives (entry per piece, -2 - k for distinct miss k;
-        # the misses' starts, ends) as _piece_entries_numpy finds them; None: numpy
-        self.piece_scan = None
+        # printable-ASCII chunks' ids from their pieces by something faster (pipelines.native
+        # installs its C one): called as _simple_runs_numpy is, it gives the same; None: numpy
+        self.simple_runs = None
         self._clear_pieces()
         self._clear()
 
@@ -334,18 +332,11 @@ class _ChunkCache:
         simple = simple[sel]
         count = np.zeros(sel.size, dtype=np.int64)
         flat = np.zeros(0, dtype=np.int32)
-        if simple.any():  # their pieces (_SEP between chunks), the new ones encoded, then looked up
+        if simple.any():  # their pieces, the new ones encoded, then looked up
             at = sel[simple]
-            space = (~first[at]).astype(np.int64)  # " " before the chunk
-            lens = ends[at] - starts[at]
-            size = space + lens + 1  # (and _SEP after it)
-            out_start = np.cumsum(size) - size
-            out = np.zeros(int(size.sum()) - 1, dtype=np.uint8)  # (zero: _SEP)
-            out[out_start[space == 1]] = 32
-            out[ranges(out_start + space, lens)] = np.frombuffer(joined, np.uint8)[ranges(starts[at], lens)]
-            entry = self._piece_entries(out.tobytes())
-            count_P, (flat,) = self.piece_ids.gather(entry)
-            count[simple] = np.add.reduceat(count_P, np.concatenate(([0], np.flatnonzero(entry == 0) + 1)))
+            space = ~first[at]  # " " before the chunk
+            runs = self.simple_runs or type(self)._simple_runs_numpy
+            count[simple], flat = runs(self, joined, starts[at], ends[at], space)
         rest = np.flatnonzero(~simple)
         if rest.size:  # the others: one library call
             others = [
@@ -365,6 +356,23 @@ class _ChunkCache:
         sizes[sel] = count
         return safe, sizes, flat
 
+    def _simple_runs_numpy(
+        self, joined: bytes, starts: np.ndarray, ends: np.ndarray, space: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids per run, their ids end to end) of printable-ASCII runs joined[starts:ends] (each
+        encoded with a space before it where space[j]): their pieces (_SEP between runs, in one
+        buffer), each looked up in the piece table (`_piece_entries`), the new ones encoded."""
+        space = space.astype(np.int64)
+        lens = ends - starts
+        size = space + lens + 1  # (and _SEP after it)
+        out_start = np.cumsum(size) - size
+        out = np.zeros(int(size.sum()) - 1, dtype=np.uint8)  # (zero: _SEP)
+        out[out_start[space == 1]] = 32
+        out[ranges(out_start + space, lens)] = np.frombuffer(joined, np.uint8)[ranges(starts, lens)]
+        entry = self._piece_entries(out.tobytes())
+        count_P, (flat,) = self.piece_ids.gather(entry)
+        return np.add.reduceat(count_P, np.concatenate(([0], np.flatnonzero(entry == 0) + 1))), flat
+
     def _piece_entries(self, raw: bytes) -> np.ndarray:
         """The entry (in `piece_ids`) of each pre-token piece of `raw` (printable ASCII, newlines
         and \x00), cut by `_pretoken_starts`; the call's distinct pieces (Arrow's hash table) are
@@ -373,33 +381,7 @@ class _ChunkCache:
         table = self.piece_table
         if self.piece_ids.size > table.size:  # the last call kept pieces for itself
             self._clear_pieces()
-        if self.piece_scan is not None:
-            return self._piece_entries_scanned(raw)
         return self._piece_entries_numpy(raw)
-
-    def _piece_entries_scanned(self, raw: bytes) -> np.ndarray:
-        """_piece_entries with the cut and probe by `piece_scan` (one pass); new pieces are
-        encoded and added as the numpy path adds them."""
-        table = self.piece_table
-        for clear in (False, True):
-            if clear:  # full: every entry found above is gone
-                self._clear_pieces()
-            entry, starts, ends = self.piece_scan(table, raw)
-            key = keys(padded(raw), starts, ends, 0)
-            found = np.full(starts.size, -1, np.int64)
-            long = np.flatnonzero(
-                ends - starts > SHORT
-            )  # (kept in the table's dicts: never found by a probe)
-            if long.size:
-                found[long] = table.lookup_long(raw, starts[long], ends[long], np.zeros(long.size, np.int64))
-            new = np.flatnonzero(found < 0)
-            if table.size + new.size <= table.max_entries:
-                break
-        if new.size:
-            found[new] = self._new_pieces(raw, starts[new], ends[new], key, new)
-        miss = np.flatnonzero(entry < 0)
-        entry[miss] = found[-2 - entry[miss]]
-        return entry
 
     def _new_pieces(
         self, raw: bytes, starts: np.ndarray, ends: np.ndarray, key, at: np.ndarray

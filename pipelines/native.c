@@ -844,34 +844,55 @@ static inline int64_t pretoken_end(const uint8_t *b, int64_t n, int64_t i)
     return j; /* the run to the end, or one byte ([ \n]+) */
 }
 
-/* dsv3ray.tokenizer._ChunkCache._piece_entries' numpy path before its new pieces are encoded
- * (_pretoken_starts, the distinct pieces, RunTable.lookup) in one pass: buf[0:size] (8 readable
- * bytes past it) cut into _ASCII_PRETOKEN's pieces, each looked up (key flag 0) in the table
+/* dsv3ray.tokenizer._ChunkCache._simple_runs_numpy before its new pieces are encoded: m runs of
+ * joined (printable ASCII and newlines, no whitespace at either end) written to raw as that path
+ * writes them (" " first where space[r], then the run, then a 0x00), each run cut into
+ * _ASCII_PRETOKEN's pieces (_pretoken_starts) and each piece looked up (key flag 0) in the table
  * (lookup_block); entry per piece into entry[] (-2 - k: distinct miss k, its first occurrence
- * into miss_start/miss_end), the number of pieces into *pieces. entry and the misses hold one
- * per byte. Returns the number of misses, or -1 when scratch memory could not be allocated. */
-int64_t piece_scan(const uint8_t *buf, int64_t size, const int32_t *slots, int64_t slot_mask, int64_t shift,
-                   const int64_t *t_lenf, const uint64_t *t_head, const uint64_t *t_mid, const uint64_t *t_tail,
-                   const uint8_t *arena, const int64_t *arena_off, int64_t *entry, int64_t *pieces,
-                   int64_t *miss_start, int64_t *miss_end)
+ * into miss_start/miss_end, positions in raw), each run's pieces into pieces_R. raw: the runs'
+ * sizes + 8 bytes (zeroed past them); entry and the misses: one per byte. Returns the number of
+ * misses, or -1 when scratch memory could not be allocated. */
+int64_t runs_pieces(const uint8_t *joined, const int64_t *starts, const int64_t *ends, const uint8_t *space, int64_t m,
+                    const int32_t *slots, int64_t slot_mask, int64_t shift, const int64_t *t_lenf,
+                    const uint64_t *t_head, const uint64_t *t_mid, const uint64_t *t_tail, const uint8_t *arena,
+                    const int64_t *arena_off, uint8_t *raw, int64_t *entry, int64_t *pieces_R, int64_t *miss_start,
+                    int64_t *miss_end)
 {
-    miss_set m = {0};
+    miss_set ms = {0};
     table_view tv = {slots, (uint64_t)slot_mask, shift, t_lenf, t_head, t_mid, t_tail, arena, arena_off};
     run_block b;
-    int64_t o = 0, i = 0, failed = miss_init(&m);
-    while (i < size && !failed) {
-        for (b.n = 0; b.n < BLOCK && i < size; b.n++) {
-            int64_t e = pretoken_end(buf, size, i);
-            b.s[b.n] = i, b.e[b.n] = e, b.flag[b.n] = 0, b.valid[b.n] = 1;
-            i = e;
+    int64_t o = 0, pos = 0, failed = miss_init(&ms);
+    b.n = 0;
+    for (int64_t r = 0; r <= m && !failed; r++) {
+        if (r < m) { /* (the run written first: a block's keys read only bytes of runs written) */
+            int64_t begin = pos, len = ends[r] - starts[r];
+            if (space[r])
+                raw[pos++] = ' ';
+            memcpy(raw + pos, joined + starts[r], (size_t)len);
+            pos += len;
+            int64_t end = pos;
+            raw[pos++] = 0;
+            memset(raw + pos, 0, 8); /* (a key reads 8 bytes from a piece's start) */
+            pieces_R[r] = 0;
+            for (int64_t i = begin; i < end; pieces_R[r]++) {
+                int64_t e = pretoken_end(raw, end, i);
+                b.s[b.n] = i, b.e[b.n] = e, b.flag[b.n] = 0, b.valid[b.n] = 1;
+                i = e;
+                if (++b.n < BLOCK)
+                    continue;
+                failed = lookup_block(&tv, &ms, raw, &b, miss_start, miss_end, NULL);
+                for (int64_t k = 0; k < b.n && !failed; k++)
+                    entry[o++] = b.found[k];
+                b.n = 0;
+            }
+        } else if (b.n) {
+            failed = lookup_block(&tv, &ms, raw, &b, miss_start, miss_end, NULL);
+            for (int64_t k = 0; k < b.n && !failed; k++)
+                entry[o++] = b.found[k];
         }
-        failed = lookup_block(&tv, &m, buf, &b, miss_start, miss_end, NULL);
-        for (int64_t r = 0; r < b.n && !failed; r++)
-            entry[o++] = b.found[r];
     }
-    *pieces = o;
-    miss_free(&m);
-    return failed ? -1 : m.count;
+    miss_free(&ms);
+    return failed ? -1 : ms.count;
 }
 
 /* pipelines.native.CRunTable's keys of runs buf[starts[j]:ends[j]] (key_of; flags[j]: 0/1) into

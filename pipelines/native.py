@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsv3ray.runtable import SHORT, RunTable, byte_runs, padded, ranges
+from dsv3ray.runtable import SHORT, RunTable, byte_runs, keys, padded, ranges
 
 SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O2", "-shared", "-fPIC", "-std=c99"]
@@ -74,7 +74,7 @@ _SIGNATURES = {
     "quality_rows": ("ipppppppiuiupp", "c"),
     "dedup_codes": ("iiippccpipippp", "i"),
     "chunk_scan": ("pippcciippiippppppppppppp", "i"),
-    "piece_scan": ("pipiipppppppppp", "i"),
+    "runs_pieces": ("ppppipiippppppppppp", "i"),
     "runtable_insert": ("piipppppi", "-"),
     "run_keys": ("ppppipppp", "-"),
     "run_lookup": ("ppppipiippppppp", "-"),
@@ -371,22 +371,50 @@ def chunk_scan(
     return entry[:items], doc[:items], bounds, bad, m_start[:misses], m_end[:misses], m_flag[:misses]
 
 
-def piece_scan(table, raw: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The pre-token pieces of `raw` (dsv3ray.tokenizer._ASCII_PRETOKEN's) looked up in `table`
-    (a RunTable, key flag 0) in one C pass (`piece_scan` in native.c): (entry per piece (-2 - k:
-    distinct miss k), the misses' starts and ends). None when the library is not available."""
+def simple_runs(cache, joined: bytes, starts: np.ndarray, ends: np.ndarray, space: np.ndarray):
+    """dsv3ray.tokenizer._ChunkCache._simple_runs_numpy with its copy, cut, probe and gather in C
+    (`runs_pieces`, then `rows_gather_i32`): (ids per run, their ids end to end), the same; the
+    new pieces are encoded and added by the cache as its numpy path adds them."""
     lib = library()
-    if lib is None:
-        return None
-    buf = padded(raw)
-    entry, count = np.empty(len(raw), np.int64), np.zeros(1, np.int64)
-    m_start, m_end = np.empty(len(raw), np.int64), np.empty(len(raw), np.int64)
-    misses = lib.piece_scan(
-        _ptr(buf), len(raw), *_view(table), _ptr(entry), _ptr(count), _ptr(m_start), _ptr(m_end),
-    )  # fmt: skip
-    if misses < 0:
-        raise MemoryError("piece_scan: no scratch memory")
-    return entry[: int(count[0])], m_start[:misses], m_end[:misses]
+    starts, ends = (np.ascontiguousarray(a, dtype=np.int64) for a in (starts, ends))
+    _check_runs("simple_runs", len(joined), starts, ends)
+    space = np.ascontiguousarray(space, dtype=np.uint8)
+    src = np.frombuffer(joined, np.uint8)
+    size = int((space + ends - starts + 1).sum())
+    raw = np.empty(size + 8, np.uint8)
+    entry, pieces_R = np.empty(size, np.int64), np.empty(starts.size, np.int64)
+    m_start, m_end = np.empty(size, np.int64), np.empty(size, np.int64)
+    table = cache.piece_table
+    if cache.piece_ids.size > table.size:  # (the last call kept pieces for itself)
+        cache._clear_pieces()
+    for clear in (False, True):
+        if clear:  # full: every entry found above is gone
+            cache._clear_pieces()
+        misses = lib.runs_pieces(
+            _ptr(src), _ptr(starts), _ptr(ends), _ptr(space), starts.size, *_view(table), _ptr(raw), _ptr(entry),
+            _ptr(pieces_R), _ptr(m_start), _ptr(m_end),
+        )  # fmt: skip
+        if misses < 0:
+            raise MemoryError("runs_pieces: no scratch memory")
+        ms, me = m_start[:misses], m_end[:misses]
+        raw_b = raw.tobytes()
+        found = np.full(misses, -1, np.int64)
+        if not isinstance(table, CRunTable):  # (a RunTable keeps pieces over SHORT bytes in dicts)
+            long = np.flatnonzero(me - ms > SHORT)
+            found[long] = table.lookup_long(raw_b, ms[long], me[long], np.zeros(long.size, np.int64))
+        new = np.flatnonzero(found < 0)
+        if table.size + new.size <= table.max_entries:
+            break
+    pieces = int(pieces_R.sum())
+    entry = entry[:pieces]
+    if new.size:
+        key = keys(padded(raw_b), ms, me, 0) if not isinstance(table, CRunTable) else (2 * (me - ms),)
+        found[new] = cache._new_pieces(raw_b, ms[new], me[new], key, new)
+    miss = np.flatnonzero(entry < 0)
+    entry[miss] = found[-2 - entry[miss]]
+    bounds = np.zeros(starts.size + 1, np.int64)
+    np.cumsum(pieces_R, out=bounds[1:])
+    return rows_gather(entry, bounds, cache.piece_ids)
 
 
 def _view(table) -> list[int]:
@@ -518,11 +546,11 @@ def make_table(max_entries: int) -> RunTable:
 
 def install(tok, tokenizer_json: str) -> None:
     """The C helpers in a dsv3ray.tokenizer.Tokenizer's chunk cache, where it has one and the
-    library is built: its tables (CRunTable), the pieces' cut and probe (piece_scan) and their BPE
-    where it is exact (PieceBPE)."""
+    library is built: its tables (CRunTable), the ASCII chunks' pieces cut, probed and gathered
+    (simple_runs) and their BPE where it is exact (PieceBPE)."""
     cache = tok.chunk_cache
     if cache is not None and library() is not None:
-        cache.piece_scan = piece_scan
+        cache.simple_runs = simple_runs
         cache.piece_bpe = PieceBPE.of_json(tokenizer_json)
         cache.table = CRunTable(cache.table.max_entries)  # (lookups and insertions in C)
         cache.piece_table = CRunTable(cache.piece_table.max_entries)

@@ -158,51 +158,63 @@ def test_a_tokenizer_with_the_c_helpers_encodes_as_the_library(tokenizers_):
     hfs, docs = tokenizers_
     tok = Tokenizer(hfs[1])
     native.install(tok, hfs[1].to_str())
-    assert tok.chunk_cache.piece_bpe is not None and tok.chunk_cache.piece_scan is not None
+    assert tok.chunk_cache.piece_bpe is not None and tok.chunk_cache.simple_runs is not None
     got = [a.tolist() for a in tok.encode_batch(docs)]
     assert got == [e.ids for e in hfs[1].encode_batch(docs, add_special_tokens=False)]
 
 
 @needs_cc
-def test_piece_scan_in_c_cuts_as_the_pattern_and_finds_as_numpy(tokenizers_):
-    """piece_scan's cut is _ASCII_PRETOKEN's (real text and fuzz: every printable ASCII byte,
-    newlines, \x00, contractions at every place, runs of whitespace before letters, \x00 and the
-    end); _piece_entries through it (and C's insertions) gives the numpy path's entries, piece
-    table and ids, through a table that fills and empties (and a call with more new pieces than it
-    holds)."""
+def test_simple_runs_in_c_cut_as_the_pattern_and_equal_numpy(tokenizers_):
+    """runs_pieces' cut of a run is _ASCII_PRETOKEN's (real text and fuzz: every printable ASCII
+    byte, newlines, contractions at every place, runs of whitespace before letters and at the
+    end); simple_runs (its cut, probe and gather in C, C's table) gives _simple_runs_numpy's ids
+    and counts, piece table and piece ids, runs with a space before them or not, through a table
+    that fills and empties (and a call with more new pieces than it holds)."""
     import random
 
-    from dsv3ray.runtable import RunTable
+    from dsv3ray.runtable import RunTable, byte_runs
     from dsv3ray.tokenizer import _ASCII_PRETOKEN, Tokenizer
 
     hfs, docs = tokenizers_
     rng = random.Random(2)
-    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\n", " ", " ", "\x00", "'s", "'re", "'ll", "'"]
-    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(2000)]
-    fuzz += ["", "'", "'s", "  ", " \n a", "a  \x00 ", "x\n\n\n", "\x00'd", " 'll", "a'm"]
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\n", " ", " ", "'s", "'re", "'ll", "'", "'d"]
+    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(2000)]
+    fuzz += ["'", "'s", "  ", " \n a", "a  ", "x\n\n\n", "'d'", " 'll", "a'm", "A'S"]
     real = [d.encode("ascii", "ignore").decode() for d in docs[:200]]
-    real = ["".join(c for c in d if c == "\n" or " " <= c < "\x7f") for d in real]
+    real = ["".join(c for c in d if c == "\n" or " " <= c < "\x7f") for d in real if d.strip()]
+    cache = Tokenizer(hfs[0]).chunk_cache
+    cache.piece_table = native.CRunTable(1 << 20)
+    cache._clear_pieces()
+    table = cache.piece_table
     for text in fuzz + real:
         raw = text.encode()
-        entry, starts, ends = native.piece_scan(Tokenizer(hfs[0]).chunk_cache.piece_table, raw)
-        cut = [m.span() for m in _ASCII_PRETOKEN.finditer(text)]
-        assert entry.size == len(cut) and sum(b - a for a, b in cut) == len(raw)
-        assert {(a, b) for a, b in zip(starts.tolist(), ends.tolist())} <= set(cut)
-        pieces = [raw[a:b] for a, b in cut]
-        assert len(starts) == len(set(pieces) - {b"\x00"})  # (the separator: the table's entry 0)
+        size = len(raw) + 1
+        entry, pieces, m_start, m_end = (np.empty(size, np.int64) for _ in range(4))
+        out = np.empty(size + 8, np.uint8)
+        src, run = np.frombuffer(raw, np.uint8), np.array([0, len(raw), 0], np.int64)  # (held: C reads them)
+        native.library().runs_pieces(
+            native._ptr(src), native._ptr(run[0:]), native._ptr(run[1:]), native._ptr(run[2:].view(np.uint8)), 1,
+            *native._view(table), native._ptr(out), native._ptr(entry), native._ptr(pieces), native._ptr(m_start),
+            native._ptr(m_end),
+        )  # fmt: skip
+        assert out[: len(raw)].tobytes() == raw and out[len(raw)] == 0
+        assert pieces[0] == len([m for m in _ASCII_PRETOKEN.finditer(text)])
+    safe = [t for t in fuzz + real if t.strip() == t and t]  # (what encode_runs hands over)
     for max_pieces in (1 << 20, 300, 20):
-        scanned, numpy_ = (Tokenizer(hfs[1]).chunk_cache for _ in "ab")
-        for cache, table in ((scanned, native.CRunTable), (numpy_, RunTable)):
-            cache.piece_table = table(max_pieces)  # (C's insertions, or numpy's)
+        c_cache, numpy_cache = (Tokenizer(hfs[1]).chunk_cache for _ in "ab")
+        for cache, table_type in ((c_cache, native.CRunTable), (numpy_cache, RunTable)):
+            cache.piece_table = table_type(max_pieces)
             cache._clear_pieces()
-        scanned.piece_scan = native.piece_scan
-        for lo in range(0, len(fuzz + real), 150):
-            raw = "\x00".join((fuzz + real)[lo : lo + 150]).encode()
-            got, want = scanned._piece_entries(raw), numpy_._piece_entries(raw)
-            assert got.tolist() == want.tolist()
-            assert scanned.piece_table.size == numpy_.piece_table.size
-            assert np.array_equal(scanned.piece_ids.cols[0][: scanned.piece_ids.off[scanned.piece_ids.size]],
-                                  numpy_.piece_ids.cols[0][: numpy_.piece_ids.off[numpy_.piece_ids.size]])  # fmt: skip
+        c_cache.simple_runs = native.simple_runs
+        for lo in range(0, len(safe), 150):
+            part = [t.encode() for t in safe[lo : lo + 150]]
+            joined, starts, ends = byte_runs(part)
+            space = np.arange(len(part)) % 3 != 0
+            got = native.simple_runs(c_cache, joined, starts, ends, space)
+            want = numpy_cache._simple_runs_numpy(joined, starts, ends, space)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+            assert c_cache.piece_table.size == numpy_cache.piece_table.size
+            assert c_cache.piece_ids.size == numpy_cache.piece_ids.size
 
 
 @needs_cc
