@@ -567,6 +567,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         "native_helpers": native_helpers,  # (this machine's; a cluster node without a C compiler: numpy)
     }
     packing = None
+    topic_job: _InThread | None = None  # the topic summary's thread, once pass 1 has ended
     try:
         # ---- pass 1: read → validate → normalize → length → scores and their decisions → dedup keys
         # (→ tokens when the tokenizer is given) on the workers; dedup decisions and packing on the driver
@@ -650,8 +651,12 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         if models["domain"] is not None or sample:
             from pipelines.domain import topic_summary
 
-            report["topics"] = topic_summary(sample, cfg.domain_clusters, cfg.seed)
+            # clustered in a thread while the run's tail is written (the shard writer's last
+            # shards, compressed with the GIL released): ~0.1 s of a run's serial end otherwise
+            topic_job = _InThread(topic_summary, sample, cfg.domain_clusters, cfg.seed)
+            report["topics"] = None  # (its place in the report; filled by _topics_done)
         if report["kept"] == 0:
+            _topics_done(report, topic_job)
             _write_report(out, report, t_all)
             raise UserError(
                 f"prepare: no document survived cleaning ({report['input_records']} records read; "
@@ -704,6 +709,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         }
         report["documents"] = {"train": docs["train"], "eval": docs["eval"], "pieces": pieces}
         if num_train == 0:
+            _topics_done(report, topic_job)
             _write_report(out, report, t_all)
             raise UserError(
                 f"prepare: the kept text ({report['tokens']['dropped_partial_row']['train']} tokens) fills no "
@@ -736,9 +742,38 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
             ctx.op_resource_reservation_enabled, ctx.downstream_capacity_backpressure_ratio,
         ) = saved  # fmt: skip
         loud()
+    _topics_done(report, topic_job)
     _write_report(out, report, t_all)
     log(summary(report))
     return report
+
+
+class _InThread:
+    """fn(*args) run in a thread of its own from now; `result()` waits for it and returns its
+    value or raises its exception."""
+
+    def __init__(self, fn, *args):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True, name="dsv3ray-topics")
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread by result()
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _topics_done(report: dict, job: _InThread | None) -> None:
+    """The topic summary in the report, once its thread has ended (a no-op without one)."""
+    if job is not None:
+        report["topics"] = job.result()
 
 
 def _is_demo_input(item: str) -> bool:
