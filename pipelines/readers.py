@@ -317,7 +317,8 @@ def read_records(
                 elif fmt == "binary":
                     yield (src, 1, QUARANTINE, "binary_file", _excerpt(head), None)
                 elif fmt == "jsonl":
-                    yield from _guarded(_read_jsonl(f, src, max_record_bytes, key=text_key), src, codec)
+                    rows = _read_jsonl(f, src, max_record_bytes, key=text_key, blocks=codec is None)
+                    yield from _guarded(rows, src, codec)
                 elif fmt == "arrow":
                     yield from _read_arrow(path, f, src, text_key)
                 elif fmt in ("csv", "tsv"):
@@ -362,28 +363,92 @@ def _json_kind(head: bytes) -> str | None:
 
 
 def _read_jsonl(
-    f, src: str, max_bytes: int, end: int = -1, key: str = "text", whole: bool = True
+    f, src: str, max_bytes: int, end: int = -1, key: str = "text", whole: bool = True, blocks: bool = True
 ) -> Iterator[tuple]:
     """Rows of a jsonl file, or of a byte range of one (whole=False: never taken for JSON, even the
-    last range, which reads to the end), lines numbered from 1."""
+    last range, which reads to the end), lines numbered from 1; `blocks`: f is a plain file (read
+    a block at a time), else a decompressed stream (read a line at a time)."""
     lineno = 0
     if whole:  # is it JSON rather than jsonl?
         kind = _json_kind(f.peek(8192)[:8192])
         if kind is not None:  # (streamed: its first line may be the whole file)
             yield from _read_json_stream(f, src, max_bytes, key, array=kind == "array")
             return
-    while end < 0 or f.tell() < end:
-        raw, oversized = _readline_bounded(f, max_bytes)  # (a broken stream: see _guarded)
+    loads, bad_json = orjson.loads, orjson.JSONDecodeError
+    # a block at a time from a plain file; a line at a time from a decompressed stream (a corrupt
+    # one's error loses the block being read: its lines before the damage are still yielded)
+    for lines in _line_blocks(f, max_bytes, end) if blocks else _lines_one_by_one(f, max_bytes):
+        for raw in lines:  # (inline: the common record is one orjson call and two type checks)
+            lineno += 1
+            if raw.__class__ is _Oversized:
+                yield (src, lineno, QUARANTINE, "record_too_large", _excerpt(raw.head), None)
+                continue
+            if raw.isspace():
+                yield (src, lineno, DROP, "blank_line", "", None)
+                continue
+            try:
+                obj = loads(raw)
+            except bad_json:
+                yield _parse_json_record_json(raw, src, lineno, key)
+                continue
+            text = obj.get(key) if obj.__class__ is dict else None
+            if text.__class__ is str:  # (orjson refuses lone surrogates: no check needed)
+                yield (src, lineno, OK, "", "", text)
+            else:
+                yield _record_from_obj(obj, src, lineno, raw, key, surrogates=False)
+
+
+def _lines_one_by_one(f, max_bytes: int) -> Iterator[list]:
+    """_line_blocks' lines, one list each, by _readline_bounded (to the stream's end)."""
+    while True:
+        raw, oversized = _readline_bounded(f, max_bytes)
         if not raw:
             return
-        lineno += 1
-        if oversized:
-            yield (src, lineno, QUARANTINE, "record_too_large", _excerpt(raw), None)
-            continue
-        if raw.isspace():
-            yield (src, lineno, DROP, "blank_line", "", None)
-            continue
-        yield _parse_json_record(raw, src, lineno, key)
+        yield [_Oversized(raw) if oversized else raw]
+
+
+class _Oversized:
+    """A line over the record limit, skipped: its first bytes, for the quarantine's excerpt."""
+
+    def __init__(self, head: bytes):
+        self.head = head
+
+
+_LINE_BLOCK = 4 << 20  # bytes read at a time
+
+
+def _line_blocks(f, max_bytes: int, end: int = -1) -> Iterator[list]:
+    """The lines of f from its position (each with its newline; the stream's last may have none)
+    in lists, read a block at a time: to the first line that starts at or past byte `end` (-1:
+    the end). A line of more than max_bytes before its newline comes as an _Oversized of its
+    first bytes (_readline_bounded's excerpt) and is read past in pieces, as that does: memory
+    holds a block and at most max_bytes + 1 bytes of a line, however long the line."""
+    pos = f.tell() if end >= 0 else 0
+    while end < 0 or pos < end:
+        block = f.read(_LINE_BLOCK if end < 0 else min(_LINE_BLOCK, end - pos))
+        if not block:
+            return
+        pos += len(block)
+        lines = block.split(b"\n")
+        last = lines.pop()  # (b"": the block ends a line)
+        cut = min(max_bytes + 1, EXCERPT_CHARS)  # (an oversized line keeps what its excerpt shows)
+        out = [line + b"\n" if len(line) <= max_bytes else _Oversized(line[:cut]) for line in lines]
+        if last:  # a line cut by the block's end (it started before `end`): its first bytes, read on
+            head = (
+                last + f.readline(max_bytes + 1 - len(last))
+                if len(last) <= max_bytes
+                else last[: max_bytes + 1]
+            )
+            if len(head) <= max_bytes or head.endswith(b"\n"):
+                out.append(head)
+            else:
+                piece = head
+                while piece and not piece.endswith(b"\n"):
+                    piece = f.readline(1 << 20)
+                out.append(_Oversized(head[:cut]))
+            if end >= 0:
+                pos = f.tell()
+        yield out
 
 
 def _parse_json_record(raw: bytes, src: str, lineno: int, key: str = "text") -> tuple:

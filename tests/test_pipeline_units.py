@@ -777,6 +777,52 @@ def test_oversized_documents_encode_in_chunks_identically(docs):
     )
 
 
+@pytest.mark.parametrize("block", [1, 7, 64, 4096])
+def test_jsonl_lines_read_in_blocks_as_one_by_one(tmp_path, monkeypatch, block):
+    """_line_blocks (a plain file read a block at a time) gives what reading it line by line with
+    _readline_bounded gives: the same lines, oversized ones (inside a block, cut by its end,
+    longer than a block, the file's last) with the same excerpt, blank lines, no final newline;
+    whole files and byte ranges (a range: the lines that start before its end)."""
+    import pipelines.readers as readers
+
+    monkeypatch.setattr(readers, "_LINE_BLOCK", block)
+    rng = random.Random(block)
+    for trial in range(60):
+        max_bytes = rng.choice([5, 20, 60, 1000])
+        edge = [b"y" * max_bytes, b"y" * (max_bytes + 1)]  # (at the limit: kept; one over: not)
+        parts = [
+            rng.choice([b"", b" ", b'{"text": "ab"}', "{\"text\": \"é\" }".encode(), b"x" * rng.randint(0, 90), b"{bad", *edge])
+            for _ in range(rng.randint(0, 30))
+        ]  # fmt: skip
+        data = b"\n".join(parts) + (b"\n" if rng.random() < 0.5 else b"")
+        path = tmp_path / f"t{trial}.jsonl"
+        path.write_bytes(data)
+
+        def shown(lines):
+            return [("over", x.head) if isinstance(x, readers._Oversized) else x for x in lines]
+
+        def one_by_one(f, end, max_bytes):  # (the reader before blocks: a line at a time before end)
+            out = []
+            while end < 0 or f.tell() < end:
+                raw, oversized = readers._readline_bounded(f, max_bytes)
+                if not raw:
+                    break
+                out.append(("over", raw) if oversized else raw)
+            return out
+
+        cuts = sorted({0, len(data), *(rng.randint(0, len(data)) for _ in range(3))})
+        for start, end in [(0, -1)] + list(zip(cuts[:-1], cuts[1:])):
+            if start and data[start - 1 : start] != b"\n":
+                continue  # (ranges start at a line's start: plan_work's cut)
+            with open(path, "rb") as f:
+                f.seek(start)
+                got = [x for lines in readers._line_blocks(f, max_bytes, end) for x in shown(lines)]
+            with open(path, "rb") as f:
+                f.seek(start)
+                want = one_by_one(f, end, max_bytes)
+            assert got == want, (data, max_bytes, start, end)
+
+
 def test_big_jsonl_is_read_in_ranges_with_exact_line_numbers(tmp_path):
     from pipelines.readers import plan_work
 
