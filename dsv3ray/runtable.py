@@ -210,12 +210,7 @@ class RunTable:
         (joined, starts, ends) where run j is joined[starts[j]:ends[j]]); their numbers."""
         m = len(at)
         first = self.size
-        assert first + m <= self.max_entries
-        if first + m > self._lenf.size:
-            cap = min(self.max_entries, max(first + m, 2 * self._lenf.size))
-            self._lenf, self._head, self._mid, self._tail = (
-                np.resize(a, cap) for a in (self._lenf, self._head, self._mid, self._tail)
-            )
+        self._reserve(first + m)
         numbers = np.arange(first, first + m)
         lenf, head, mid, tail = key
         short = lenf[at] <= 2 * SHORT + 1
@@ -229,6 +224,15 @@ class RunTable:
         self.size += m
         self._insert(numbers[short])
         return numbers
+
+    def _reserve(self, entries: int) -> None:
+        """Room for `entries` entries' keys (grown by doubling, to max_entries at most)."""
+        assert entries <= self.max_entries
+        if entries > self._lenf.size:
+            cap = min(self.max_entries, max(entries, 2 * self._lenf.size))
+            self._lenf, self._head, self._mid, self._tail = (
+                np.resize(a, cap) for a in (self._lenf, self._head, self._mid, self._tail)
+            )
 
     def _insert(self, numbers: np.ndarray) -> None:
         pos = self._hash_slots([a[numbers] for a in (self._lenf, self._head, self._mid, self._tail)])

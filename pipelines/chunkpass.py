@@ -206,13 +206,13 @@ class ChunkPass:
         d_entry = self.table.lookup(d_joined, d_starts, d_ends, d_key)
         d_lens = d_ends - d_starts
         d_new = np.flatnonzero((d_entry < 0) & (d_lens > 0) & (d_lens <= self.MAX_CHUNK))
-        if self.table.size + d_new.size > self.table.max_entries:
-            if d_new.size <= self.table.max_entries and (may_clear or may_restart):
-                if not may_clear:
-                    return None
-                self._clear()  # full: start again (every entry found above is gone)
-                return self._lookup_group_numpy(texts, lo, cover, encoded, False, False)
-            d_new = d_new[:0]  # more than the table holds: not served
+        d_new, then = self._room(d_new, may_clear, may_restart)
+        if then is not None:  # (full)
+            return (
+                None
+                if then == "restart"
+                else self._lookup_group_numpy(texts, lo, cover, encoded, False, False)
+            )
         if d_new.size:
             d_entry[d_new] = self._add(d_joined, d_starts[d_new], d_ends[d_new], d_first[d_new], d_key, d_new)
         idx = enc.indices.to_numpy()
@@ -252,13 +252,13 @@ class ChunkPass:
             if long.size:
                 found[long] = self.table.lookup_long(joined, m_start[long], m_end[long], m_flag[long])
         new = np.flatnonzero(found < 0)
-        if self.table.size + new.size > self.table.max_entries:
-            if new.size <= self.table.max_entries and (may_clear or may_restart):
-                if not may_clear:
-                    return None
-                self._clear()  # full: start again (every entry found above is gone)
-                return self._lookup_group_native(texts, lo, cover, encoded, False, False)
-            new = new[:0]  # more than the table holds: not served
+        new, then = self._room(new, may_clear, may_restart)
+        if then is not None:  # (full)
+            return (
+                None
+                if then == "restart"
+                else self._lookup_group_native(texts, lo, cover, encoded, False, False)
+            )
         if new.size:
             found[new] = self._add(joined, m_start[new], m_end[new], m_flag[new].astype(bool), key, new)
         miss = np.flatnonzero(entry < 0)
@@ -273,6 +273,20 @@ class ChunkPass:
         if self.tok is not None:
             cover[:, 0] &= self.tok.spanning_ok(texts)
         return _Group(lo, n, entry, doc, bounds)
+
+    def _room(self, new: np.ndarray, may_clear: bool, may_restart: bool) -> tuple[np.ndarray, str | None]:
+        """Whether a group's distinct new chunks fit: (the ones to add, None); when the table is
+        full, (new, "again") after emptying it (may_clear: look the group up again) or (new,
+        "restart") (the lookup starts again on an empty table); more than the table holds at all:
+        (none, None), not served."""
+        if self.table.size + new.size <= self.table.max_entries:
+            return new, None
+        if new.size <= self.table.max_entries and (may_clear or may_restart):
+            if not may_clear:
+                return new, "restart"
+            self._clear()  # (every entry found before is gone)
+            return new, "again"
+        return new[:0], None
 
     def _add(
         self, d_joined: bytes, d_starts: np.ndarray, d_ends: np.ndarray, first: np.ndarray, key, at: np.ndarray

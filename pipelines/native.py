@@ -439,6 +439,11 @@ class CRunTable(RunTable):
         self._arena_used = 0
         self._arena_off = np.full(self._lenf.size, -1, dtype=np.int64)  # entry -> its bytes, -1: short
 
+    def _reserve(self, entries: int) -> None:
+        super()._reserve(entries)
+        if self._arena_off.size < self._lenf.size:
+            self._arena_off = np.resize(self._arena_off, self._lenf.size)
+
     def lookup(self, joined: bytes, starts, ends, key) -> np.ndarray:
         return self._lookup(joined, starts, ends, np.asarray(key[0]) & 1)
 
@@ -458,13 +463,7 @@ class CRunTable(RunTable):
     def append(self, at, raw, key) -> np.ndarray:
         m = len(at)
         first = self.size
-        assert first + m <= self.max_entries
-        if first + m > self._lenf.size:
-            cap = min(self.max_entries, max(first + m, 2 * self._lenf.size))
-            self._lenf, self._head, self._mid, self._tail = (
-                np.resize(a, cap) for a in (self._lenf, self._head, self._mid, self._tail)
-            )
-            self._arena_off = np.resize(self._arena_off, cap)
+        self._reserve(first + m)
         joined, starts, ends = byte_runs(raw) if isinstance(raw, list) else raw
         starts, ends = (np.ascontiguousarray(a, dtype=np.int64) for a in (starts, ends))
         _check_runs("CRunTable.append", len(joined), starts, ends)
