@@ -200,9 +200,10 @@ def test_simple_runs_in_c_cut_as_the_pattern_and_equal_numpy(tokenizers_):
         assert out[: len(raw)].tobytes() == raw and out[len(raw)] == 0
         assert pieces[0] == len([m for m in _ASCII_PRETOKEN.finditer(text)])
     safe = [t for t in fuzz + real if t.strip() == t and t]  # (what encode_runs hands over)
-    for max_pieces in (1 << 20, 300, 20):
+    for max_pieces, c_table in ((1 << 20, native.CRunTable), (300, native.CRunTable), (20, native.CRunTable),
+                                (1 << 20, RunTable)):  # (a RunTable: its long pieces in dicts)  # fmt: skip
         c_cache, numpy_cache = (Tokenizer(hfs[1]).chunk_cache for _ in "ab")
-        for cache, table_type in ((c_cache, native.CRunTable), (numpy_cache, RunTable)):
+        for cache, table_type in ((c_cache, c_table), (numpy_cache, RunTable)):
             cache.piece_table = table_type(max_pieces)
             cache._clear_pieces()
         c_cache.simple_runs = native.simple_runs
