@@ -427,6 +427,13 @@ def test_killed_teacher_restarts_and_late_labels_fall_back_to_ce(ray_local):
         # 4) a teacher dead for good (no restarts left): CE at once, no waiting on the timeout
         d.cfg = cfg
         ray_local.kill(handle, no_restart=True)
+        deadline = time.monotonic() + 30  # (ray.kill returns before the actor is gone: one more
+        while time.monotonic() < deadline:  # request could still be answered, and count as KD)
+            try:
+                ray_local.get(handle.info.remote(), timeout=5)
+            except ray_local.exceptions.RayActorError:
+                break
+            time.sleep(0.05)
         t0 = time.monotonic()
         before = dict(d.counters)
         _train_steps(d, student, opt, batches, range(11, 14))
