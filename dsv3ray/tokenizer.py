@@ -378,32 +378,12 @@ class _ChunkCache:
         and \x00), cut by `_pretoken_starts`; the call's distinct pieces (Arrow's hash table) are
         looked up in `piece_table`. A piece not seen before is BPE-encoded by the model alone, once
         (on its byte-mapped text: ~2x faster than an encode call)."""
-        table = self.piece_table
-        if self.piece_ids.size > table.size:  # the last call kept pieces for itself
-            self._clear_pieces()
-        return self._piece_entries_numpy(raw)
-
-    def _new_pieces(
-        self, raw: bytes, starts: np.ndarray, ends: np.ndarray, key, at: np.ndarray
-    ) -> np.ndarray:
-        """Entries for distinct new pieces raw[starts:ends] (keys key[at]): in the table where it
-        holds them (else kept for this call only), their ids BPE-encoded; their entry numbers."""
-        table = self.piece_table
-        first = self.piece_ids.size
-        if first + at.size <= table.max_entries:
-            table.append(at, (raw, starts, ends), key)
-        lens = ends - starts  # the new pieces joined by 0xff (in no piece)
-        size = lens + 1
-        joined = np.full(int(size.sum()) - 1, 0xFF, dtype=np.uint8)
-        joined[ranges(np.cumsum(size) - size, lens)] = np.frombuffer(raw, np.uint8)[ranges(starts, lens)]
-        self._add_pieces(joined.tobytes())  # (past the table's entries when more: kept for this call)
-        return np.arange(first, first + at.size)
-
-    def _piece_entries_numpy(self, raw: bytes) -> np.ndarray:
         import pyarrow as pa
         import pyarrow.compute as pc
 
         table = self.piece_table
+        if self.piece_ids.size > table.size:  # the last call kept pieces for itself
+            self._clear_pieces()
         bounds = np.append(_pretoken_starts(np.frombuffer(raw, dtype=np.uint8)), len(raw))
         enc = pc.dictionary_encode(
             pa.LargeBinaryArray.from_buffers(
@@ -424,6 +404,22 @@ class _ChunkCache:
                 new = np.flatnonzero(entry < 0)
             entry[new] = self._new_pieces(d_raw, starts[new], ends[new], key, new)
         return entry[enc.indices.to_numpy()]
+
+    def _new_pieces(
+        self, raw: bytes, starts: np.ndarray, ends: np.ndarray, key, at: np.ndarray
+    ) -> np.ndarray:
+        """Entries for distinct new pieces raw[starts:ends] (keys key[at]): in the table where it
+        holds them (else kept for this call only), their ids BPE-encoded; their entry numbers."""
+        table = self.piece_table
+        first = self.piece_ids.size
+        if first + at.size <= table.max_entries:
+            table.append(at, (raw, starts, ends), key)
+        lens = ends - starts  # the new pieces joined by 0xff (in no piece)
+        size = lens + 1
+        joined = np.full(int(size.sum()) - 1, 0xFF, dtype=np.uint8)
+        joined[ranges(np.cumsum(size) - size, lens)] = np.frombuffer(raw, np.uint8)[ranges(starts, lens)]
+        self._add_pieces(joined.tobytes())  # (past the table's entries when more: kept for this call)
+        return np.arange(first, first + at.size)
 
     def _add_pieces(self, joined: bytes) -> None:
         """The next entries of `piece_ids`: the ids of the pieces `joined` by 0xff (at least one)."""

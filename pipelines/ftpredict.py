@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from dsv3ray.runtable import RunTable, byte_runs, keys, padded, text_groups
+from pipelines import native
 
 EOS = "</s>"
 _MIX = np.uint64(116049371)
@@ -45,8 +46,6 @@ def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndar
     """fnv1a_reference of each word buf[starts:ends] of a uint8 buffer (read in place),
     sign-extended from int32 to 64 bits as fastText's n-gram mix reads it (`uint64_t h = int32
     hash`); returns uint64 [len(starts)]. In C where built (pipelines.native), else numpy below."""
-    from pipelines import native
-
     done = native.fnv1a_runs(buf, starts, ends)
     return done if done is not None else fnv1a_runs_numpy(buf, starts, ends)
 
@@ -151,8 +150,6 @@ class BatchPredictor:
         """The vocabulary's table for lookups: in C where the library is built (a CRunTable made
         from it once per process: long words need no Python dict lookup), else itself."""
         if getattr(self, "_vocab_c", None) is None:
-            from pipelines import native
-
             self._vocab_c = native.CRunTable.of(self.vocab) if native.library() is not None else self.vocab
         return self._vocab_c
 
@@ -196,7 +193,13 @@ class BatchPredictor:
                 logits_M[i] = self.row_logits[ids].sum(0)
                 count_M[i] = ids.size
         elif n:  # the word's id, looked up by its bytes
-            wid = self._vocab_table().lookup(joined, starts, ends, keys(buf, starts, ends, 0))
+            table = self._vocab_table()  # (a CRunTable keys the runs itself: numpy's keys not needed)
+            key = (
+                (np.zeros(n, np.int64),)
+                if isinstance(table, native.CRunTable)
+                else keys(buf, starts, ends, 0)
+            )
+            wid = table.lookup(joined, starts, ends, key)
             found = np.flatnonzero((wid >= 0) & ~skip_M)
             logits_M[found] = self.row_logits[wid[found]]
             count_M[found] = 1

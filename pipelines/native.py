@@ -114,6 +114,12 @@ def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
+def _check_runs(name: str, size: int, starts: np.ndarray, ends: np.ndarray) -> None:
+    """Runs [starts, ends) (int64 arrays) inside a buffer of `size` bytes: C reads them."""
+    if starts.size and (starts.min() < 0 or ends.max() > size or (ends < starts).any()):
+        raise IndexError(f"{name}: a run outside the buffer")
+
+
 def minhash_signatures(
     n: int, num_perm: int, s_S: np.ndarray, d_S: np.ndarray, salt: np.uint64, borrow_T: np.ndarray
 ) -> np.ndarray | None:
@@ -164,8 +170,7 @@ def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndar
         return None
     starts = np.ascontiguousarray(starts, dtype=np.int64)
     ends = np.ascontiguousarray(ends, dtype=np.int64)
-    if starts.size and (starts.min() < 0 or ends.max() > buf.size or (ends < starts).any()):
-        raise IndexError("fnv1a_runs: a run outside the buffer")  # (C reads there)
+    _check_runs("fnv1a_runs", buf.size, starts, ends)
     buf = np.ascontiguousarray(buf, dtype=np.uint8)
     out = np.empty(starts.size, dtype=np.uint64)
     lib.fnv1a_runs(starts.size, _ptr(buf), _ptr(starts), _ptr(ends), _ptr(out))
@@ -353,8 +358,7 @@ def chunk_scan(
     buf = padded(joined)
     text_start = np.ascontiguousarray(text_start, dtype=np.int64)
     text_end = np.ascontiguousarray(text_end, dtype=np.int64)
-    if n and (text_start.min() < 0 or text_end.max() > len(joined) or (text_end < text_start).any()):
-        raise IndexError("chunk_scan: a text outside the buffer")  # (C reads there)
+    _check_runs("chunk_scan", len(joined), text_start, text_end)
     nl_entry = np.ascontiguousarray(nl_entry, dtype=np.int64)
     cap = len(joined) + n + 1  # (an item takes a byte at least, or ends its text)
     entry, doc = np.empty(cap, np.int64), np.empty(cap, np.int64)
@@ -531,11 +535,6 @@ class CRunTable(RunTable):
                 flags[x] = f
         out.append(np.arange(n), (buf.tobytes(), starts, ends), (2 * size + flags,))
         return out
-
-
-def _check_runs(name: str, size: int, starts: np.ndarray, ends: np.ndarray) -> None:
-    if starts.size and (starts.min() < 0 or ends.max() > size or (ends < starts).any()):
-        raise IndexError(f"{name}: a run outside the buffer")  # (C reads there)
 
 
 def make_table(max_entries: int) -> RunTable:

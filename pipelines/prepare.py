@@ -15,6 +15,7 @@ Every input record (a JSON line, a parquet row, a text file) ends in exactly one
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gc
 import json
@@ -567,7 +568,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         "native_helpers": native_helpers,  # (this machine's; a cluster node without a C compiler: numpy)
     }
     packing = None
-    topic_job: _InThread | None = None  # the topic summary's thread, once pass 1 has ended
+    topic_job: concurrent.futures.Future | None = None  # the topic summary, once pass 1 has ended
     try:
         # ---- pass 1: read → validate → normalize → length → scores and their decisions → dedup keys
         # (→ tokens when the tokenizer is given) on the workers; dedup decisions and packing on the driver
@@ -653,7 +654,9 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
 
             # clustered in a thread while the run's tail is written (the shard writer's last
             # shards, compressed with the GIL released): ~0.1 s of a run's serial end otherwise
-            topic_job = _InThread(topic_summary, sample, cfg.domain_clusters, cfg.seed)
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dsv3ray-topics")
+            topic_job = pool.submit(topic_summary, sample, cfg.domain_clusters, cfg.seed)
+            pool.shutdown(wait=False)  # (its one task runs on; result() waits for it)
             report["topics"] = None  # (its place in the report; filled by _topics_done)
         if report["kept"] == 0:
             _topics_done(report, topic_job)
@@ -748,29 +751,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     return report
 
 
-class _InThread:
-    """fn(*args) run in a thread of its own from now; `result()` waits for it and returns its
-    value or raises its exception."""
-
-    def __init__(self, fn, *args):
-        self._value, self._error = None, None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True, name="dsv3ray-topics")
-        self._thread.start()
-
-    def _run(self, fn, args) -> None:
-        try:
-            self._value = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread by result()
-            self._error = e
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-def _topics_done(report: dict, job: _InThread | None) -> None:
+def _topics_done(report: dict, job: concurrent.futures.Future | None) -> None:
     """The topic summary in the report, once its thread has ended (a no-op without one)."""
     if job is not None:
         report["topics"] = job.result()
