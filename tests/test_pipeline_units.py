@@ -688,6 +688,43 @@ def test_shard_writer_in_the_background_writes_the_same_shards_and_reports_error
         w.close()  # (still: the shard was not written)
 
 
+def test_shard_writer_writes_a_shard_a_row_group_at_a_time(tmp_path, monkeypatch):
+    """Rows reach the file as they come, a row group once GROUP_BYTES of them are buffered (what is
+    left at the end of a run is at most one group): the same rows, sample ids and counts as one
+    group per shard, shards cut at exactly rows_per_shard rows, a flush ends a shard mid-group; an
+    id outside the dtype in a later group raises (the groups before it counted, not it)."""
+    monkeypatch.setattr(ShardWriter, "GROUP_BYTES", 5 * 9 * 2)  # 5 rows of 9 uint16 ids
+    rows = np.random.default_rng(1).integers(0, 1000, size=(61, 9))
+    for background in (False, True):
+        w = ShardWriter(tmp_path / str(background), 12, token_dtype(1000), background, vocab_size=1000)
+        for k in range(0, 40, 7):
+            w.add_rows(rows[k : min(k + 7, 40)])
+        w.flush()  # (a shard of 4 rows: 40 = 3 * 12 + 4)
+        w.add_rows(rows[40:])
+        w.flush()
+        w.close()
+        assert w.num_rows == 61 and w.shards == 6
+        assert np.array_equal(w.counts_V, np.bincount(rows.reshape(-1), minlength=1000))
+        files = sorted((tmp_path / str(background)).iterdir())
+        assert [pq.read_metadata(f).num_rows for f in files] == [12, 12, 12, 4, 12, 9]
+        assert [pq.read_metadata(f).num_row_groups for f in files] == [2, 2, 2, 1, 1, 1]
+        t = pq.read_table(files)
+        assert t.column("sample_id").to_pylist() == list(range(61))
+        assert np.array_equal(rows_from_arrow(t.column("input_ids"), 9), rows)
+    sync, bg = (sorted((tmp_path / d).iterdir()) for d in ("False", "True"))
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(sync, bg))
+    for background in (False, True):
+        w = ShardWriter(tmp_path / f"over{background}", 12, token_dtype(100), background, vocab_size=100)
+        w.add_rows(np.ones((5, 9), np.int64))  # (a group)
+        bad = np.ones((6, 9), np.int64)
+        bad[2, 3] = 70_000
+        with pytest.raises(ValueError, match="outside uint16"):
+            w.add_rows(bad)
+            w.flush()
+            w.close()
+        assert w.counts_V.sum() == 5 * 9  # (the first group only)
+
+
 def test_packer_rows_and_entropy(tmp_path):
     w = ShardWriter(tmp_path / "train", rows_per_shard=3, vocab_size=50)
     p = Packer(seq_len=7, writer=w)
