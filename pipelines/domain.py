@@ -19,6 +19,7 @@ import numpy as np
 from dsv3ray.runtable import text_groups
 
 _WORD = re.compile(r"[^\W\d_]{2,}", re.UNICODE)  # words of letters only, 2+ chars
+_ASCII_WORD = re.compile(r"[a-z]{2,}")  # the same on lowercase ASCII text (~2x faster)
 MAX_EMBED_CHARS = 100_000
 STOP = frozenset(
     "the of and to in is a that for it as with be on by this are or an not from at which if can you "
@@ -27,7 +28,8 @@ STOP = frozenset(
 
 
 def words_of(text: str) -> list[str]:
-    return [w for w in _WORD.findall(text[:MAX_EMBED_CHARS].lower()) if w not in STOP]
+    low = text[:MAX_EMBED_CHARS].lower()
+    return [w for w in (_ASCII_WORD if low.isascii() else _WORD).findall(low) if w not in STOP]
 
 
 def _bucket(word: str, dim: int) -> int:
@@ -96,7 +98,10 @@ class SparseRows:
         out = np.zeros((self.shape[0], c_KD.shape[0]))
         if self.row.size:  # rows are sorted: one sum per run of a row's cells
             first = np.flatnonzero(np.r_[True, self.row[1:] != self.row[:-1]])
-            prod_ZK = np.take(c_KD.T, self.col, axis=0) * self.value[:, None]
+            # (a row gather from a contiguous (dim, k) copy: a gather from c_KD.T, strided, cost
+            # ~4x as much, the topic summary's k-means ~60 ms)
+            prod_ZK = np.take(np.ascontiguousarray(c_KD.T), self.col, axis=0)
+            prod_ZK *= self.value[:, None]
             out[self.row[first]] = np.add.reduceat(prod_ZK, first, axis=0)
         return out
 

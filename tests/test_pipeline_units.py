@@ -1015,6 +1015,24 @@ def test_tf_vectors_counts_each_texts_buckets():
     assert tf_vectors([], 16).shape == (0, 16)
 
 
+def test_words_of_lowercase_ascii_text_as_the_unicode_pattern_finds_them():
+    """ASCII text takes the [a-z] pattern: the same words as the Unicode one (letters only: no
+    digits, no underscore; a Kelvin sign lowers to an ASCII k)."""
+    import re
+
+    from pipelines.domain import MAX_EMBED_CHARS, STOP, words_of
+
+    unicode_words = re.compile(r"[^\W\d_]{2,}", re.UNICODE)
+    rng = random.Random(0)
+    alphabet = "abcXYZ019_ -.\n\té\u212a"
+    texts = ["", "The cat_sat on 2 mats", "K\u212aelvin", "\u212a" * 3, "naïve café x2y"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(80))) for _ in range(500)]
+    texts += ["".join(rng.choice(alphabet[:13]) for _ in range(rng.randrange(80))) for _ in range(500)]
+    for t in texts:
+        want = [w for w in unicode_words.findall(t[:MAX_EMBED_CHARS].lower()) if w not in STOP]
+        assert words_of(t) == want, t
+
+
 def test_a_worker_keeps_one_runs_object_and_drops_it_when_idle(monkeypatch):
     """A worker process's tasks of one run share what the first one built (the cleaner, its
     caches warm); a task of another run replaces it; IDLE_S after the last task ended (none
