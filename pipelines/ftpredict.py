@@ -120,8 +120,11 @@ class BatchPredictor:
         # softmax of two = sigmoid of the margin, linear in the rows: one column
         proj = (wo[self.label_id] - wo[1 - self.label_id]) if L == 2 else wo.T  # [dim] or [dim, L]
         step = 1 << 16  # rows at a time in float64 (no float64 copy of the whole matrix)
+        # einsum, not `@`: a BLAS product (~1 ms here) woke OpenBLAS's threads, which then spun
+        # ~0.1 s on the other core while the prepare driver started its workers
+        ein = "rd,d->r" if proj.ndim == 1 else "rd,dl->rl"
         self.row_logits = np.concatenate(
-            [wi[i : i + step].astype(np.float64) @ proj for i in range(0, wi.shape[0], step)]
+            [np.einsum(ein, wi[i : i + step].astype(np.float64), proj) for i in range(0, wi.shape[0], step)]
         )  # [R] or [R, L]
         del wi
         self.table = RunTable(min(max_entries, max(1 << 10, (256 << 20) // (8 * L))))  # <= 256 MB of logits
