@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from dsv3ray.runtable import ranges
 from pipelines import native
-from pipelines.dedup import MinHasher, text_hash64
+from pipelines.dedup import MinHasher, text_hashes
 from pipelines.readers import DROP, OK
 
 # C0/C1 control characters except \t and \n (\r is folded into \n first)
@@ -315,7 +315,9 @@ class Cleaner:
         ok_texts = [texts[i] for i in ok]
         t0 = time.perf_counter()
         text_hash = np.zeros(n, dtype=np.int64)
-        text_hash[ok] = [text_hash64(texts[i], encoded[i]) for i in ok.tolist()]
+        if ok.size:  # (of the UTF-8 the chunk lookup had, else encoded here)
+            utf8 = [encoded[i] or texts[i].encode("utf-8", "surrogatepass") for i in ok.tolist()]
+            text_hash[ok] = text_hashes(utf8)
         # near-dup keys (from the first MAX_MINHASH_CHARS: bounded time/memory on huge docs);
         # rows that are not OK carry an empty list
         keys_OB = np.zeros((ok.size, 0), dtype=np.int64)

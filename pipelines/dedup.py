@@ -14,8 +14,6 @@ configured threshold, see `lsh_params`.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from dsv3ray.runtable import MASKS as _MASKS  # low n bytes
@@ -40,11 +38,38 @@ def _powers(base: int, n: int) -> np.ndarray:
     return out[:n]
 
 
-def text_hash64(text: str, encoded: bytes | None = None) -> int:
-    """Stable across processes (Python's hash() is salted per process): blake2b, 8 bytes, signed.
-    `encoded`: the text's UTF-8 bytes (surrogatepass), when the caller has them."""
-    data = encoded if encoded is not None else text.encode("utf-8", "surrogatepass")
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+_TEXT_K1 = 0x9E3779B97F4A7C15  # text_hashes: a word's position salt (times its index + 1)
+_TEXT_K2 = 0xD6E8FEB86659FD93  # text_hashes: the length's
+
+
+def text_hashes(encoded: list[bytes]) -> np.ndarray:
+    """Each text's 64-bit hash (int64; exact dedup's key and the eval split's draw), the same in
+    every process and on every machine (Python's hash() is salted per process): of its UTF-8
+    bytes as 8-byte little-endian words w_i (i = 0, 1, ..; the last one zero-padded),
+    mix64(sum_i mix64(w_i ^ (i + 1) * K1) ^ len * K2), sums mod 2^64. In C where built
+    (pipelines.native: ~0.2 µs for 1 KB, blake2b took 1.9 µs a text with its Python calls), else
+    this numpy: the same bits (tested)."""
+    from pipelines import native
+
+    out = native.text_hashes(encoded, _TEXT_K1, _TEXT_K2)
+    return out if out is not None else _text_hashes_numpy(encoded)
+
+
+def _text_hashes_numpy(encoded: list[bytes]) -> np.ndarray:
+    n = len(encoded)
+    lens = np.fromiter(map(len, encoded), dtype=np.int64, count=n)
+    words = (lens + 7) // 8
+    w = np.frombuffer(b"".join(e + bytes(-len(e) % 8) for e in encoded), dtype="<u8")
+    first = np.zeros(n, dtype=np.int64)
+    np.cumsum(words[:-1], out=first[1:])
+    index = np.arange(w.size, dtype=np.int64) - np.repeat(first, words)  # each word's i in its text
+    with np.errstate(over="ignore"):
+        terms = _mix64(w ^ ((index + 1).astype(np.uint64) * np.uint64(_TEXT_K1)))
+        acc = np.zeros(n, dtype=np.uint64)
+        some = words > 0
+        if some.any():  # (segments of the texts with words: the empty ones have none)
+            acc[some] = np.add.reduceat(terms, first[some])
+        return _mix64(acc ^ (lens.astype(np.uint64) * np.uint64(_TEXT_K2))).view(np.int64)
 
 
 def lsh_params(num_perm: int, threshold: float) -> tuple[int, int]:

@@ -27,6 +27,25 @@ static inline uint64_t mix64(uint64_t x)
     return x ^ (x >> 31);
 }
 
+/* pipelines.dedup.text_hashes: text t = buf[starts[t] : starts[t] + lens[t]] (buf readable 8 bytes
+ * past each text) as 8-byte little-endian words w_i, the last zero-padded: out[t] =
+ * mix64(sum_i mix64(w_i ^ (i + 1) * k1) ^ lens[t] * k2), sums mod 2^64. The words are mixed
+ * independently of each other (no chain from one to the next): ~4x blake2b's speed. */
+void text_hashes(const uint8_t *buf, const int64_t *starts, const int64_t *lens, int64_t n, uint64_t k1,
+                 uint64_t k2, int64_t *out)
+{
+    for (int64_t t = 0; t < n; t++) {
+        const uint8_t *p = buf + starts[t];
+        int64_t len = lens[t], i = 0;
+        uint64_t acc = 0, salt = k1;
+        for (; i + 8 <= len; i += 8, salt += k1)
+            acc += mix64(load_le64(p + i) ^ salt);
+        if (i < len)
+            acc += mix64((load_le64(p + i) & ((1ULL << (8 * (len - i))) - 1)) ^ salt);
+        out[t] = (int64_t)mix64(acc ^ ((uint64_t)len * k2));
+    }
+}
+
 /* One document's bins after hashing (row: P values, `empty` where no shingle fell) → densified,
  * written to out (P uint32). */
 static void densify(int64_t P, uint64_t *row, unsigned char *full, const int16_t *borrow, uint32_t *out)

@@ -82,6 +82,7 @@ _SIGNATURES = {
     "normalize_ascii": ("pibpp", "i"),
     "rows_gather_i32": ("ipppppp", "i"),
     "copy_runs": ("pppipp", "-"),
+    "text_hashes": ("pppiuup", "-"),
 }
 
 
@@ -218,6 +219,21 @@ def _texts_rows(
     if entries.size and (entries.min() < 0 or entries.max() >= ragged.size):
         raise IndexError(f"{name}: an entry outside 0..{ragged.size - 1}")
     return entries, bounds, bounds.size - 1
+
+
+def text_hashes(encoded: list[bytes], k1: int, k2: int) -> np.ndarray | None:
+    """pipelines.dedup.text_hashes in C (its definition there), or None without the library."""
+    lib = library()
+    if lib is None:
+        return None
+    n = len(encoded)
+    lens = np.fromiter(map(len, encoded), dtype=np.int64, count=n)
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(lens[:-1], out=starts[1:])
+    buf = np.frombuffer(b"".join([*encoded, bytes(8)]), dtype=np.uint8)  # (8 readable bytes past each)
+    out = np.empty(n, dtype=np.int64)
+    lib.text_hashes(_ptr(buf), _ptr(starts), _ptr(lens), n, k1, k2, _ptr(out))
+    return out
 
 
 def copy_runs(

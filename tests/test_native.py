@@ -546,3 +546,26 @@ def test_copy_runs_in_c_equals_numpy():
     assert np.array_equal(got, want)
     with pytest.raises(IndexError):  # (C would write past the destination)
         native.copy_runs(src, np.array([0]), np.array([10]), got, np.array([got.size - 5]))
+
+
+def test_text_hashes_in_c_equal_numpy_and_spread():
+    """Texts of every length around the 8-byte words (the last word zero-padded: "a" and "a\\0"
+    still differ by their length), non-ASCII bytes, none at all: C's bits are numpy's; 100k
+    texts a byte or a length apart all differ, and their eval draws (hash mod 1e6) are uniform."""
+    from pipelines.dedup import _text_hashes_numpy, text_hashes
+
+    rng = np.random.default_rng(0)
+    texts = [b"", b"a", b"a\0", b"\0", b"\0" * 8, b"abcdefgh", b"abcdefgh\0", "é naïve ✓".encode()]
+    texts += [rng.integers(0, 256, size=n, dtype=np.uint8).tobytes() for n in rng.integers(0, 40, 300)]
+    texts += [rng.integers(0, 256, size=5000, dtype=np.uint8).tobytes()]
+    want = _text_hashes_numpy(texts)
+    assert want.dtype == np.int64 and np.array_equal(text_hashes(texts), want)
+    assert np.array_equal(text_hashes(texts[3:4]), want[3:4]) and text_hashes([]).size == 0
+    base = b"the same text, " * 20
+    near = [base[:i] + bytes([base[i] ^ (1 << (i % 8))]) + base[i + 1 :] for i in range(len(base))]
+    near += [base[:n] for n in range(len(base) + 1)] + [base + b"\0" * n for n in range(1, 9)]
+    near += [f"document {i}".encode() for i in range(100_000)]
+    h = text_hashes(near)
+    assert np.unique(h).size == len(near)
+    counts = np.bincount((h[-100_000:] % 1_000_000) // 100_000, minlength=10)
+    assert counts.min() > 9_500 and counts.max() < 10_500  # (sd ~95)
