@@ -431,12 +431,11 @@ int quality_rows(int64_t n, const int64_t *bounds, const int64_t *entries, const
         double s = 0.0;
         if (W > 0)
             s += segment_sum(val, W);
-        for (int64_t i = 0; i < W; i++)
-            mix[i] = h[i];
         for (int64_t k = 1; k < ngrams && W - k > 0; k++) {
             int64_t m = W - k;
+            const uint64_t *prev = k == 1 ? h : mix; /* (the 1-grams' mix: the hashes themselves) */
             for (int64_t i = 0; i < m; i++) { /* the n-grams' rows, prefetched while the next are hashed */
-                mix[i] = mix[i] * mixc + h[i + k];
+                mix[i] = prev[i] * mixc + h[i + k];
                 val[i] = (double)(nwords + (int64_t)mod_u64(mix[i], bucket, inv_bucket));
                 __builtin_prefetch(row_logits + (int64_t)val[i]);
             }
