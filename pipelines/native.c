@@ -464,6 +464,17 @@ static inline int64_t seen_slot(const int64_t *table, int64_t mask, int64_t key)
     return (int64_t)s;
 }
 
+/* pipelines.dedup.SeenSet.add_many(keys, _new=True): n distinct keys, none 0 or in the table, into
+ * it (room for them: load stays <= 1/2), one after another. */
+void seen_insert(int64_t *table, int64_t mask, const int64_t *keys, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        if (i + 16 < n) /* (random slots: fetched ahead) */
+            __builtin_prefetch(table + ((((uint64_t)keys[i + 16] * 0x9E3779B97F4A7C15ULL) >> 20) & (uint64_t)mask), 1);
+        table[seen_slot(table, mask, keys[i])] = keys[i];
+    }
+}
+
 /* pipelines.dedup.Deduplicator.check_codes from document `from` on, in order: 1 when `exact` and
  * its text hash h[i] is in the exact table (seen before, or earlier in the batch), else 2 when
  * `near` and one of its B band keys k[i * B ..] is in the band table, else 0, and its hash and

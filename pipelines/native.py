@@ -83,6 +83,7 @@ _SIGNATURES = {
     "rows_gather_i32": ("ipppppp", "i"),
     "copy_runs": ("pppipp", "-"),
     "text_hashes": ("pppiuup", "-"),
+    "seen_insert": ("pipi", "-"),
 }
 
 
@@ -329,6 +330,21 @@ def quality_rows(
     if failed:
         raise MemoryError("quality_rows: no scratch memory")
     return sums, counts
+
+
+def seen_insert(table: np.ndarray, keys: np.ndarray) -> bool:
+    """pipelines.dedup.SeenSet.add_many(keys, _new=True)'s insertions into `table` (int64, a power of
+    two long, room left) in C, one key after another; False (nothing done) without the library."""
+    lib = library()
+    if lib is None:
+        return False
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    if table.dtype != np.int64 or not table.flags.c_contiguous or table.size & (table.size - 1):
+        raise TypeError("seen_insert: a contiguous int64 table of a power-of-two size")
+    if (keys.size + np.count_nonzero(table)) * 2 > table.size:
+        raise ValueError("seen_insert: no room")  # (C would probe forever in a full table)
+    lib.seen_insert(_ptr(table), table.size - 1, _ptr(keys), keys.size)
+    return True
 
 
 def dedup_codes(dedup, h_N: np.ndarray, k_NB: np.ndarray) -> np.ndarray | None:

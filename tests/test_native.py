@@ -569,3 +569,27 @@ def test_text_hashes_in_c_equal_numpy_and_spread():
     assert np.unique(h).size == len(near)
     counts = np.bincount((h[-100_000:] % 1_000_000) // 100_000, minlength=10)
     assert counts.min() > 9_500 and counts.max() < 10_500  # (sd ~95)
+
+
+def test_a_seen_set_grown_in_c_holds_what_numpy_grows(monkeypatch):
+    """SeenSet._grow's insertions in C: the same keys found (and no others), the same count and
+    size as the numpy insertions give, through several doublings; a table without room refuses."""
+    from pipelines.dedup import SeenSet
+
+    rng = np.random.default_rng(0)
+    keys = rng.integers(-(2**63), 2**63 - 1, size=300_000, dtype=np.int64)
+    keys[::1000] = 0  # (remapped to 1)
+    sets = []
+    for use_c in (True, False):
+        if not use_c:
+            monkeypatch.setattr(native, "seen_insert", lambda table, keys: False)
+        sets.append(SeenSet(capacity=16))
+        for i in range(0, keys.size, 7_000):
+            sets[-1].add_many(keys[i : i + 7_000])
+    monkeypatch.undo()
+    c, ref = sets
+    assert c.count == ref.count and c.table.size == ref.table.size
+    assert np.array_equal(np.sort(c.table), np.sort(ref.table))
+    assert c.contains_many(keys).all() and not c.contains_many(keys[1::1000] ^ 0x5555).any()
+    with pytest.raises(ValueError, match="no room"):
+        native.seen_insert(np.zeros(8, np.int64), np.arange(1, 6))
