@@ -76,38 +76,62 @@ def normalize_text_reference(text: str) -> str:
 _ASCII_CONTROL = bytes([*range(0, 9), *range(11, 32), 127])  # (\r is folded into \n first)
 
 
-def normalize_batch(texts: list[str]) -> tuple[list[str], list[bytes | None], np.ndarray]:
-    """normalize_text of each text, the UTF-8 bytes of the ASCII ones (None for the others), and
-    their number of words after it where the C pass counted them (str.split's; -1 elsewhere).
+def _unicode_rules(text: str) -> str:
+    """What normalize_text does to a text beyond ASCII's rules (\r folded first, as there): NFC,
+    the non-ASCII control and zero-width characters deleted (with the ASCII ones: its regex does
+    both), no-break and ideographic spaces made spaces. The rest (runs of whitespace, blank lines,
+    the ends) is a rule on ASCII bytes, which a UTF-8 text's other characters never hold."""
+    if "\r" in text:  # (before _CONTROL, which deletes a \r)
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", text)
+    if not text.replace("\n", " ").replace("\t", " ").isprintable():
+        text = _CONTROL.sub("", text)
+    if "\u00a0" in text or "\u3000" in text:
+        text = text.replace("\u00a0", " ").replace("\u3000", " ")
+    return text
 
-    The ASCII texts in a few passes over them joined (the same results: tests compare them on
-    fuzzed text): ASCII needs no NFC and has no C1 or zero-width characters; after \r is folded
-    and control characters are deleted (bytes.replace / translate), the rest of normalize_text is
-    a rule on maximal runs of whitespace (`_whitespace_runs`). Real text's indented lines cost
-    17 µs a 1 KB document this way, 25 one at a time. The others one at a time: normalize_text's
-    C-level checks skip every rewrite a clean text does not need, which a batch pass over their
-    UTF-8 could not beat (measured 30% slower on the stdlib docs, mostly clean)."""
+
+def normalize_batch(texts: list[str]) -> tuple[list[str], list[bytes], np.ndarray]:
+    """normalize_text of each text, its UTF-8 bytes (surrogatepass), and, where the C pass counted
+    them, its number of words after it (str.split's; -1 elsewhere: texts beyond ASCII, whose
+    other Unicode spaces split words too).
+
+    All in a few passes over the batch's texts joined (the same results: tests compare them on
+    fuzzed text): a text beyond ASCII first gets the rules ASCII needs none of (`_unicode_rules`:
+    NFC, C1 and zero-width characters); after \r is folded and control characters are deleted
+    (bytes.replace / translate), the rest of normalize_text is a rule on maximal runs of
+    whitespace (`_whitespace_runs`), on the UTF-8 bytes of any text (a multi-byte character's
+    bytes are all >= 0x80), then Unicode's other spaces stripped from the ends. Real text's
+    indented lines cost 17 µs a 1 KB document this way, 25 one at a time; a text beyond ASCII
+    took 33 µs (docstrings) one at a time, its regexes on the str."""
     n = len(texts)
-    out, parts = list(texts), [None] * n
+    out = list(texts)
     words = np.full(n, -1, dtype=np.int64)
-    at = [i for i, t in enumerate(texts) if t.isascii()]
-    if at:  # joined by 0xFF (in no UTF-8 text)
-        enc = [texts[i].encode("ascii") for i in at]
-        joined = b"\xff" + b"\xff".join(enc) + b"\xff"
-        done = native.normalize_ascii(joined, 0xFF)  # (in C where built: all of it in one pass)
-        if done is not None:
-            joined, words[at] = done
-        else:
-            if b"\r" in joined:
-                joined = joined.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            joined = _whitespace_runs(joined.translate(None, _ASCII_CONTROL), 0xFF)
-        for i, e, b in zip(at, enc, joined.split(b"\xff")[1:-1]):
-            parts[i] = b
-            if b != e:  # (a clean text keeps its str)
-                out[i] = b.decode("ascii")
-    if len(at) < n:
-        for i in set(range(n)).difference(at):
-            out[i] = normalize_text(texts[i])
+    if not n:
+        return out, [], words
+    wide = [i for i, t in enumerate(texts) if not t.isascii()]
+    enc = [t.encode("ascii") if t.isascii() else b"" for t in texts]
+    for i in wide:
+        enc[i] = _unicode_rules(texts[i]).encode("utf-8", "surrogatepass")
+    joined = b"\xff" + b"\xff".join(enc) + b"\xff"  # (0xFF: in no UTF-8 text)
+    done = native.normalize_ascii(joined, 0xFF)  # (in C where built: all of it in one pass)
+    if done is not None:
+        joined, words = done
+    else:
+        if b"\r" in joined:
+            joined = joined.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        joined = _whitespace_runs(joined.translate(None, _ASCII_CONTROL), 0xFF)
+    parts = joined.split(b"\xff")[1:-1]
+    for i, e, b in zip(range(n), enc, parts):
+        if b != e:  # (a clean ASCII text keeps its str)
+            out[i] = b.decode("utf-8", "surrogatepass")
+    for i in wide:
+        text = parts[i].decode("utf-8", "surrogatepass")
+        if text and (text[0].isspace() or text[-1].isspace()):  # (Unicode's others: \u2003, ..)
+            text = text.strip()
+            parts[i] = text.encode("utf-8", "surrogatepass")
+        out[i] = text
+    words[wide] = -1
     return out, parts, words
 
 
@@ -228,9 +252,7 @@ class Cleaner:
         encoded: list[bytes | None] = [None] * n  # UTF-8 of final texts, for the chunk lookup
         words = np.full(n, -1, dtype=np.int64)  # (counted by normalize's C pass where it ran)
         if s.normalize:
-            norm, parts, words[valid] = normalize_batch(
-                [texts[i] for i in valid]
-            )  # (parts: ASCII ones' bytes)
+            norm, parts, words[valid] = normalize_batch([texts[i] for i in valid])  # (parts: UTF-8)
             for j, i in enumerate(valid.tolist()):
                 texts[i], encoded[i] = norm[j], parts[j]
         timing["normalize"] = time.perf_counter() - t0

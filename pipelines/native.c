@@ -121,13 +121,14 @@ int minhash_signatures(int64_t n, int64_t P, int64_t S, const uint64_t *s, const
     return 0;
 }
 
-/* pipelines.clean.normalize_batch's ASCII pass (\r\n and \r to \n, control bytes but tab and
- * newline deleted, then pipelines.clean._whitespace_runs) in one pass: n bytes of ASCII texts
- * joined by (and starting and ending with) byte sep (> 127); each maximal run of whitespace next
- * to a sep goes, one without a newline becomes one space, one with k newlines becomes min(k, 2)
- * newlines. Bytes that need nothing (33..126) are copied eight at a time up to the next one that
- * does. Text t's words (str.split's of the result: its runs of whitespace + 1, 0 when empty) into
- * words[t]. out: n + 8 bytes (a copy writes 8). Returns the length written. */
+/* pipelines.clean.normalize_batch's pass (\r\n and \r to \n, control bytes but tab and newline
+ * deleted, then pipelines.clean._whitespace_runs) in one pass: n bytes of texts (ASCII, or UTF-8,
+ * whose bytes >= 0x80 are characters like letters here) joined by (and starting and ending with)
+ * byte sep (0xFF: in no UTF-8); each maximal run of whitespace next to a sep goes, one without a
+ * newline becomes one space, one with k newlines becomes min(k, 2) newlines. Bytes that need
+ * nothing (33..126, 128..) are copied eight at a time up to the next one that does. Text t's
+ * words (str.split's of the result for an ASCII text: its runs of whitespace + 1, 0 when empty)
+ * into words[t]. out: n + 8 bytes (a copy writes 8). Returns the length written. */
 int64_t normalize_ascii(const uint8_t *in, int64_t n, uint8_t sep, uint8_t *out, int64_t *words)
 {
     const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;

@@ -148,10 +148,10 @@ def minhash_signatures(
 
 
 def normalize_ascii(joined: bytes, sep: int) -> tuple[bytes, np.ndarray] | None:
-    """pipelines.clean.normalize_batch's pass over ASCII texts joined by (and starting and ending
-    with) `sep` (\r folded, control bytes deleted, clean._whitespace_runs) in one C pass: (the
-    result, each text's number of words after it (str.split's)), or None when the library is not
-    available."""
+    """pipelines.clean.normalize_batch's pass over texts joined by (and starting and ending with)
+    `sep` (\r folded, ASCII control bytes deleted, clean._whitespace_runs; bytes >= 0x80 are
+    characters like letters) in one C pass: (the result, each text's number of words after it
+    (str.split's, where a text is ASCII)), or None when the library is not available."""
     lib = library()
     if lib is None:
         return None

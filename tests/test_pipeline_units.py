@@ -968,18 +968,32 @@ def test_jsonl_lines_parse_as_with_json_alone():
 
 
 def test_normalize_batch_equals_normalize_text():
-    """The batch path (ASCII texts in one pass over the batch joined, the others one at a time)
-    gives normalize_text's result on fuzzed ASCII and mixed text: runs of spaces, tabs and newlines
-    inside and at the ends, \r, control characters, empty and all-whitespace texts; and, where its
-    C pass counted them, str.split's words of the result."""
+    """The batch path (every text in one pass over the batch joined, the ones beyond ASCII after
+    their Unicode rules) gives normalize_text's result on fuzzed ASCII and mixed text: runs of
+    spaces, tabs and newlines inside and at the ends, \r, control characters (C0, C1, zero-width),
+    Unicode's other spaces at the ends, combining marks, lone surrogates, empty and all-whitespace
+    texts; its UTF-8; and, where its C pass counted them (ASCII texts), str.split's words."""
     from pipelines import native
     from pipelines.clean import normalize_batch
 
     ascii_ = list(" \t\n\r\x0b\x0c\x1c\x1f\x00\x07\x7f abZ.,") + ["  ", "\n\n", " \n "]
-    other = ["é", "\u00a0", "\u3000", "\u2003", "\x85", "\u200b", "e\u0301", "\udcff"]
+    other = [
+        "é",
+        "\u00a0",
+        "\u3000",
+        "\u2003",
+        "\x85",
+        "\u200b",
+        "e\u0301",
+        "\udcff",
+        "\u2028",
+        "\ufeff",
+        "🙂",
+    ]
     rng = random.Random(0)
     texts = ["", " ", "\n", "a", "a b", "a  b", "a\tb", "a \t b", "a\nb", "a \nb", "a\n b", "a\n\n\nb", " a",
-             "a ", "\x1fa", "\r\n\r\na\r\r\rb\r", "é", " é ", "\u2003a \u2003", "a\u00a0\u00a0b"]  # fmt: skip
+             "a ", "\x1fa", "\r\n\r\na\r\r\rb\r", "é", " é ", "\u2003a \u2003", "a\u00a0\u00a0b", "\u2003 \n x",
+             "x \u2003 ", "é\r\n\r\n\r\nb", "\u3000", "\u200b", " \u200b a"]  # fmt: skip
     for _ in range(30_000):
         pool = ascii_ if rng.random() < 0.7 else ascii_ + other
         texts.append("".join(rng.choice(pool) for _ in range(rng.randint(0, 30))))
@@ -987,7 +1001,7 @@ def test_normalize_batch_equals_normalize_text():
         batch = texts[lo : lo + 9000]
         out, parts, words = normalize_batch(batch)
         assert out == [normalize_text_reference(t) for t in batch]
-        assert parts == [o.encode() if t.isascii() else None for t, o in zip(batch, out)]
+        assert parts == [o.encode("utf-8", "surrogatepass") for o in out]
         counted = words >= 0  # (where the C pass ran: the ASCII texts) str.split's words
         assert [len(o.split()) for o, c in zip(out, counted) if c] == words[counted].tolist()
         assert counted.sum() == sum(t.isascii() for t in batch) or native.library() is None
