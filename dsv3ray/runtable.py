@@ -231,7 +231,7 @@ class RunTable:
         if entries > self._lenf.size:
             cap = min(self.max_entries, max(entries, 2 * self._lenf.size))
             self._lenf, self._head, self._mid, self._tail = (
-                np.resize(a, cap) for a in (self._lenf, self._head, self._mid, self._tail)
+                grown(a, cap) for a in (self._lenf, self._head, self._mid, self._tail)
             )
 
     def _insert(self, numbers: np.ndarray) -> None:
@@ -267,12 +267,12 @@ class Ragged:
         assert first == self.size
         end = first + sizes.size
         if end + 1 > self.off.size:
-            self.off = np.resize(self.off, max(end + 1, 2 * self.off.size))
+            self.off = grown(self.off, max(end + 1, 2 * self.off.size))
         base = self.off[first]
         need = base + int(sizes.sum())
         if need > self.cols[0].shape[0]:
             cap = max(need, 2 * self.cols[0].shape[0])
-            self.cols = [np.resize(c, (cap,) + c.shape[1:]) for c in self.cols]
+            self.cols = [grown(c, cap) for c in self.cols]
         for c, v in zip(self.cols, items):
             c[base:need] = v
         np.cumsum(sizes, out=self.off[first + 1 : end + 1])
@@ -287,6 +287,15 @@ class Ragged:
             return count, [np.take(c, start, axis=0) for c in self.cols]
         src = ranges(start, count)
         return count, [np.take(c, src, axis=0) for c in self.cols]
+
+
+def grown(a: np.ndarray, rows: int) -> np.ndarray:
+    """`a` with room for `rows` rows (axis 0): its rows copied, zeros after them. (np.resize fills
+    the new rows with copies of the old ones: ~7x the time of a 4 MB table's doubling.)"""
+    out = np.zeros((rows,) + a.shape[1:], dtype=a.dtype)
+    keep = min(rows, a.shape[0])
+    out[:keep] = a[:keep]
+    return out
 
 
 def ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:

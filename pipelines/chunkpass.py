@@ -50,6 +50,7 @@ from dsv3ray.runtable import (
     SpaceChunks,
     add_newline_runs,
     byte_runs,
+    grown,
     keys,
     padded,
     text_groups,
@@ -322,7 +323,7 @@ class ChunkPass:
         else:
             self.mh_words.append(first_entry, np.zeros(m, np.int64), [np.zeros(0, np.uint64)])
         if self.table.size > self.ok_E.shape[0]:
-            self.ok_E = np.resize(self.ok_E, (max(self.table.size, 2 * self.ok_E.shape[0]), 2))
+            self.ok_E = grown(self.ok_E, max(self.table.size, 2 * self.ok_E.shape[0]))
         self.ok_E[numbers] = ok
         return numbers
 

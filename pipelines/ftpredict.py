@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dsv3ray.runtable import RunTable, byte_runs, keys, padded, text_groups
+from dsv3ray.runtable import RunTable, byte_runs, grown, keys, padded, text_groups
 from pipelines import native
 
 EOS = "</s>"
@@ -173,7 +173,7 @@ class BatchPredictor:
         cap = self.values_V[1].size
         if end > cap:
             cap = max(end, 2 * cap)
-            self.values_V = tuple(np.resize(a, (cap,) + a.shape[1:]) for a in self.values_V)
+            self.values_V = tuple(grown(a, cap) for a in self.values_V)
         for a, v in zip(self.values_V, values):
             a[first:end] = v
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsv3ray.runtable import SHORT, RunTable, byte_runs, keys, padded, ranges
+from dsv3ray.runtable import SHORT, RunTable, byte_runs, grown, keys, padded, ranges
 
 SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O2", "-shared", "-fPIC", "-std=c99"]
@@ -478,7 +478,7 @@ class CRunTable(RunTable):
     def _reserve(self, entries: int) -> None:
         super()._reserve(entries)
         if self._arena_off.size < self._lenf.size:
-            self._arena_off = np.resize(self._arena_off, self._lenf.size)
+            self._arena_off = grown(self._arena_off, self._lenf.size)
 
     def lookup(self, joined: bytes, starts, ends, key) -> np.ndarray:
         return self._lookup(joined, starts, ends, np.asarray(key[0]) & 1)
@@ -515,7 +515,7 @@ class CRunTable(RunTable):
             size = lens[long]
             need = self._arena_used + int(size.sum())
             if need > self._arena.size:
-                self._arena = np.resize(self._arena, max(need, 2 * self._arena.size))
+                self._arena = grown(self._arena, max(need, 2 * self._arena.size))
             at_arena = self._arena_used + np.cumsum(size) - size
             copy_runs(buf, starts[long], size, self._arena, at_arena)
             self._arena_off[numbers[long]] = at_arena

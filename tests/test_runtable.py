@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from dsv3ray.runtable import SHORT, Ragged, RunTable, SpaceChunks, keys, padded, ranges
+from dsv3ray.runtable import SHORT, Ragged, RunTable, SpaceChunks, grown, keys, padded, ranges
 
 
 def _runs(words: list[bytes]):
@@ -91,3 +91,11 @@ def test_ragged_rows_and_space_chunks():
     assert ch.first.tolist() == [True, False, True, True, False, True, False, False, True, True]
     assert ch.bad_doc.tolist() == [False, True, True, True, True, False]
     assert SpaceChunks([], 256).starts.size == 0
+
+
+def test_grown_keeps_the_rows_and_zeros_the_rest():
+    a = np.arange(12, dtype=np.int32).reshape(6, 2)
+    g = grown(a, 10)
+    assert g.shape == (10, 2) and g.dtype == np.int32
+    assert np.array_equal(g[:6], a) and not g[6:].any()
+    assert np.array_equal(grown(np.arange(3), 2), [0, 1])
