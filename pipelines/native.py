@@ -634,25 +634,33 @@ class PieceBPE:
         vocab: dict[str, int] = model["vocab"]
         byte_id = np.array([vocab.get(c, -1) for c in _byte_chars()], dtype=np.int32)
         pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
-        size = 1 << max(4, (4 * len(pairs)).bit_length())  # load <= 1/4
-        keys = np.full(size, np.iinfo(np.uint64).max, dtype=np.uint64)
+        n = len(pairs)
+        left = np.fromiter((vocab.get(a, -1) for a, _ in pairs), dtype=np.int64, count=n)
+        right = np.fromiter((vocab.get(b, -1) for _, b in pairs), dtype=np.int64, count=n)
+        new = np.fromiter((vocab.get(a + b, -1) for a, b in pairs), dtype=np.int64, count=n)
+        if n and min(left.min(), right.min(), new.min()) < 0:
+            return None  # (a merge the library would refuse to load)
+        key = (left.astype(np.uint64) << np.uint64(32)) | right.astype(np.uint64)
+        _, first = np.unique(key, return_index=True)  # (a repeated merge: the library keeps the first rank)
+        key, r = key[first], first
+        size = 1 << max(4, (4 * n).bit_length())  # load <= 1/4
+        empty = np.iinfo(np.uint64).max
+        keys = np.full(size, empty, dtype=np.uint64)
         rank = np.zeros(size, dtype=np.int32)
         merged = np.zeros(size, dtype=np.int32)
-        slot_keys = keys.tolist()
-        for r, (a, b) in enumerate(pairs):
-            left, right, new = vocab.get(a), vocab.get(b), vocab.get(a + b)
-            if left is None or right is None or new is None:
-                return None  # (a merge the library would refuse to load)
-            key = (left << 32) | right
-            h = ((key * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)) >> 32  # (as merge_slot in native.c)
-            while slot_keys[h & (size - 1)] not in (key, (1 << 64) - 1):
-                h += 1
-            at = h & (size - 1)
-            if slot_keys[at] == key:
-                continue  # (a repeated merge: the library keeps the first rank)
-            slot_keys[at] = key
-            rank[at], merged[at] = r, new
-        keys[:] = slot_keys
+        with np.errstate(over="ignore"):  # (the home slot as merge_slot in native.c takes it)
+            slot = ((key * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) & np.uint64(size - 1)
+        slot = slot.astype(np.int64)
+        todo = np.arange(key.size)
+        while todo.size:  # each walks to the first free slot; one winner per contested slot
+            free = keys[slot[todo]] == empty
+            keys[slot[todo[free]]] = key[todo[free]]
+            placed = np.zeros(todo.size, dtype=bool)
+            placed[free] = keys[slot[todo[free]]] == key[todo[free]]
+            won = todo[placed]
+            rank[slot[won]], merged[slot[won]] = r[won], new[r[won]]
+            todo = todo[~placed]
+            slot[todo] = (slot[todo] + 1) & (size - 1)
         return cls(lib, byte_id, keys, rank, merged)
 
     def __call__(self, joined: bytes) -> tuple[np.ndarray, np.ndarray] | None:

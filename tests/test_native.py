@@ -137,6 +137,8 @@ def test_piece_bpe_in_c_equals_the_library(tokenizers_):
 def test_piece_bpe_steps_aside_for_models_it_does_not_reproduce(tokenizers_):
     import json
 
+    from tokenizers import Tokenizer as HF
+
     hf = tokenizers_[0][0]
     for change in (
         lambda m: m.update(dropout=0.1),
@@ -149,6 +151,16 @@ def test_piece_bpe_steps_aside_for_models_it_does_not_reproduce(tokenizers_):
         change(spec["model"])
         assert native.PieceBPE.of_json(json.dumps(spec)) is None
     assert native.PieceBPE.of_json(hf.to_str()) is not None
+    spec = json.loads(hf.to_str())
+    spec["model"]["merges"].append(["q", "zzz-not-a-token"])  # (the library refuses it too)
+    assert native.PieceBPE.of_json(json.dumps(spec)) is None
+    # a merge repeated late: its first rank holds, as in the library
+    spec = json.loads(hf.to_str())
+    spec["model"]["merges"] += spec["model"]["merges"][:5]
+    again = HF.from_str(json.dumps(spec))
+    joined = b"\xff".join([b" the", b"tion", b"self", b" =", b"\n\n   ", b"abcabc", b"__init__"])
+    sizes, ids = native.PieceBPE.of_json(again.to_str())(joined)
+    assert (sizes.tolist(), ids.tolist()) == _library_bpe(again, joined)
 
 
 @needs_cc
