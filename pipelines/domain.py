@@ -95,12 +95,18 @@ class SparseRows:
 
     def dot(self, c_KD: np.ndarray) -> np.ndarray:
         """self @ c_KD.T, (n, k)."""
-        out = np.zeros((self.shape[0], c_KD.shape[0]))
+        from pipelines import native
+
+        # (a row gather from a contiguous (dim, k) copy: a gather from c_KD.T, strided, cost ~4x)
+        c_DK = np.ascontiguousarray(c_KD.T, dtype=np.float64)
+        out = native.sparse_dot(self.row, self.col, self.value, c_DK, self.shape[0])  # (C: ~8x faster)
+        return out if out is not None else self._dot_numpy(c_DK)
+
+    def _dot_numpy(self, c_DK: np.ndarray) -> np.ndarray:
+        out = np.zeros((self.shape[0], c_DK.shape[1]))
         if self.row.size:  # rows are sorted: one sum per run of a row's cells
             first = np.flatnonzero(np.r_[True, self.row[1:] != self.row[:-1]])
-            # (a row gather from a contiguous (dim, k) copy: a gather from c_KD.T, strided, cost
-            # ~4x as much, the topic summary's k-means ~60 ms)
-            prod_ZK = np.take(np.ascontiguousarray(c_KD.T), self.col, axis=0)
+            prod_ZK = np.take(c_DK, self.col, axis=0)
             prod_ZK *= self.value[:, None]
             out[self.row[first]] = np.add.reduceat(prod_ZK, first, axis=0)
         return out

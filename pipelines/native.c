@@ -454,6 +454,35 @@ int quality_rows(int64_t n, const int64_t *bounds, const int64_t *entries, const
     return failed ? -1 : 0;
 }
 
+/* pipelines.domain.SparseRows.dot: cells z (rows ascending, row[z], col[z], value[z]) times the
+ * (dim, k) row-major c: out[row] (n, k, zero where a row has no cell) = per column j, the sum over
+ * its cells of c[col * k + j] * value, each product rounded, summed as np.add.reduceat sums a
+ * segment (segment_sum): the same bits (built without contracting a product and a sum into one
+ * FMA). Returns 0, or -1 when scratch memory could not be allocated. */
+int sparse_dot(int64_t nnz, const int64_t *row, const int64_t *col, const double *value, const double *c,
+               int64_t k, double *out)
+{
+    double *p = NULL;
+    int64_t cap = 0;
+    for (int64_t z = 0; z < nnz;) {
+        int64_t end = z + 1;
+        while (end < nnz && row[end] == row[z])
+            end++;
+        if (grow((void **)&p, &cap, end - z, sizeof *p)) {
+            free(p);
+            return -1;
+        }
+        for (int64_t j = 0; j < k; j++) {
+            for (int64_t q = z; q < end; q++)
+                p[q - z] = c[col[q] * k + j] * value[q];
+            out[row[z] * k + j] = segment_sum(p, end - z);
+        }
+        z = end;
+    }
+    free(p);
+    return 0;
+}
+
 /* A pipelines.dedup.SeenSet: keys in a table of mask + 1 int64 slots (0: empty), linear probing
  * from ((key * 0x9E3779B97F4A7C15) >> 20) & mask. The key's slot, or the empty slot ending its
  * probe sequence. */

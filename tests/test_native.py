@@ -583,6 +583,7 @@ def test_text_hashes_in_c_equal_numpy_and_spread():
     assert counts.min() > 9_500 and counts.max() < 10_500  # (sd ~95)
 
 
+@needs_cc
 def test_a_seen_set_grown_in_c_holds_what_numpy_grows(monkeypatch):
     """SeenSet._grow's insertions in C: the same keys found (and no others), the same count and
     size as the numpy insertions give, through several doublings; a table without room refuses."""
@@ -605,3 +606,25 @@ def test_a_seen_set_grown_in_c_holds_what_numpy_grows(monkeypatch):
     assert c.contains_many(keys).all() and not c.contains_many(keys[1::1000] ^ 0x5555).any()
     with pytest.raises(ValueError, match="no room"):
         native.seen_insert(np.zeros(8, np.int64), np.arange(1, 6))
+
+
+@needs_cc
+def test_sparse_rows_dot_in_c_is_numpys_bits():
+    """The topic summary's k-means products: rows without cells, of one cell, of hundreds (numpy's
+    pairwise sums), one centroid or many, no cell at all: C's sums are numpy's, bit for bit."""
+    from pipelines.domain import SparseRows
+
+    rng = np.random.default_rng(0)
+    per_row = rng.choice([0, 1, 2, 7, 9, 40, 300], size=120)
+    row = np.repeat(np.arange(per_row.size), per_row)
+    col = rng.integers(0, 512, size=row.size)
+    value = rng.normal(size=row.size)
+    for k in (1, 3, 8):
+        c_KD = rng.normal(size=(k, 512))
+        x = SparseRows(row, col, value, (per_row.size, 512))
+        want = x._dot_numpy(np.ascontiguousarray(c_KD.T))
+        assert np.array_equal(x.dot(c_KD), want)
+    empty = SparseRows(row[:0], col[:0], value[:0], (4, 512))
+    assert np.array_equal(empty.dot(c_KD), np.zeros((4, 8)))
+    with pytest.raises(ValueError, match="ascend"):
+        native.sparse_dot(row[::-1].copy(), col, value, np.ascontiguousarray(c_KD.T), per_row.size)
