@@ -102,6 +102,17 @@ def keys(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, flag) -> tuple[n
     return lenf, head, mid, tail
 
 
+def _key_rows(rows: int, old: np.ndarray | None = None) -> np.ndarray:
+    """(rows, 4) uint64 zeros (old's rows copied), the first row on a 64-byte boundary: every row
+    (32 bytes) inside one cache line."""
+    buf = np.zeros(rows * 4 + 8, dtype=np.uint64)
+    skip = (-buf.ctypes.data % 64) // 8
+    out = buf[skip : skip + rows * 4].reshape(rows, 4)
+    if old is not None:
+        out[: old.shape[0]] = old[:rows]
+    return out
+
+
 class RunTable:
     """Entry numbers 0..size-1 of distinct keys; at most `max_entries` of them."""
 
@@ -115,17 +126,34 @@ class RunTable:
     def clear(self) -> None:
         self._slots.fill(-1)
         cap = min(self.max_entries, 1 << 12)
-        self._lenf = np.zeros(cap, dtype=np.int64)  # -1 for long entries: never matched by a probe
-        self._head = np.zeros(cap, dtype=np.uint64)
-        self._mid = np.zeros(cap, dtype=np.uint64)
-        self._tail = np.zeros(cap, dtype=np.uint64)
+        # entry e's key (lenf, head, mid, tail) in one 32-byte row: a probe that hits reads one
+        # cache line, not four (lenf -1 for long entries: never matched by a probe)
+        self._keys = _key_rows(cap)
         self._long: tuple[dict, dict] = ({}, {})  # [flag] string bytes -> entry
         self.size = 0
 
+    # the keys' columns (views: writing them writes the rows)
+    @property
+    def _lenf(self) -> np.ndarray:
+        return self._keys[:, 0].view(np.int64)
+
+    @property
+    def _head(self) -> np.ndarray:
+        return self._keys[:, 1]
+
+    @property
+    def _mid(self) -> np.ndarray:
+        return self._keys[:, 2]
+
+    @property
+    def _tail(self) -> np.ndarray:
+        return self._keys[:, 3]
+
     def arrays(self) -> tuple:
-        """(slots (int32), shift, lenf, head, mid, tail): the table as a C probe reads it (entry
-        e's key: lenf[e], head[e], ...; a key's first slot: _hash64 >> shift; linear probing)."""
-        return self._slots, int(self._shift), self._lenf, self._head, self._mid, self._tail
+        """(slots (int32), shift, keys): the table as a C probe reads it (entry e's key: the row
+        keys[e] = lenf, head, mid, tail (uint64, lenf's bits); a key's first slot: _hash64 >>
+        shift; linear probing)."""
+        return self._slots, int(self._shift), self._keys
 
     @staticmethod
     def _hash64(lenf, head, mid, tail) -> np.ndarray:
@@ -228,11 +256,8 @@ class RunTable:
     def _reserve(self, entries: int) -> None:
         """Room for `entries` entries' keys (grown by doubling, to max_entries at most)."""
         assert entries <= self.max_entries
-        if entries > self._lenf.size:
-            cap = min(self.max_entries, max(entries, 2 * self._lenf.size))
-            self._lenf, self._head, self._mid, self._tail = (
-                grown(a, cap) for a in (self._lenf, self._head, self._mid, self._tail)
-            )
+        if entries > self._keys.shape[0]:
+            self._keys = _key_rows(min(self.max_entries, max(entries, 2 * self._keys.shape[0])), self._keys)
 
     def _insert(self, numbers: np.ndarray) -> None:
         pos = self._hash_slots([a[numbers] for a in (self._lenf, self._head, self._mid, self._tail)])

@@ -661,8 +661,7 @@ typedef struct {
     const int32_t *slots;
     uint64_t mask;
     int64_t shift;
-    const int64_t *lenf;
-    const uint64_t *head, *mid, *tail;
+    const run_key *keys; /* entry e's key: keys[e] (RunTable._keys' rows: one cache line a probe) */
     const uint8_t *arena;     /* a CRunTable's: runs over 24 bytes are entries, their bytes here */
     const int64_t *arena_off; /* (entry e's at arena_off[e]); NULL: such runs are never entries */
 } table_view;
@@ -677,7 +676,8 @@ static inline int64_t table_find(const table_view *tv, const uint8_t *buf, int64
         int32_t x = tv->slots[q];
         if (x < 0)
             return -1;
-        if (tv->head[x] == key.head && tv->tail[x] == key.tail && tv->mid[x] == key.mid && tv->lenf[x] == key.lenf &&
+        const run_key *k = tv->keys + x;
+        if (k->head == key.head && k->tail == key.tail && k->mid == key.mid && k->lenf == key.lenf &&
             (len <= 24 || !memcmp(buf + s, tv->arena + tv->arena_off[x], (size_t)len)))
             return x;
     }
@@ -727,12 +727,8 @@ static int lookup_block(const table_view *tv, miss_set *m, const uint8_t *buf, r
     }
     for (int64_t r = 0; r < b->n; r++) {
         int32_t x = b->valid[r] ? tv->slots[b->h[r] >> tv->shift] : -1;
-        if (x >= 0) {
-            __builtin_prefetch(tv->head + x);
-            __builtin_prefetch(tv->tail + x);
-            __builtin_prefetch(tv->mid + x);
-            __builtin_prefetch(tv->lenf + x);
-        }
+        if (x >= 0)
+            __builtin_prefetch(tv->keys + x);
     }
     for (int64_t r = 0; r < b->n; r++) {
         b->found[r] = -1;
@@ -756,16 +752,16 @@ static int lookup_block(const table_view *tv, miss_set *m, const uint8_t *buf, r
     return 0;
 }
 
-/* dsv3ray.runtable.RunTable._insert: entries numbers[0..m) (keys in lenf/head/mid/tail) into the
+/* dsv3ray.runtable.RunTable._insert: entries numbers[0..m) (their key rows keys[e]) into the
  * slots (slot_mask + 1 of them, load below 1/2: a free slot is always found), each at the first
  * free slot from its hash >> shift, one after another (the numpy path places contested slots in
  * rounds: other slots, the same entries found). */
-void runtable_insert(int32_t *slots, int64_t slot_mask, int64_t shift, const int64_t *lenf, const uint64_t *head,
-                     const uint64_t *mid, const uint64_t *tail, const int64_t *numbers, int64_t m)
+void runtable_insert(int32_t *slots, int64_t slot_mask, int64_t shift, const run_key *keys, const int64_t *numbers,
+                     int64_t m)
 {
     for (int64_t j = 0; j < m; j++) {
         int64_t x = numbers[j];
-        run_key k = {lenf[x], head[x], mid[x], tail[x]};
+        run_key k = keys[x];
         uint64_t q = key_hash(k) >> shift;
         while (slots[q] >= 0)
             q = (q + 1) & (uint64_t)slot_mask;
@@ -807,13 +803,13 @@ static inline int64_t next_cut(const uint8_t *buf, int64_t e, int64_t end, int n
  * misses, or -1 when scratch memory could not be allocated. */
 int64_t chunk_scan(const uint8_t *buf, int64_t n, const int64_t *text_start, const int64_t *text_end,
                    int newlines, int mark_first, int64_t max_chunk, int64_t max_nl, const int64_t *nl_entry,
-                   const int32_t *slots, int64_t slot_mask, int64_t shift, const int64_t *t_lenf,
-                   const uint64_t *t_head, const uint64_t *t_mid, const uint64_t *t_tail, const uint8_t *arena,
-                   const int64_t *arena_off, int64_t *entry, int64_t *doc, int64_t *bounds, uint8_t *bad,
+                   const int32_t *slots, int64_t slot_mask, int64_t shift, const run_key *t_keys,
+                   const uint8_t *arena, const int64_t *arena_off, int64_t *entry, int64_t *doc, int64_t *bounds,
+                   uint8_t *bad,
                    int64_t *miss_start, int64_t *miss_end, int64_t *miss_flag)
 {
     miss_set m = {0};
-    table_view tv = {slots, (uint64_t)slot_mask, shift, t_lenf, t_head, t_mid, t_tail, arena, arena_off};
+    table_view tv = {slots, (uint64_t)slot_mask, shift, t_keys, arena, arena_off};
     run_block b;
     int64_t t = 0, s = n ? text_start[0] : 0, o = 0, failed = miss_init(&m);
     int64_t text[BLOCK], k_run[BLOCK];
@@ -912,13 +908,12 @@ static inline int64_t pretoken_end(const uint8_t *b, int64_t n, int64_t i)
  * sizes + 8 bytes (zeroed past them); entry and the misses: one per byte. Returns the number of
  * misses, or -1 when scratch memory could not be allocated. */
 int64_t runs_pieces(const uint8_t *joined, const int64_t *starts, const int64_t *ends, const uint8_t *space, int64_t m,
-                    const int32_t *slots, int64_t slot_mask, int64_t shift, const int64_t *t_lenf,
-                    const uint64_t *t_head, const uint64_t *t_mid, const uint64_t *t_tail, const uint8_t *arena,
-                    const int64_t *arena_off, uint8_t *raw, int64_t *entry, int64_t *pieces_R, int64_t *miss_start,
-                    int64_t *miss_end)
+                    const int32_t *slots, int64_t slot_mask, int64_t shift, const run_key *t_keys,
+                    const uint8_t *arena, const int64_t *arena_off, uint8_t *raw, int64_t *entry, int64_t *pieces_R,
+                    int64_t *miss_start, int64_t *miss_end)
 {
     miss_set ms = {0};
-    table_view tv = {slots, (uint64_t)slot_mask, shift, t_lenf, t_head, t_mid, t_tail, arena, arena_off};
+    table_view tv = {slots, (uint64_t)slot_mask, shift, t_keys, arena, arena_off};
     run_block b;
     int64_t o = 0, pos = 0, failed = miss_init(&ms);
     b.n = 0;
@@ -955,24 +950,21 @@ int64_t runs_pieces(const uint8_t *joined, const int64_t *starts, const int64_t 
 }
 
 /* pipelines.native.CRunTable's keys of runs buf[starts[j]:ends[j]] (key_of; flags[j]: 0/1) into
- * lenf/head/mid/tail. */
+ * out[j] (rows of RunTable._keys). */
 void run_keys(const uint8_t *buf, const int64_t *starts, const int64_t *ends, const int64_t *flags, int64_t m,
-              int64_t *lenf, uint64_t *head, uint64_t *mid, uint64_t *tail)
+              run_key *out)
 {
-    for (int64_t j = 0; j < m; j++) {
-        run_key k = key_of(buf, starts[j], ends[j], (int)flags[j]);
-        lenf[j] = k.lenf, head[j] = k.head, mid[j] = k.mid, tail[j] = k.tail;
-    }
+    for (int64_t j = 0; j < m; j++)
+        out[j] = key_of(buf, starts[j], ends[j], (int)flags[j]);
 }
 
 /* pipelines.native.CRunTable.lookup: the entry of each run buf[starts[j]:ends[j]] (flags[j]), -1
  * where absent, into out. */
 void run_lookup(const uint8_t *buf, const int64_t *starts, const int64_t *ends, const int64_t *flags, int64_t m,
-                const int32_t *slots, int64_t slot_mask, int64_t shift, const int64_t *t_lenf, const uint64_t *t_head,
-                const uint64_t *t_mid, const uint64_t *t_tail, const uint8_t *arena, const int64_t *arena_off,
-                int64_t *out)
+                const int32_t *slots, int64_t slot_mask, int64_t shift, const run_key *t_keys, const uint8_t *arena,
+                const int64_t *arena_off, int64_t *out)
 {
-    table_view tv = {slots, (uint64_t)slot_mask, shift, t_lenf, t_head, t_mid, t_tail, arena, arena_off};
+    table_view tv = {slots, (uint64_t)slot_mask, shift, t_keys, arena, arena_off};
     for (int64_t j = 0; j < m; j++) {
         run_key k = key_of(buf, starts[j], ends[j], (int)flags[j]);
         out[j] = table_find(&tv, buf, starts[j], ends[j] - starts[j], k, key_hash(k));

@@ -73,11 +73,11 @@ _SIGNATURES = {
     "minhash_rows": ("ippppiuiupp", "c"),
     "quality_rows": ("ipppppppiuiupp", "c"),
     "dedup_codes": ("iiippccpipippp", "i"),
-    "chunk_scan": ("pippcciippiippppppppppppp", "i"),
-    "runs_pieces": ("ppppipiippppppppppp", "i"),
-    "runtable_insert": ("piipppppi", "-"),
-    "run_keys": ("ppppipppp", "-"),
-    "run_lookup": ("ppppipiippppppp", "-"),
+    "chunk_scan": ("pippcciippiipppppppppp", "i"),
+    "runs_pieces": ("ppppipiipppppppp", "i"),
+    "runtable_insert": ("piippi", "-"),
+    "run_keys": ("ppppip", "-"),
+    "run_lookup": ("ppppipiipppp", "-"),
     "minhash_words": ("pipiuuupp", "i"),
     "normalize_ascii": ("pibpp", "i"),
     "rows_gather_i32": ("ipppppp", "i"),
@@ -476,11 +476,11 @@ def simple_runs(cache, joined: bytes, starts: np.ndarray, ends: np.ndarray, spac
 
 
 def _view(table) -> list[int]:
-    """A RunTable as the C probes read it: slots, slot mask, shift, the entries' keys, and a
+    """A RunTable as the C probes read it: slots, slot mask, shift, the entries' key rows, and a
     CRunTable's arena of long runs' bytes (0, 0 for a RunTable: it keeps them in dicts)."""
-    slots, shift, lenf, head, mid, tail = table.arrays()
+    slots, shift, keys = table.arrays()
     long = (_ptr(table._arena), _ptr(table._arena_off)) if isinstance(table, CRunTable) else (0, 0)
-    return [_ptr(slots), slots.size - 1, shift, _ptr(lenf), _ptr(head), _ptr(mid), _ptr(tail), *long]
+    return [_ptr(slots), slots.size - 1, shift, _ptr(keys), *long]
 
 
 class CRunTable(RunTable):
@@ -495,12 +495,12 @@ class CRunTable(RunTable):
         super().clear()
         self._arena = np.zeros(1 << 12, dtype=np.uint8)  # long entries' bytes
         self._arena_used = 0
-        self._arena_off = np.full(self._lenf.size, -1, dtype=np.int64)  # entry -> its bytes, -1: short
+        self._arena_off = np.full(self._keys.shape[0], -1, dtype=np.int64)  # entry -> its bytes, -1: short
 
     def _reserve(self, entries: int) -> None:
         super()._reserve(entries)
-        if self._arena_off.size < self._lenf.size:
-            self._arena_off = grown(self._arena_off, self._lenf.size)
+        if self._arena_off.size < self._keys.shape[0]:
+            self._arena_off = grown(self._arena_off, self._keys.shape[0])
 
     def lookup(self, joined: bytes, starts, ends, key) -> np.ndarray:
         return self._lookup(joined, starts, ends, np.asarray(key[0]) & 1)
@@ -528,8 +528,8 @@ class CRunTable(RunTable):
         flags = np.ascontiguousarray(np.asarray(key[0])[at] & 1, dtype=np.int64)
         numbers = np.arange(first, first + m)
         buf = padded(joined)
-        cols = [a[first : first + m] for a in (self._lenf, self._head, self._mid, self._tail)]  # (views)
-        library().run_keys(_ptr(buf), _ptr(starts), _ptr(ends), _ptr(flags), m, *map(_ptr, cols))
+        rows = self._keys[first : first + m]  # (a view: C writes the new entries' key rows)
+        library().run_keys(_ptr(buf), _ptr(starts), _ptr(ends), _ptr(flags), m, _ptr(rows))
         lens = ends - starts
         self._arena_off[first : first + m] = -1
         long = np.flatnonzero(lens > SHORT)
@@ -550,11 +550,8 @@ class CRunTable(RunTable):
         numbers = np.ascontiguousarray(numbers, dtype=np.int64)
         if numbers.size and (numbers.min() < 0 or numbers.max() >= self.size):
             raise IndexError("runtable_insert: an entry outside the table")  # (C reads its key)
-        slots, shift, lenf, head, mid, tail = self.arrays()
-        library().runtable_insert(
-            _ptr(slots), slots.size - 1, shift, _ptr(lenf), _ptr(head), _ptr(mid), _ptr(tail), _ptr(numbers),
-            numbers.size,
-        )  # fmt: skip
+        slots, shift, keys = self.arrays()
+        library().runtable_insert(_ptr(slots), slots.size - 1, shift, _ptr(keys), _ptr(numbers), numbers.size)
 
     @classmethod
     def of(cls, table: RunTable) -> CRunTable:
