@@ -17,6 +17,13 @@ static inline uint64_t load_le64(const uint8_t *p)
     return v;
 }
 
+/* 0x80 in each byte of v that is zero, 0 in the others (exact: no borrow between bytes). */
+static inline uint64_t zero_bytes(uint64_t v)
+{
+    const uint64_t low7 = 0x7F7F7F7F7F7F7F7FULL;
+    return ~(((v & low7) + low7) | v | low7);
+}
+
 /* pipelines.dedup._mix64: splitmix64's finalizer. */
 static inline uint64_t mix64(uint64_t x)
 {
@@ -131,14 +138,22 @@ int minhash_signatures(int64_t n, int64_t P, int64_t S, const uint64_t *s, const
  * into words[t]. out: n + 8 bytes (a copy writes 8). Returns the length written. */
 int64_t normalize_ascii(const uint8_t *in, int64_t n, uint8_t sep, uint8_t *out, int64_t *words)
 {
-    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    const uint64_t ones = 0x0101010101010101ULL;
     int64_t o = 0, i = 0, t = -1, runs = 0, text_o = 0;
     while (i < n) {
-        while (i + 8 <= n) { /* (the lowest byte a zero-byte test flags is the first such byte) */
-            uint64_t w = load_le64(in + i), x = w ^ (ones * 0x7F), y = w ^ (ones * sep);
-            uint64_t hit = ((w - ones * 0x21) & ~w & highs) | ((x - ones) & ~x & highs) | ((y - ones) & ~y & highs);
+        /* Eight bytes at a time up to the first that needs the rule below: a control byte, DEL, a
+         * sep, or a space next to whitespace, a control byte or a sep (a lone space between two
+         * characters stays as it is: it only counts a run). Exact per-byte tests (no borrow from
+         * one byte into the next). */
+        while (i >= 1 && i + 9 <= n) {
+            uint64_t w = load_le64(in + i), wn = load_le64(in + i + 1), wp = load_le64(in + i - 1);
+            uint64_t hard = zero_bytes(w & (ones * 0xE0)) | zero_bytes(w ^ (ones * 0x7F)) | zero_bytes(w ^ (ones * sep));
+            uint64_t hard_n = zero_bytes(wn & (ones * 0xE0)) | zero_bytes(wn ^ (ones * 0x7F)) | zero_bytes(wn ^ (ones * sep));
+            uint64_t space = zero_bytes(w ^ (ones * ' ')), space_n = zero_bytes(wn ^ (ones * ' '));
+            uint64_t hit = hard | (space & (hard_n | space_n | zero_bytes(wp ^ (ones * sep))));
             memcpy(out + o, in + i, 8);
             int64_t k = hit ? __builtin_ctzll(hit) >> 3 : 8;
+            runs += __builtin_popcountll(k == 8 ? space : space & ((1ULL << (8 * k)) - 1));
             o += k, i += k;
             if (hit)
                 break;
