@@ -438,7 +438,13 @@ int quality_rows(int64_t n, const int64_t *bounds, const int64_t *entries, const
                 __builtin_prefetch(hash + q);
                 __builtin_prefetch(count + q);
             }
-            for (int64_t p = off[entries[c]]; p < off[entries[c] + 1]; p++, w++) {
+            int64_t a = off[entries[c]], b = off[entries[c] + 1];
+            if (b - a == 1) { /* (most chunks: one word; the loop below becomes two memcpy calls) */
+                val[w] = logits[a], h[w] = hash[a], ids += count[a];
+                w++;
+                continue;
+            }
+            for (int64_t p = a; p < b; p++, w++) {
                 val[w] = logits[p];
                 h[w] = hash[p];
                 ids += count[p];
