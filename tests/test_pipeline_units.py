@@ -1050,7 +1050,9 @@ def test_words_of_lowercase_ascii_text_as_the_unicode_pattern_finds_them():
 def test_a_worker_keeps_one_runs_object_and_drops_it_when_idle(monkeypatch):
     """A worker process's tasks of one run share what the first one built (the cleaner, its
     caches warm); a task of another run replaces it; IDLE_S after the last task ended (none
-    running) it is dropped, so an idle worker of a long-lived cluster holds nothing."""
+    running) it is dropped, so an idle worker of a long-lived cluster holds nothing. What a build
+    leaves alive is out of the collector's full passes (frozen) until then."""
+    import gc
     import time
 
     from pipelines.prepare import _Kept
@@ -1069,14 +1071,18 @@ def test_a_worker_keeps_one_runs_object_and_drops_it_when_idle(monkeypatch):
         assert later is first and built == ["a"]
     with kept.use("b", lambda: build("b")) as other:
         assert other == {"run": "b"} and built == ["a", "b"]
+        assert gc.get_freeze_count() > 0
         time.sleep(0.5)  # a running task is never reaped
         assert kept.value is other
     deadline = time.time() + 5
     while kept.value is not None and time.time() < deadline:
         time.sleep(0.02)
     assert kept.value is None and kept.key is None
+    with kept.lock:  # (the reaper's drop done)
+        assert gc.get_freeze_count() == 0  # (unfrozen when dropped)
     with kept.use("b", lambda: build("b")):  # (built again when the run goes on after a pause)
         assert built == ["a", "b", "b"]
+    gc.unfreeze()  # (this test's process: as it was)
 
 
 def test_group_work_packs_small_files_in_order(tmp_path):
