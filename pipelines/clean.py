@@ -135,6 +135,24 @@ def normalize_batch(texts: list[str]) -> tuple[list[str], list[bytes], np.ndarra
     return out, parts, words
 
 
+def _text_column(texts: list[str], encoded: list[bytes | None], keep: np.ndarray) -> pa.Array:
+    """large_string: texts[i] where keep[i], else null; built from their UTF-8 (encoded[i] where
+    the batch has it) joined, not from the str objects (pa.array: ~0.7 µs a 1 KB docstring, this
+    ~0.2). The readers let no lone surrogate through: the bytes are valid UTF-8."""
+    n = len(texts)
+    utf8 = [
+        (e if (e := encoded[i]) is not None else texts[i].encode("utf-8")) if keep[i] else b""
+        for i in range(n)
+    ]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, utf8), dtype=np.int64, count=n), out=offsets[1:])
+    valid = np.packbits(np.asarray(keep, dtype=bool), bitorder="little")
+    nulls = n - int(np.count_nonzero(keep))
+    return pa.LargeStringArray.from_buffers(
+        n, pa.py_buffer(offsets), pa.py_buffer(b"".join(utf8)), pa.py_buffer(valid) if nulls else None, nulls
+    )
+
+
 def _whitespace_runs(joined: bytes, sep: int) -> bytes:
     """Texts joined by (and starting and ending with) byte `sep` (> 32), with no control character
     but tab and newline: each maximal run of whitespace (space, tab, newline) at either end of its
@@ -360,7 +378,7 @@ class Cleaner:
             "excerpt": pa.array(excerpt, pa.string()),
             "t_read": pa.array(t_read),
             # dropped before the decisions / quarantined rows carry no text (memory; the reason is kept)
-            "text": pa.array([t if d else None for t, d in zip(texts, decided)], pa.large_string()),
+            "text": _text_column(texts, encoded, decided),
             "words": pa.array(words),
             "text_hash": pa.array(text_hash),
             "band_keys": bands,

@@ -1240,3 +1240,17 @@ def test_readers_arrow_ipc(tmp_path):
     assert no_column == [(1, QUARANTINE, "missing_text")]
     (tmp_path / "bad.arrow").write_bytes(b"\xff\xff\xff\xff garbage")
     assert reasons(tmp_path / "bad.arrow")[0][2] == "unreadable_file"
+
+
+def test_text_column_from_utf8_equals_pyarrows():
+    """The cleaned tables' text column built from the batch's UTF-8 (where it has it) equals
+    pa.array of the str objects: nulls where not kept, non-ASCII text, empty text, no rows."""
+    from pipelines.clean import _text_column
+
+    texts = ["a b", "é ✓ naïve", "", "kept", "dropped", "x" * 5000]
+    encoded = [b"a b", None, b"", None, None, ("x" * 5000).encode()]
+    for keep in ([True] * 6, [True, True, True, True, False, True], [False] * 6):
+        got = _text_column(texts, encoded, np.array(keep))
+        got.validate(full=True)
+        assert got.equals(pa.array([t if k else None for t, k in zip(texts, keep)], pa.large_string()))
+    assert _text_column([], [], np.zeros(0, bool)).equals(pa.array([], pa.large_string()))
