@@ -19,7 +19,8 @@ import numpy as np
 from dsv3ray.runtable import text_groups
 
 _WORD = re.compile(r"[^\W\d_]{2,}", re.UNICODE)  # words of letters only, 2+ chars
-_ASCII_WORD = re.compile(r"[a-z]{2,}")  # the same on lowercase ASCII text (~2x faster)
+# the same words of lowercase ASCII text: every byte but a-z made a space, then split (~2.5x faster)
+_ASCII_LETTERS = bytes(c if 97 <= c <= 122 else 32 for c in range(256))
 MAX_EMBED_CHARS = 100_000
 STOP = frozenset(
     "the of and to in is a that for it as with be on by this are or an not from at which if can you "
@@ -29,7 +30,10 @@ STOP = frozenset(
 
 def words_of(text: str) -> list[str]:
     low = text[:MAX_EMBED_CHARS].lower()
-    return [w for w in (_ASCII_WORD if low.isascii() else _WORD).findall(low) if w not in STOP]
+    if low.isascii():
+        runs = low.encode("ascii").translate(_ASCII_LETTERS).decode("ascii").split()
+        return [w for w in runs if len(w) > 1 and w not in STOP]
+    return [w for w in _WORD.findall(low) if w not in STOP]
 
 
 def _bucket(word: str, dim: int) -> int:

@@ -1030,8 +1030,9 @@ def test_tf_vectors_counts_each_texts_buckets():
 
 
 def test_words_of_lowercase_ascii_text_as_the_unicode_pattern_finds_them():
-    """ASCII text takes the [a-z] pattern: the same words as the Unicode one (letters only: no
-    digits, no underscore; a Kelvin sign lowers to an ASCII k)."""
+    """ASCII text's words by runs of a-z (every other byte a space, then split): the same words as
+    the Unicode pattern finds (letters only: no digits, no underscore, two or more; a Kelvin sign
+    lowers to an ASCII k)."""
     import re
 
     from pipelines.domain import MAX_EMBED_CHARS, STOP, words_of
