@@ -17,6 +17,13 @@ static inline uint64_t load_le64(const uint8_t *p)
     return v;
 }
 
+/* How many bytes of m hold 0x80 (m: only such bits set): a multiplication, not __builtin_popcountll,
+ * which without -mpopcnt (no machine flags here) is a call into libgcc. */
+static inline int64_t marked_bytes(uint64_t m)
+{
+    return (int64_t)(((m >> 7) * 0x0101010101010101ULL) >> 56);
+}
+
 /* 0x80 in each byte of v that is zero, 0 in the others (exact: no borrow between bytes). */
 static inline uint64_t zero_bytes(uint64_t v)
 {
@@ -153,7 +160,7 @@ int64_t normalize_ascii(const uint8_t *in, int64_t n, uint8_t sep, uint8_t *out,
             uint64_t hit = hard | (space & (hard_n | space_n | zero_bytes(wp ^ (ones * sep))));
             memcpy(out + o, in + i, 8);
             int64_t k = hit ? __builtin_ctzll(hit) >> 3 : 8;
-            runs += __builtin_popcountll(k == 8 ? space : space & ((1ULL << (8 * k)) - 1));
+            runs += marked_bytes(k == 8 ? space : space & ((1ULL << (8 * k)) - 1));
             o += k, i += k;
             if (hit)
                 break;
