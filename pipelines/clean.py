@@ -113,7 +113,7 @@ def normalize_batch(texts: list[str]) -> tuple[list[str], list[bytes], np.ndarra
     enc = [t.encode("ascii") if t.isascii() else b"" for t in texts]
     for i in wide:
         enc[i] = _unicode_rules(texts[i]).encode("utf-8", "surrogatepass")
-    joined = b"\xff" + b"\xff".join(enc) + b"\xff"  # (0xFF: in no UTF-8 text)
+    joined = b"\xff".join([b"", *enc, b""])  # (0xFF: in no UTF-8 text; one copy of the batch)
     done = native.normalize_ascii(joined, 0xFF)  # (in C where built: all of it in one pass)
     if done is not None:
         joined, words = done
