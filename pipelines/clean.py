@@ -30,7 +30,6 @@ from pipelines.readers import DROP, OK
 # C0/C1 control characters except \t and \n (\r is folded into \n first)
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u2028\u2029\ufeff]")
 _SPACES = re.compile(r"[ \t\u00a0\u3000]+")
-_SPACE_RUNS = re.compile("  +")
 _TRAILING = re.compile(r" *\n *")
 _NEWLINES = re.compile(r"\n{3,}")
 
@@ -39,32 +38,13 @@ STAGES = ("normalize", "length", "chunks", "quality", "perplexity", "domain", "d
 
 
 def normalize_text(text: str) -> str:
-    """NFC, no control characters, runs of spaces/tabs → one space, at most one blank line.
-
-    Each rewrite runs only when a cheap C-level test (`in`, `isprintable`) says it can change
-    something; the result is the same as running every rewrite (tests compare both on fuzzed text).
-    """
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if not text.isascii():  # ASCII is already NFC and has no C1/zero-width characters
-        text = unicodedata.normalize("NFC", text)
-    # every _CONTROL character is non-printable; \n and \t are the only non-printables we keep
-    if not text.replace("\n", " ").replace("\t", " ").isprintable():
-        text = _CONTROL.sub("", text)
-    if "\t" in text or "\u00a0" in text or "\u3000" in text:
-        text = _SPACES.sub(" ", text)
-    elif "  " in text:  # only runs of spaces: matched from their literal start (_SPACES matches
-        text = _SPACE_RUNS.sub(" ", text)  # every single space too: 5x slower on indented text)
-    if "\n" in text:  # (memchr-fast; the two-character searches below are not)
-        if " \n" in text or "\n " in text:  # single spaces by now: _TRAILING without the regex
-            text = text.replace(" \n", "\n").replace("\n ", "\n")
-        if "\n\n\n" in text:
-            text = _NEWLINES.sub("\n\n", text)
-    return text.strip()
+    """NFC, no control characters, runs of spaces/tabs → one space, at most one blank line: one
+    text through `normalize_batch` (the definition: `normalize_text_reference`)."""
+    return normalize_batch([text])[0][0]
 
 
 def normalize_text_reference(text: str) -> str:
-    """Every rewrite, unconditionally: the definition `normalize_text` is tested against."""
+    """Every rewrite, unconditionally: the definition `normalize_batch` is tested against."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = unicodedata.normalize("NFC", text)
     text = _CONTROL.sub("", text)
@@ -77,7 +57,7 @@ _ASCII_CONTROL = bytes([*range(0, 9), *range(11, 32), 127])  # (\r is folded int
 
 
 def _unicode_rules(text: str) -> str:
-    """What normalize_text does to a text beyond ASCII's rules (\r folded first, as there): NFC,
+    """What normalization does to a text beyond ASCII's rules (\r folded first, as there): NFC,
     the non-ASCII control and zero-width characters deleted (with the ASCII ones: its regex does
     both), no-break and ideographic spaces made spaces. The rest (runs of whitespace, blank lines,
     the ends) is a rule on ASCII bytes, which a UTF-8 text's other characters never hold."""
@@ -92,14 +72,14 @@ def _unicode_rules(text: str) -> str:
 
 
 def normalize_batch(texts: list[str]) -> tuple[list[str], list[bytes], np.ndarray]:
-    """normalize_text of each text, its UTF-8 bytes (surrogatepass), and, where the C pass counted
-    them, its number of words after it (str.split's; -1 elsewhere: texts beyond ASCII, whose
-    other Unicode spaces split words too).
+    """Each text normalized (`normalize_text_reference`'s result), its UTF-8 bytes (surrogatepass),
+    and, where the C pass counted them, its number of words after it (str.split's; -1 elsewhere:
+    texts beyond ASCII, whose other Unicode spaces split words too).
 
     All in a few passes over the batch's texts joined (the same results: tests compare them on
     fuzzed text): a text beyond ASCII first gets the rules ASCII needs none of (`_unicode_rules`:
     NFC, C1 and zero-width characters); after \r is folded and control characters are deleted
-    (bytes.replace / translate), the rest of normalize_text is a rule on maximal runs of
+    (bytes.replace / translate), the rest of the rules is one on maximal runs of
     whitespace (`_whitespace_runs`), on the UTF-8 bytes of any text (a multi-byte character's
     bytes are all >= 0x80), then Unicode's other spaces stripped from the ends. Real text's
     indented lines cost 17 µs a 1 KB document this way, 25 one at a time; a text beyond ASCII
@@ -157,7 +137,7 @@ def _whitespace_runs(joined: bytes, sep: int) -> bytes:
     """Texts joined by (and starting and ending with) byte `sep` (> 32), with no control character
     but tab and newline: each maximal run of whitespace (space, tab, newline) at either end of its
     text goes (strip), one with no newline becomes one space, one with k newlines becomes
-    min(k, 2) newlines (normalize_text: spaces next to a newline go, 3+ newlines become 2). A
+    min(k, 2) newlines (the reference: spaces next to a newline go, 3+ newlines become 2). A
     single space between two other characters, most runs in text, is not looked at."""
     c = np.frombuffer(joined, dtype=np.uint8)
     ws = c <= 32  # (no byte below 32 but tab and newline is left)

@@ -297,9 +297,10 @@ class ShardWriter:
             if blocks:
                 self._write_group(path, first_id, np.concatenate(blocks))
         except BaseException:
-            if self._open is not None:  # (the shard stays incomplete; the error is raised)
+            if self._open is not None:  # (no incomplete shard left behind; the error is raised)
                 self._open[1].close()
                 self._open = None
+                path.unlink(missing_ok=True)
             raise
         if last and self._open is not None:
             self._open[1].close()

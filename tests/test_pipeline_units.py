@@ -723,6 +723,7 @@ def test_shard_writer_writes_a_shard_a_row_group_at_a_time(tmp_path, monkeypatch
             w.flush()
             w.close()
         assert w.counts_V.sum() == 5 * 9  # (the first group only)
+        assert not list((tmp_path / f"over{background}").iterdir())  # (no incomplete shard)
 
 
 def test_packer_rows_and_entropy(tmp_path):
