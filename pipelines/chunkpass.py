@@ -174,14 +174,16 @@ class ChunkPass:
     ) -> _Group | None:  # fmt: skip
         """The group's chunks looked up (new ones added); None when the table is full and the
         lookup should start again on an empty one (may_restart, not may_clear)."""
-        if native.library() is not None:
-            return self._lookup_group_native(texts, lo, cover, encoded, may_clear, may_restart)
-        return self._lookup_group_numpy(texts, lo, cover, encoded, may_clear, may_restart)
+        look = self._lookup_group_native if native.library() is not None else self._lookup_group_numpy
+        g = look(texts, lo, cover, encoded, may_clear, may_restart)
+        if isinstance(g, str) and g == "again":  # (the table was emptied for it: looked up once more)
+            g = look(texts, lo, cover, encoded, False, False)
+        return None if isinstance(g, str) else g  # ("restart")
 
     def _lookup_group_numpy(
         self, texts: list[str], lo: int, cover: np.ndarray, encoded: list[bytes] | None, may_clear: bool,
         may_restart: bool,
-    ) -> _Group | None:  # fmt: skip
+    ) -> _Group | str:  # fmt: skip
         ch = SpaceChunks(texts, self.MAX_CHUNK, encoded, newlines=self.newlines)
         n, doc = len(texts), ch.doc
         bad = ch.bad_doc.copy()
@@ -208,12 +210,8 @@ class ChunkPass:
         d_lens = d_ends - d_starts
         d_new = np.flatnonzero((d_entry < 0) & (d_lens > 0) & (d_lens <= self.MAX_CHUNK))
         d_new, then = self._room(d_new, may_clear, may_restart)
-        if then is not None:  # (full)
-            return (
-                None
-                if then == "restart"
-                else self._lookup_group_numpy(texts, lo, cover, encoded, False, False)
-            )
+        if then is not None:  # (full: _lookup_group looks the group up again or restarts)
+            return then
         if d_new.size:
             d_entry[d_new] = self._add(d_joined, d_starts[d_new], d_ends[d_new], d_first[d_new], d_key, d_new)
         idx = enc.indices.to_numpy()
@@ -234,7 +232,7 @@ class ChunkPass:
     def _lookup_group_native(
         self, texts: list[str], lo: int, cover: np.ndarray, encoded: list[bytes] | None, may_clear: bool,
         may_restart: bool,
-    ) -> _Group | None:  # fmt: skip
+    ) -> _Group | str:  # fmt: skip
         """_lookup_group with its cut and probe in one C pass (pipelines.native.chunk_scan): the
         same chunks, entries and coverage; the misses' rows are added as the numpy path adds them."""
         parts = encoded if encoded is not None else [t.encode("utf-8", "surrogatepass") for t in texts]
@@ -254,12 +252,8 @@ class ChunkPass:
                 found[long] = self.table.lookup_long(joined, m_start[long], m_end[long], m_flag[long])
         new = np.flatnonzero(found < 0)
         new, then = self._room(new, may_clear, may_restart)
-        if then is not None:  # (full)
-            return (
-                None
-                if then == "restart"
-                else self._lookup_group_native(texts, lo, cover, encoded, False, False)
-            )
+        if then is not None:  # (full: _lookup_group looks the group up again or restarts)
+            return then
         if new.size:
             found[new] = self._add(joined, m_start[new], m_end[new], m_flag[new].astype(bool), key, new)
         miss = np.flatnonzero(entry < 0)

@@ -429,7 +429,7 @@ def test_chunk_lookup_in_c_equals_numpy(tokenizers_, stages):
         c_path, numpy_path = (
             ChunkPass(tok, scorer, minhash, MAX_PREDICT_CHARS, 1 << 20, max_entries=max_entries) for _ in "ab"
         )
-        numpy_path._lookup_group = numpy_path._lookup_group_numpy  # (the dispatch picks C otherwise)
+        numpy_path._lookup_group_native = numpy_path._lookup_group_numpy  # (the dispatch picks C otherwise)
         numpy_path.table = RunTable(max_entries)  # (numpy's insertions too)
         numpy_path._clear()
         assert isinstance(c_path.table, native.CRunTable)
