@@ -9,10 +9,10 @@ than every example keep the cost per document fixed however many examples are gi
 
 from __future__ import annotations
 
-import itertools
 import re
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,6 +29,8 @@ STOP = frozenset(
 
 
 def words_of(text: str) -> list[str]:
+    """A text's words, in order: lowercase letters only, two or more, no stop word (the definition
+    _word_runs computes for many texts at once)."""
     low = text[:MAX_EMBED_CHARS].lower()
     if low.isascii():
         runs = low.encode("ascii").translate(_ASCII_LETTERS).decode("ascii").split()
@@ -36,46 +38,115 @@ def words_of(text: str) -> list[str]:
     return [w for w in _WORD.findall(low) if w not in STOP]
 
 
-def _bucket(word: str, dim: int) -> int:
-    return zlib.crc32(word.encode("utf-8", "surrogatepass")) % dim
+def _bucket(word: str | bytes, dim: int) -> int:
+    """A word's hashed bucket: crc32 of its UTF-8 bytes, mod dim."""
+    if isinstance(word, str):
+        word = word.encode("utf-8", "surrogatepass")
+    return zlib.crc32(word) % dim
 
 
-_BUCKETS: dict[int, dict[str, int]] = {}  # dim -> word -> bucket (words repeat: hash each once)
-_MAX_CACHED_WORDS = 1 << 20
+@dataclass
+class _WordRuns:
+    """The words of texts (words_of's, in order) as runs of one UTF-8 buffer: word w is
+    buf[start[w]:end[w]], of text text[w] (ascending), its crc32 crc[w]."""
+
+    buf: bytes
+    start: np.ndarray
+    end: np.ndarray
+    crc: np.ndarray
+    text: np.ndarray
+
+    def buckets(self, dim: int) -> np.ndarray:
+        """_bucket of each word."""
+        return (self.crc % dim).astype(np.int64)
+
+    def tf_cells(self, dim: int, bucket: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The non-zero cells of the texts' term frequencies: (cell = text * dim + bucket,
+        ascending; its 1 + log(count), float32), one count over all (text, bucket) pairs."""
+        bucket = self.buckets(dim) if bucket is None else bucket
+        cell, count = np.unique(self.text * dim + bucket, return_counts=True)
+        return cell, 1.0 + np.log(count.astype(np.float32))
 
 
-def _buckets(words: list[str], dim: int) -> list[int]:
-    cache = _BUCKETS.setdefault(dim, {})
-    if len(cache) > _MAX_CACHED_WORDS:
-        cache.clear()
-    out = [cache.get(w, -1) for w in words]
-    for i in [i for i, b in enumerate(out) if b < 0]:  # new words: hashed once each
-        out[i] = cache[words[i]] = _bucket(words[i], dim)
-    return out
+def _crc32_runs(buf: bytes, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """zlib.crc32 of each run buf[start:end], uint32 (in C where it is built, else zlib's per run)."""
+    from pipelines import native
+
+    crc = native.crc32_runs(np.frombuffer(buf, np.uint8), start, end)
+    if crc is None:
+        crc = np.fromiter(
+            (zlib.crc32(buf[i:j]) for i, j in zip(start.tolist(), end.tolist())),
+            dtype=np.uint32,
+            count=start.size,
+        )
+    return crc
 
 
-def _tf_cells(texts: list[str], dim: int, words: list[list[str]] | None = None):
-    """The non-zero cells of the texts' term frequencies: (cell = text * dim + bucket, ascending;
-    its 1 + log(count), float32). One count over a group's (text, bucket) pairs, instead of one
-    np.unique per text; groups of ~4M characters bound the word lists held at once."""
+def _stop_crcs() -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+    """STOP's words by crc32: (their crcs ascending, lengths, words)."""
+    words = sorted((w.encode("ascii") for w in STOP), key=zlib.crc32)
+    crc = np.array([zlib.crc32(w) for w in words], dtype=np.uint32)
+    assert np.unique(crc).size == crc.size
+    return crc, np.array([len(w) for w in words], dtype=np.int64), words
+
+
+_STOP_CRC, _STOP_LEN, _STOP_WORDS = _stop_crcs()
+
+
+def _word_runs(texts: list[str]) -> _WordRuns:
+    """words_of of every text at once: each text lowercased and cut to its letters (ASCII: one
+    bytes.translate; other texts: _WORD's words), joined by spaces into one buffer, cut at the
+    spaces in numpy, each word's crc32 computed (its bucket); words of one byte and stop words
+    dropped. The same words as words_of, with no Python object per word (~90k words for the
+    topic summary's 1,000 documents). A stop word is found by its crc32 and length: words of up
+    to 4 bytes with the same length and crc are the same (CRC-32 maps messages of up to 32 bits
+    one to one); a longer one is compared byte for byte."""
+    parts = []
+    for t in texts:
+        low = t[:MAX_EMBED_CHARS].lower()
+        if low.isascii():
+            parts.append(low.encode("ascii").translate(_ASCII_LETTERS))
+        else:
+            parts.append(" ".join(_WORD.findall(low)).encode("utf-8", "surrogatepass"))
+    n = len(texts)
+    lens = np.fromiter(map(len, parts), dtype=np.int64, count=n)
+    first = np.zeros(n, dtype=np.int64)  # text i's first byte (one space between texts)
+    np.cumsum(lens[:-1] + 1, out=first[1:])
+    buf = b" ".join(parts)
+    letter = np.zeros(len(buf) + 2, dtype=bool)  # (False before and after: words end inside)
+    np.not_equal(np.frombuffer(buf, np.uint8), 32, out=letter[1:-1])
+    edge = np.flatnonzero(letter[1:] != letter[:-1])
+    start, end = edge[0::2], edge[1::2]
+    crc = _crc32_runs(buf, start, end)
+    length = end - start
+    keep = length > 1  # (ASCII words of one letter; _WORD's words have two or more)
+    k = np.minimum(np.searchsorted(_STOP_CRC, crc), _STOP_CRC.size - 1)
+    stop = np.flatnonzero((_STOP_CRC[k] == crc) & (_STOP_LEN[k] == length))
+    keep[stop[length[stop] <= 4]] = False
+    for w in stop[length[stop] > 4].tolist():
+        keep[w] = buf[start[w] : end[w]] != _STOP_WORDS[k[w]]
+    start, end, crc = start[keep], end[keep], crc[keep]
+    text = np.searchsorted(first, start, side="right") - 1
+    return _WordRuns(buf, start, end, crc, text)
+
+
+def _tf_cells(texts: list[str], dim: int):
+    """_WordRuns.tf_cells of the texts, in groups of ~4M characters (they bound the buffers held
+    at once)."""
     cells, values = [], []
     for i, j in text_groups(texts, 4 << 20):
-        group = words[i:j] if words is not None else [words_of(t) for t in texts[i:j]]
-        per_text = np.fromiter(map(len, group), dtype=np.int64, count=j - i)
-        b = np.fromiter(_buckets(list(itertools.chain.from_iterable(group)), dim), dtype=np.int64)
-        cell, c = np.unique(np.repeat(np.arange(i, j), per_text) * dim + b, return_counts=True)
-        cells.append(cell)
-        values.append(1.0 + np.log(c.astype(np.float32)))
+        cell, value = _word_runs(texts[i:j]).tf_cells(dim)
+        cells.append(cell + i * dim)
+        values.append(value)
     if not cells:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate(cells), np.concatenate(values)
 
 
-def tf_vectors(texts: list[str], dim: int, words: list[list[str]] | None = None) -> np.ndarray:
-    """(n, dim) float32 of 1 + log(count) per hashed word (0 where absent); `words`: the texts'
-    words_of, when the caller has them already."""
+def tf_vectors(texts: list[str], dim: int) -> np.ndarray:
+    """(n, dim) float32 of 1 + log(count) per hashed word (0 where absent)."""
     out = np.zeros((len(texts), dim), dtype=np.float32)
-    cell, value = _tf_cells(texts, dim, words)
+    cell, value = _tf_cells(texts, dim)
     out.reshape(-1)[cell] = value
     return out
 
@@ -210,9 +281,10 @@ def topic_summary(samples: list[tuple[str, bool, str]], k: int, seed: int = 0, t
     if not samples:
         return []
     texts = [s[0] for s in samples]
-    words = [words_of(t) for t in texts]
     dim = 1 << 12
-    cell, value = _tf_cells(texts, dim, words)
+    words = _word_runs(texts)
+    bucket = words.buckets(dim)
+    cell, value = words.tf_cells(dim, bucket)
     row, col = cell // dim, cell % dim
     idf = np.log((1 + len(texts)) / (1 + np.bincount(col, minlength=dim))) + 1.0
     x = SparseRows(row, col, value * idf[col], (len(texts), dim)).unit_rows()
@@ -220,13 +292,14 @@ def topic_summary(samples: list[tuple[str, bool, str]], k: int, seed: int = 0, t
     weight_JD = x.sum_by(assign, int(assign.max()) + 1)
     top_J = [np.argsort(-w)[:top] for w in weight_JD]
     # map the top buckets back to words seen in the sample (the most frequent word wins a bucket,
-    # the first seen among equals)
-    wanted = set(np.concatenate(top_J).tolist())
-    counts = Counter(itertools.chain.from_iterable(words))
+    # the first seen among equals): only the words of those buckets become Python strings
+    at = np.flatnonzero(np.isin(bucket, np.concatenate(top_J)))
+    counts = Counter(words.buf[i:j] for i, j in zip(words.start[at].tolist(), words.end[at].tolist()))
     best: dict[int, tuple[int, str]] = {}
-    for w, b in zip(counts, _buckets(list(counts), dim)):
-        if b in wanted and counts[w] > best.get(b, (0, ""))[0]:
-            best[b] = (counts[w], w)
+    for w, c in counts.items():  # (first seen first)
+        b = _bucket(w, dim)
+        if c > best.get(b, (0, ""))[0]:
+            best[b] = (c, w.decode("utf-8", "surrogatepass"))
     out = []
     for j in sorted(set(assign.tolist())):
         members = np.flatnonzero(assign == j)

@@ -213,6 +213,26 @@ void fnv1a_runs(int64_t m, const uint8_t *buf, const int64_t *starts, const int6
     }
 }
 
+/* pipelines.domain._bucket's hash: zlib.crc32 of each run buf[starts[i]:ends[i]] into out[i]
+ * (CRC-32, reflected polynomial 0xEDB88320, initial and final value 0xFFFFFFFF; one table lookup
+ * a byte, the table built per call: 256 entries). */
+void crc32_runs(int64_t m, const uint8_t *buf, const int64_t *starts, const int64_t *ends, uint32_t *out)
+{
+    uint32_t table[256];
+    for (uint32_t b = 0; b < 256; b++) {
+        uint32_t c = b;
+        for (int i = 0; i < 8; i++)
+            c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+        table[b] = c;
+    }
+    for (int64_t i = 0; i < m; i++) {
+        uint32_t c = 0xFFFFFFFFu;
+        for (int64_t p = starts[i]; p < ends[i]; p++)
+            c = (c >> 8) ^ table[(c ^ buf[p]) & 0xFFu];
+        out[i] = c ^ 0xFFFFFFFFu;
+    }
+}
+
 /* Byte-level BPE (the Hugging Face tokenizers library's BPE model without dropout, prefixes,
  * suffixes, byte fallback or ignore_merges) of pieces joined by byte `sep`: each piece starts as
  * one symbol per byte (byte_id: the id of its single-byte token), then, while some adjacent pair

@@ -69,6 +69,7 @@ _CTYPES = {
 _SIGNATURES = {
     "minhash_signatures": ("iiippupp", "c"),
     "fnv1a_runs": ("ipppp", "-"),
+    "crc32_runs": ("ipppp", "-"),
     "bpe_pieces": ("pibppppupipp", "i"),
     "minhash_rows": ("ippppiuiupp", "c"),
     "quality_rows": ("ipppppppiuiupp", "c"),
@@ -177,6 +178,21 @@ def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndar
     buf = np.ascontiguousarray(buf, dtype=np.uint8)
     out = np.empty(starts.size, dtype=np.uint64)
     lib.fnv1a_runs(starts.size, _ptr(buf), _ptr(starts), _ptr(ends), _ptr(out))
+    return out
+
+
+def crc32_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """zlib.crc32 of each run buf[starts:ends] (pipelines.domain's word buckets) in C, uint32, or
+    None when the library is not available (the caller's zlib loop then)."""
+    lib = library()
+    if lib is None:
+        return None
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    ends = np.ascontiguousarray(ends, dtype=np.int64)
+    _check_runs("crc32_runs", buf.size, starts, ends)
+    buf = np.ascontiguousarray(buf, dtype=np.uint8)
+    out = np.empty(starts.size, dtype=np.uint32)
+    lib.crc32_runs(starts.size, _ptr(buf), _ptr(starts), _ptr(ends), _ptr(out))
     return out
 
 

@@ -628,3 +628,18 @@ def test_sparse_rows_dot_in_c_is_numpys_bits():
     assert np.array_equal(empty.dot(c_KD), np.zeros((4, 8)))
     with pytest.raises(ValueError, match="ascend"):
         native.sparse_dot(row[::-1].copy(), col, value, np.ascontiguousarray(c_KD.T), per_row.size)
+
+
+@needs_cc
+def test_crc32_runs_is_zlibs():
+    import zlib
+
+    rng = np.random.default_rng(0)
+    buf = rng.integers(0, 256, 5000, dtype=np.uint8)
+    starts = rng.integers(0, 4000, 300)
+    ends = starts + rng.integers(0, 40, 300)
+    got = native.crc32_runs(buf, starts, ends)
+    assert got.dtype == np.uint32
+    assert got.tolist() == [zlib.crc32(buf[a:b].tobytes()) for a, b in zip(starts, ends)]
+    with pytest.raises(IndexError):
+        native.crc32_runs(buf, np.array([4999]), np.array([5001]))

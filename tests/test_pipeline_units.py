@@ -494,16 +494,20 @@ def _topics_dense(samples, k, seed=0, top=8):
     """topic_summary on dense (n, dim) TF-IDF rows, each bucket's words counted: its reference."""
     from collections import Counter
 
-    from pipelines.domain import _buckets, _normalize, kmeans, tf_vectors, words_of
+    from pipelines.domain import _bucket, _normalize, kmeans, words_of
 
+    dim = 1 << 12
     words = [words_of(t) for t, _, _ in samples]
-    tf = tf_vectors([t for t, _, _ in samples], 1 << 12, words)
+    tf = np.zeros((len(samples), dim), dtype=np.float32)
+    for i, ws in enumerate(words):
+        for b, c in Counter(_bucket(w, dim) for w in ws).items():
+            tf[i, b] = 1.0 + np.log(np.float32(c))
     x = _normalize(tf * (np.log((1 + len(samples)) / (1 + (tf > 0).sum(axis=0))) + 1.0))
     _, assign = kmeans(x, k, seed)
     counts = Counter(w for ws in words for w in ws)
     vocab = {}
-    for w, b in zip(counts, _buckets(list(counts), 1 << 12)):
-        vocab.setdefault(b, Counter())[w] = counts[w]
+    for w in counts:
+        vocab.setdefault(_bucket(w, dim), Counter())[w] = counts[w]
     out = []
     for j in sorted(set(assign.tolist())):
         members = np.flatnonzero(assign == j)
@@ -1012,7 +1016,7 @@ def test_normalize_batch_equals_normalize_text():
 
 def test_tf_vectors_counts_each_texts_buckets():
     """1 + log(count) of each hashed word per text, 0 elsewhere: texts without words, repeated
-    words, words sharing a bucket (a small dim), the caller's words."""
+    words, words sharing a bucket (a small dim)."""
     from pipelines.domain import _bucket, tf_vectors, words_of
 
     texts = ["", "alpha beta alpha gamma alpha", "the of and", "Beta beta BETA delta", "x" * 50 + " y z w v"]
@@ -1026,7 +1030,6 @@ def test_tf_vectors_counts_each_texts_buckets():
             for b, c in counts.items():
                 want[i, b] = 1.0 + np.log(np.float32(c))
         assert np.array_equal(tf_vectors(texts, dim), want)
-        assert np.array_equal(tf_vectors(texts, dim, [words_of(t) for t in texts]), want)
     assert tf_vectors([], 16).shape == (0, 16)
 
 
@@ -1047,6 +1050,34 @@ def test_words_of_lowercase_ascii_text_as_the_unicode_pattern_finds_them():
     for t in texts:
         want = [w for w in unicode_words.findall(t[:MAX_EMBED_CHARS].lower()) if w not in STOP]
         assert words_of(t) == want, t
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_word_runs_are_words_of_each_text(native_on, monkeypatch):
+    """_word_runs (all texts in one buffer, cut and stop-filtered in numpy) finds each text's
+    words_of, in order, with their texts and crc32s: stop words and one-letter words gone,
+    non-ASCII texts, words that share a stop word's length, empty texts; crc32 in C and by zlib."""
+    import zlib
+
+    from pipelines import domain, native
+
+    if not native_on:
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif native.library() is None:
+        pytest.skip("no C compiler")
+    rng = random.Random(1)
+    stop = sorted(domain.STOP)
+    pool = stop + ["thy", "ofs", "whicz", "shoulder", "tha", "été", "naïve", "x", "ab"]
+    texts = ["", "   ", "The cat sat ON the mat, which should go.", "naïve café which été", "a b c"]
+    texts += [" ".join(rng.choice(pool) for _ in range(rng.randrange(30))) for _ in range(300)]
+    texts += ["".join(rng.choice("abc XYZé.\n") for _ in range(rng.randrange(60))) for _ in range(300)]
+    runs = domain._word_runs(texts)
+    got = [runs.buf[i:j].decode("utf-8") for i, j in zip(runs.start.tolist(), runs.end.tolist())]
+    want = [w for t in texts for w in domain.words_of(t)]
+    assert got == want
+    assert runs.text.tolist() == [i for i, t in enumerate(texts) for _ in domain.words_of(t)]
+    assert runs.crc.tolist() == [zlib.crc32(w.encode("utf-8")) for w in want]
+    assert domain._word_runs([]).start.size == 0
 
 
 def test_a_worker_keeps_one_runs_object_and_drops_it_when_idle(monkeypatch):
