@@ -213,6 +213,15 @@ void fnv1a_runs(int64_t m, const uint8_t *buf, const int64_t *starts, const int6
     }
 }
 
+/* pipelines.pack.ShardWriter's token counts: counts[id] += 1 for each of the n uint16 ids below
+ * v (np.bincount(ids, minlength=v)[:v] added to counts, without its int64 copy of the ids). */
+void count_u16(int64_t n, const uint16_t *ids, int64_t v, int64_t *counts)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < v)
+            counts[ids[i]]++;
+}
+
 /* pipelines.domain._bucket's hash: zlib.crc32 of each run buf[starts[i]:ends[i]] into out[i]
  * (CRC-32, reflected polynomial 0xEDB88320, initial and final value 0xFFFFFFFF; one table lookup
  * a byte, the table built per call: 256 entries). */

@@ -70,6 +70,7 @@ _SIGNATURES = {
     "minhash_signatures": ("iiippupp", "c"),
     "fnv1a_runs": ("ipppp", "-"),
     "crc32_runs": ("ipppp", "-"),
+    "count_u16": ("ipip", "-"),
     "bpe_pieces": ("pibppppupipp", "i"),
     "minhash_rows": ("ippppiuiupp", "c"),
     "quality_rows": ("ipppppppiuiupp", "c"),
@@ -179,6 +180,19 @@ def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndar
     out = np.empty(starts.size, dtype=np.uint64)
     lib.fnv1a_runs(starts.size, _ptr(buf), _ptr(starts), _ptr(ends), _ptr(out))
     return out
+
+
+def count_u16(ids: np.ndarray, counts: np.ndarray) -> bool:
+    """counts += np.bincount(ids, minlength=v)[:v] (v = counts.size; ids uint16, counts int64,
+    both contiguous) in C; False (nothing counted) when the library is not available."""
+    lib = library()
+    if lib is None:
+        return False
+    if ids.dtype != np.uint16 or counts.dtype != np.int64 or not counts.flags.c_contiguous:
+        raise TypeError("count_u16: uint16 ids and contiguous int64 counts")
+    ids = np.ascontiguousarray(ids)
+    lib.count_u16(ids.size, _ptr(ids), counts.size, _ptr(counts))
+    return True
 
 
 def crc32_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:

@@ -217,7 +217,7 @@ class ShardWriter:
         self.in_shard = 0  # rows of the current shard already handed to the writer
         self.num_rows = 0  # rows of whole shards handed (all rows, after the last flush)
         self.shards = 0
-        self.group_rows = 0  # (set by the first rows: GROUP_BYTES of them)
+        self.group_rows = 0  # rows of a row group (set by the first rows: GROUP_BYTES of them)
         self.counts_V = np.zeros(vocab_size, dtype=np.int64) if vocab_size else None  # (complete after close)
         self._open: tuple[Path, pq.ParquetWriter] | None = None  # the shard being written
         self._queue: queue.Queue | None = None
@@ -228,11 +228,20 @@ class ShardWriter:
     def add(self, row: np.ndarray) -> None:
         self.add_rows(row[None])
 
+    def rows_wanted(self, row_len: int) -> int:
+        """The rows (of row_len ids) that end the current row group, or the shard, exactly: rows
+        of `dtype` added in such calls reach the file as they are (no copy)."""
+        self._set_group_rows(row_len)
+        return min(self.group_rows, self.rows_per_shard - self.in_shard) - self.buffered
+
+    def _set_group_rows(self, row_len: int) -> None:
+        if not self.group_rows:  # (set by the first rows: GROUP_BYTES of them)
+            self.group_rows = max(1, self.GROUP_BYTES // max(1, row_len * self.dtype.itemsize))
+
     def add_rows(self, rows_RL: np.ndarray) -> None:
         """Rows of equal length (R, L); shards are cut at exactly rows_per_shard rows."""
-        if not self.group_rows and rows_RL.shape[0]:
-            row_bytes = max(1, rows_RL.shape[1] * self.dtype.itemsize)
-            self.group_rows = max(1, self.GROUP_BYTES // row_bytes)
+        if rows_RL.shape[0]:
+            self._set_group_rows(rows_RL.shape[1])
         while rows_RL.shape[0]:
             take = min(self.rows_per_shard - self.in_shard - self.buffered, rows_RL.shape[0])
             self.buffer.append(rows_RL[:take])
@@ -295,7 +304,7 @@ class ShardWriter:
     def _write(self, path: Path, first_id: int, blocks: list[np.ndarray], last: bool) -> None:
         try:
             if blocks:
-                self._write_group(path, first_id, np.concatenate(blocks))
+                self._write_group(path, first_id, blocks[0] if len(blocks) == 1 else np.concatenate(blocks))
         except BaseException:
             if self._open is not None:  # (no incomplete shard left behind; the error is raised)
                 self._open[1].close()
@@ -307,7 +316,13 @@ class ShardWriter:
             self._open = None
 
     def _write_group(self, path: Path, first_id: int, rows_NL: np.ndarray) -> None:
-        if rows_NL.size and (rows_NL.min() < 0 or rows_NL.max() > np.iinfo(self.dtype).max):
+        if (
+            rows_NL.dtype != self.dtype
+            and rows_NL.size
+            and (  # (ids of `dtype` are ids it holds)
+                rows_NL.min() < 0 or rows_NL.max() > np.iinfo(self.dtype).max
+            )
+        ):
             raise ValueError(f"token ids outside {self.dtype.name}: {rows_NL.min()}..{rows_NL.max()}")
         n, length = rows_NL.shape
         data = np.ascontiguousarray(rows_NL, dtype=self.dtype)
@@ -327,39 +342,73 @@ class ShardWriter:
             self._open = (path, writer)
         self._open[1].write_table(table, row_group_size=n)
         if self.counts_V is not None:  # (counted once written: a failed group counts nothing)
-            V = self.counts_V.size
-            self.counts_V += np.bincount(data.reshape(-1), minlength=V)[:V]
+            from pipelines import native
+
+            ids = data.reshape(-1)
+            if ids.dtype != np.uint16 or not native.count_u16(ids, self.counts_V):  # (C: ~8x faster)
+                V = self.counts_V.size
+                self.counts_V += np.bincount(ids, minlength=V)[:V]
 
 
 class Packer:
-    """Concatenates documents (each ending in eos) and emits rows of seq_len + 1 tokens."""
+    """Concatenates documents (each ending in eos) into rows of seq_len + 1 tokens.
+
+    Ids are copied once: from the caller's arrays (slices of a batch's ids), converted to the
+    writer's dtype, straight into the rows being filled, as many as the writer takes as one row
+    group (`ShardWriter.rows_wanted`); a full buffer goes to the writer as it is. (Joining the
+    documents first, then the rows, then the group, then converting: four copies of every id,
+    ~0.1 s of the prepare driver's thread per 12M ids.)"""
 
     def __init__(self, seq_len: int, writer: ShardWriter):
         self.row_len = seq_len + 1
         self.writer = writer
-        self.pending: list[np.ndarray] = []
-        self.pending_len = 0
-        self.tokens = 0  # tokens written in rows
+        self.buf: np.ndarray | None = None  # the rows being filled, flat, in writer.dtype
+        self.fill = 0  # ids in buf
+        self.tokens = 0  # tokens handed to the writer in rows
 
     def add(self, tokens: np.ndarray) -> None:
-        self.pending.append(tokens)
-        self.pending_len += tokens.size
-        if self.pending_len < self.row_len:
-            return
-        stream = np.concatenate(self.pending)
-        whole = (stream.size // self.row_len) * self.row_len
-        self.writer.add_rows(stream[:whole].reshape(-1, self.row_len))
-        self.tokens += whole
-        rest = stream[whole:]
-        self.pending, self.pending_len = ([rest] if rest.size else []), rest.size
+        if tokens.size:
+            self.add_parts([tokens], int(tokens.min()), int(tokens.max()))
+
+    def add_parts(self, parts: list[np.ndarray], low: int, high: int) -> None:
+        """Documents' ids end to end, given in pieces (any integer dtype); low, high: the least
+        and the greatest of them (or bounds the caller knows: of the arrays they are slices of).
+        Ids the writer's dtype cannot hold raise ValueError, and nothing is added. The ids that
+        fit in the rows being filled are copied there by one np.concatenate (a batch's kept
+        documents come in thousands of short runs: a call per run costs more than the copy)."""
+        info = np.iinfo(self.writer.dtype)
+        if low < info.min or high > info.max:
+            raise ValueError(f"token ids outside {self.writer.dtype.name}: {low}..{high}")
+        ends = np.cumsum([p.size for p in parts])  # part k: stream ids [ends[k] - size, ends[k])
+        total, pos = (int(ends[-1]) if parts else 0), 0
+        while pos < total:
+            if self.buf is None:
+                rows = self.writer.rows_wanted(self.row_len)
+                self.buf, self.fill = np.empty(rows * self.row_len, self.writer.dtype), 0
+            stop = min(total, pos + self.buf.size - self.fill)  # stream ids [pos, stop) fit
+            first, last = np.searchsorted(ends, [pos, stop - 1], side="right").tolist()
+            pieces = parts[first : last + 1]
+            pieces[-1] = pieces[-1][: pieces[-1].size - (int(ends[last]) - stop)]
+            pieces[0] = pieces[0][pos - (int(ends[first]) - parts[first].size) :]
+            np.concatenate(pieces, out=self.buf[self.fill : self.fill + stop - pos], casting="unsafe")
+            self.fill += stop - pos
+            pos = stop
+            if self.fill == self.buf.size:
+                self._hand(self.buf)
+
+    def _hand(self, ids: np.ndarray) -> None:
+        self.writer.add_rows(ids.reshape(-1, self.row_len))
+        self.tokens += ids.size
+        self.buf, self.fill = None, 0
 
     def finish(self) -> int:
         """Write the last shard (and wait for the writer); returns the tokens of the dropped
         partial row."""
+        dropped = self.fill % self.row_len
+        if self.buf is not None:
+            self._hand(self.buf[: self.fill - dropped])
         self.writer.flush()
         self.writer.close()
-        dropped = self.pending_len
-        self.pending, self.pending_len = [], 0
         return dropped
 
 

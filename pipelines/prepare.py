@@ -351,13 +351,13 @@ class _Reservoir:
         self.seen += rows.size
 
 
-def _rows_flat(offsets: np.ndarray, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The values of the list rows where mask, end to end (a list array's offsets and values).
-    As slices of the runs of selected rows: a batch's train rows are all but its few eval rows,
-    so a handful of copies (pyarrow's filter + flatten cost ~4 ms a batch, an index array ~1)."""
+def _row_runs(offsets: np.ndarray, values: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """The values of the list rows where mask, as slices of the runs of selected rows (a list
+    array's offsets and values): a batch's train rows are all but its few eval rows, so a
+    handful of views, copied once by the packer."""
     edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
     first, last = edges[0::2], edges[1::2]  # runs of selected rows [first, last)
-    return np.concatenate([values[offsets[a] : offsets[b]] for a, b in zip(first.tolist(), last.tolist())])
+    return [values[offsets[a] : offsets[b]] for a, b in zip(first.tolist(), last.tolist())]
 
 
 class _Packing:
@@ -387,15 +387,27 @@ class _Packing:
         t0 = time.perf_counter()
         if kept.any():
             is_eval = table.column("eval").to_numpy(zero_copy_only=False)
-            tokens = table.column("tokens").combine_chunks()
-            offsets = tokens.offsets.to_numpy()  # (into .values, which ignores a slice's offset)
-            values = tokens.values.to_numpy()
             self.pieces += int(table.column("pieces").to_numpy()[kept].sum())
             self.truncated += int(table.column("truncated_tokens").to_numpy()[kept].sum())
+            # a block of several tasks' tables: its chunks' (offsets, values), read in place (the
+            # offsets index .values, which ignores a slice's offset); the ids' range for the packer
+            chunks = [(c.offsets.to_numpy(), c.values.to_numpy()) for c in table.column("tokens").chunks]
+            ids = [v[o[0] : o[-1]] for o, v in chunks if o[-1] > o[0]]
+            low, high = (
+                min((int(v.min()) for v in ids), default=0),
+                max((int(v.max()) for v in ids), default=0),
+            )
             for split, mask in (("train", kept & ~is_eval), ("eval", kept & is_eval)):
-                if mask.any():
-                    self.docs[split] += int(mask.sum())
-                    self.packers[split].add(_rows_flat(offsets, values, mask))
+                if not mask.any():
+                    continue
+                self.docs[split] += int(mask.sum())
+                parts, lo = [], 0
+                for offsets, values in chunks:
+                    sub = mask[lo : lo + offsets.size - 1]
+                    lo += offsets.size - 1
+                    if sub.any():
+                        parts += _row_runs(offsets, values, sub)
+                self.packers[split].add_parts(parts, low, high)
         self.seconds += time.perf_counter() - t0
 
     def close(self) -> None:

@@ -643,3 +643,16 @@ def test_crc32_runs_is_zlibs():
     assert got.tolist() == [zlib.crc32(buf[a:b].tobytes()) for a, b in zip(starts, ends)]
     with pytest.raises(IndexError):
         native.crc32_runs(buf, np.array([4999]), np.array([5001]))
+
+
+@needs_cc
+def test_count_u16_is_bincount():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 65536, 20_000).astype(np.uint16)
+    ids[:50] = 65535
+    for v in (1, 300, 65536):
+        counts = np.arange(v, dtype=np.int64)
+        assert native.count_u16(ids[::2], counts)  # (a strided view: copied first)
+        assert np.array_equal(counts, np.arange(v) + np.bincount(ids[::2], minlength=65536)[:v])
+    with pytest.raises(TypeError):
+        native.count_u16(ids.astype(np.int32), np.zeros(5, np.int64))

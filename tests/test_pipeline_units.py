@@ -755,6 +755,82 @@ def test_packer_rows_and_entropy(tmp_path):
     assert mask.tolist() == [_is_eval(h, 0.1) for h in hashes]
 
 
+def test_packer_copies_pieces_into_whole_row_groups(tmp_path, monkeypatch):
+    """Ids given in any pieces (any integer dtype) fill the rows the writer takes as one row group
+    or the rest of a shard, which reach the file uncopied: the same shards as rows written
+    directly; an id the dtype cannot hold raises in the caller, with nothing of its piece added."""
+    monkeypatch.setattr(ShardWriter, "GROUP_BYTES", 5 * 9 * 2)  # 5 rows of 9 uint16 ids
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 1000, size=61 * 9 + 4)
+    cuts = np.sort(rng.choice(ids.size, 40, replace=False))
+    pieces = [p.astype(rng.choice([np.int32, np.int64, np.uint16])) for p in np.split(ids, cuts)]
+    w = ShardWriter(tmp_path / "packed", 12, token_dtype(1000), vocab_size=1000)
+    p = Packer(seq_len=8, writer=w)
+    handed = []
+    add_rows = w.add_rows
+    monkeypatch.setattr(w, "add_rows", lambda rows: (handed.append(rows), add_rows(rows)))
+    for k in range(0, len(pieces), 3):
+        p.add_parts(pieces[k : k + 3], 0, 999)
+    assert p.finish() == 4 and p.tokens == 61 * 9
+    assert [r.shape[0] for r in handed] == [5, 5, 2] * 5 + [1]  # (the last: what was left)
+    assert all(r.dtype == np.uint16 for r in handed)
+    direct = ShardWriter(tmp_path / "direct", 12, token_dtype(1000), vocab_size=1000)
+    for row in ids[: 61 * 9].reshape(61, 9):  # (a row at a time: the writer forms the groups)
+        direct.add(row)
+    direct.flush()
+    packed, want = (sorted((tmp_path / d).iterdir()) for d in ("packed", "direct"))
+    assert [f.read_bytes() for f in packed] == [f.read_bytes() for f in want]
+    assert np.array_equal(w.counts_V, direct.counts_V)
+    p = Packer(seq_len=8, writer=ShardWriter(tmp_path / "over", 12, token_dtype(1000)))
+    p.add(np.arange(5))
+    with pytest.raises(ValueError, match="outside uint16"):
+        p.add_parts([np.arange(3), np.array([1, 70_000])], 0, 70_000)
+    with pytest.raises(ValueError, match="outside uint16"):
+        p.add(np.array([-1, 2]))
+    assert p.fill == 5  # (nothing of the calls that raised)
+    p.add_parts([np.zeros(0, np.int32), np.arange(4), np.zeros(0, np.int64)], 0, 3)
+    p.add_parts([], 0, 0)
+    assert p.fill == 9
+
+
+def test_packing_reads_a_blocks_chunks_as_the_combined_column(tmp_path):
+    """A block of several tables (a chunked tokens column, chunks sliced) packs as the same
+    table combined: the same shards, documents, pieces and truncated tokens."""
+    from types import SimpleNamespace
+
+    from pipelines.prepare import PrepareConfig, _Packing
+
+    rng = np.random.default_rng(3)
+    n = 200
+    tokens = [np.append(rng.integers(1, 1000, rng.integers(0, 40)), 0).astype(np.int32) for _ in range(n)]
+    table = pa.table({
+        "tokens": pa.array(tokens, pa.list_(pa.int32())), "eval": rng.random(n) < 0.2,
+        "pieces": np.ones(n, np.int64), "truncated_tokens": rng.integers(0, 3, n),
+    })  # fmt: skip
+    chunked = pa.concat_tables([table.slice(0, 70), table.slice(70, 1), table.slice(71)])
+    kept = rng.random(n) < 0.7
+    cfg = PrepareConfig(seq_len=15, rows_per_shard=20)
+    out = {}
+    for name, t in (("combined", table.combine_chunks()), ("chunked", chunked)):
+        packing = _Packing(cfg, SimpleNamespace(vocab_size=1000), tmp_path / name)
+        packing.add(t.slice(0, 120), kept[:120])
+        packing.add(t.slice(120), kept[120:])
+        tails = {split: p.finish() for split, p in packing.packers.items()}
+        files = sorted((tmp_path / name).rglob("*.parquet"))
+        out[name] = (
+            tails,
+            dict(packing.docs),
+            packing.pieces,
+            packing.truncated,
+            [f.read_bytes() for f in files],
+        )
+    assert len(chunked.column("tokens").chunks) >= 3 and out["chunked"] == out["combined"]
+    train = np.concatenate(
+        [t for t, k, e in zip(tokens, kept, table.column("eval").to_pylist()) if k and not e]
+    )
+    assert out["combined"][0]["train"] == train.size % 16
+
+
 def _is_eval(text_hash: int, eval_fraction: float) -> bool:
     """The eval rule for one document, in Python integers (the reference for eval_mask)."""
     return (text_hash % 1_000_000) < eval_fraction * 1_000_000
@@ -903,9 +979,9 @@ def test_big_jsonl_is_read_in_ranges_with_exact_line_numbers(tmp_path):
     ]
 
 
-def test_rows_flat_equals_pyarrow_filter():
+def test_row_runs_equal_pyarrow_filter():
     """The packer's row selection (numpy) against pyarrow's filter + flatten, sliced arrays included."""
-    from pipelines.prepare import _rows_flat
+    from pipelines.prepare import _row_runs
 
     rng = np.random.default_rng(0)
     checked = 0
@@ -921,7 +997,8 @@ def test_rows_flat_equals_pyarrow_filter():
         mask[0] |= rng.random() < 0.3  # sometimes every row
         if mask.any():
             want = arr.filter(pa.array(mask)).flatten().to_numpy(zero_copy_only=False)
-            assert np.array_equal(_rows_flat(arr.offsets.to_numpy(), arr.values.to_numpy(), mask), want)
+            runs = _row_runs(arr.offsets.to_numpy(), arr.values.to_numpy(), mask)
+            assert np.array_equal(np.concatenate(runs), want)
             checked += 1
     assert checked > 200
 
