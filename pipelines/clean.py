@@ -6,7 +6,7 @@ decision (dedup, which needs what came before) is taken on the driver (pipelines
 `Cleaner.clean_rows` takes the reader's rows (pipelines.readers.read_records) and returns a
 pyarrow table; it lives in the reading actor of `dsv3ray prepare` (one per CPU; the fastText model
 loads once per actor). Columns: source, line, status, reason, excerpt, text, words, text_hash,
-band_keys, quality, perplexity, domain, per-stage seconds and, when the tokenizer is known up
+band_keys, quality, perplexity, domain, seconds (of reading and each stage) and, when the tokenizer is known up
 front, tokens / eval / pieces / truncated_tokens. Quality, MinHash and tokens are served from one
 lookup of the texts' space-separated chunks (pipelines.chunkpass) where its rules allow, from each
 stage's own path elsewhere, with the same results.
@@ -35,6 +35,8 @@ _NEWLINES = re.compile(r"\n{3,}")
 
 MAX_MINHASH_CHARS = 1_000_000
 STAGES = ("normalize", "length", "chunks", "quality", "perplexity", "domain", "dedup_keys", "tokenize")
+# a cleaned table's "seconds" column: per row, the seconds of TIMED (reading, then each stage)
+TIMED = ("read", *STAGES)
 
 
 def normalize_text(text: str) -> str:
@@ -235,15 +237,13 @@ class Cleaner:
 
     def clean_rows(self, rows: list[tuple], read_seconds: float = 0.0) -> pa.Table:
         """Reader rows (source, line, status, reason, excerpt, text) → the cleaned table;
-        `read_seconds` (the batch's reading time) goes on the first row of t_read."""
+        `read_seconds`: the batch's reading time."""
         source, line, status, reason, excerpt, texts = (list(c) for c in zip(*rows)) if rows else [[]] * 6
         status = np.array(status, dtype=np.int8)
         s = self.s
         n = len(texts)
-        t_read = np.zeros(n, dtype=np.float64)
-        if n:
-            t_read[0] = read_seconds
-        timing = dict.fromkeys(STAGES, 0.0)
+        timing = dict.fromkeys(TIMED, 0.0)
+        timing["read"] = read_seconds
 
         t0 = time.perf_counter()
         valid = np.flatnonzero(status == OK)
@@ -356,7 +356,6 @@ class Cleaner:
             "status": pa.array(status, pa.int8()),
             "reason": pa.array(reason, pa.string()),
             "excerpt": pa.array(excerpt, pa.string()),
-            "t_read": pa.array(t_read),
             # dropped before the decisions / quarantined rows carry no text (memory; the reason is kept)
             "text": _text_column(texts, encoded, decided),
             "words": pa.array(words),
@@ -381,11 +380,12 @@ class Cleaner:
                 full[ok] = tk[key].to_numpy(zero_copy_only=False)
                 cols[key] = pa.array(full)
             timing["tokenize"] = time.perf_counter() - t0
-        for stage in STAGES:  # the batch's seconds on its first row, zeros elsewhere: sums are exact
-            col = np.zeros(n, dtype=np.float64)
-            if n:
-                col[0] = timing[stage]
-            cols[f"t_{stage}"] = pa.array(col)
+        # the batch's seconds of each of TIMED on its first row, zeros elsewhere (sums are exact,
+        # however Ray Data cuts and joins the tables): one column for the driver to read, not 9
+        seconds_RT = np.zeros((n, len(TIMED)))
+        if n:
+            seconds_RT[0] = [timing[k] for k in TIMED]
+        cols["seconds"] = pa.FixedSizeListArray.from_arrays(pa.array(seconds_RT.reshape(-1)), len(TIMED))
         return pa.table(cols)
 
     def _token_ids(self, lk, at: np.ndarray, texts: list[str]):

@@ -510,7 +510,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
     (pipelines.corpus), written to DIR/_corpus/ first.
     """
     from pipelines import native
-    from pipelines.clean import STAGES, CleanSettings
+    from pipelines.clean import TIMED, CleanSettings
     from pipelines.dataset import quiet_ray_data_console
     from pipelines.dedup import Deduplicator
     from pipelines.pack import unigram_entropy
@@ -603,15 +603,15 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         dedup = Deduplicator(cfg.dedup_exact, cfg.dedup_near)
         clean = None if fused else _CleanTextWriter(out / "_clean")  # pass 2's units of parallelism
         packing = _Packing(cfg, tok, out) if fused else None
-        stage_s = dict.fromkeys(("read", *STAGES), 0.0)  # summed worker seconds (all workers)
+        seconds_T = np.zeros(len(TIMED))  # summed worker seconds of TIMED (all workers)
         t_dedup = 0.0
         topics = _Reservoir(1000, cfg.seed)  # documents that reached the decisions, for the topic summary
         progress = _Progress("clean", log)
         (out / "quarantine").mkdir()
         with open(out / "quarantine" / "records.jsonl", "w", encoding="utf-8") as qf:
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for stage in ("read", *STAGES):  # (numpy: a pyarrow compute call costs ~0.2 ms)
-                    stage_s[stage] += float(table.column(f"t_{stage}").to_numpy().sum())
+                for c in table.column("seconds").chunks:  # (a block: several batches' rows)
+                    seconds_T += c.flatten().to_numpy().reshape(-1, len(TIMED)).sum(axis=0)
                 n = table.num_rows
                 report["input_records"] += n
                 status = table.column("status").to_numpy(zero_copy_only=False)
@@ -655,7 +655,8 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         if clean is not None:
             clean.flush()
         pass1_s = time.perf_counter() - t_pass1
-        for stage in ("read", *STAGES):
+        stage_s = dict(zip(TIMED, seconds_T.tolist()))
+        for stage in TIMED:
             report["stages"][stage] = {"seconds": round(stage_s[stage], 3)}
         report["stages"]["dedup"] = {"seconds": round(t_dedup, 3), "state_bytes": dedup.nbytes}
         report["stages"]["clean_pass"] = {

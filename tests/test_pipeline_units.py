@@ -599,11 +599,14 @@ def test_cleaner_stages(docs):
     ]
     out = Cleaner(s).clean_rows(rows, read_seconds=0.25).to_pydict()
     assert out["source"] == ["f"] * 5 and out["line"] == [1, 2, 3, 4, 5] and out["excerpt"][3] == "{"
-    assert out["t_read"] == [0.25, 0, 0, 0, 0]
+    from pipelines.clean import TIMED
+
+    seconds = dict(zip(TIMED, np.array(out["seconds"]).T))  # (rows, TIMED) -> per stage
+    assert seconds["read"].tolist() == [0.25, 0, 0, 0, 0]
     assert out["status"] == [OK, DROP, DROP, QUARANTINE, DROP]
     assert out["reason"] == ["", "too_short", "too_long", "malformed_json", "empty"]
     assert out["text"][1:] == [None] * 4 and len(out["band_keys"][0]) == MinHasher(64, 5, 0.8).bands
-    assert out["t_normalize"][0] > 0 and out["t_normalize"][1:] == [0.0] * 4  # batch seconds on row 0
+    assert seconds["normalize"][0] > 0 and seconds["normalize"][1:].tolist() == [0.0] * 4  # (on row 0)
     assert np.isnan(out["quality"]).all()  # stage off: no score
 
     # decisions on the worker: quality below threshold dropped (text kept for the topic sample, no
