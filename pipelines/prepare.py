@@ -247,6 +247,17 @@ def _tasks_source(name: str, fn, args: list, **kwargs):
     return TasksSource()
 
 
+def _blocks(ds) -> Iterator[pa.Table]:
+    """The dataset's blocks (Arrow tables), in order, each fetched as its bundle comes, by this
+    thread (iter_batches' prefetching and formatting threads cost the driver ~50 ms of CPU a
+    docstrings run, on cores its workers share: blocks here are whole batches already)."""
+    import ray
+
+    for bundle in ds.iter_internal_ref_bundles():
+        # (a task with no output, e.g. an empty file's, leaves an empty block, without columns)
+        yield from (t for t in ray.get([entry.ref for entry in bundle.blocks]) if t.num_rows)
+
+
 def _concurrency(cfg: PrepareConfig, tasks: int) -> int:
     """Cleaning/tokenizing tasks submitted at once: prepare.num_workers; by default twice the
     cluster's CPUs: one runs per CPU, the others wait at the raylet, so a worker starts its next
@@ -609,7 +620,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
         progress = _Progress("clean", log)
         (out / "quarantine").mkdir()
         with open(out / "quarantine" / "records.jsonl", "w", encoding="utf-8") as qf:
-            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for table in _blocks(ds):
                 for c in table.column("seconds").chunks:  # (a block: several batches' rows)
                     seconds_T += c.flatten().to_numpy().reshape(-1, len(TIMED)).sum(axis=0)
                 n = table.num_rows
@@ -708,7 +719,7 @@ def prepare(inputs: list[str], output: str | Path, cfg: PrepareConfig | None = N
             )
             packing = _Packing(cfg, tok, out)
             progress = _Progress("tokenize", log)
-            for table in ds2.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for table in _blocks(ds2):
                 packing.add(table, np.ones(table.num_rows, dtype=bool))
                 progress.tick(sum(packing.docs.values()))
         packers, docs = packing.packers, packing.docs
