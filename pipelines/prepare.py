@@ -347,18 +347,21 @@ class _Reservoir:
 
     def offer(self, texts: pa.ChunkedArray, rows, kept, reason) -> None:
         rows = np.asarray(rows, dtype=np.int64)
-
-        def item(i: int) -> tuple[str, bool, str]:  # only sampled rows become Python strings
-            return texts[i].as_py()[:4000], bool(kept[i]), "" if kept[i] else reason[i]
-
         fill = min(max(self.size - len(self.items), 0), rows.size)
-        self.items += [item(int(i)) for i in rows[:fill]]
+        at, into = rows[:fill], np.arange(len(self.items), len(self.items) + fill)  # (row, its slot)
+        self.items += [None] * fill
         rest = rows[fill:]
         if rest.size:
             t = self.seen + fill + 1 + np.arange(rest.size)  # rows offered so far, this one included
             slot = (self.rng.random(rest.size) * t).astype(np.int64)
-            for r, j in zip(rest[slot < self.size].tolist(), slot[slot < self.size].tolist()):
-                self.items[j] = item(r)
+            hit = slot < self.size
+            # a slot replaced twice in the batch holds the later row (rows replace in order)
+            _, last = np.unique(slot[hit][::-1], return_index=True)
+            at = np.concatenate((at, rest[hit][::-1][last]))
+            into = np.concatenate((into, slot[hit][::-1][last]))
+        if at.size:  # only sampled rows become Python strings, in one take
+            for text, r, j in zip(texts.take(pa.array(at)).to_pylist(), at.tolist(), into.tolist()):
+                self.items[j] = (text[:4000], bool(kept[r]), "" if kept[r] else reason[r])
         self.seen += rows.size
 
 

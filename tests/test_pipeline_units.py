@@ -533,7 +533,8 @@ def test_topic_reservoir_is_uniform_and_batch_independent():
     from pipelines.prepare import _Reservoir
 
     n, size = 2000, 50
-    texts = pa.chunked_array([pa.array([f"doc {i}" for i in range(n)])])
+    words = [f"doc {i}" for i in range(n)]
+    texts = pa.chunked_array([pa.array(words[:700]), pa.array(words[700:])])  # (a block's chunks)
     kept, reason = np.ones(n, dtype=bool), [""] * n
 
     def sample(seed, cuts):
@@ -543,6 +544,8 @@ def test_topic_reservoir_is_uniform_and_batch_independent():
         return [int(t.split()[1]) for t, _, _ in r.items]
 
     assert sample(7, [10, 30, 1000]) == sample(7, [1500]) and len(sample(7, [])) == size
+    # a row at a time is Algorithm R itself: a batch's slots replaced twice hold the later row
+    assert sample(3, []) == sample(3, list(range(1, n)))
     hits = np.bincount(np.concatenate([sample(seed, [100, 700]) for seed in range(400)]), minlength=n)
     # each row is in the sample with probability size / n = 2.5%: 10 per 400 runs, early and late alike
     assert abs(hits[: n // 2].mean() - 10) < 0.6 and abs(hits[n // 2 :].mean() - 10) < 0.6
