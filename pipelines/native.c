@@ -543,9 +543,14 @@ int sparse_dot(int64_t nnz, const int64_t *row, const int64_t *col, const double
 /* A pipelines.dedup.SeenSet: keys in a table of mask + 1 int64 slots (0: empty), linear probing
  * from ((key * 0x9E3779B97F4A7C15) >> 20) & mask. The key's slot, or the empty slot ending its
  * probe sequence. */
+static inline uint64_t seen_home(int64_t key, int64_t mask)
+{
+    return (((uint64_t)key * 0x9E3779B97F4A7C15ULL) >> 20) & (uint64_t)mask;
+}
+
 static inline int64_t seen_slot(const int64_t *table, int64_t mask, int64_t key)
 {
-    uint64_t s = (((uint64_t)key * 0x9E3779B97F4A7C15ULL) >> 20) & (uint64_t)mask;
+    uint64_t s = seen_home(key, mask);
     while (table[s] != 0 && table[s] != key)
         s = (s + 1) & (uint64_t)mask;
     return (int64_t)s;
@@ -557,7 +562,7 @@ void seen_insert(int64_t *table, int64_t mask, const int64_t *keys, int64_t n)
 {
     for (int64_t i = 0; i < n; i++) {
         if (i + 16 < n) /* (random slots: fetched ahead) */
-            __builtin_prefetch(table + ((((uint64_t)keys[i + 16] * 0x9E3779B97F4A7C15ULL) >> 20) & (uint64_t)mask), 1);
+            __builtin_prefetch(table + seen_home(keys[i + 16], mask), 1);
         table[seen_slot(table, mask, keys[i])] = keys[i];
     }
 }
@@ -575,6 +580,12 @@ int64_t dedup_codes(int64_t from, int64_t n, int64_t B, const int64_t *h, const 
 {
     for (int64_t i = from; i < n; i++) {
         const int64_t *keys = k + i * B;
+        if (i + 2 < n) { /* (a document's slots are random: the one after next's fetched ahead) */
+            if (exact)
+                __builtin_prefetch(et + seen_home(h[i + 2], emask), 1);
+            for (int64_t j = 0; near && j < B; j++)
+                __builtin_prefetch(bt + seen_home(k[(i + 2) * B + j], bmask), 1);
+        }
         if (exact && et[seen_slot(et, emask, h[i])] != 0) {
             out[i] = 1;
             continue;
