@@ -167,19 +167,25 @@ def normalize_ascii(joined: bytes, sep: int) -> tuple[bytes, np.ndarray] | None:
     return out[:size].tobytes(), words
 
 
-def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
-    """pipelines.ftpredict.fnv1a_runs in C (a loop per word instead of one numpy pass per byte
-    position), or None when the library is not available (the caller's numpy path then)."""
+def _hash_runs(name: str, dtype, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """C function `name`'s hash of each run buf[starts:ends] (its arguments: m, buf, starts, ends,
+    out of `dtype`), or None when the library is not available."""
     lib = library()
     if lib is None:
         return None
     starts = np.ascontiguousarray(starts, dtype=np.int64)
     ends = np.ascontiguousarray(ends, dtype=np.int64)
-    _check_runs("fnv1a_runs", buf.size, starts, ends)
+    _check_runs(name, buf.size, starts, ends)
     buf = np.ascontiguousarray(buf, dtype=np.uint8)
-    out = np.empty(starts.size, dtype=np.uint64)
-    lib.fnv1a_runs(starts.size, _ptr(buf), _ptr(starts), _ptr(ends), _ptr(out))
+    out = np.empty(starts.size, dtype=dtype)
+    getattr(lib, name)(starts.size, _ptr(buf), _ptr(starts), _ptr(ends), _ptr(out))
     return out
+
+
+def fnv1a_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """pipelines.ftpredict.fnv1a_runs in C (a loop per word instead of one numpy pass per byte
+    position), or None when the library is not available (the caller's numpy path then)."""
+    return _hash_runs("fnv1a_runs", np.uint64, buf, starts, ends)
 
 
 def count_u16(ids: np.ndarray, counts: np.ndarray) -> bool:
@@ -198,16 +204,7 @@ def count_u16(ids: np.ndarray, counts: np.ndarray) -> bool:
 def crc32_runs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
     """zlib.crc32 of each run buf[starts:ends] (pipelines.domain's word buckets) in C, uint32, or
     None when the library is not available (the caller's zlib loop then)."""
-    lib = library()
-    if lib is None:
-        return None
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
-    ends = np.ascontiguousarray(ends, dtype=np.int64)
-    _check_runs("crc32_runs", buf.size, starts, ends)
-    buf = np.ascontiguousarray(buf, dtype=np.uint8)
-    out = np.empty(starts.size, dtype=np.uint32)
-    lib.crc32_runs(starts.size, _ptr(buf), _ptr(starts), _ptr(ends), _ptr(out))
-    return out
+    return _hash_runs("crc32_runs", np.uint32, buf, starts, ends)
 
 
 def minhash_words(joined: bytes, doc_start: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
