@@ -316,14 +316,10 @@ class ShardWriter:
             self._open = None
 
     def _write_group(self, path: Path, first_id: int, rows_NL: np.ndarray) -> None:
-        if (
-            rows_NL.dtype != self.dtype
-            and rows_NL.size
-            and (  # (ids of `dtype` are ids it holds)
-                rows_NL.min() < 0 or rows_NL.max() > np.iinfo(self.dtype).max
-            )
-        ):
-            raise ValueError(f"token ids outside {self.dtype.name}: {rows_NL.min()}..{rows_NL.max()}")
+        if rows_NL.dtype != self.dtype and rows_NL.size:  # (ids of `dtype` are ids it holds)
+            low, high = rows_NL.min(), rows_NL.max()
+            if low < 0 or high > np.iinfo(self.dtype).max:
+                raise ValueError(f"token ids outside {self.dtype.name}: {low}..{high}")
         n, length = rows_NL.shape
         data = np.ascontiguousarray(rows_NL, dtype=self.dtype)
         schema = row_schema(length, self.dtype)

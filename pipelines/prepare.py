@@ -366,9 +366,9 @@ class _Reservoir:
 
 
 def _row_runs(offsets: np.ndarray, values: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-    """The values of the list rows where mask, as slices of the runs of selected rows (a list
-    array's offsets and values): a batch's train rows are all but its few eval rows, so a
-    handful of views, copied once by the packer."""
+    """The values of the list rows where mask, as views: one slice per run of selected rows (a
+    list array's offsets and values; a batch's kept rows come in runs between the dropped ones),
+    copied once by the packer."""
     edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
     first, last = edges[0::2], edges[1::2]  # runs of selected rows [first, last)
     return [values[offsets[a] : offsets[b]] for a, b in zip(first.tolist(), last.tolist())]
